@@ -1,0 +1,42 @@
+# `make test` / `make bench` from a fresh clone: each step leaves a stamp in .stamps/ and is
+# skipped while its inputs are unchanged.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := .stamps
+export MAX_JOBS ?= 2
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+.PHONY: setup build test test-fast bench bench-full clean
+
+setup: $(STAMP)/venv
+build: $(STAMP)/build
+
+$(STAMP)/venv: requirements.txt
+	@mkdir -p $(STAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+# Compiles lotus_kernels/_C (C++) and, where nvcc exists, lotus_kernels/_cuda, in place; ninja
+# recompiles only the sources that changed.
+$(STAMP)/build: $(STAMP)/venv setup.py $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+# pytest exits 5 when it collected nothing: that must fail, never pass as "no tests".
+test: $(STAMP)/build
+	$(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: $(STAMP)/build
+	$(PY) -m pytest tests -m "not slow" -x -q
+
+# The main job on embedded defaults (no download): the token-drop train-step benchmark.
+bench: $(STAMP)/build
+	$(PY) benchmarks/bench_token_drop.py
+
+clean:
+	rm -rf build $(STAMP) lotus_kernels/*.so

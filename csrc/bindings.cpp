@@ -1,0 +1,17 @@
+// Schemas of the backend kernels, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) implementations.
+// Every kernel writes a caller-allocated `out` completely (the Python op layer allocates it, poisoned
+// under test), so the Python layer owns allocation, validation and autograd.
+#include <torch/library.h>
+
+TORCH_LIBRARY(lotus_kernels_C, m) {
+  // x [B,N,C], idx [B,K] int64 -> out [B,K,C]
+  m.def("gather_tokens(Tensor x, Tensor idx, Tensor(a!) out) -> ()");
+  // src [B,K,C], idx [B,K] -> out [B,N,C]: sum of rows per index, zero where no index points
+  m.def("scatter_tokens(Tensor src, Tensor idx, Tensor(a!) out) -> ()");
+  // images [B,Cin,H,W], idx [B,K] -> out [B,K,Cin*ph*pw] (Conv2d weight order: c, i, j)
+  m.def("im2col_gather(Tensor images, Tensor idx, int ph, int pw, Tensor(a!) out) -> ()");
+  // cols [B,K,Cin*ph*pw], idx [B,K] -> out [B,Cin,H,W]: adjoint of im2col_gather
+  m.def("col2im_scatter(Tensor cols, Tensor idx, int ph, int pw, Tensor(a!) out) -> ()");
+  // out [B,K,D] = im2col_gather(images, idx) @ weight.view(D,-1)^T + bias + pos[idx]; pos is [N,D]
+  m.def("patch_embed_gather(Tensor images, Tensor idx, Tensor weight, Tensor? bias, Tensor? pos, Tensor(a!) out) -> ()");
+}

@@ -1,0 +1,133 @@
+"""Which kernel backends are built, which one an op uses, and how outputs are allocated.
+
+Backends:
+  reference  plain PyTorch, the ground truth; runs anywhere
+  cpu        C++ (OpenMP) kernels in ``lotus_kernels._C``; CPU tensors
+  cuda       CUDA C++ kernels in ``lotus_kernels._cuda``; CUDA tensors
+  triton     Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+
+The default is the fastest built backend for the tensors' device. ``LOTUS_KERNELS_BACKEND`` or the
+``use_backend`` context manager force one; forcing one that is not built, or that cannot run on the
+tensors' device, raises instead of silently falling back.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_BACKEND = "LOTUS_KERNELS_BACKEND"
+# Tests set this so that an element a kernel forgets to write shows up as NaN / a huge integer.
+ENV_POISON = "LOTUS_KERNELS_POISON"
+
+_forced: str | None = None
+
+
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except ImportError as e:  # an extension that was not built, or built against another torch
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.cache
+def _load_status() -> dict[str, str | None]:
+    """Backend -> None if usable, else why not. Loading ``_C`` registers the C++ ops' schemas, so
+    it must precede ``_cuda`` (which only adds CUDA implementations to them)."""
+    status: dict[str, str | None] = {"reference": None}
+    status["cpu"] = _import_error("lotus_kernels._C")
+    if status["cpu"] is not None:
+        status["cuda"] = "needs the C++ extension lotus_kernels._C, which did not load"
+    else:
+        status["cuda"] = _import_error("lotus_kernels._cuda")
+        if status["cuda"] is None and not torch.cuda.is_available():
+            status["cuda"] = "built, but no CUDA device is visible"
+    err = _import_error("triton")
+    if err is None and not (torch.cuda.is_available() or _triton_interpreted()):
+        err = "triton is installed, but there is no CUDA device and TRITON_INTERPRET is not 1"
+    status["triton"] = err
+    return status
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backends() -> dict[str, bool]:
+    """Which backends can run here, e.g. ``{'reference': True, 'cpu': True, 'cuda': False, ...}``."""
+    return {name: why is None for name, why in _load_status().items()}
+
+
+def backend_errors() -> dict[str, str]:
+    """Why each unavailable backend is unavailable."""
+    return {name: why for name, why in _load_status().items() if why is not None}
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every op inside the block onto one backend (``None``: back to the default)."""
+    global _forced
+    if name is not None:
+        _check_name(name, "use_backend(name)")
+    prev, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = prev
+
+
+def _check_name(name: str, where: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _default(device: torch.device) -> str:
+    ok = backends()
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            if ok[name]:
+                return name
+        return "reference"
+    if device.type == "cpu" and ok["cpu"]:
+        return "cpu"
+    return "reference"
+
+
+def select(device: torch.device) -> str:
+    """The backend an op on ``device`` tensors runs with; raises if a forced one cannot."""
+    name = _forced or os.environ.get(ENV_BACKEND) or None
+    if name is None:
+        return _default(device)
+    _check_name(name, f"{ENV_BACKEND}" if _forced is None else "use_backend")
+    why = _load_status()[name]
+    if why is not None:
+        raise RuntimeError(f"lotus_kernels backend {name!r} was requested but is not available: {why}")
+    if name in ("cpu", "cuda") and device.type != name:
+        raise RuntimeError(f"lotus_kernels backend {name!r} runs on {name} tensors, got {device.type} tensors")
+    if name == "triton" and device.type == "cpu" and not _triton_interpreted():
+        raise RuntimeError("lotus_kernels backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return name
+
+
+def cpp_ops():
+    """The C++/CUDA kernels (one schema, CPU and CUDA implementations picked by the dispatcher)."""
+    return torch.ops.lotus_kernels_C
+
+
+def triton_kernels(module: str):
+    return importlib.import_module(f"lotus_kernels.triton.{module}")
+
+
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Uninitialised kernel output; poisoned when ``LOTUS_KERNELS_POISON=1`` so that unwritten
+    elements cannot pass a test by luck."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if os.environ.get(ENV_POISON) == "1":
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(out.dtype).max)
+    return out

@@ -1,0 +1,56 @@
+"""Argument checks shared by the ops. Each op validates once, before dispatch, so every backend
+refuses bad input the same way; messages name the argument and say what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def tensor(name: str, t, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def same_device(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n}: expected a tensor on {first.device} (like {first_name}), got one on {t.device}")
+
+
+def same_dtype(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{n}: expected dtype {first.dtype} (like {first_name}), got {t.dtype}")
+
+
+def index_tensor(name: str, idx, *, batch: int, batch_name: str) -> None:
+    """``idx`` [B, K] int64 with B == ``batch`` and K >= 1 (values are checked by ``index_range``)."""
+    tensor(name, idx, ndim=2)
+    if idx.dtype != torch.int64:
+        raise TypeError(f"{name}: expected an int64 index tensor, got {str(idx.dtype).replace('torch.', '')}")
+    if idx.shape[0] != batch:
+        raise ValueError(f"{name}: batch size {idx.shape[0]} does not match {batch_name}'s batch size {batch}")
+    if idx.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one index per row (K >= 1), got K = 0")
+
+
+def index_range(name: str, idx: torch.Tensor, n: int) -> None:
+    """Every index in [0, n). Reads the values (a device sync on GPU): kernels index memory with
+    them, so an out-of-range value would otherwise be a crash or a silent wrong answer."""
+    if idx.numel() == 0:
+        return
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name}: index {bad} is out of range; expected values in [0, {n})")

@@ -1,0 +1,41 @@
+import os
+
+# Before anything imports triton: interpret Triton kernels on the CPU when no GPU is here, and
+# poison kernel outputs so an element a kernel forgets to write fails the comparison.
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["LOTUS_KERNELS_POISON"] = "1"
+os.environ.pop("LOTUS_KERNELS_BACKEND", None)
+
+import pytest  # noqa: E402
+
+import lotus_kernels  # noqa: E402
+
+
+def kernel_backends():
+    """(backend, device) pairs to test against the reference: every kernel backend that runs here."""
+    ok = lotus_kernels.backends()
+    pairs = []
+    if ok["cpu"]:
+        pairs.append(("cpu", "cpu"))
+    if ok["triton"] and not torch.cuda.is_available():
+        pairs.append(("triton", "cpu"))
+    if torch.cuda.is_available():
+        pairs += [(b, "cuda") for b in ("cuda", "triton") if ok[b]]
+    return pairs
+
+
+BACKENDS = kernel_backends()
+BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
+
+def tolerance(dtype):
+    return {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+            torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

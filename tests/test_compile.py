@@ -1,0 +1,37 @@
+import torch
+
+from lotus_kernels.ops import gather_tokens, patch_embed_gather, scatter_tokens
+
+
+def step(images, idx, w, b, pos):
+    x = patch_embed_gather(images, idx, w, b, pos)
+    y = gather_tokens(torch.tanh(x), idx[:, :3].clamp(max=x.shape[1] - 1))
+    return scatter_tokens(y, idx[:, :3] % 5, 5).square().sum()
+
+
+def test_torch_compile_fullgraph_forward_and_backward_match_eager():
+    torch._dynamo.reset()
+    images = torch.randn(2, 3, 16, 16, requires_grad=True)
+    idx = torch.tensor([[0, 3, 7, 15], [1, 2, 2, 9]])
+    w, b, pos = (torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6, requires_grad=True),
+                 torch.randn(1, 16, 6, requires_grad=True))
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(images, idx, w, b, pos)
+    got_grads = torch.autograd.grad(got, (images, w, b, pos))
+    want = step(images, idx, w, b, pos)
+    want_grads = torch.autograd.grad(want, (images, w, b, pos))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_registrations():
+    # torch's own checker: schema, fake (meta) impl, autograd registration agree with the kernels.
+    idx = torch.tensor([[0, 3, 3], [1, 2, 0]])
+    x = torch.randn(2, 4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.lotus_kernels.gather_tokens.default, (x, idx))
+    torch.library.opcheck(torch.ops.lotus_kernels.scatter_tokens.default, (torch.randn(2, 3, 5, requires_grad=True), idx, 4))
+    images = torch.randn(2, 3, 8, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.lotus_kernels.im2col_gather.default, (images, idx, 4, 4))
+    torch.library.opcheck(torch.ops.lotus_kernels.patch_embed_gather.default,
+                          (images, idx, torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6), None))
