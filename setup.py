@@ -7,6 +7,20 @@ import shutil
 
 from setuptools import setup
 
+
+def _cuda_home_from_nvcc():
+    # nvcc may be a wrapper script outside the toolkit (here /usr/local/bin/nvcc), from which
+    # torch would guess CUDA_HOME=/usr/local and then miss lib64/libcudart.
+    for root in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and _cuda_home_from_nvcc():
+    os.environ["CUDA_HOME"] = _cuda_home_from_nvcc()
+
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,224 @@
+// CUDA kernels of gather_tokens / scatter_tokens (schemas in csrc/bindings.cpp, semantics in
+// lotus_kernels/ops/token_gather.py). The Python layer validates and passes contiguous tensors; the
+// checks here are a cheap second line of defence. Every kernel writes `out` completely.
+//
+// Build time: the torch headers, not the kernels, cost nearly all of it, and nvcc parses the TU once
+// per target arch. The device passes (__CUDA_ARCH__ defined) therefore see only the kernels and the
+// small c10 scalar headers; the dispatcher/Tensor headers and the host code are host-pass only. nvcc
+// requires every kernel launched from the host to be instantiated identically in both passes: the
+// explicit instantiations below (outside the guard) do that. A launch of an instantiation missing
+// from that list would fail at load time with "invalid device function".
+// Headers: the light ones. <ATen/ATen.h> adds nothing needed here, and <ATen/cuda/CUDAContext.h>
+// needs the cuSPARSE/cuBLAS headers, which some toolkits lack; at::cuda::getCurrentCUDAStream
+// comes from <c10/cuda/CUDAStream.h>.
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+#if !defined(__CUDA_ARCH__)
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------- gather
+// A row copy in whole words (16, 8, 4, 2 or 1 bytes, picked by the host so that it divides the row
+// size and both pointers): the copy never looks at the dtype. blockDim.x threads copy one row,
+// blockDim.y rows per block, so short rows still fill a warp.
+template <typename W>
+__global__ void gather_rows_kernel(const W* __restrict__ x, const int64_t* __restrict__ idx, W* __restrict__ out,
+                                   int64_t rows, int64_t K, int64_t N, int64_t V) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const int64_t b = row / K;
+  const W* src = x + (b * N + idx[row]) * V;
+  W* dst = out + row * V;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) dst[v] = src[v];
+}
+
+// ---------------------------------------------------------------- scatter
+// Deterministic and atomic-free: a block owns (batch b, a chunk of channels) and each thread owns one
+// channel c, so out[b, :, c] is touched by that thread only. `out` is zeroed first (memset), then the
+// thread walks k in order doing out[b, idx[b,k], c] += src[b, k, c] (the add in opmath: fp32 for
+// bf16/fp16, double for float64), so duplicates accumulate in a fixed order. That order-dependent
+// read-modify-write would serialise every k on a memory round trip; instead k is taken in groups of
+// kGroup: when a group's indices are pairwise distinct (a flag computed once per block in shared
+// memory), its loads are all issued before its stores, which gives exactly the serial loop's result.
+// A group holding a duplicate runs the serial loop.
+constexpr int kTile = 1024;  // idx entries staged in shared memory per pass
+constexpr int kGroup = 8;
+static_assert(kTile % kGroup == 0, "groups must not straddle tiles");
+
+template <typename T>
+__global__ void scatter_tokens_kernel(const T* __restrict__ src, const int64_t* __restrict__ idx,
+                                      T* __restrict__ out, int64_t K, int64_t N, int64_t C) {
+  using acc_t = at::opmath_type<T>;
+  __shared__ int64_t s_off[kTile];             // idx * C: the row's offset in out[b]
+  __shared__ bool s_distinct[kTile / kGroup];  // the group's offsets are pairwise distinct
+  const int64_t b = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const bool active = c < C;
+  const int64_t* idx_b = idx + b * K;
+  const T* src_c = src + b * K * C + c;
+  T* out_c = out + b * N * C + c;
+
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+    const int tile = static_cast<int>(K - k0 < kTile ? K - k0 : kTile);
+    const int groups = tile / kGroup;
+    __syncthreads();  // the previous tile is consumed
+    for (int t = threadIdx.x; t < tile; t += blockDim.x) s_off[t] = idx_b[k0 + t] * C;
+    __syncthreads();
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+      bool distinct = true;
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u)
+#pragma unroll
+        for (int v = u + 1; v < kGroup; ++v) distinct = distinct && s_off[g * kGroup + u] != s_off[g * kGroup + v];
+      s_distinct[g] = distinct;
+    }
+    __syncthreads();
+    if (!active) continue;  // only after the barriers: idle channels still help stage the tile
+
+    const T* s = src_c + k0 * C;
+    for (int g = 0; g < groups; ++g) {
+      int64_t off[kGroup];
+      acc_t val[kGroup];
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u) {
+        off[u] = s_off[g * kGroup + u];
+        val[u] = static_cast<acc_t>(s[static_cast<int64_t>(g * kGroup + u) * C]);
+      }
+      if (s_distinct[g]) {  // block-uniform branch
+        acc_t cur[kGroup];
+#pragma unroll
+        for (int u = 0; u < kGroup; ++u) cur[u] = static_cast<acc_t>(out_c[off[u]]);
+#pragma unroll
+        for (int u = 0; u < kGroup; ++u) out_c[off[u]] = static_cast<T>(cur[u] + val[u]);
+      } else {
+#pragma unroll
+        for (int u = 0; u < kGroup; ++u) out_c[off[u]] = static_cast<T>(static_cast<acc_t>(out_c[off[u]]) + val[u]);
+      }
+    }
+    for (int t = groups * kGroup; t < tile; ++t) {
+      const int64_t o = s_off[t];
+      out_c[o] = static_cast<T>(static_cast<acc_t>(out_c[o]) + static_cast<acc_t>(s[static_cast<int64_t>(t) * C]));
+    }
+  }
+}
+
+// Every instantiation the host code launches (see the build-time note at the top).
+#define LOTUS_GATHER_INST(W) \
+  template __global__ void gather_rows_kernel<W>(const W*, const int64_t*, W*, int64_t, int64_t, int64_t, int64_t);
+LOTUS_GATHER_INST(uint4)
+LOTUS_GATHER_INST(uint2)
+LOTUS_GATHER_INST(uint32_t)
+LOTUS_GATHER_INST(uint16_t)
+LOTUS_GATHER_INST(uint8_t)
+#undef LOTUS_GATHER_INST
+#define LOTUS_SCATTER_INST(T) \
+  template __global__ void scatter_tokens_kernel<T>(const T*, const int64_t*, T*, int64_t, int64_t, int64_t);
+LOTUS_SCATTER_INST(float)
+LOTUS_SCATTER_INST(double)
+LOTUS_SCATTER_INST(c10::Half)
+LOTUS_SCATTER_INST(c10::BFloat16)
+#undef LOTUS_SCATTER_INST
+
+}  // namespace
+
+#if !defined(__CUDA_ARCH__)
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kScatterThreads = 128;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Widest word that divides the row size and every pointer.
+int word_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
+  for (int w : {16, 8, 4, 2}) {
+    bool ok = row_bytes % w == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<std::uintptr_t>(p) % w == 0;
+    if (ok) return w;
+  }
+  return 1;
+}
+
+template <typename W>
+void launch_gather(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out, int64_t row_bytes) {
+  const int64_t rows = idx.numel(), K = idx.size(1), N = x.size(1);
+  const int64_t V = row_bytes / static_cast<int64_t>(sizeof(W));
+  int tx = 1;
+  while (tx < V && tx < kThreads) tx <<= 1;
+  const dim3 block(tx, kThreads / tx);
+  const int64_t blocks = ceil_div(rows, block.y);
+  TORCH_CHECK(blocks <= INT32_MAX, "gather_tokens: too many rows (", rows, ")");
+  gather_rows_kernel<W><<<static_cast<unsigned>(blocks), block, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const W*>(x.const_data_ptr()), idx.const_data_ptr<int64_t>(), static_cast<W*>(out.data_ptr()),
+      rows, K, N, V);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_common(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& idx,
+                  const at::Tensor& out) {
+  TORCH_CHECK(a.is_cuda() && idx.is_cuda() && out.is_cuda(), op, ": expected CUDA tensors");
+  TORCH_CHECK(a.device() == idx.device() && a.device() == out.device(), op, ": expected tensors on one device");
+  TORCH_CHECK(a.dim() == 3 && idx.dim() == 2 && out.dim() == 3, op, ": expected ", a_name,
+              " [B, *, C], idx [B, K] and out [B, *, C]");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": idx must be int64");
+  TORCH_CHECK(out.scalar_type() == a.scalar_type(), op, ": out must have the dtype of ", a_name);
+  TORCH_CHECK(a.is_contiguous() && idx.is_contiguous() && out.is_contiguous(), op, ": expected contiguous tensors");
+  TORCH_CHECK(a.size(0) == idx.size(0) && out.size(0) == idx.size(0) && out.size(2) == a.size(2), op,
+              ": batch or channel sizes disagree");
+}
+
+void gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out) {
+  check_common("gather_tokens", x, "x", idx, out);
+  TORCH_CHECK(out.size(1) == idx.size(1), "gather_tokens: out must be [B, K, C]");
+  if (out.numel() == 0) return;
+  TORCH_CHECK(x.size(1) > 0, "gather_tokens: x has no tokens to gather from");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t row_bytes = x.size(2) * x.element_size();
+  switch (word_bytes(row_bytes, {x.const_data_ptr(), out.const_data_ptr()})) {
+    case 16: launch_gather<uint4>(x, idx, out, row_bytes); break;
+    case 8: launch_gather<uint2>(x, idx, out, row_bytes); break;
+    case 4: launch_gather<uint32_t>(x, idx, out, row_bytes); break;
+    case 2: launch_gather<uint16_t>(x, idx, out, row_bytes); break;
+    default: launch_gather<uint8_t>(x, idx, out, row_bytes); break;
+  }
+}
+
+void scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& idx, at::Tensor& out) {
+  check_common("scatter_tokens", src, "src", idx, out);
+  TORCH_CHECK(src.size(1) == idx.size(1), "scatter_tokens: src must be [B, K, C] for idx [B, K]");
+  if (out.numel() == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(src.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0, out.nbytes(), stream));  // all-zero bits are +0.0
+  if (src.numel() == 0) return;
+  const int64_t B = src.size(0), K = src.size(1), C = src.size(2), N = out.size(1);
+  const int threads = static_cast<int>(std::min<int64_t>(kScatterThreads, ceil_div(C, 32) * 32));
+  const int64_t chunks = ceil_div(C, threads);
+  TORCH_CHECK(chunks <= 65535 && B <= INT32_MAX, "scatter_tokens: too many channels or batches");
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(chunks));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scatter_tokens_cuda", [&] {
+    scatter_tokens_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+        src.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), out.data_ptr<scalar_t>(), K, N, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lotus_kernels_C, CUDA, m) {
+  m.impl("gather_tokens", &gather_tokens_cuda);
+  m.impl("scatter_tokens", &scatter_tokens_cuda);
+}
+#endif  // !defined(__CUDA_ARCH__)
