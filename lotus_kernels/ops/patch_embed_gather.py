@@ -188,16 +188,12 @@ def _pe_backward(ctx, grad):
         d_b = g2.sum(0)
     if need_pos and ctx.pos_shape is not None:
         n = (images.shape[2] // ph) * (images.shape[3] // pw)
-        d_pos = _scatter_tokens_sum(grad, idx, n).reshape(ctx.pos_shape)
+        # One table shared by the batch: scatter all B*K rows into it at once (duplicates add).
+        d_pos = scatter_tokens(grad.reshape(1, B * K, D), idx.reshape(1, B * K), n).reshape(ctx.pos_shape)
     if need_img:
         d_cols = (g2 @ weight.reshape(D, -1)).reshape(B, K, -1)
         d_img = _col2im_scatter(d_cols, idx, ph, pw, images.shape[2], images.shape[3])
     return d_img, None, d_w, d_b, d_pos
-
-
-def _scatter_tokens_sum(grad, idx, n):
-    """Gradient of a positional table shared by the batch: scatter every image's rows, then sum."""
-    return scatter_tokens(grad, idx, n).sum(0)
 
 
 _patch_embed_gather.register_autograd(_pe_backward, setup_context=_pe_setup)
