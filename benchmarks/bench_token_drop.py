@@ -165,7 +165,7 @@ def plot(rows):
                 x = i + (j - (len(methods) - 1) / 2) * width
                 dense = next(d for d in rows if d["mode"] == mode and d["config"] == "dense")["median_ms"]
                 err = [[(r["median_ms"] - r["p25_ms"]) / dense], [(r["p75_ms"] - r["median_ms"]) / dense]]
-                ax.bar(x, r["ratio"], width, yerr=err, capsize=3, color=f"C{j}", label=label(method))
+                ax.bar(x, r["ratio"], width, yerr=err, capsize=3, color=COLORS[method], label=label(method))
                 ax.hlines(r["ideal"], x - width / 2, x + width / 2, colors="k",
                           label=label("ideal (tokens kept / all)"))
                 ax.text(x + width / 4, r["ratio"] + 0.02, f"{r['ratio']:.2f}", ha="left", fontsize=8)
@@ -180,6 +180,8 @@ def plot(rows):
     fig.suptitle(f"{rows[0].get('model', '')} token drop, ratio to dense (IQR error bars)")
     return fig
 
+
+COLORS = {"timm_patchdrop": "C0", "lotus": "C1", "lotus_timmK": "C2"}  # same colour per method in both panels
 
 COLUMNS = [("mode", "mode", ""), ("config", "config", ""), ("patches kept", "patches", "d"),
            ("tokens", "tokens", "d"), ("median ms", "median_ms", ".1f"), ("p25 ms", "p25_ms", ".1f"),
