@@ -62,3 +62,30 @@ def test_poisoned_outputs_are_nan():
     # The guard behind every kernel comparison: unwritten output elements must not pass.
     out = _backend.new_output((3, 4), torch.empty(0))
     assert torch.isnan(out).all()
+
+
+def test_import_works_without_the_extensions_and_says_so():
+    # A user whose build failed still gets the reference backend, and a clear error if they ask
+    # for the missing one. Run in a fresh interpreter with the extensions made unimportable.
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["lotus_kernels._C"] = None
+sys.modules["lotus_kernels._cuda"] = None
+import torch, lotus_kernels as lk
+assert lk.backends()["cpu"] is False and lk.backends()["reference"] is True
+assert "lotus_kernels._C" in lk.backend_errors()["cpu"]
+out = lk.ops.gather_tokens(torch.randn(2, 5, 3), torch.tensor([[1, 4], [0, 0]]))
+assert out.shape == (2, 2, 3)
+try:
+    with lk.use_backend("cpu"):
+        lk.ops.gather_tokens(torch.randn(2, 5, 3), torch.tensor([[1, 4], [0, 0]]))
+except RuntimeError as e:
+    assert "backend 'cpu' was requested but is not available" in str(e), e
+else:
+    raise AssertionError("forcing a missing backend must fail")
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
