@@ -124,6 +124,16 @@ def triton_kernels(module: str):
     return importlib.import_module(f"lotus_kernels.triton.{module}")
 
 
+def launch(backend: str, module: str, kernel: str, *args) -> None:
+    """Run out-variant ``kernel`` (its last argument is the output it fills) on a kernel backend:
+    the launcher in ``lotus_kernels/triton/<module>.py``, or ``torch.ops.lotus_kernels_C.<kernel>``
+    whose CPU or CUDA implementation the dispatcher picks by device."""
+    if backend == "triton":
+        getattr(triton_kernels(module), kernel)(*args)
+    else:
+        getattr(cpp_ops(), kernel)(*args)
+
+
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Uninitialised kernel output; poisoned when ``LOTUS_KERNELS_POISON=1`` so that unwritten
     elements cannot pass a test by luck."""

@@ -83,12 +83,8 @@ def _im2col_gather(images: torch.Tensor, idx: torch.Tensor, ph: int, pw: int) ->
     backend = _backend.select(images.device)
     if backend == "reference":
         return im2col_gather_reference(images, idx, ph, pw)
-    images, idx = images.contiguous(), idx.contiguous()
     out = _backend.new_output((B, idx.shape[1], C * ph * pw), images)
-    if backend == "triton":
-        _backend.triton_kernels("patch_embed_gather").im2col_gather(images, idx, ph, pw, out)
-    else:
-        _backend.cpp_ops().im2col_gather(images, idx, ph, pw, out)
+    _backend.launch(backend, "patch_embed_gather", "im2col_gather", images.contiguous(), idx.contiguous(), ph, pw, out)
     return out
 
 
@@ -103,12 +99,8 @@ def _col2im_scatter(cols: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, hei
     backend = _backend.select(cols.device)
     if backend == "reference":
         return col2im_scatter_reference(cols, idx, ph, pw, height, width)
-    cols, idx = cols.contiguous(), idx.contiguous()
     out = _backend.new_output((cols.shape[0], cols.shape[2] // (ph * pw), height, width), cols)
-    if backend == "triton":
-        _backend.triton_kernels("patch_embed_gather").col2im_scatter(cols, idx, ph, pw, out)
-    else:
-        _backend.cpp_ops().col2im_scatter(cols, idx, ph, pw, out)
+    _backend.launch(backend, "patch_embed_gather", "col2im_scatter", cols.contiguous(), idx.contiguous(), ph, pw, out)
     return out
 
 
@@ -151,14 +143,11 @@ def _patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.T
     backend = _backend.select(images.device)
     if backend == "reference":
         return patch_embed_gather_reference(images, idx, weight, bias, pos_embed)
-    images, idx, weight = images.contiguous(), idx.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     pos = None if pos_embed is None else pos_embed.reshape(-1, D).contiguous()
     out = _backend.new_output((images.shape[0], idx.shape[1], D), images)
-    if backend == "triton":
-        _backend.triton_kernels("patch_embed_gather").patch_embed_gather(images, idx, weight, bias, pos, out)
-    else:
-        _backend.cpp_ops().patch_embed_gather(images, idx, weight, bias, pos, out)
+    _backend.launch(backend, "patch_embed_gather", "patch_embed_gather",
+                    images.contiguous(), idx.contiguous(), weight.contiguous(), bias, pos, out)
     return out
 
 

@@ -46,12 +46,8 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     backend = _backend.select(x.device)
     if backend == "reference":
         return gather_tokens_reference(x, idx)
-    x, idx = x.contiguous(), idx.contiguous()
     out = _backend.new_output((idx.shape[0], idx.shape[1], x.shape[2]), x)
-    if backend == "triton":
-        _backend.triton_kernels("token_gather").gather_tokens(x, idx, out)
-    else:
-        _backend.cpp_ops().gather_tokens(x, idx, out)
+    _backend.launch(backend, "token_gather", "gather_tokens", x.contiguous(), idx.contiguous(), out)
     return out
 
 
@@ -66,12 +62,8 @@ def _scatter_tokens(src: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tenso
     backend = _backend.select(src.device)
     if backend == "reference":
         return scatter_tokens_reference(src, idx, n)
-    src, idx = src.contiguous(), idx.contiguous()
     out = _backend.new_output((src.shape[0], n, src.shape[2]), src)
-    if backend == "triton":
-        _backend.triton_kernels("token_gather").scatter_tokens(src, idx, out)
-    else:
-        _backend.cpp_ops().scatter_tokens(src, idx, out)
+    _backend.launch(backend, "token_gather", "scatter_tokens", src.contiguous(), idx.contiguous(), out)
     return out
 
 
