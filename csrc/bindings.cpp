@@ -14,4 +14,6 @@ TORCH_LIBRARY(lotus_kernels_C, m) {
   m.def("col2im_scatter(Tensor cols, Tensor idx, int ph, int pw, Tensor(a!) out) -> ()");
   // out [B,K,D] = im2col_gather(images, idx) @ weight.view(D,-1)^T + bias + pos[idx]; pos is [N,D]
   m.def("patch_embed_gather(Tensor images, Tensor idx, Tensor weight, Tensor? bias, Tensor? pos, Tensor(a!) out) -> ()");
+  // grad [out,in] float, mask [out,in] bool: grad = 0 where mask is false, in place (one pass)
+  m.def("masked_fill_grad_(Tensor(a!) grad, Tensor mask) -> ()");
 }

@@ -1,0 +1,4 @@
+"""Modules built on the lotus ops."""
+from .masked_linear import MaskedLinear
+
+__all__ = ["MaskedLinear"]
