@@ -59,6 +59,32 @@ def interleaved(configs: dict[str, Callable[[], object]], warmup: int, repeats: 
     return times
 
 
+def add_run_args(p) -> None:
+    """The flags every benchmark shares (applied by ``prepare``)."""
+    # One thread by default: on the shared 2-vCPU machines these run on, every parallel region of a
+    # 2-thread step waits for whichever thread the hypervisor descheduled, and train-step times
+    # scattered by 2-5x between rounds; 1 thread kept the IQR within a few percent.
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--quick", action="store_true", help="short smoke run; writes results/<name>_quick.*")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="keep glibc's default of returning big blocks to the OS (see tune_malloc)")
+
+
+def prepare(args):
+    """Apply the shared flags: malloc tuning, threads, device, seed. Returns (device, sync, meta)."""
+    malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    torch.manual_seed(0)
+    meta = env_meta(args, device)
+    meta["malloc_tuned"] = malloc_tuned
+    return device, sync, meta
+
+
 def tune_malloc() -> bool:
     """Stop glibc from handing big freed blocks back to the OS (returns False where it cannot).
 

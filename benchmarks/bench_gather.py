@@ -54,13 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--number", type=int, default=20, help="calls per timed sample (one call is ~1 ms)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-malloc-tuning", action="store_true")
+    _harness.add_run_args(p)
     args = p.parse_args(argv)
     args.channels = [int(c) for c in args.channels.split(",")]
     args.keeps = [int(k) for k in args.keeps.split(",")]
     args.dtypes = args.dtypes.split(",")
+    if args.quick:
+        args.channels, args.keeps, args.dtypes = args.channels[:1], args.keeps[:1], args.dtypes[:1]
+        args.repeats, args.warmup, args.number = 3, 1, 5
     return args
 
 
@@ -142,22 +143,20 @@ COLUMNS = [("dtype", "dtype", ""), ("C", "C", "d"), ("K", "K", "d"), ("method", 
 
 def main(argv=None):
     args = parse_args(argv)
-    malloc_tuned = False if args.no_malloc_tuning else _harness.tune_malloc()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, _, meta = _harness.prepare(args)
+    if device.type != "cpu":
+        raise SystemExit("bench_gather.py: the CPU micro-benchmark; --device cuda is not supported yet")
     rows = []
     for dt, C, K in itertools.product(args.dtypes, args.channels, args.keeps):
         print(f"{dt} C={C} K={K} ...", flush=True)
         rows += bench_group(args.batch, args.tokens, C, K, getattr(torch, dt), args)
 
-    meta = _harness.env_meta(args, torch.device("cpu"))
-    meta["malloc_tuned"] = malloc_tuned
     meta["backend"] = "cpu" if lotus_kernels.backends()["cpu"] else "reference"
     notes = [f"B={args.batch}, N={args.tokens}; forward + backward (torch.autograd.grad), median of "
              f"{args.repeats} interleaved rounds of {args.number} calls each; lotus backend: {meta['backend']}.",
              "GB/s = (B*K*C read + B*K*C written forward, B*K*C read + B*N*C written backward, + idx) "
              "/ median time: the least traffic possible, the same count for every method."]
-    md = _harness.write_results("gather", meta, rows, COLUMNS, plot, title="gather_tokens vs torch (CPU)",
+    md = _harness.write_results("gather_quick" if args.quick else "gather", meta, rows, COLUMNS, plot, title="gather_tokens vs torch (CPU)",
                                 notes=notes)
     print(md)
     return rows

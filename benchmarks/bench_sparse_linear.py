@@ -42,14 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--layer-repeats", type=int, default=30)
     p.add_argument("--step-repeats", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    # One thread by default, as in bench_token_drop.py: on these shared 2-vCPU machines 2-thread
-    # step times scatter by 2-5x between rounds.
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny layer, vit_tiny, 2 repeats")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default of returning big blocks to the OS (see _harness.tune_malloc)")
+    _harness.add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.tokens, args.dim, args.hidden = "vit_tiny_patch16_224", 16, 32, 128
@@ -191,18 +184,11 @@ def notes(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    malloc_tuned = False if args.no_malloc_tuning else _harness.tune_malloc()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    torch.manual_seed(0)
+    device, sync, meta = _harness.prepare(args)
 
     rows = run_layers(args, device, sync) + run_train(args, device, sync)
     for r in rows:
         r["sparsity"] = args.sparsity
-    meta = _harness.env_meta(args, device)
-    meta["malloc_tuned"] = malloc_tuned
     name = "sparse_linear_quick" if args.quick else "sparse_linear"
     title = (f"Sparse linear (unstructured {args.sparsity:g}): {args.model}, batch {args.batch}, "
              f"{meta['threads']} threads, {device}")

@@ -35,15 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--keeps", default="0.9,0.7,0.5", help="comma-separated keep ratios")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    # One thread by default: on the shared 2-vCPU machines this runs on, every parallel region of a
-    # 2-thread step waits for whichever thread the hypervisor descheduled, and train-step times
-    # scattered by 2-5x between rounds; 1 thread kept the IQR within a few percent.
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, 2 repeats, 1 warm-up")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default of returning big blocks to the OS (see _harness.tune_malloc)")
+    _harness.add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.repeats, args.warmup = "vit_tiny_patch16_224", 2, 1
@@ -211,13 +203,7 @@ def notes(rows, n_patches):
 
 def main(argv=None):
     args = parse_args(argv)
-    malloc_tuned = False if args.no_malloc_tuning else _harness.tune_malloc()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-
-    torch.manual_seed(0)
+    device, sync, meta = _harness.prepare(args)
     base = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).to(device)
     size = base.patch_embed.img_size
     images = torch.randn(args.batch, 3, *size, device=device)
@@ -229,8 +215,6 @@ def main(argv=None):
     for r in rows:
         r["model"] = args.model
 
-    meta = _harness.env_meta(args, device)
-    meta["malloc_tuned"] = malloc_tuned
     name = "token_drop_quick" if args.quick else "token_drop"
     title = f"Token drop: {args.model}, batch {args.batch}, {meta['threads']} threads, {device}"
     md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=title,
