@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "ordered_scatter.cuh"
+
 #if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -55,83 +57,27 @@ __global__ void im2col_gather_kernel(const Wd* __restrict__ images, const int64_
 }
 
 // ---------------------------------------------------------------- col2im_scatter
-// Deterministic and atomic-free, like scatter_tokens: `out` is zeroed first (memset, which also
-// covers the pixels of patches no index points to); then a block owns (batch b, a chunk of the L
-// column entries) and each thread owns one entry l = (c, i, j). Entry l of patch n is pixel
-// (c, r*ph + i, q*pw + j), i.e. base(l) + off(n) with off(n) = r*ph*W + q*pw the same for the whole
-// block, so the thread owns the pixels {base(l) + off(n)} for every n, and no other thread touches
-// them. It walks k in order doing out[base(l) + off(idx[b,k])] += cols[b, k, l] (add in opmath), so
-// duplicates accumulate in a fixed order. To avoid one memory round trip per k, k is taken in
-// groups of kGroup whose offsets are pairwise distinct (flag computed once per block): a group's
-// loads are issued before its stores, which equals the serial loop; a group with a duplicate runs
-// serially. (Owning one pixel and searching all k for matches would cost O(N*K) per pixel.)
-constexpr int kTile = 1024;  // idx entries staged in shared memory per pass
-constexpr int kGroup = 8;
-static_assert(kTile % kGroup == 0, "groups must not straddle tiles");
-
+// Deterministic and atomic-free, like scatter_tokens (lotus::ordered_scatter_add): `out` is zeroed
+// first (memset, which also covers the pixels of patches no index points to); then a block owns
+// (batch b, a chunk of the L column entries) and each thread owns one entry l = (c, i, j). Entry l of
+// patch n is pixel (c, r*ph + i, q*pw + j), i.e. base(l) + off(n) with off(n) = r*ph*W + q*pw the
+// same for the whole block, so the thread owns the pixels {base(l) + off(n)} for every n, and no
+// other thread touches them. (Owning one pixel and searching all k for matches would cost O(N*K)
+// per pixel.)
 template <typename T>
 __global__ void col2im_scatter_kernel(const T* __restrict__ cols, const int64_t* __restrict__ idx,
                                       T* __restrict__ out, int64_t K, int64_t L, int64_t Cin, int64_t H, int64_t W,
                                       int ph, int pw, int64_t gw) {
-  using acc_t = at::opmath_type<T>;
-  __shared__ int64_t s_off[kTile];             // off(idx[b, k])
-  __shared__ bool s_distinct[kTile / kGroup];  // the group's offsets are pairwise distinct
   const int64_t b = blockIdx.x;
   const int64_t l = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const bool active = l < L;
-  const int64_t* idx_b = idx + b * K;
   const int64_t slab = static_cast<int64_t>(ph) * pw;
   const int64_t c = l / slab, rem = l - c * slab;
   const int64_t i = rem / pw, j = rem - i * pw;
-  const T* src_l = cols + b * K * L + l;
-  T* out_l = out + (b * Cin + c) * H * W + i * W + j;
-
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int tile = static_cast<int>(K - k0 < kTile ? K - k0 : kTile);
-    const int groups = tile / kGroup;
-    __syncthreads();  // the previous tile is consumed
-    for (int t = threadIdx.x; t < tile; t += blockDim.x) {
-      const int64_t n = idx_b[k0 + t];
-      const int64_t r = n / gw;
-      s_off[t] = r * ph * W + (n - r * gw) * pw;
-    }
-    __syncthreads();
-    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-      bool distinct = true;
-#pragma unroll
-      for (int u = 0; u < kGroup; ++u)
-#pragma unroll
-        for (int v = u + 1; v < kGroup; ++v) distinct = distinct && s_off[g * kGroup + u] != s_off[g * kGroup + v];
-      s_distinct[g] = distinct;
-    }
-    __syncthreads();
-    if (!active) continue;  // only after the barriers: idle threads still help stage the tile
-
-    const T* s = src_l + k0 * L;
-    for (int g = 0; g < groups; ++g) {
-      int64_t off[kGroup];
-      acc_t val[kGroup];
-#pragma unroll
-      for (int u = 0; u < kGroup; ++u) {
-        off[u] = s_off[g * kGroup + u];
-        val[u] = static_cast<acc_t>(s[static_cast<int64_t>(g * kGroup + u) * L]);
-      }
-      if (s_distinct[g]) {  // block-uniform branch
-        acc_t cur[kGroup];
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) cur[u] = static_cast<acc_t>(out_l[off[u]]);
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) out_l[off[u]] = static_cast<T>(cur[u] + val[u]);
-      } else {
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) out_l[off[u]] = static_cast<T>(static_cast<acc_t>(out_l[off[u]]) + val[u]);
-      }
-    }
-    for (int t = groups * kGroup; t < tile; ++t) {
-      const int64_t o = s_off[t];
-      out_l[o] = static_cast<T>(static_cast<acc_t>(out_l[o]) + static_cast<acc_t>(s[static_cast<int64_t>(t) * L]));
-    }
-  }
+  lotus::ordered_scatter_add(cols + b * K * L + l, L, out + (b * Cin + c) * H * W + i * W + j, idx + b * K, K, l < L,
+                             [=](int64_t n) {
+                               const int64_t r = n / gw;
+                               return r * ph * W + (n - r * gw) * pw;  // off(n)
+                             });
 }
 
 // ---------------------------------------------------------------- patch_embed_gather epilogue init

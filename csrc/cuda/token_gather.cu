@@ -11,9 +11,9 @@
 // Headers: the light ones. <ATen/ATen.h> adds nothing needed here, and <ATen/cuda/CUDAContext.h>
 // needs the cuSPARSE/cuBLAS headers, which some toolkits lack; at::cuda::getCurrentCUDAStream
 // comes from <c10/cuda/CUDAStream.h>.
-#include <ATen/OpMathType.h>
-
 #include <cstdint>
+
+#include "ordered_scatter.cuh"
 
 #if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
@@ -45,73 +45,16 @@ __global__ void gather_rows_kernel(const W* __restrict__ x, const int64_t* __res
 }
 
 // ---------------------------------------------------------------- scatter
-// Deterministic and atomic-free: a block owns (batch b, a chunk of channels) and each thread owns one
-// channel c, so out[b, :, c] is touched by that thread only. `out` is zeroed first (memset), then the
-// thread walks k in order doing out[b, idx[b,k], c] += src[b, k, c] (the add in opmath: fp32 for
-// bf16/fp16, double for float64), so duplicates accumulate in a fixed order. That order-dependent
-// read-modify-write would serialise every k on a memory round trip; instead k is taken in groups of
-// kGroup: when a group's indices are pairwise distinct (a flag computed once per block in shared
-// memory), its loads are all issued before its stores, which gives exactly the serial loop's result.
-// A group holding a duplicate runs the serial loop.
-constexpr int kTile = 1024;  // idx entries staged in shared memory per pass
-constexpr int kGroup = 8;
-static_assert(kTile % kGroup == 0, "groups must not straddle tiles");
-
+// Deterministic and atomic-free (lotus::ordered_scatter_add): `out` is zeroed first (memset), then a
+// block owns (batch b, a chunk of channels) and each thread owns one channel c, so out[b, :, c] is
+// touched by that thread only; index n goes to offset n * C.
 template <typename T>
 __global__ void scatter_tokens_kernel(const T* __restrict__ src, const int64_t* __restrict__ idx,
                                       T* __restrict__ out, int64_t K, int64_t N, int64_t C) {
-  using acc_t = at::opmath_type<T>;
-  __shared__ int64_t s_off[kTile];             // idx * C: the row's offset in out[b]
-  __shared__ bool s_distinct[kTile / kGroup];  // the group's offsets are pairwise distinct
   const int64_t b = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const bool active = c < C;
-  const int64_t* idx_b = idx + b * K;
-  const T* src_c = src + b * K * C + c;
-  T* out_c = out + b * N * C + c;
-
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int tile = static_cast<int>(K - k0 < kTile ? K - k0 : kTile);
-    const int groups = tile / kGroup;
-    __syncthreads();  // the previous tile is consumed
-    for (int t = threadIdx.x; t < tile; t += blockDim.x) s_off[t] = idx_b[k0 + t] * C;
-    __syncthreads();
-    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-      bool distinct = true;
-#pragma unroll
-      for (int u = 0; u < kGroup; ++u)
-#pragma unroll
-        for (int v = u + 1; v < kGroup; ++v) distinct = distinct && s_off[g * kGroup + u] != s_off[g * kGroup + v];
-      s_distinct[g] = distinct;
-    }
-    __syncthreads();
-    if (!active) continue;  // only after the barriers: idle channels still help stage the tile
-
-    const T* s = src_c + k0 * C;
-    for (int g = 0; g < groups; ++g) {
-      int64_t off[kGroup];
-      acc_t val[kGroup];
-#pragma unroll
-      for (int u = 0; u < kGroup; ++u) {
-        off[u] = s_off[g * kGroup + u];
-        val[u] = static_cast<acc_t>(s[static_cast<int64_t>(g * kGroup + u) * C]);
-      }
-      if (s_distinct[g]) {  // block-uniform branch
-        acc_t cur[kGroup];
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) cur[u] = static_cast<acc_t>(out_c[off[u]]);
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) out_c[off[u]] = static_cast<T>(cur[u] + val[u]);
-      } else {
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) out_c[off[u]] = static_cast<T>(static_cast<acc_t>(out_c[off[u]]) + val[u]);
-      }
-    }
-    for (int t = groups * kGroup; t < tile; ++t) {
-      const int64_t o = s_off[t];
-      out_c[o] = static_cast<T>(static_cast<acc_t>(out_c[o]) + static_cast<acc_t>(s[static_cast<int64_t>(t) * C]));
-    }
-  }
+  lotus::ordered_scatter_add(src + b * K * C + c, C, out + b * N * C + c, idx + b * K, K, c < C,
+                             [C](int64_t n) { return n * C; });
 }
 
 // Every instantiation the host code launches (see the build-time note at the top).

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_gather import _acc_dtype, _bf16_by_hand, _interpreted, _pow2
+from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _gather_blocks, _interpreted, _pow2,
+                      _scatter_blocks, _store_bf16_rne)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -61,12 +62,7 @@ def im2col_gather(images: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, out
     assert H % ph == 0 and W % pw == 0
     if out.numel() == 0:
         return
-    if _interpreted():
-        BLOCK_L = _pow2(L, 16, 1024)
-        BLOCK_R = _pow2(M, 1, max(1, 16384 // BLOCK_L))
-    else:
-        BLOCK_L = _pow2(L, 16, 256)
-        BLOCK_R = max(1, 2048 // BLOCK_L)
+    BLOCK_R, BLOCK_L = _gather_blocks(M, L)
     grid = (triton.cdiv(M, BLOCK_R), triton.cdiv(L, BLOCK_L))
     _im2col_gather_kernel[grid](images, idx, out, M, K, L, Cin * H * W, H * W, W, W // pw,
                                 PH=ph, PW=pw, BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, num_warps=4)
@@ -95,9 +91,8 @@ def _col2im_scatter_kernel(cols_ptr, idx_ptr, out_ptr, B, K, L, NP, CHW, HW, W, 
         poff = (ps // NP) * CHW + (pp // GW) * (PH * W) + (pp % GW) * PW
         tl.store(out_g[None, :] + poff[:, None], zero, mask=(ps < nb * NP)[:, None] & lmask[None, :])
     tl.debug_barrier()
-    # 2) chunks of BLOCK_K kept patches, in order: sum the rows of a chunk that go to one patch (a
-    #    0/1 equality matrix times the rows, ACC_DTYPE accumulation), then let the first of them
-    #    add that sum to its pixels: distinct patches, so a chunk's writes never collide.
+    # 2) chunks of BLOCK_K kept patches, in order, each added by _add_distinct_rows; the loads
+    #    stay inline (this kernel's addressing; a helper call costs ~1 ms under the interpreter)
     cols_g = cols_ptr + g0 * K * L
     idx_g = idx_ptr + g0 * K
     js = tl.arange(0, BLOCK_K)
@@ -109,21 +104,8 @@ def _col2im_scatter_kernel(cols_ptr, idx_ptr, out_ptr, B, K, L, NP, CHW, HW, W, 
         dst = tl.where(kmask, bl * NP + tok, -1)
         v = tl.load(cols_g + ks[:, None] * L + ls[None, :], mask=kmask[:, None] & lmask[None, :],
                     other=0).to(ACC_DTYPE)
-        same = dst[:, None] == dst[None, :]
-        sums = tl.dot(same.to(ACC_DTYPE), v, input_precision="ieee", out_dtype=ACC_DTYPE)
-        earlier = tl.sum((same & (js[None, :] < js[:, None])).to(tl.int32), axis=1)
-        write = kmask & (earlier == 0)
-        poff = tl.where(write, bl * CHW + (tok // GW) * (PH * W) + (tok % GW) * PW, 0)
-        ptrs = out_g[None, :] + poff[:, None]
-        wmask = write[:, None] & lmask[None, :]
-        acc = tl.load(ptrs, mask=wmask, other=0, cache_modifier=".cg").to(ACC_DTYPE)
-        acc += sums
-        if BF16_BY_HAND:  # round to nearest even like a GPU; the interpreter's cast truncates
-            bits = acc.to(tl.uint32, bitcast=True)
-            bits = tl.where(acc == acc, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, bits >> 16)
-            tl.store(ptrs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=wmask)
-        else:
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=wmask)
+        poff = bl * CHW + (tok // GW) * (PH * W) + (tok % GW) * PW
+        _add_distinct_rows(out_g, poff, 1, dst, v, js, kmask, lmask, ACC_DTYPE, BF16_BY_HAND)
         tl.debug_barrier()  # these stores are visible to the next chunk's loads, whatever the layout
 
 
@@ -137,16 +119,7 @@ def col2im_scatter(cols: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, out:
     if out.numel() == 0:
         return
     NP = (H // ph) * (W // pw)
-    if _interpreted():  # one program for as many images as fit: the cost is per program and op
-        G = max(1, min(B, 4096 // max(NP, K, 1)))
-        BLOCK_L = _pow2(L, 16, 1024)
-        BLOCK_R = _pow2(G * NP, 1, max(1, 16384 // BLOCK_L))
-        BLOCK_K = _pow2(G * K, 16, 128)
-    else:
-        G = 1
-        BLOCK_L = _pow2(L, 32, 128)
-        BLOCK_R = max(1, 2048 // BLOCK_L)
-        BLOCK_K = 32
+    G, BLOCK_R, BLOCK_K, BLOCK_L = _scatter_blocks(B, NP, K, L)
     grid = (triton.cdiv(B, G), triton.cdiv(L, BLOCK_L))
     # num_stages=1: no software pipelining, so no pixel load is hoisted above the previous stores
     _col2im_scatter_kernel[grid](cols, idx, out, B, K, L, NP, Cin * H * W, H * W, W, W // pw, G,
@@ -198,9 +171,7 @@ def _patch_embed_gather_kernel(img_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, out_p
         acc += tl.load(pos_ptr + tok[:, None] * D + ns[None, :], mask=mask, other=0).to(ACC_DTYPE)
     out_ptrs = out_ptr + rows[:, None] * D + ns[None, :]
     if BF16_BY_HAND:  # round to nearest even like a GPU; the interpreter's cast truncates
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = tl.where(acc == acc, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, bits >> 16)
-        tl.store(out_ptrs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        _store_bf16_rne(out_ptrs, acc, mask)
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -15,31 +15,11 @@ write completely.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _bf16_by_hand(dtype: torch.dtype) -> bool:
-    """The interpreter rounds fp32 -> bf16 toward zero; a GPU rounds to nearest even. Kernels with
-    BF16_BY_HAND round by hand instead: fp32 bits + 0x7FFF + (bit 16), keep the top half (NaNs are
-    truncated, which keeps them NaN). Written out in each kernel: under the interpreter a call to
-    a @triton.jit helper costs milliseconds."""
-    return _interpreted() and dtype == torch.bfloat16
+from ._common import _acc_dtype, _add_distinct_rows, _bf16_by_hand, _gather_blocks, _scatter_blocks
 
 
 # ---------------------------------------------------------------- gather
@@ -65,17 +45,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None
     assert out.shape == (B, K, C) and out.dtype == x.dtype and idx.dtype == torch.int64
     if M == 0 or C == 0:
         return
-    if _interpreted():  # few, large programs: the interpreter's cost is per program and per op
-        BLOCK_C = _pow2(C, 16, 1024)
-        BLOCK_R = _pow2(M, 1, max(1, 16384 // BLOCK_C))
-        num_warps = 4
-    else:
-        BLOCK_C = _pow2(C, 16, 256)
-        BLOCK_R = max(1, 2048 // BLOCK_C)
-        num_warps = 4
+    BLOCK_R, BLOCK_C = _gather_blocks(M, C)
     grid = (triton.cdiv(M, BLOCK_R), triton.cdiv(C, BLOCK_C))
-    _gather_tokens_kernel[grid](x, idx, out, M, K, N, C,
-                                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    _gather_tokens_kernel[grid](x, idx, out, M, K, N, C, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4)
 
 
 # ---------------------------------------------------------------- scatter (deterministic)
@@ -97,9 +69,8 @@ def _scatter_tokens_kernel(src_ptr, idx_ptr, out_ptr, B, K, N, C, G,
                  mask=(rows < nb * N)[:, None] & cmask[None, :])
     # the zeroes and the read-modify-writes below may be spread over threads differently
     tl.debug_barrier()
-    # 2) chunks of BLOCK_K rows of src, in order: sum the rows of a chunk that go to one out row
-    #    (equality matrix @ rows, exact 0/1 weights, ACC_DTYPE accumulation), then let the first
-    #    of them add that sum to its out row: distinct rows, so a chunk's writes never collide.
+    # 2) chunks of BLOCK_K rows of src, in order, each added by _add_distinct_rows; the loads
+    #    stay inline (this kernel's addressing; a helper call costs ~1 ms under the interpreter)
     src_g = src_ptr + g0 * K * C
     idx_g = idx_ptr + g0 * K
     js = tl.arange(0, BLOCK_K)
@@ -110,20 +81,7 @@ def _scatter_tokens_kernel(src_ptr, idx_ptr, out_ptr, B, K, N, C, G,
         dst = tl.where(kmask, (ks // K) * N + tok, -1)
         v = tl.load(src_g + ks[:, None] * C + cols[None, :], mask=kmask[:, None] & cmask[None, :],
                     other=0).to(ACC_DTYPE)
-        same = dst[:, None] == dst[None, :]
-        sums = tl.dot(same.to(ACC_DTYPE), v, input_precision="ieee", out_dtype=ACC_DTYPE)
-        earlier = tl.sum((same & (js[None, :] < js[:, None])).to(tl.int32), axis=1)
-        write = kmask & (earlier == 0)
-        ptrs = out_g + tl.where(write, dst, 0)[:, None] * C + cols[None, :]
-        wmask = write[:, None] & cmask[None, :]
-        acc = tl.load(ptrs, mask=wmask, other=0, cache_modifier=".cg").to(ACC_DTYPE)
-        acc += sums
-        if BF16_BY_HAND:  # round to nearest even like a GPU; the interpreter's cast truncates
-            bits = acc.to(tl.uint32, bitcast=True)
-            bits = tl.where(acc == acc, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, bits >> 16)
-            tl.store(ptrs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=wmask)
-        else:
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=wmask)
+        _add_distinct_rows(out_g + cols, dst, C, dst, v, js, kmask, cmask, ACC_DTYPE, BF16_BY_HAND)
         tl.debug_barrier()  # these stores are visible to the next chunk's loads, whatever the layout
 
 
@@ -136,16 +94,7 @@ def scatter_tokens(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> N
     assert idx.dtype == torch.int64
     if out.numel() == 0:
         return
-    if _interpreted():  # one program for as many images as fit: the cost is per program and op
-        G = max(1, min(B, 4096 // max(N, K, 1)))
-        BLOCK_C = _pow2(C, 16, 1024)
-        BLOCK_R = _pow2(G * N, 1, max(1, 16384 // BLOCK_C))
-        BLOCK_K = _pow2(G * K, 16, 128)
-    else:
-        G = 1
-        BLOCK_C = _pow2(C, 32, 128)
-        BLOCK_R = max(1, 2048 // BLOCK_C)
-        BLOCK_K = 32
+    G, BLOCK_R, BLOCK_K, BLOCK_C = _scatter_blocks(B, N, K, C)
     grid = (triton.cdiv(B, G), triton.cdiv(C, BLOCK_C))
     # num_stages=1: no software pipelining, so no out-row load is hoisted above the previous stores
     _scatter_tokens_kernel[grid](src, idx, out, B, K, N, C, G, ACC_DTYPE=_acc_dtype(src.dtype),
