@@ -5,6 +5,7 @@ After ``patch_vit(model)``:
   model(images, keep_idx=idx)                 the whole network on patches idx [B, K] (prefix tokens kept)
   model(images, keep_ratio=r, scores=s)       keep the top ceil(r*N) patches by s [B, N]
   model(images, keep_ratio=r)                 keep a uniformly random ceil(r*N) patches per image
+  model.patch_scores(images)                  [B, N] last-block class-token attention (vit_scores.py)
 
 Dropped patches are never embedded (``ops.patch_embed_gather``) and never enter a block, in train
 and eval mode alike (timm's ``PatchDropout`` only acts in training and embeds every patch first).
@@ -19,6 +20,7 @@ from torch import nn
 from . import _checks
 from .ops import gather_tokens, patch_embed_gather
 from .select import random_keep, select_keep
+from .vit_scores import vit_patch_scores
 
 try:
     from timm.models.vision_transformer import VisionTransformer
@@ -38,6 +40,10 @@ class KeptPatchesMixin:
             raise ValueError("attn_mask / is_causal: not supported together with keep_idx / keep_ratio")
         keep_idx = self.keep_indices(x, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         return self.forward_head(self.forward_features_kept(x, keep_idx))
+
+    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, N] patch scores from the last block's class-token attention (see ``vit_scores``)."""
+        return vit_patch_scores(self, images)
 
     def keep_indices(self, images, *, keep_idx=None, keep_ratio=None, scores=None) -> torch.Tensor:
         """The [B, K] patch indices the kept-patch path will use."""

@@ -1,0 +1,254 @@
+"""``attention``: softmax attention that can also emit per-patch scores from the same pass.
+
+attention(q, k, v) -> out                                  q, k, v [B, H, N, D]
+attention(q, k, v, return_scores="cls") -> (out, scores)   scores[b, j] = P[b, :, 0, j] averaged over heads
+attention(..., return_scores="received")                   scores[b, j] = P[b, :, i, j] averaged over heads
+                                                           and over unpadded queries i
+
+P = softmax(scale * q k^T) with padded keys (``key_padding_mask`` True) excluded. Scores are what
+token-dropping methods rank patches by; computing them inside the kernel avoids materialising the
+[B, H, N, N] attention map that the explicit-softmax path needs just to read one row or column sums.
+
+Conventions:
+  * a query whose keys are all padded (a fully padded image) gets out = 0, not NaN, and zero
+    gradients; its lse is +inf. Padded *queries* still attend to the unpadded keys (as in
+    ``nn.MultiheadAttention``); only ``received`` skips them when averaging.
+  * scores are float32 (float64 for float64 inputs), carry no gradient, and are 0 at padded keys.
+  * ``sink="mean"`` replaces scores[:, 0] (the class token / attention sink) by the mean of
+    scores[:, 1:] over unpadded keys (0 when there are none; left 0 if key 0 is padded). It only
+    touches the scores, never ``out``. ``sink=None`` leaves scores[:, 0] as computed.
+  * lse (saved for the backward) is float32, float64 for float64 inputs (float32 lse would cap a
+    float64 backward at ~1e-7 relative accuracy).
+
+The backward is flash-style: P is recomputed from q, k and lse, dS = P * (dP - rowsum(dO * O)).
+Backends: reference (PyTorch), cpu (C++ forward + backward), triton (forward kernel; its backward
+and scores run in PyTorch from the saved lse). There is no CUDA C++ kernel yet: CUDA tensors default
+to triton (else the reference), and forcing the cuda backend raises NotImplementedError.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _checks
+
+SCORE_MODES = {None: 0, "cls": 1, "received": 2}
+SINKS = (None, "mean")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- reference (ground truth)
+def _safe_mask(key_padding_mask):
+    """(attend mask [B,1,1,N] for SDPA, fully padded images [B]): a fully padded image attends to
+    everything (then zeroed), because SDPA would return NaN for a row with no allowed key."""
+    if key_padding_mask is None:
+        return None, None
+    empty = key_padding_mask.all(1)
+    attend = ~key_padding_mask | empty[:, None]
+    return attend[:, None, None, :], empty
+
+
+def attention_probs_reference(q, k, key_padding_mask=None, scale=None) -> torch.Tensor:
+    """The explicit [B, H, N, N] attention map in the accumulation dtype (0 for padded keys and for
+    every query of a fully padded image)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
+    if key_padding_mask is None:
+        return s.softmax(-1)
+    attend, empty = _safe_mask(key_padding_mask)
+    p = s.masked_fill(~attend, float("-inf")).softmax(-1)
+    return p.masked_fill(empty[:, None, None, None], 0.0)
+
+
+def scores_reference(p: torch.Tensor, mode: str, key_padding_mask=None) -> torch.Tensor:
+    """[B, N] scores from the [B, H, N, N] attention map ``p`` (before the sink rule)."""
+    if mode == "cls":
+        return p[:, :, 0, :].mean(1)
+    if key_padding_mask is None:
+        return p.mean(2).mean(1)
+    valid = (~key_padding_mask).to(p.dtype)  # queries to average over
+    n = valid.sum(1).clamp_min(1)
+    return (p * valid[:, None, :, None]).sum(2).mean(1) / n[:, None]
+
+
+def apply_sink(scores: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+    """scores[:, 0] := mean of scores[:, 1:] over unpadded keys (0 if none; 0 stays if key 0 is padded)."""
+    rest = scores[:, 1:]
+    valid = torch.ones_like(rest, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask[:, 1:]
+    n = valid.sum(1)
+    mean = torch.where(valid, rest, 0).sum(1) / n.clamp_min(1)
+    if key_padding_mask is not None:
+        mean = mean.masked_fill(key_padding_mask[:, 0], 0.0)
+    return torch.cat([mean[:, None].to(scores.dtype), rest], dim=1)
+
+
+def attention_reference(q, k, v, *, scale=None, key_padding_mask=None, return_scores=None, sink="mean"):
+    """The definition: ``F.scaled_dot_product_attention`` for out, an explicit softmax for scores."""
+    attend, empty = _safe_mask(key_padding_mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    if return_scores is None:
+        return out
+    with torch.no_grad():
+        sc = scores_reference(attention_probs_reference(q, k, key_padding_mask, scale), return_scores, key_padding_mask)
+        if sink == "mean":
+            sc = apply_sink(sc, key_padding_mask)
+    return out, sc
+
+
+def _fwd_reference(q, k, v, mask, scale, mode):
+    acc = _acc_dtype(q.dtype)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # no unpadded key: P = exp(s - inf) = 0
+    p = torch.exp(s - lse[..., None])
+    out = (p @ v.to(acc)).to(q.dtype)
+    mode_name = {1: "cls", 2: "received"}.get(mode)
+    scores = scores_reference(p, mode_name, mask) if mode_name else lse.new_empty(0)
+    return out, lse, scores
+
+
+def _bwd_reference(dout, q, k, v, out, lse, mask, scale):
+    acc = lse.dtype
+    qf, kf, vf, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = (qf @ kf.transpose(-2, -1)) * scale
+    p = torch.exp(s - lse[..., None])
+    if mask is not None:
+        p = p.masked_fill(mask[:, None, None, :], 0.0)
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ vf.transpose(-2, -1)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    return (ds @ kf).to(q.dtype), (ds.transpose(-2, -1) @ qf).to(q.dtype), dv.to(q.dtype)
+
+
+# ---------------------------------------------------------------- checks
+def _check(q, k, v, scale, key_padding_mask, return_scores, sink) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    _checks.same_dtype(q=q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected shape {tuple(q.shape)} (like q [B, H, N, D]), got {tuple(k.shape)}")
+    if v.shape != q.shape:
+        raise ValueError(f"v: expected shape {tuple(q.shape)} (like q [B, H, N, D]), got {tuple(v.shape)}")
+    if q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"q: expected N >= 1 tokens and D >= 1 channels, got shape {tuple(q.shape)}")
+    if key_padding_mask is not None:
+        _checks.tensor("key_padding_mask", key_padding_mask, ndim=2)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected a bool tensor (True = padded key), got "
+                            f"{str(key_padding_mask.dtype).replace('torch.', '')}")
+        if tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(f"key_padding_mask: expected shape ({q.shape[0]}, {q.shape[2]}) ([B, N]), "
+                             f"got {tuple(key_padding_mask.shape)}")
+    _checks.same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    if return_scores not in SCORE_MODES:
+        raise ValueError(f"return_scores: expected None, 'cls' or 'received', got {return_scores!r}")
+    if sink not in SINKS:
+        raise ValueError(f"sink: expected 'mean' or None, got {sink!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+
+
+def _kernel_backend(device: torch.device) -> str:
+    backend = _backend.select(device)
+    if backend == "cuda":  # no CUDA C++ attention kernel yet
+        if _backend._forced or os.environ.get(_backend.ENV_BACKEND):
+            raise NotImplementedError("attention: the 'cuda' backend has no attention kernel yet "
+                                      "(available: reference, cpu, triton forward)")
+        return "triton" if _backend.backends()["triton"] else "reference"
+    return backend
+
+
+# ---------------------------------------------------------------- registered ops
+@torch.library.custom_op("lotus_kernels::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   scale: float, scores_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _kernel_backend(q.device)
+    if backend == "reference":
+        return _fwd_reference(q, k, v, key_padding_mask, scale, scores_mode)
+    B, H, N, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    out = _backend.new_output(q.shape, q)
+    lse = _backend.new_output((B, H, N), q, acc)
+    scores = _backend.new_output((B, N) if scores_mode else (0,), q, acc)
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    _backend.launch(backend, "attention", "attention_fwd", q.contiguous(), k.contiguous(), v.contiguous(), mask,
+                    scale, scores_mode, out, lse, scores)
+    return out, lse, scores
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, scale, scores_mode):
+    B, H, N, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=acc), q.new_empty((B, N) if scores_mode else (0,), dtype=acc)
+
+
+@torch.library.custom_op("lotus_kernels::attention_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _kernel_backend(q.device)
+    if backend in ("reference", "triton"):  # no Triton backward yet: the same formula in PyTorch
+        return _bwd_reference(dout, q, k, v, out, lse, key_padding_mask, scale)
+    dq, dk, dv = (_backend.new_output(q.shape, q) for _ in range(3))
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    _backend.launch(backend, "attention", "attention_bwd", dout.contiguous(), q.contiguous(), k.contiguous(),
+                    v.contiguous(), out.contiguous(), lse.contiguous(), mask, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, mask, scale, _ = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.scale = scale
+
+
+def _fwd_backward(ctx, dout, _dlse, _dscores):  # lse and scores are not differentiable
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ---------------------------------------------------------------- public API
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              key_padding_mask: torch.Tensor | None = None, return_scores: str | None = None,
+              sink: str | None = "mean"):
+    """softmax(scale * q k^T) v for q, k, v [B, H, N, D]; ``scale`` defaults to D ** -0.5.
+
+    ``key_padding_mask`` [B, N] bool, True = padded key (excluded from every softmax).
+    ``return_scores``: None -> out; "cls" or "received" -> (out, scores [B, N]) (see the module
+    docstring for the definitions, padding and the ``sink`` rule). Differentiable in q, k, v."""
+    _check(q, k, v, scale, key_padding_mask, return_scores, sink)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _, scores = _attention_fwd(q, k, v, key_padding_mask, scale, SCORE_MODES[return_scores])
+    if return_scores is None:
+        return out
+    scores = scores.detach()
+    if sink == "mean":
+        scores = apply_sink(scores, key_padding_mask)
+    return out, scores

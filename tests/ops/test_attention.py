@@ -1,0 +1,189 @@
+import pytest
+import torch
+
+import lotus_kernels
+from lotus_kernels.ops import attention
+from lotus_kernels.ops.attention import apply_sink, attention_probs_reference, attention_reference
+
+from ..conftest import BACKENDS
+
+# The full matrix runs on the reference and the C++ kernels; the Triton forward (interpreted on CPU:
+# slow) gets its own, smaller set of cases below. There is no CUDA C++ attention kernel yet.
+KERNELS = [(b, d) for b, d in BACKENDS if b not in ("triton", "cuda")]
+IMPLS = [("reference", "cpu"), *KERNELS]
+IMPL_IDS = [f"{b}-{d}" for b, d in IMPLS]
+
+# (N, D): ViT-S/16 tokens, a short sequence crossing a key block, a lone token, an odd head dim.
+SHAPES = [(197, 64), (50, 32), (1, 32), (70, 40)]
+B, H = 2, 3
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def make_mask(kind, n, device):
+    if kind is None:
+        return None
+    m = torch.zeros(B, n, dtype=torch.bool, device=device)
+    if kind == "lengths":  # images of different lengths: 1 keeps every token, 0 keeps ~2/3
+        m[0, (2 * n + 2) // 3:] = True
+    else:  # "empty": image 1 fully padded, image 0 with a hole in the middle
+        m[1] = True
+        m[0, n // 3: n // 2] = True
+    return m
+
+
+def qkv(n, d, dtype, device, grad=True):
+    return [torch.randn(B, H, n, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-D{d}" for n, d in SHAPES])
+@pytest.mark.parametrize("mask", [None, "lengths", "empty"])
+def test_forward_backward_matches_sdpa(backend, device, dtype, shape, mask):
+    n, d = shape
+    q, k, v = qkv(n, d, dtype, device)
+    m = make_mask(mask, n, device)
+    g = torch.randn(B, H, n, d, device=device, dtype=dtype)
+    with lotus_kernels.use_backend(backend):
+        out = attention(q, k, v, key_padding_mask=m)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_in, key_padding_mask=m)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.float())
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, **TOL[dtype])
+    if mask == "empty":  # a fully padded image: zero output and zero gradients, not NaN
+        assert out[1].abs().max() == 0 and all(t[1].abs().max() == 0 for t in grads)
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("mode", ["cls", "received"])
+@pytest.mark.parametrize("sink", ["mean", None])
+@pytest.mark.parametrize("mask", [None, "lengths", "empty"])
+@pytest.mark.parametrize("shape", [(197, 64), (1, 32), (70, 40)], ids=["N197", "N1", "N70-D40"])
+def test_scores_match_explicit_softmax(backend, device, mode, sink, mask, shape):
+    n, d = shape
+    q, k, v = qkv(n, d, torch.float32, device, grad=False)
+    m = make_mask(mask, n, device)
+    with lotus_kernels.use_backend(backend):
+        out, sc = attention(q, k, v, key_padding_mask=m, return_scores=mode, sink=sink)
+        plain = attention(q, k, v, key_padding_mask=m)
+    p = attention_probs_reference(q, k, m)
+    want = p[:, :, 0].mean(1) if mode == "cls" else None
+    if mode == "received":
+        valid = torch.ones(B, n, device=device) if m is None else (~m).float()
+        want = (p * valid[:, None, :, None]).sum(2).mean(1) / valid.sum(1).clamp_min(1)[:, None]
+    if sink == "mean":
+        want = apply_sink(want, m)
+    assert sc.dtype == torch.float32 and sc.shape == (B, n) and not sc.requires_grad
+    torch.testing.assert_close(sc, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out, plain)  # the sink rule and the scores never touch out
+    if m is not None:
+        assert (sc[m] == 0).all()  # padded keys score 0
+    if sink is None:  # before the sink fix each image's scores are a distribution (or all 0 if empty)
+        total = sc.sum(1)
+        expect = torch.ones(B, device=device) if m is None else (~m.all(1)).float()
+        torch.testing.assert_close(total, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_sink_rule():
+    sc = torch.tensor([[0.5, 0.2, 0.3, 0.0], [0.1, 0.3, 0.6, 0.0]])
+    mask = torch.tensor([[False, False, False, True], [True, False, False, True]])
+    out = apply_sink(sc, mask)
+    torch.testing.assert_close(out, torch.tensor([[0.25, 0.2, 0.3, 0.0], [0.0, 0.3, 0.6, 0.0]]))
+    torch.testing.assert_close(apply_sink(torch.tensor([[0.7]])), torch.tensor([[0.0]]))  # N = 1: no other keys
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+def test_gradcheck_float64_and_scores_dtype(backend, device):
+    q, k, v = (torch.randn(2, 2, 5, 3, device=device, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    m = torch.tensor([[False, False, False, True, True], [True] * 5], device=device)
+    with lotus_kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, scale=0.7), (q, k, v))
+        assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, key_padding_mask=m), (q, k, v))
+        _, sc = attention(q, k, v, return_scores="received")
+    assert sc.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=[f"{b}-{d}" for b, d in KERNELS])
+def test_half_and_non_contiguous_inputs(backend, device):
+    x = torch.randn(B, 33, 3, H, 16, device=device)  # timm's qkv layout, permuted: strided views
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    with lotus_kernels.use_backend(backend):
+        out = attention(q, k, v)
+        out_h = attention(q.half(), k.half(), v.half())
+    torch.testing.assert_close(out, attention_reference(q, k, v), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out_h.float(), out, rtol=3e-3, atol=3e-3)
+
+
+def test_compile_sees_one_op():
+    q, k, v = qkv(9, 8, torch.float32, "cpu", grad=False)
+    f = torch.compile(lambda a, b, c: attention(a, b, c, return_scores="cls"), fullgraph=True, backend="eager")
+    out, sc = f(q, k, v)
+    want_out, want_sc = attention_reference(q, k, v, return_scores="cls")
+    torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(sc, want_sc, rtol=1e-5, atol=1e-6)
+
+
+T = lambda *s, **kw: torch.randn(*s, **kw)  # noqa: E731
+BAD = [
+    (lambda: attention(T(2, 3, 5, 4), T(2, 3, 6, 4), T(2, 3, 5, 4)), ValueError, "k: expected shape \\(2, 3, 5, 4\\)"),
+    (lambda: attention(T(2, 3, 5, 4), T(2, 3, 5, 4), T(2, 3, 5, 8)), ValueError, "v: expected shape"),
+    (lambda: attention(T(3, 5, 4), T(3, 5, 4), T(3, 5, 4)), ValueError, "q: expected a 4-D tensor, got 3-D"),
+    (lambda: attention(T(1, 1, 2, 2).long(), T(1, 1, 2, 2), T(1, 1, 2, 2)), TypeError, "q: expected dtype float32"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2).double(), T(1, 1, 2, 2)), TypeError, "k: expected dtype torch.float32 \\(like q\\)"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 3, dtype=torch.bool)),
+     ValueError, "key_padding_mask: expected shape \\(1, 2\\)"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 2)),
+     TypeError, "key_padding_mask: expected a bool tensor"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), return_scores="max"), ValueError, "return_scores: expected None, 'cls' or 'received', got 'max'"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), sink="drop"), ValueError, "sink: expected 'mean' or None"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2, device="meta")), ValueError, "v: expected a tensor on cpu"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), scale=float("nan")), ValueError, "scale: expected a finite float"),
+    (lambda: attention(T(1, 1, 0, 2), T(1, 1, 0, 2), T(1, 1, 0, 2)), ValueError, "q: expected N >= 1 tokens"),
+    (lambda: attention([[1.0]], T(1, 1, 2, 2), T(1, 1, 2, 2)), TypeError, "q: expected a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("call,exc,match", BAD)
+def test_bad_input_is_a_clear_error(backend, device, call, exc, match):
+    with lotus_kernels.use_backend(backend):
+        with pytest.raises(exc, match=match):
+            call()
+
+
+TRITON = [(b, d) for b, d in BACKENDS if b == "triton"]
+# The interpreter costs ~1 s per call at N = 197: a handful of cases that cover the kernel's paths
+# (multi-block keys, odd D, bf16, a lone token, padding incl. a fully padded image).
+TRITON_CASES = [((197, 64), torch.float32, "empty"), ((50, 32), torch.bfloat16, "lengths"),
+                ((1, 32), torch.float32, None), ((70, 40), torch.float32, "lengths"),
+                ((70, 40), torch.bfloat16, "empty"), ((9, 3), torch.float64, "lengths")]
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("shape,dtype,mask", TRITON_CASES, ids=[f"N{s[0]}-D{s[1]}-{str(t)[6:]}-{m}" for s, t, m in TRITON_CASES])
+def test_triton_forward_scores_and_backward(backend, device, shape, dtype, mask):
+    n, d = shape
+    q, k, v = qkv(n, d, dtype, device)
+    m = make_mask(mask, n, device)
+    g = torch.randn(B, H, n, d, device=device, dtype=dtype)
+    with lotus_kernels.use_backend(backend):
+        out, cls = attention(q, k, v, key_padding_mask=m, return_scores="cls")
+        grads = torch.autograd.grad(out, (q, k, v), g)  # the PyTorch formula from the kernel's lse
+        _, rec = attention(q.detach(), k.detach(), v.detach(), key_padding_mask=m, return_scores="received", sink=None)
+    tol = TOL.get(dtype, dict(rtol=1e-10, atol=1e-10))
+    ref_in = [t.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in (q, k, v)]
+    ref, ref_cls = attention_reference(*ref_in, key_padding_mask=m, return_scores="cls")
+    _, ref_rec = attention_reference(*ref_in, key_padding_mask=m, return_scores="received", sink=None)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.to(ref.dtype))
+    torch.testing.assert_close(out.to(ref.dtype), ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.to(ref.dtype), want, **tol)
+    score_tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float64 else tol
+    torch.testing.assert_close(cls, ref_cls.to(cls.dtype), **score_tol)
+    torch.testing.assert_close(rec, ref_rec.to(rec.dtype), **score_tol)
