@@ -85,6 +85,13 @@ def prepare(args):
     return device, sync, meta
 
 
+def verdict(label: str, row: dict) -> str:
+    """One line saying whether ``row``'s ratio to its baseline meets ``row['target']``."""
+    met = "met" if row["ratio"] <= row["target"] else "missed"
+    return (f"{label}: ratio {row['ratio']:.3f} (paired {row['ratio_paired']:.3f}) "
+            f"vs target {row['target']:.2f} -> {met}")
+
+
 def tune_malloc() -> bool:
     """Stop glibc from handing big freed blocks back to the OS (returns False where it cannot).
 

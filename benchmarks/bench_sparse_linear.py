@@ -176,9 +176,7 @@ def notes(rows):
            "density = kept weights / weights of the pruned layers (the head is not pruned)."]
     for r in rows:
         if r["target"] is not None:
-            verdict = "met" if r["ratio"] <= r["target"] else "missed"
-            out.append(f"{r['section']} {r['config']}: ratio {r['ratio']:.3f} (paired {r['ratio_paired']:.3f}) "
-                       f"vs target {r['target']:.2f} -> {verdict}")
+            out.append(_harness.verdict(f"{r['section']} {r['config']}", r))
     return out
 
 

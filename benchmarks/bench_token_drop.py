@@ -192,8 +192,7 @@ def notes(rows, n_patches):
     by = {(r["mode"], r["config"]): r for r in rows}
     for r in rows:
         if r["target"] is not None:
-            verdict = "met" if r["ratio"] <= r["target"] else "missed"
-            out.append(f"{r['mode']} {r['config']}: ratio {r['ratio']:.3f} vs target {r['target']:.2f} -> {verdict}")
+            out.append(_harness.verdict(f"{r['mode']} {r['config']}", r))
         t = by.get((r["mode"], f"timm_patchdrop@{r['keep']:g}")) if r["method"].startswith("lotus") else None
         if t is not None and r["median_ms"] > t["median_ms"]:
             out.append(f"{r['mode']} {r['config']} is slower than {t['config']} "
