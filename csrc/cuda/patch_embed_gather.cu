@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <initializer_list>
+
+#include "launch_utils.cuh"
 #endif
 
 namespace {
@@ -124,21 +126,10 @@ LOTUS_TYPED_INST(c10::BFloat16)
 #if !defined(__CUDA_ARCH__)
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kScatterThreads = 128;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Widest word that divides every size and every pointer.
-int word_bytes(std::initializer_list<int64_t> sizes, std::initializer_list<const void*> ptrs) {
-  for (int w : {16, 8, 4, 2}) {
-    bool ok = true;
-    for (int64_t s : sizes) ok = ok && s % w == 0;
-    for (const void* p : ptrs) ok = ok && reinterpret_cast<std::uintptr_t>(p) % w == 0;
-    if (ok) return w;
-  }
-  return 1;
-}
+using lotus::ceil_div;
+using lotus::kScatterThreads;
+using lotus::kThreads;
+using lotus::word_bytes;
 
 // blockDim.x threads along a row of `row_len` items, the rest of the 256 threads on further rows.
 dim3 row_block(int64_t row_len) {

@@ -25,6 +25,8 @@
 
 #include <algorithm>
 #include <initializer_list>
+
+#include "launch_utils.cuh"
 #endif
 
 namespace {
@@ -79,20 +81,10 @@ LOTUS_SCATTER_INST(c10::BFloat16)
 #if !defined(__CUDA_ARCH__)
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kScatterThreads = 128;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Widest word that divides the row size and every pointer.
-int word_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
-  for (int w : {16, 8, 4, 2}) {
-    bool ok = row_bytes % w == 0;
-    for (const void* p : ptrs) ok = ok && reinterpret_cast<std::uintptr_t>(p) % w == 0;
-    if (ok) return w;
-  }
-  return 1;
-}
+using lotus::ceil_div;
+using lotus::kScatterThreads;
+using lotus::kThreads;
+using lotus::word_bytes;
 
 template <typename W>
 void launch_gather(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out, int64_t row_bytes) {
@@ -129,7 +121,7 @@ void gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx, at::Tensor& 
   TORCH_CHECK(x.size(1) > 0, "gather_tokens: x has no tokens to gather from");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t row_bytes = x.size(2) * x.element_size();
-  switch (word_bytes(row_bytes, {x.const_data_ptr(), out.const_data_ptr()})) {
+  switch (word_bytes({row_bytes}, {x.const_data_ptr(), out.const_data_ptr()})) {
     case 16: launch_gather<uint4>(x, idx, out, row_bytes); break;
     case 8: launch_gather<uint2>(x, idx, out, row_bytes); break;
     case 4: launch_gather<uint32_t>(x, idx, out, row_bytes); break;
