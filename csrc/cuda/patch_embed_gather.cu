@@ -126,10 +126,7 @@ LOTUS_TYPED_INST(c10::BFloat16)
 #if !defined(__CUDA_ARCH__)
 namespace {
 
-using lotus::ceil_div;
-using lotus::kScatterThreads;
-using lotus::kThreads;
-using lotus::word_bytes;
+using namespace lotus;  // launch_utils.cuh
 
 // blockDim.x threads along a row of `row_len` items, the rest of the 256 threads on further rows.
 dim3 row_block(int64_t row_len) {

@@ -81,10 +81,7 @@ LOTUS_SCATTER_INST(c10::BFloat16)
 #if !defined(__CUDA_ARCH__)
 namespace {
 
-using lotus::ceil_div;
-using lotus::kScatterThreads;
-using lotus::kThreads;
-using lotus::word_bytes;
+using namespace lotus;  // launch_utils.cuh
 
 template <typename W>
 void launch_gather(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out, int64_t row_bytes) {
