@@ -87,24 +87,26 @@ def _check_name(name: str, where: str) -> None:
         raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def _default(device: torch.device) -> str:
+def _default(device: torch.device, implemented) -> str:
     ok = backends()
-    if device.type == "cuda":
-        for name in ("cuda", "triton"):
-            if ok[name]:
-                return name
-        return "reference"
-    if device.type == "cpu" and ok["cpu"]:
-        return "cpu"
+    prefer = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
+    for name in prefer:
+        if ok[name] and name in implemented:
+            return name
     return "reference"
 
 
-def select(device: torch.device) -> str:
-    """The backend an op on ``device`` tensors runs with; raises if a forced one cannot."""
+def select(device: torch.device, op: str | None = None, implemented=BACKENDS) -> str:
+    """The backend an op on ``device`` tensors runs with; raises if a forced one cannot. An op
+    with kernels for only some backends names them in ``implemented``: the default skips the
+    others, and forcing one of them is an error naming ``op``."""
     name = _forced or os.environ.get(ENV_BACKEND) or None
     if name is None:
-        return _default(device)
+        return _default(device, implemented)
     _check_name(name, f"{ENV_BACKEND}" if _forced is None else "use_backend")
+    if name not in implemented:
+        raise NotImplementedError(f"{op}: the {name!r} backend has no kernel for this op yet "
+                                  f"(available: {', '.join(implemented)})")
     why = _load_status()[name]
     if why is not None:
         raise RuntimeError(f"lotus_kernels backend {name!r} was requested but is not available: {why}")

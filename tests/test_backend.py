@@ -89,3 +89,11 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_forcing_a_backend_an_op_has_no_kernel_for_names_the_op():
+    with lotus_kernels.use_backend("cuda"), pytest.raises(NotImplementedError, match="attention: the 'cuda' backend has no kernel"):
+        lotus_kernels.ops.attention(*[torch.randn(1, 1, 3, 4)] * 3)
+    # the default skips it instead: CPU tensors still get the C++ kernel
+    assert _backend.select(torch.device("cpu"), "attention", implemented=("reference", "cpu")) == "cpu"
+    assert _backend.select(torch.device("cpu"), "x", implemented=("reference",)) == "reference"

@@ -28,7 +28,6 @@ to triton (else the reference), and forcing the cuda backend raises NotImplement
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -163,13 +162,7 @@ def _check(q, k, v, scale, key_padding_mask, return_scores, sink) -> None:
 
 
 def _kernel_backend(device: torch.device) -> str:
-    backend = _backend.select(device)
-    if backend == "cuda":  # no CUDA C++ attention kernel yet
-        if _backend._forced or os.environ.get(_backend.ENV_BACKEND):
-            raise NotImplementedError("attention: the 'cuda' backend has no attention kernel yet "
-                                      "(available: reference, cpu, triton forward)")
-        return "triton" if _backend.backends()["triton"] else "reference"
-    return backend
+    return _backend.select(device, "attention", implemented=("reference", "cpu", "triton"))
 
 
 # ---------------------------------------------------------------- registered ops
