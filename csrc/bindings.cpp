@@ -18,8 +18,10 @@ TORCH_LIBRARY(lotus_kernels_C, m) {
   m.def("masked_fill_grad_(Tensor(a!) grad, Tensor mask) -> ()");
   // q,k,v [B,H,N,D], key_padding_mask [B,N] bool (true = padded) -> out [B,H,N,D], lse [B,H,N] (opmath
   // dtype; +inf for a query that sees no unpadded key), scores [B,N] (scores_mode 1: query 0's
-  // probabilities, 2: probability received, both head-averaged; 0: scores untouched, may be empty)
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, int scores_mode, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) scores) -> ()");
-  // flash-style backward from the saved lse: dq, dk, dv [B,H,N,D]
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+  // probabilities, 2: probability received, both head-averaged; 0: scores untouched, may be empty).
+  // Packed varlen: cu_seqlens [B+1] int64 (0 = cu[0] <= ... <= cu[B] = T), q,k,v,out [T,H,D], lse [H,T],
+  // scores [T], each sequence attending within itself; max_seqlen >= its longest (ignored when padded).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, float scale, int scores_mode, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) scores) -> ()");
+  // flash-style backward from the saved lse: dq, dk, dv shaped like q
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
 }

@@ -5,6 +5,8 @@ After ``patch_vit(model)``:
   model(images, keep_idx=idx)                 the whole network on patches idx [B, K] (prefix tokens kept)
   model(images, keep_ratio=r, scores=s)       keep the top ceil(r*N) patches by s [B, N]
   model(images, keep_ratio=r)                 keep a uniformly random ceil(r*N) patches per image
+  model(images, keep_idx=[idx_0, idx_1, ...]) ragged: image i keeps patches idx_i (1-D, its own length),
+                                              all images packed into one varlen sequence (vit_ragged.py)
   model.patch_scores(images)                  [B, N] last-block class-token attention (vit_scores.py)
 
 Dropped patches are never embedded (``ops.patch_embed_gather``) and never enter a block, in train
@@ -20,6 +22,7 @@ from torch import nn
 from . import _checks
 from .ops import gather_tokens, patch_embed_gather
 from .select import random_keep, select_keep
+from .vit_ragged import forward_ragged
 from .vit_scores import vit_patch_scores
 
 try:
@@ -38,6 +41,11 @@ class KeptPatchesMixin:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal: not supported together with keep_idx / keep_ratio")
+        if isinstance(keep_idx, (list, tuple)):
+            if keep_ratio is not None or scores is not None:
+                raise ValueError("keep_idx: give either keep_idx or keep_ratio (+ scores), not both")
+            _checks.tensor("images", x, ndim=4)
+            return forward_ragged(self, x, keep_idx)
         keep_idx = self.keep_indices(x, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         return self.forward_head(self.forward_features_kept(x, keep_idx))
 
@@ -50,8 +58,8 @@ class KeptPatchesMixin:
         n = self.patch_embed.num_patches
         _checks.tensor("images", images, ndim=4)
         if isinstance(keep_idx, (list, tuple)):
-            raise NotImplementedError("keep_idx: ragged (per-image) keep lists need the varlen attention "
-                                      "kernel; pass one [B, K] int64 tensor")
+            raise ValueError("keep_idx: a ragged list of index tensors has no single [B, K] index; "
+                             "call the model with it instead")
         if keep_idx is not None:
             if keep_ratio is not None or scores is not None:
                 raise ValueError("keep_idx: give either keep_idx or keep_ratio (+ scores), not both")

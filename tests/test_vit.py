@@ -116,7 +116,13 @@ def test_patching_twice_is_harmless():
     (dict(keep_idx=torch.zeros(2, 0, dtype=torch.long)), ValueError, "K >= 1"),
     (dict(keep_idx=torch.tensor([[0.0], [1.0]])), TypeError, "keep_idx: expected an int64"),
     (dict(keep_idx=torch.tensor([[0], [1]]), keep_ratio=0.5), ValueError, "either keep_idx or keep_ratio"),
-    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1, 2])]), NotImplementedError, "ragged"),
+    (dict(keep_idx=[torch.tensor([0])]), ValueError, "keep_idx: got 1 index tensors for a batch of 2 images"),
+    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1, 64])]), IndexError, "keep_idx\\[1\\]: index 64 is out of range"),
+    (dict(keep_idx=[torch.tensor([0]), torch.tensor([], dtype=torch.long)]), ValueError,
+     "keep_idx\\[1\\]: expected at least one patch index"),
+    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1.0])]), TypeError, "keep_idx\\[1\\]: expected an int64"),
+    (dict(keep_idx=[torch.tensor([[0]]), torch.tensor([1])]), ValueError, "keep_idx\\[0\\]: expected a 1-D tensor"),
+    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1])], keep_ratio=0.5), ValueError, "either keep_idx or keep_ratio"),
 ])
 def test_bad_keep_arguments(kwargs, exc, match):
     model = patch_vit(tiny_vit())
@@ -132,3 +138,61 @@ def test_wrong_image_size_is_refused():
 def test_non_vit_is_refused():
     with pytest.raises(TypeError, match="model: expected a timm VisionTransformer, got Linear"):
         patch_vit(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- ragged keep lists (varlen attention)
+RAGGED_KW = [{}, dict(class_token=False, global_pool="avg"), dict(reg_tokens=2), dict(no_embed_class=True),
+             dict(qk_norm=True, init_values=1e-2), dict(global_pool="avgmax", reg_tokens=1)]
+
+
+def ragged_idx(lengths, device):
+    return [torch.randperm(64, device=device)[:n] for n in lengths]
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), *BACKENDS], ids=["reference-cpu", *BACKEND_IDS])
+@pytest.mark.parametrize("kw", RAGGED_KW, ids=["plain", "avg", "reg2", "no_embed_class", "qknorm-ls", "avgmax"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_ragged_keep_matches_each_image_alone(backend, device, kw, train):
+    if backend == "triton" and (kw or train):  # the interpreter is slow: one case covers the kernels
+        pytest.skip("triton: covered by the plain eval case")
+    model = patch_vit(tiny_vit(**kw).to(device)).train(train)
+    images = torch.randn(3, 3, 32, 32, device=device)
+    idx = ragged_idx((29, 1, 64), device)
+    params = [p for p in model.parameters()]
+    with lotus_kernels.use_backend(backend):
+        out = model(images, keep_idx=idx)
+        grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+    want = torch.cat([model(images[i:i + 1], keep_idx=idx[i][None]) for i in range(3)])
+    want_grads = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    assert out.shape == (3, 10)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    for (n, _), g, w in zip(model.named_parameters(), grads, want_grads):
+        if w is None:
+            assert g is None or g.abs().max() == 0, n
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5, msg=lambda m: f"grad of {n}: {m}")
+
+
+def test_ragged_drop_path_is_per_image_and_full_drop_matches():
+    """drop_path_rate = 1 (timm: 0 for block 0, 1 for the last block) drops the last block's branches
+    for every image: deterministic, so it must equal each image alone; at 0.5 some images keep a
+    branch that others drop, so identical images come out different."""
+    model = patch_vit(tiny_vit(drop_path_rate=1.0)).train()
+    images, idx = torch.randn(2, 3, 32, 32), ragged_idx((5, 11), "cpu")
+    want = torch.cat([model(images[i:i + 1], keep_idx=idx[i][None]) for i in range(2)])
+    torch.testing.assert_close(model(images, keep_idx=idx), want, rtol=1e-5, atol=1e-6)
+    model = patch_vit(tiny_vit(drop_path_rate=0.5)).train()
+    same = patch_vit(tiny_vit(drop_path_rate=0.5)).eval()
+    same.load_state_dict(model.state_dict())
+    images = images[:1].expand(64, -1, -1, -1)
+    idx = [idx[0]] * 64  # 64 identical images: per-image draws make their outputs differ
+    out = model(images, keep_idx=idx)
+    assert (out - out[:1]).abs().amax(1).gt(1e-6).any() and not torch.isnan(out).any()
+
+
+def test_ragged_refuses_attention_dropout_in_training():
+    model = patch_vit(tiny_vit(attn_drop_rate=0.1)).train()
+    with pytest.raises(NotImplementedError, match="attn_drop: attention dropout"):
+        model(torch.randn(2, 3, 32, 32), keep_idx=ragged_idx((3, 4), "cpu"))
+    model.eval()  # no dropout in eval mode: fine
+    assert model(torch.randn(2, 3, 32, 32), keep_idx=ragged_idx((3, 4), "cpu")).shape == (2, 10)

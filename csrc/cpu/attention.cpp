@@ -5,9 +5,11 @@
 // task holds more than a [BQ, BK] block. The backward recomputes P = exp(S - lse) from the saved
 // log-sum-exp. Compute is in opmath (fp32 for bf16/half/fp32, fp64 for fp64).
 //
-// Layout: q, k, v, out, dq, dk, dv [B, H, N, D] contiguous; mask [B, N] bool (true = padded key);
-// lse [B, H, N] in opmath. A query row that sees no unpadded key gets out = 0 and lse = +inf, so
-// exp(s - lse) = 0 everywhere downstream (scores and gradients are 0 for it, never NaN).
+// Layout (see Seqs): padded q, k, v, out, dq, dk, dv [B, H, N, D], mask [B, N] bool (true = padded
+// key), lse [B, H, N], scores [B, N]; or packed varlen (cu_seqlens [B + 1]) q... [T, H, D], lse [H, T],
+// scores [T]. One set of kernels serves both: every loop runs over (sequence, head) pairs whose rows
+// sit at Seqs::x with row stride Seqs::ld. lse is in opmath. A query row that sees no unpadded key
+// gets out = 0 and lse = +inf, so exp(s - lse) = 0 everywhere downstream (never NaN).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +22,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -27,8 +30,17 @@ namespace {
 constexpr int64_t BQ = 64;   // queries per block
 constexpr int64_t BK = 128;  // keys per block (row stride of every score block)
 
-struct Dims {
+// Where sequence b, head h lives. Padded: every sequence is N long, rows D apart. Packed (cu set):
+// sequence b is tokens cu[b] .. cu[b + 1] of [T, H, D], rows H * D apart; N is the longest length.
+struct Seqs {
   int64_t B, H, N, D;
+  const int64_t* cu = nullptr;
+  int64_t T = 0;
+  int64_t len(int64_t b) const { return cu ? cu[b + 1] - cu[b] : N; }
+  int64_t ld() const { return cu ? H * D : D; }
+  int64_t x(int64_t b, int64_t h) const { return cu ? (cu[b] * H + h) * D : (b * H + h) * N * D; }  // q/k/v/out
+  int64_t row(int64_t b, int64_t h) const { return cu ? h * T + cu[b] : (b * H + h) * N; }       // lse
+  int64_t tok(int64_t b) const { return cu ? cu[b] : b * N; }                                     // scores
 };
 
 // The BLAS that libtorch_cpu carries (MKL on x86 wheels). Weak, so that a torch built without a
@@ -62,21 +74,16 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
     }
 }
 
-// Row-major views, in the terms used below (all row-major, D contiguous):
-//   S[nq][nk] (stride BK) = alpha * X[nq][D] . Y[nk][D]^T
-template <typename T>
-inline void rows_dot_rows(const T* x, const T* y, T* s, int64_t nq, int64_t nk, int64_t D, T alpha) {
-  gemm<T>('T', 'N', nk, nq, D, alpha, y, D, x, D, T(0), s, BK);
-}
-
-// n elements of src as opmath: the source itself when it already is (fp32 / fp64), else converted into buf.
+// n rows of D elements, ld apart, in opmath: (pointer, row stride). fp32 / fp64 rows are used in
+// place; other dtypes are converted into buf (row stride D).
 template <typename scalar_t, typename acc_t>
-inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
+inline std::pair<const acc_t*, int64_t> rows_acc(const scalar_t* src, int64_t ld, int64_t n, int64_t D, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
+    return {src, ld};
   } else {
-    for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<acc_t>(src[e]);
-    return buf;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t d = 0; d < D; ++d) buf[i * D + d] = static_cast<acc_t>(src[i * ld + d]);
+    return {buf, D};
   }
 }
 
@@ -158,21 +165,22 @@ inline double row_sum(const double* x, int64_t n) {
   return s;
 }
 
-// Whole-row forward, for N <= ROWS_MAX_N: one task per (b, h, query block) as below, but every
-// query row sees all its keys at once (a [bq, N] score block, <= 532 KB), so the softmax is
-// exact in two passes (row max, then exp and sum) with no online rescaling, and each task is two BLAS
-// calls (S = Q K^T, O = P V) instead of two per 128-key block: MKL re-packs its operands on every
-// call, which was ~20% of the sgemm time with 128-key blocks. Keys before the first and after the
-// last unpadded key are skipped (padding usually sits at the end); padded keys inside get -inf.
-// When cls is given, row 0 of the normalised P of each (b, h) is written there ([B, H, N]).
+// Whole-row forward, for N <= ROWS_MAX_N: one task per (b, h, query block); every query row sees
+// all its keys at once (a [bq, n] score block, <= 532 KB), so the softmax is exact in two passes
+// (row max, then exp and sum) with no online rescaling, and each task is two BLAS calls (S = Q K^T,
+// O = P V) instead of two per 128-key block: MKL re-packs its operands on every call, which was ~20%
+// of the sgemm time with 128-key blocks. Keys before the first and after the last unpadded key are
+// skipped (padding usually sits at the end); padded keys inside get -inf. Query blocks past the end
+// of a shorter packed sequence are empty tasks. When cls is given, row 0 of the normalised P of each
+// (b, h) is written to cls[(b * H + h) * N ...].
 constexpr int64_t ROWS_MAX_N = 2048;
 
 template <typename scalar_t>
 void fwd_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const bool* mask, scalar_t* out,
-              at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* cls, Dims dm, double scale_d) {
+              at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* cls, Seqs sq, double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = dm.B, H = dm.H, N = dm.N, D = dm.D;
+  const int64_t B = sq.B, H = sq.H, N = sq.N, D = sq.D, ld = sq.ld();
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   // 128 queries per task amortise MKL's packing of K / V better than 64 (ViT-S fwd, 1 thread:
@@ -188,39 +196,42 @@ void fwd_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
     }
     int64_t converted = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, i0 = (t % nqb) * bq, b = bh / H;
-      const int64_t nq = std::min(bq, N - i0);
+      const int64_t bh = t / nqb, i0 = (t % nqb) * bq, b = bh / H, h = bh % H;
+      const int64_t n = sq.len(b);
+      if (i0 >= n) continue;
+      const int64_t nq = std::min(bq, n - i0), xo = sq.x(b, h);
       const bool* mb = mask ? mask + b * N : nullptr;
-      scalar_t* op = out + (bh * N + i0) * D;
-      acc_t* lp = lse + bh * N + i0;
-      int64_t jlo = 0, jhi = N;
+      scalar_t* op = out + xo + i0 * ld;
+      acc_t* lp = lse + sq.row(b, h) + i0;
+      int64_t jlo = 0, jhi = n;
       if (mb) {
-        while (jlo < N && mb[jlo]) ++jlo;
+        while (jlo < n && mb[jlo]) ++jlo;
         while (jhi > jlo && mb[jhi - 1]) --jhi;
       }
       if (jlo == jhi) {  // no unpadded key: out = 0, lse = +inf, scores 0
-        std::fill(op, op + nq * D, scalar_t(0));
+        for (int64_t i = 0; i < nq; ++i) std::fill(op + i * ld, op + i * ld + D, scalar_t(0));
         std::fill(lp, lp + nq, std::numeric_limits<acc_t>::infinity());
-        if (cls && i0 == 0) std::fill(cls + bh * N, cls + (bh + 1) * N, acc_t(0));
+        if (cls && i0 == 0) std::fill(cls + bh * N, cls + bh * N + n, acc_t(0));
         continue;
       }
       const int64_t nk = jhi - jlo;
-      const acc_t* qf = as_acc(q + (bh * N + i0) * D, qbuf.data(), nq * D);
+      const auto [qf, ldq] = rows_acc(q + xo + i0 * ld, ld, nq, D, qbuf.data());
       const acc_t* kf;
       const acc_t* vf;
       acc_t* o;
+      int64_t ldk, ldo;
       if constexpr (convert) {
         if (converted != bh) {
-          as_acc(k + bh * N * D, kbuf.data(), N * D);
-          as_acc(v + bh * N * D, vbuf.data(), N * D);
+          rows_acc(k + xo, ld, n, D, kbuf.data());
+          rows_acc(v + xo, ld, n, D, vbuf.data());
           converted = bh;
         }
-        kf = kbuf.data(), vf = vbuf.data(), o = obuf.data();
+        kf = kbuf.data(), vf = vbuf.data(), o = obuf.data(), ldk = D, ldo = D;
       } else {
-        kf = k + bh * N * D, vf = v + bh * N * D, o = op;
+        kf = k + xo, vf = v + xo, o = op, ldk = ld, ldo = ld;
       }
       // S[nq][nk] (stride LS) = scale * Q . K[jlo:jhi]^T
-      gemm<acc_t>('T', 'N', nk, nq, D, scale, kf + jlo * D, D, qf, D, acc_t(0), s.data(), LS);
+      gemm<acc_t>('T', 'N', nk, nq, D, scale, kf + jlo * ldk, ldk, qf, ldq, acc_t(0), s.data(), LS);
       const bool holes = mb && std::any_of(mb + jlo, mb + jhi, [](bool p) { return p; });
       for (int64_t i = 0; i < nq; ++i) {
         acc_t* srow = s.data() + i * LS;
@@ -233,12 +244,12 @@ void fwd_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
         linv[i] = acc_t(1) / l;
       }
       // O[nq][D] = P[nq][nk] . V[jlo:jhi][D], then rows scaled by 1 / l
-      gemm<acc_t>('N', 'N', D, nq, nk, acc_t(1), vf + jlo * D, D, s.data(), LS, acc_t(0), o, D);
+      gemm<acc_t>('N', 'N', D, nq, nk, acc_t(1), vf + jlo * ldk, ldk, s.data(), LS, acc_t(0), o, ldo);
       for (int64_t i = 0; i < nq; ++i)
-        for (int64_t d = 0; d < D; ++d) op[i * D + d] = static_cast<scalar_t>(o[i * D + d] * linv[i]);
+        for (int64_t d = 0; d < D; ++d) op[i * ld + d] = static_cast<scalar_t>(o[i * ldo + d] * linv[i]);
       if (cls && i0 == 0) {
         acc_t* c = cls + bh * N;
-        std::fill(c, c + N, acc_t(0));
+        std::fill(c, c + n, acc_t(0));
         for (int64_t j = 0; j < nk; ++j) c[jlo + j] = s[j] * linv[0];
       }
     }
@@ -248,9 +259,9 @@ void fwd_rows(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
 // Blocked forward (online softmax over BK-key blocks), for N > ROWS_MAX_N.
 template <typename scalar_t>
 void fwd_blocked(const scalar_t* q, const scalar_t* k, const scalar_t* v, const bool* mask, scalar_t* out,
-                 at::opmath_type<scalar_t>* lse, Dims dm, double scale_d) {
+                 at::opmath_type<scalar_t>* lse, Seqs sq, double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = dm.B, H = dm.H, N = dm.N, D = dm.D;
+  const int64_t B = sq.B, H = sq.H, N = sq.N, D = sq.D, ld = sq.ld();
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   const int64_t nqb = (N + BQ - 1) / BQ;
@@ -258,19 +269,21 @@ void fwd_blocked(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(BQ * D), kbuf(BK * D), vbuf(BK * D), s(BQ * BK), acc(BQ * D), m(BQ), l(BQ);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, i0 = (t % nqb) * BQ, b = bh / H;
-      const int64_t nq = std::min(BQ, N - i0);
+      const int64_t bh = t / nqb, i0 = (t % nqb) * BQ, b = bh / H, h = bh % H;
+      const int64_t n = sq.len(b);
+      if (i0 >= n) continue;
+      const int64_t nq = std::min(BQ, n - i0), xo = sq.x(b, h);
       const bool* mb = mask ? mask + b * N : nullptr;
-      const acc_t* qf = as_acc(q + (bh * N + i0) * D, qbuf.data(), nq * D);
+      const auto [qf, ldq] = rows_acc(q + xo + i0 * ld, ld, nq, D, qbuf.data());
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), acc_t(0));
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t j0 = 0; j0 < N; j0 += BK) {
-        const int64_t nk = std::min(BK, N - j0);
+      for (int64_t j0 = 0; j0 < n; j0 += BK) {
+        const int64_t nk = std::min(BK, n - j0);
         if (mb && std::all_of(mb + j0, mb + j0 + nk, [](bool p) { return p; })) continue;
-        const acc_t* kf = as_acc(k + (bh * N + j0) * D, kbuf.data(), nk * D);
-        const acc_t* vf = as_acc(v + (bh * N + j0) * D, vbuf.data(), nk * D);
-        rows_dot_rows(qf, kf, s.data(), nq, nk, D, scale);
+        const auto [kf, ldk] = rows_acc(k + xo + j0 * ld, ld, nk, D, kbuf.data());
+        const auto [vf, ldv] = rows_acc(v + xo + j0 * ld, ld, nk, D, vbuf.data());
+        gemm<acc_t>('T', 'N', nk, nq, D, scale, kf, ldk, qf, ldq, acc_t(0), s.data(), BK);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* srow = s.data() + i * BK;
           if (mb)
@@ -288,14 +301,15 @@ void fwd_blocked(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
             for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
         }
         // acc[nq][D] += P[nq][nk] . V[nk][D]
-        gemm<acc_t>('N', 'N', D, nq, nk, acc_t(1), vf, D, s.data(), BK, acc_t(1), acc.data(), D);
+        gemm<acc_t>('N', 'N', D, nq, nk, acc_t(1), vf, ldv, s.data(), BK, acc_t(1), acc.data(), D);
       }
-      scalar_t* op = out + (bh * N + i0) * D;
+      scalar_t* op = out + xo + i0 * ld;
+      acc_t* lp = lse + sq.row(b, h) + i0;
       for (int64_t i = 0; i < nq; ++i) {
         const bool empty = l[i] == acc_t(0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[i];
-        for (int64_t d = 0; d < D; ++d) op[i * D + d] = static_cast<scalar_t>(acc[i * D + d] * inv);
-        lse[bh * N + i0 + i] = empty ? std::numeric_limits<acc_t>::infinity() : m[i] + std::log(l[i]);
+        for (int64_t d = 0; d < D; ++d) op[i * ld + d] = static_cast<scalar_t>(acc[i * D + d] * inv);
+        lp[i] = empty ? std::numeric_limits<acc_t>::infinity() : m[i] + std::log(l[i]);
       }
     }
   });
@@ -303,56 +317,59 @@ void fwd_blocked(const scalar_t* q, const scalar_t* k, const scalar_t* v, const 
 
 template <typename scalar_t>
 void fwd_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, const bool* mask, scalar_t* out,
-              at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* scores, int64_t mode, Dims dm,
+              at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* scores, int64_t mode, Seqs sq,
               double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = dm.B, H = dm.H, N = dm.N, D = dm.D;
+  const int64_t B = sq.B, H = sq.H, N = sq.N, D = sq.D, ld = sq.ld();
   const acc_t scale = static_cast<acc_t>(scale_d);
 
   if (N <= ROWS_MAX_N) {
     std::vector<acc_t> cls(mode == 1 ? B * H * N : 0);
-    fwd_rows(q, k, v, mask, out, lse, mode == 1 ? cls.data() : nullptr, dm, scale_d);
+    fwd_rows(q, k, v, mask, out, lse, mode == 1 ? cls.data() : nullptr, sq, scale_d);
     if (mode == 1) {
       // "cls": the forward kept row 0 of P per (b, h); average over heads, summed in order.
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          acc_t* sc = scores + b * N;
-          std::fill(sc, sc + N, acc_t(0));
+          const int64_t n = sq.len(b);
+          acc_t* sc = scores + sq.tok(b);
+          std::fill(sc, sc + n, acc_t(0));
           for (int64_t h = 0; h < H; ++h) {
             const acc_t* c = cls.data() + (b * H + h) * N;
-            for (int64_t j = 0; j < N; ++j) sc[j] += c[j];
+            for (int64_t j = 0; j < n; ++j) sc[j] += c[j];
           }
-          for (int64_t j = 0; j < N; ++j) sc[j] /= static_cast<acc_t>(H);
+          for (int64_t j = 0; j < n; ++j) sc[j] /= static_cast<acc_t>(H);
         }
       });
       return;
     }
   } else {
-    fwd_blocked(q, k, v, mask, out, lse, dm, scale_d);
+    fwd_blocked(q, k, v, mask, out, lse, sq, scale_d);
   }
 
   if (mode == 1) {
-    // "cls" (blocked path): row 0 of P per head, averaged over heads. One task per image, heads
+    // "cls" (blocked path): row 0 of P per head, averaged over heads. One task per sequence, heads
     // summed in order.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> q0(D);
       for (int64_t b = begin; b < end; ++b) {
-        acc_t* sc = scores + b * N;
-        std::fill(sc, sc + N, acc_t(0));
+        const int64_t n = sq.len(b);
+        acc_t* sc = scores + sq.tok(b);
+        std::fill(sc, sc + n, acc_t(0));
+        if (n == 0) continue;
         const bool* mb = mask ? mask + b * N : nullptr;
         for (int64_t h = 0; h < H; ++h) {
-          const int64_t bh = b * H + h;
-          for (int64_t d = 0; d < D; ++d) q0[d] = static_cast<acc_t>(q[bh * N * D + d]);
-          const acc_t lse0 = lse[bh * N];
-          for (int64_t j = 0; j < N; ++j) {
+          const int64_t xo = sq.x(b, h);
+          for (int64_t d = 0; d < D; ++d) q0[d] = static_cast<acc_t>(q[xo + d]);
+          const acc_t lse0 = lse[sq.row(b, h)];
+          for (int64_t j = 0; j < n; ++j) {
             if (mb && mb[j]) continue;
-            const scalar_t* kr = k + (bh * N + j) * D;
+            const scalar_t* kr = k + xo + j * ld;
             acc_t dot = 0;
             for (int64_t d = 0; d < D; ++d) dot += q0[d] * static_cast<acc_t>(kr[d]);
             sc[j] += std::exp(dot * scale - lse0);
           }
         }
-        for (int64_t j = 0; j < N; ++j) sc[j] /= static_cast<acc_t>(H);
+        for (int64_t j = 0; j < n; ++j) sc[j] /= static_cast<acc_t>(H);
       }
     });
   } else if (mode == 2) {
@@ -363,20 +380,23 @@ void fwd_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
     at::parallel_for(0, B * H * nkb, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> qbuf(BQ * D), kbuf(BK * D), s(BQ * BK);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bh = t / nkb, j0 = (t % nkb) * BK, b = bh / H;
-        const int64_t nk = std::min(BK, N - j0);
+        const int64_t bh = t / nkb, j0 = (t % nkb) * BK, b = bh / H, h = bh % H;
+        const int64_t n = sq.len(b);
+        if (j0 >= n) continue;
+        const int64_t nk = std::min(BK, n - j0), xo = sq.x(b, h);
         const bool* mb = mask ? mask + b * N : nullptr;
+        const acc_t* ls = lse + sq.row(b, h);
         acc_t* cs = colsum.data() + bh * N + j0;
         std::fill(cs, cs + nk, acc_t(0));
-        const acc_t* kf = as_acc(k + (bh * N + j0) * D, kbuf.data(), nk * D);
-        for (int64_t i0 = 0; i0 < N; i0 += BQ) {
-          const int64_t nq = std::min(BQ, N - i0);
-          const acc_t* qf = as_acc(q + (bh * N + i0) * D, qbuf.data(), nq * D);
-          rows_dot_rows(qf, kf, s.data(), nq, nk, D, scale);
+        const auto [kf, ldk] = rows_acc(k + xo + j0 * ld, ld, nk, D, kbuf.data());
+        for (int64_t i0 = 0; i0 < n; i0 += BQ) {
+          const int64_t nq = std::min(BQ, n - i0);
+          const auto [qf, ldq] = rows_acc(q + xo + i0 * ld, ld, nq, D, qbuf.data());
+          gemm<acc_t>('T', 'N', nk, nq, D, scale, kf, ldk, qf, ldq, acc_t(0), s.data(), BK);
           for (int64_t i = 0; i < nq; ++i) {
             if (mb && mb[i0 + i]) continue;
             acc_t* srow = s.data() + i * BK;
-            exp_sub(srow, nk, lse[bh * N + i0 + i]);
+            exp_sub(srow, nk, ls[i0 + i]);
             for (int64_t j = 0; j < nk; ++j) cs[j] += srow[j];
           }
         }
@@ -385,13 +405,15 @@ void fwd_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
       }
     });
     for (int64_t b = 0; b < B; ++b) {
-      int64_t nvalid = N;
-      if (mask) nvalid = N - std::count(mask + b * N, mask + (b + 1) * N, true);
+      const int64_t n = sq.len(b);
+      int64_t nvalid = n;
+      if (mask) nvalid = n - std::count(mask + b * N, mask + b * N + n, true);
       const acc_t denom = nvalid == 0 ? acc_t(0) : acc_t(1) / static_cast<acc_t>(H * nvalid);
-      for (int64_t j = 0; j < N; ++j) {
+      acc_t* sc = scores + sq.tok(b);
+      for (int64_t j = 0; j < n; ++j) {
         acc_t sum = 0;
         for (int64_t h = 0; h < H; ++h) sum += colsum[(b * H + h) * N + j];
-        scores[b * N + j] = sum * denom;
+        sc[j] = sum * denom;
       }
     }
   }
@@ -400,42 +422,45 @@ void fwd_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
 template <typename scalar_t>
 void bwd_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
               const at::opmath_type<scalar_t>* lse, const bool* mask, scalar_t* dq, scalar_t* dk, scalar_t* dv,
-              Dims dm, double scale_d) {
+              Seqs sq, double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = dm.H, N = dm.N, D = dm.D;
+  const int64_t H = sq.H, N = sq.N, D = sq.D, ld = sq.ld();
   const acc_t scale = static_cast<acc_t>(scale_d);
   // One task per (b, h): it owns dk/dv of every key and dq of every query of that head, so all
   // sums run in a fixed order (deterministic) without atomics. Buffers are O(N * D) per task.
-  at::parallel_for(0, dm.B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sq.B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, dqa(N * D), delta(N);
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (auto* buf : {&qbuf, &kbuf, &vbuf, &dobuf}) buf->resize(N * D);
     }
     std::vector<acc_t> p(BQ * BK), ds(BQ * BK), dka(BK * D), dva(BK * D);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t base = bh * N * D, b = bh / H;
+      const int64_t b = bh / H, h = bh % H, n = sq.len(b), xo = sq.x(b, h);
+      if (n == 0) continue;
       const bool* mb = mask ? mask + b * N : nullptr;
-      const acc_t* ls = lse + bh * N;
-      const acc_t* qf = as_acc(q + base, qbuf.data(), N * D);
-      const acc_t* kf = as_acc(k + base, kbuf.data(), N * D);
-      const acc_t* vf = as_acc(v + base, vbuf.data(), N * D);
-      const acc_t* dof = as_acc(dout + base, dobuf.data(), N * D);
-      std::fill(dqa.begin(), dqa.end(), acc_t(0));
-      for (int64_t i = 0; i < N; ++i) {  // delta_i = rowsum(dO * O) = sum_j P_ij dP_ij
+      const acc_t* ls = lse + sq.row(b, h);
+      // all four share one row stride: either all used in place (ld) or all converted (D)
+      const auto [qf, lx] = rows_acc(q + xo, ld, n, D, qbuf.data());
+      const acc_t* kf = rows_acc(k + xo, ld, n, D, kbuf.data()).first;
+      const acc_t* vf = rows_acc(v + xo, ld, n, D, vbuf.data()).first;
+      const acc_t* dof = rows_acc(dout + xo, ld, n, D, dobuf.data()).first;
+      std::fill(dqa.begin(), dqa.begin() + n * D, acc_t(0));
+      for (int64_t i = 0; i < n; ++i) {  // delta_i = rowsum(dO * O) = sum_j P_ij dP_ij
         acc_t sum = 0;
-        for (int64_t d = 0; d < D; ++d) sum += dof[i * D + d] * static_cast<acc_t>(out[base + i * D + d]);
+        for (int64_t d = 0; d < D; ++d) sum += dof[i * lx + d] * static_cast<acc_t>(out[xo + i * ld + d]);
         delta[i] = sum;
       }
-      for (int64_t j0 = 0; j0 < N; j0 += BK) {
-        const int64_t nk = std::min(BK, N - j0);
+      for (int64_t j0 = 0; j0 < n; j0 += BK) {
+        const int64_t nk = std::min(BK, n - j0);
         std::fill(dka.begin(), dka.end(), acc_t(0));
         std::fill(dva.begin(), dva.end(), acc_t(0));
         const bool all_padded = mb && std::all_of(mb + j0, mb + j0 + nk, [](bool x) { return x; });
-        for (int64_t i0 = 0; i0 < N && !all_padded; i0 += BQ) {
-          const int64_t nq = std::min(BQ, N - i0);
-          const acc_t* kb = kf + j0 * D;
-          rows_dot_rows(qf + i0 * D, kb, p.data(), nq, nk, D, scale);         // S
-          rows_dot_rows(dof + i0 * D, vf + j0 * D, ds.data(), nq, nk, D, acc_t(1));  // dP
+        for (int64_t i0 = 0; i0 < n && !all_padded; i0 += BQ) {
+          const int64_t nq = std::min(BQ, n - i0);
+          const acc_t* kb = kf + j0 * lx;
+          gemm<acc_t>('T', 'N', nk, nq, D, scale, kb, lx, qf + i0 * lx, lx, acc_t(0), p.data(), BK);  // S
+          gemm<acc_t>('T', 'N', nk, nq, D, acc_t(1), vf + j0 * lx, lx, dof + i0 * lx, lx, acc_t(0), ds.data(),
+                      BK);  // dP
           for (int64_t i = 0; i < nq; ++i) {
             acc_t* prow = p.data() + i * BK;
             acc_t* dsrow = ds.data() + i * BK;
@@ -446,16 +471,18 @@ void bwd_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const 
             for (int64_t j = 0; j < nk; ++j) dsrow[j] = prow[j] * (dsrow[j] - di) * scale;  // dS, scale folded in
           }
           // dV[nk][D] += P^T dO;  dK[nk][D] += dS^T Q;  dQ[nq][D] += dS K
-          gemm<acc_t>('N', 'T', D, nk, nq, acc_t(1), dof + i0 * D, D, p.data(), BK, acc_t(1), dva.data(), D);
-          gemm<acc_t>('N', 'T', D, nk, nq, acc_t(1), qf + i0 * D, D, ds.data(), BK, acc_t(1), dka.data(), D);
-          gemm<acc_t>('N', 'N', D, nq, nk, acc_t(1), kb, D, ds.data(), BK, acc_t(1), dqa.data() + i0 * D, D);
+          gemm<acc_t>('N', 'T', D, nk, nq, acc_t(1), dof + i0 * lx, lx, p.data(), BK, acc_t(1), dva.data(), D);
+          gemm<acc_t>('N', 'T', D, nk, nq, acc_t(1), qf + i0 * lx, lx, ds.data(), BK, acc_t(1), dka.data(), D);
+          gemm<acc_t>('N', 'N', D, nq, nk, acc_t(1), kb, lx, ds.data(), BK, acc_t(1), dqa.data() + i0 * D, D);
         }
-        for (int64_t e = 0; e < nk * D; ++e) {
-          dk[base + j0 * D + e] = static_cast<scalar_t>(dka[e]);
-          dv[base + j0 * D + e] = static_cast<scalar_t>(dva[e]);
-        }
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t d = 0; d < D; ++d) {
+            dk[xo + (j0 + j) * ld + d] = static_cast<scalar_t>(dka[j * D + d]);
+            dv[xo + (j0 + j) * ld + d] = static_cast<scalar_t>(dva[j * D + d]);
+          }
       }
-      for (int64_t e = 0; e < N * D; ++e) dq[base + e] = static_cast<scalar_t>(dqa[e]);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < D; ++d) dq[xo + i * ld + d] = static_cast<scalar_t>(dqa[i * D + d]);
     }
   });
 }
@@ -466,53 +493,73 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like) {
               " must match q's shape and dtype");
 }
 
-const bool* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor& q) {
-  if (!mask.has_value()) return nullptr;
-  TORCH_CHECK(mask->is_contiguous() && mask->scalar_type() == at::kBool && mask->dim() == 2 &&
-                  mask->size(0) == q.size(0) && mask->size(1) == q.size(2),
-              "attention (cpu): key_padding_mask must be a contiguous bool [B, N] tensor");
-  return mask->const_data_ptr<bool>();
+// The layout of q ([B, H, N, D], or [T, H, D] packed by cu_seqlens) and the mask pointer.
+Seqs layout(const at::Tensor& q, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu,
+            int64_t max_seqlen, const bool** mp) {
+  TORCH_CHECK(q.is_contiguous(), "attention (cpu): q must be contiguous");
+  *mp = nullptr;
+  if (cu.has_value()) {
+    TORCH_CHECK(q.dim() == 3, "attention (cpu): q must be [T, H, D] with cu_seqlens");
+    TORCH_CHECK(!mask.has_value(), "attention (cpu): key_padding_mask and cu_seqlens are exclusive");
+    TORCH_CHECK(cu->is_contiguous() && cu->scalar_type() == at::kLong && cu->dim() == 1 && cu->numel() >= 1,
+                "attention (cpu): cu_seqlens must be a contiguous int64 [B + 1] tensor");
+    Seqs sq{cu->numel() - 1, q.size(1), max_seqlen, q.size(2), cu->const_data_ptr<int64_t>(), q.size(0)};
+    TORCH_CHECK(sq.cu[0] == 0 && sq.cu[sq.B] == sq.T, "attention (cpu): cu_seqlens must run from 0 to T");
+    for (int64_t b = 0; b < sq.B; ++b)
+      TORCH_CHECK(sq.len(b) >= 0 && sq.len(b) <= max_seqlen, "attention (cpu): bad cu_seqlens / max_seqlen");
+    return sq;
+  }
+  TORCH_CHECK(q.dim() == 4, "attention (cpu): q must be [B, H, N, D]");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->is_contiguous() && mask->scalar_type() == at::kBool && mask->dim() == 2 &&
+                    mask->size(0) == q.size(0) && mask->size(1) == q.size(2),
+                "attention (cpu): key_padding_mask must be a contiguous bool [B, N] tensor");
+    *mp = mask->const_data_ptr<bool>();
+  }
+  return Seqs{q.size(0), q.size(1), q.size(2), q.size(3)};
 }
 
 void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& mask, double scale, int64_t scores_mode, at::Tensor& out,
-                       at::Tensor& lse, at::Tensor& scores) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "attention (cpu): q must be a contiguous [B, H, N, D] tensor");
+                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                       int64_t max_seqlen, double scale, int64_t scores_mode, at::Tensor& out, at::Tensor& lse,
+                       at::Tensor& scores) {
+  const bool* mp;
+  const Seqs sq = layout(q, mask, cu_seqlens, max_seqlen, &mp);
   check(k, "k", q);
   check(v, "v", q);
   check(out, "out", q);
-  const Dims dm{q.size(0), q.size(1), q.size(2), q.size(3)};
+  const int64_t rows = sq.cu ? sq.H * sq.T : sq.B * sq.H * sq.N, toks = sq.cu ? sq.T : sq.B * sq.N;
   TORCH_CHECK(scores_mode >= 0 && scores_mode <= 2, "attention (cpu): scores_mode must be 0, 1 or 2");
-  TORCH_CHECK(lse.is_contiguous() && lse.numel() == dm.B * dm.H * dm.N, "attention (cpu): bad lse");
-  TORCH_CHECK(scores_mode == 0 || (scores.is_contiguous() && scores.numel() == dm.B * dm.N &&
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == rows, "attention (cpu): bad lse");
+  TORCH_CHECK(scores_mode == 0 || (scores.is_contiguous() && scores.numel() == toks &&
                                    scores.scalar_type() == lse.scalar_type()),
               "attention (cpu): bad scores");
-  const bool* mp = mask_ptr(mask, q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(lse.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "attention (cpu): lse dtype");
     fwd_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), mp,
                        out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(),
-                       scores_mode == 0 ? nullptr : scores.mutable_data_ptr<acc_t>(), scores_mode, dm, scale);
+                       scores_mode == 0 ? nullptr : scores.mutable_data_ptr<acc_t>(), scores_mode, sq, scale);
   });
 }
 
 void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
-                       double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "attention (cpu): q must be a contiguous [B, H, N, D] tensor");
+                       const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale, at::Tensor& dq,
+                       at::Tensor& dk, at::Tensor& dv) {
+  const bool* mp;
+  const Seqs sq = layout(q, mask, cu_seqlens, max_seqlen, &mp);
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) check(*t, name, q);
   for (auto [t, name] : {std::pair{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}}) check(*t, name, q);
-  const Dims dm{q.size(0), q.size(1), q.size(2), q.size(3)};
-  TORCH_CHECK(lse.is_contiguous() && lse.numel() == dm.B * dm.H * dm.N, "attention (cpu): bad lse");
-  const bool* mp = mask_ptr(mask, q);
+  const int64_t rows = sq.cu ? sq.H * sq.T : sq.B * sq.H * sq.N;
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == rows, "attention (cpu): bad lse");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(lse.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "attention (cpu): lse dtype");
     bwd_impl<scalar_t>(dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                        v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(), mp,
                        dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                       dv.mutable_data_ptr<scalar_t>(), dm, scale);
+                       dv.mutable_data_ptr<scalar_t>(), sq, scale);
   });
 }
 

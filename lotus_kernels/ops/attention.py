@@ -4,6 +4,9 @@ attention(q, k, v) -> out                                  q, k, v [B, H, N, D]
 attention(q, k, v, return_scores="cls") -> (out, scores)   scores[b, j] = P[b, :, 0, j] averaged over heads
 attention(..., return_scores="received")                   scores[b, j] = P[b, :, i, j] averaged over heads
                                                            and over unpadded queries i
+attention(q, k, v, cu_seqlens=cu)                          packed varlen: q, k, v [T, H, D], sequence b is
+                                                           tokens cu[b] .. cu[b+1] and attends only within
+                                                           itself; scores come back per token, [T]
 
 P = softmax(scale * q k^T) with padded keys (``key_padding_mask`` True) excluded. Scores are what
 token-dropping methods rank patches by; computing them inside the kernel avoids materialising the
@@ -17,12 +20,17 @@ Conventions:
   * ``sink="mean"`` replaces scores[:, 0] (the class token / attention sink) by the mean of
     scores[:, 1:] over unpadded keys (0 when there are none; left 0 if key 0 is padded). It only
     touches the scores, never ``out``. ``sink=None`` leaves scores[:, 0] as computed.
+  * packed varlen (``cu_seqlens`` [B + 1], int64 or int32, 0 = cu[0] <= cu[1] <= ... <= cu[B] = T):
+    every rule above holds per sequence ("cls" is each sequence's first token's attention, the
+    sink is each sequence's first token); empty sequences are allowed and contribute no tokens.
+    It excludes ``key_padding_mask`` (packing needs no padding). lse is [H, T] there.
   * lse (saved for the backward) is float32, float64 for float64 inputs (float32 lse would cap a
     float64 backward at ~1e-7 relative accuracy).
 
 The backward is flash-style: P is recomputed from q, k and lse, dS = P * (dP - rowsum(dO * O)).
-Backends: reference (PyTorch), cpu (C++ forward + backward), triton (forward kernel; its backward
-and scores run in PyTorch from the saved lse). There is no CUDA C++ kernel yet: CUDA tensors default
+Backends: reference (PyTorch; varlen by a loop over sequences), cpu (C++ forward + backward),
+triton (forward + backward kernels; scores run in PyTorch from the saved lse). Padded and packed
+inputs go through the same kernels, which walk (sequence, head) pairs at per-sequence offsets. There is no CUDA C++ kernel yet: CUDA tensors default
 to triton (else the reference), and forcing the cuda backend raises NotImplementedError.
 """
 from __future__ import annotations
@@ -132,18 +140,99 @@ def _bwd_reference(dout, q, k, v, out, lse, mask, scale):
     return (ds @ kf).to(q.dtype), (ds.transpose(-2, -1) @ qf).to(q.dtype), dv.to(q.dtype)
 
 
+def _sequences(cu_seqlens):
+    """[(start, end)] of each packed sequence (host ints)."""
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def _as_batch(x, s, e):  # tokens s..e of a packed [T, H, D] tensor as a [1, H, n, D] batch
+    return x[s:e].transpose(0, 1).unsqueeze(0)
+
+
+def attention_reference_varlen(q, k, v, cu_seqlens, *, scale=None, return_scores=None, sink="mean"):
+    """The varlen definition: ``attention_reference`` on each packed sequence alone, concatenated."""
+    outs, scores = [], []
+    for s, e in _sequences(cu_seqlens):
+        if e == s:
+            continue
+        r = attention_reference(_as_batch(q, s, e), _as_batch(k, s, e), _as_batch(v, s, e), scale=scale,
+                                return_scores=return_scores, sink=sink)
+        o, sc = (r, None) if return_scores is None else r
+        outs.append(o[0].transpose(0, 1))
+        scores.append(sc)
+    out = torch.cat(outs) if outs else q * 0
+    if return_scores is None:
+        return out
+    acc = _acc_dtype(q.dtype)
+    return out, (torch.cat([sc[0] for sc in scores]) if scores else q.new_zeros(0, dtype=acc))
+
+
+def apply_sink_varlen(scores: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``apply_sink`` per packed sequence: scores[cu[b]] := mean of the rest of sequence b (0 if it has
+    one token); empty sequences have no tokens to touch."""
+    lens = cu_seqlens.diff()
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=scores.device), lens)
+    sums = scores.new_zeros(len(lens)).index_add_(0, seg, scores)
+    nonempty = lens > 0
+    first = cu_seqlens[:-1][nonempty]
+    out = scores.clone()
+    out[first] = (sums[nonempty] - scores[first]) / (lens[nonempty] - 1).clamp_min(1).to(scores.dtype)
+    return out
+
+
+def _fwd_reference_varlen(q, k, v, cu_seqlens, scale, mode):
+    T, H, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    out = q.new_zeros(q.shape)
+    lse = q.new_zeros((H, T), dtype=acc)
+    scores = q.new_zeros((T,) if mode else (0,), dtype=acc)
+    for s, e in _sequences(cu_seqlens):
+        if e == s:
+            continue
+        o, l, sc = _fwd_reference(_as_batch(q, s, e), _as_batch(k, s, e), _as_batch(v, s, e), None, scale, mode)
+        out[s:e] = o[0].transpose(0, 1)
+        lse[:, s:e] = l[0]
+        if mode:
+            scores[s:e] = sc[0]
+    return out, lse, scores
+
+
+def _bwd_reference_varlen(dout, q, k, v, out, lse, cu_seqlens, scale):
+    grads = [torch.zeros_like(q) for _ in range(3)]
+    for s, e in _sequences(cu_seqlens):
+        if e == s:
+            continue
+        part = _bwd_reference(*(_as_batch(t, s, e) for t in (dout, q, k, v, out)), lse[None, :, s:e], None, scale)
+        for g, p in zip(grads, part):
+            g[s:e] = p[0].transpose(0, 1)
+    return tuple(grads)
+
+
 # ---------------------------------------------------------------- checks
-def _check(q, k, v, scale, key_padding_mask, return_scores, sink) -> None:
+def _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens=None, max_seqlen=None) -> int:
+    """Validates every argument; returns the longest packed sequence (0 when not packed)."""
+    packed = cu_seqlens is not None
+    layout = "[T, H, D] (packed, with cu_seqlens)" if packed else "[B, H, N, D]"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.tensor(name, t, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+        _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
+        if t.dim() != (3 if packed else 4):
+            raise ValueError(f"{name}: expected a {3 if packed else 4}-D tensor {layout}, got "
+                             f"{t.dim()}-D with shape {tuple(t.shape)}")
     _checks.same_dtype(q=q, k=k, v=v)
     if k.shape != q.shape:
-        raise ValueError(f"k: expected shape {tuple(q.shape)} (like q [B, H, N, D]), got {tuple(k.shape)}")
+        raise ValueError(f"k: expected shape {tuple(q.shape)} (like q {layout}), got {tuple(k.shape)}")
     if v.shape != q.shape:
-        raise ValueError(f"v: expected shape {tuple(q.shape)} (like q [B, H, N, D]), got {tuple(v.shape)}")
-    if q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"v: expected shape {tuple(q.shape)} (like q {layout}), got {tuple(v.shape)}")
+    if packed:
+        if q.shape[1] == 0 or q.shape[2] == 0:
+            raise ValueError(f"q: expected H >= 1 heads and D >= 1 channels, got shape {tuple(q.shape)}")
+    elif q.shape[2] == 0 or q.shape[3] == 0:
         raise ValueError(f"q: expected N >= 1 tokens and D >= 1 channels, got shape {tuple(q.shape)}")
     if key_padding_mask is not None:
+        if packed:
+            raise ValueError("key_padding_mask: cannot be combined with cu_seqlens (packed sequences need no "
+                             "padding: drop the padded tokens instead)")
         _checks.tensor("key_padding_mask", key_padding_mask, ndim=2)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask: expected a bool tensor (True = padded key), got "
@@ -159,6 +248,37 @@ def _check(q, k, v, scale, key_padding_mask, return_scores, sink) -> None:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    if not packed:
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen: only meaningful together with cu_seqlens")
+        return 0
+    return _check_cu_seqlens(cu_seqlens, q, max_seqlen)
+
+
+def _check_cu_seqlens(cu, q, max_seqlen) -> int:
+    """cu_seqlens [B + 1] int64/int32 on q's device, 0 = cu[0] <= ... <= cu[B] = T. Reads the values
+    (a device sync on GPU): the kernels index memory with them."""
+    _checks.tensor("cu_seqlens", cu, ndim=1)
+    if cu.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"cu_seqlens: expected dtype int64 or int32, got {str(cu.dtype).replace('torch.', '')}")
+    _checks.same_device(q=q, cu_seqlens=cu)
+    if cu.numel() == 0:
+        raise ValueError("cu_seqlens: expected B + 1 >= 1 offsets (starting at 0), got an empty tensor")
+    vals = cu.tolist()
+    T = q.shape[0]
+    if vals[0] != 0:
+        raise ValueError(f"cu_seqlens: expected to start at 0, got cu_seqlens[0] = {vals[0]}")
+    for i, (a, b) in enumerate(zip(vals[:-1], vals[1:])):
+        if b < a:
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {a} > "
+                             f"cu_seqlens[{i + 1}] = {b}")
+    if vals[-1] != T:
+        raise ValueError(f"cu_seqlens: expected to end at T = {T} (q's token count), got cu_seqlens[-1] = {vals[-1]}")
+    longest = max((b - a for a, b in zip(vals[:-1], vals[1:])), default=0)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                   or max_seqlen < longest):
+        raise ValueError(f"max_seqlen: expected an int >= the longest sequence ({longest}), got {max_seqlen!r}")
+    return longest
 
 
 def _kernel_backend(device: torch.device) -> str:
@@ -166,62 +286,84 @@ def _kernel_backend(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------- registered ops
+def _shapes(q, packed: bool, scores_mode: int):
+    """(lse shape, scores shape) for q [B, H, N, D] or packed [T, H, D]."""
+    if packed:
+        T, H, _ = q.shape
+        return (H, T), ((T,) if scores_mode else (0,))
+    B, H, N, _ = q.shape
+    return (B, H, N), ((B, N) if scores_mode else (0,))
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("lotus_kernels::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                   scale: float, scores_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float,
+                   scores_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _kernel_backend(q.device)
+    packed = cu_seqlens is not None
     if backend == "reference":
+        if packed:
+            return _fwd_reference_varlen(q, k, v, cu_seqlens, scale, scores_mode)
         return _fwd_reference(q, k, v, key_padding_mask, scale, scores_mode)
-    B, H, N, _ = q.shape
     acc = _acc_dtype(q.dtype)
+    lse_shape, scores_shape = _shapes(q, packed, scores_mode)
     out = _backend.new_output(q.shape, q)
-    lse = _backend.new_output((B, H, N), q, acc)
-    scores = _backend.new_output((B, N) if scores_mode else (0,), q, acc)
-    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    _backend.launch(backend, "attention", "attention_fwd", q.contiguous(), k.contiguous(), v.contiguous(), mask,
-                    scale, scores_mode, out, lse, scores)
+    lse = _backend.new_output(lse_shape, q, acc)
+    scores = _backend.new_output(scores_shape, q, acc)
+    if q.numel() == 0:  # no tokens at all (packed, every sequence empty): nothing to launch
+        return out, lse, scores
+    _backend.launch(backend, "attention", "attention_fwd", q.contiguous(), k.contiguous(), v.contiguous(),
+                    _contig(key_padding_mask), _contig(cu_seqlens), max_seqlen, scale, scores_mode, out, lse, scores)
     return out, lse, scores
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, scale, scores_mode):
-    B, H, N, _ = q.shape
+def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scores_mode):
+    lse_shape, scores_shape = _shapes(q, cu_seqlens is not None, scores_mode)
     acc = _acc_dtype(q.dtype)
-    return q.new_empty(q.shape), q.new_empty((B, H, N), dtype=acc), q.new_empty((B, N) if scores_mode else (0,), dtype=acc)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=acc), q.new_empty(scores_shape, dtype=acc)
 
 
 @torch.library.custom_op("lotus_kernels::attention_bwd", mutates_args=())
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                   max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _kernel_backend(q.device)
-    if backend in ("reference", "triton"):  # no Triton backward yet: the same formula in PyTorch
+    if backend == "reference":
+        if cu_seqlens is not None:
+            return _bwd_reference_varlen(dout, q, k, v, out, lse, cu_seqlens, scale)
         return _bwd_reference(dout, q, k, v, out, lse, key_padding_mask, scale)
     dq, dk, dv = (_backend.new_output(q.shape, q) for _ in range(3))
-    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    if q.numel() == 0:
+        return dq, dk, dv
     _backend.launch(backend, "attention", "attention_bwd", dout.contiguous(), q.contiguous(), k.contiguous(),
-                    v.contiguous(), out.contiguous(), lse.contiguous(), mask, scale, dq, dk, dv)
+                    v.contiguous(), out.contiguous(), lse.contiguous(), _contig(key_padding_mask),
+                    _contig(cu_seqlens), max_seqlen, scale, dq, dk, dv)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, scale):
+def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, mask, scale, _ = inputs
+    q, k, v, mask, cu_seqlens, max_seqlen, scale, _ = inputs
     out, lse, _ = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens)
+    ctx.scale, ctx.max_seqlen = scale, max_seqlen
 
 
 def _fwd_backward(ctx, dout, _dlse, _dscores):  # lse and scores are not differentiable
-    q, k, v, out, lse, mask = ctx.saved_tensors
+    q, k, v, out, lse, mask, cu_seqlens = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, ctx.scale)
-    return dq, dk, dv, None, None, None
+        return None, None, None, None, None, None, None, None
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -229,19 +371,26 @@ _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 # ---------------------------------------------------------------- public API
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              key_padding_mask: torch.Tensor | None = None, return_scores: str | None = None,
-              sink: str | None = "mean"):
+              key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+              max_seqlen: int | None = None, return_scores: str | None = None, sink: str | None = "mean"):
     """softmax(scale * q k^T) v for q, k, v [B, H, N, D]; ``scale`` defaults to D ** -0.5.
 
     ``key_padding_mask`` [B, N] bool, True = padded key (excluded from every softmax).
-    ``return_scores``: None -> out; "cls" or "received" -> (out, scores [B, N]) (see the module
-    docstring for the definitions, padding and the ``sink`` rule). Differentiable in q, k, v."""
-    _check(q, k, v, scale, key_padding_mask, return_scores, sink)
+    ``cu_seqlens`` [B + 1] int64/int32: packed varlen instead, q, k, v [T, H, D] holding B sequences
+    back to back (sequence b = tokens cu_seqlens[b] .. cu_seqlens[b + 1], possibly empty), each
+    attending only within itself; ``max_seqlen`` (optional, as in flash-attention) is checked to be
+    >= the longest. ``return_scores``: None -> out; "cls" or "received" -> (out, scores [B, N], or
+    [T] when packed) (see the module docstring for the definitions, padding and the ``sink`` rule).
+    Differentiable in q, k, v."""
+    longest = _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens, max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _, scores = _attention_fwd(q, k, v, key_padding_mask, scale, SCORE_MODES[return_scores])
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+    out, _, scores = _attention_fwd(q, k, v, key_padding_mask, cu_seqlens, longest, scale,
+                                    SCORE_MODES[return_scores])
     if return_scores is None:
         return out
     scores = scores.detach()
     if sink == "mean":
-        scores = apply_sink(scores, key_padding_mask)
+        scores = apply_sink(scores, key_padding_mask) if cu_seqlens is None else apply_sink_varlen(scores, cu_seqlens)
     return out, scores

@@ -1,12 +1,20 @@
-"""Triton forward kernel for ``ops.attention`` (semantics: ``lotus_kernels.ops.attention``).
+"""Triton kernels for ``ops.attention`` (semantics: ``lotus_kernels.ops.attention``).
 
-Flash-style: one program per (block of BLOCK_M queries, b*H + h) walks the keys in blocks of
-BLOCK_N with an online softmax in fp32 (fp64 for float64), and writes ``out`` and ``lse``
-(+inf for a query that sees no unpadded key, whose out is 0). The head dim is padded to a power of
-two >= 16 (``tl.dot``'s minimum) with masked loads. Under the interpreter bf16/fp16 tiles are
-upcast to fp32 before ``tl.dot`` (its numpy dot mishandles bf16 operands: errors of 1e8 otherwise). There is no Triton backward yet: the op's
-backward runs the PyTorch formula from the saved lse, and the scores are computed from lse in
-PyTorch (``scores_from_lse``), O(B*H*N*D) for "cls" and in query chunks for "received".
+Padded ([B, H, N, D], optional key padding mask) and packed varlen ([T, H, D] with cu_seqlens) go
+through the same kernels: a program handles one (sequence b, head h) pair and finds its rows at a
+per-sequence offset and row stride (VARLEN reads the offsets from cu_seqlens); query blocks past the
+end of a shorter sequence store nothing.
+
+Forward, flash-style: one program per (block of BLOCK_M queries, b*H + h) walks the keys in blocks
+of BLOCK_N with an online softmax in fp32 (fp64 for float64), and writes ``out`` and ``lse`` (+inf for
+a query that sees no unpadded key, whose out is 0). Backward, flash-style and deterministic (no
+atomics): P is recomputed from q, k and lse; one kernel per key block accumulates dK and dV over all
+query blocks, another per query block accumulates dQ over all key blocks; delta = rowsum(dO * O) is
+recomputed in each from the loaded tiles. The head dim is padded to a power of two >= 16
+(``tl.dot``'s minimum) with masked loads. Under the interpreter bf16/fp16 tiles are upcast to fp32
+before ``tl.dot`` (its numpy dot mishandles bf16 operands: errors of 1e8 otherwise). Scores are
+computed from lse in PyTorch (``scores_from_lse``), O(B*H*N*D) for "cls" and in query chunks for
+"received".
 """
 from __future__ import annotations
 
@@ -18,28 +26,41 @@ import triton.language as tl
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, N, D, scale,
-                          HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
+    """(length, q/k/v row-0 offset, row stride, lse offset) of sequence b, head h."""
+    if VARLEN:
+        start = tl.load(cu_ptr + b)
+        n = tl.load(cu_ptr + b + 1) - start
+        return n, (start * H + h) * D, H * D, h * T + start
+    else:
+        bh = b * H + h
+        return N + 0 * b, bh * N * D, D + 0 * b, bh * N
+
+
+@triton.jit
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, N, T, D, scale,
+                          HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
+    n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    base = bh * N * D
-    rmask = rows < N
+    rmask = rows < n
     dmask = dims < D
-    q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(q_ptr + base + rows[:, None] * ld + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:
         q = q.to(ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
-    for j0 in range(0, N, BLOCK_N):
+    for j0 in range(0, n, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = cols < n
         kv_mask = cmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + base + cols[:, None] * D + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + base + cols[:, None] * ld + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base + cols[:, None] * ld + dims[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(ACC_DTYPE)
             v = v.to(ACC_DTYPE)
@@ -65,30 +86,161 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, N, D,
         m_i = m_new
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(out_ptr + base + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + base + rows[:, None] * ld + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_ptr + bh * N + rows, lse, mask=rmask)
+    tl.store(lse_ptr + lbase + rows, lse, mask=rmask)
 
 
-def attention_fwd(q, k, v, mask, scale, scores_mode, out, lse, scores) -> None:
-    """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp)."""
-    B, H, N, D = q.shape
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()
+@triton.jit
+def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC_DTYPE) * scale
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC_DTYPE)
+    else:
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * scale
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC_DTYPE)
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no unpadded key) gives 0
+    delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
+    return p, p * (dp - delta[:, None]) * scale
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
+                               N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    cmask = cols < n
+    dmask = dims < D
+    kv_ptrs = base + cols[:, None] * ld + dims[None, :]
+    kv_mask = cmask[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(ACC_DTYPE)
+        v = v.to(ACC_DTYPE)
+    valid_k = cmask
+    if HAS_MASK:
+        valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    for i0 in range(0, n, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        rmask = rows < n
+        q_ptrs = base + rows[:, None] * ld + dims[None, :]
+        q_mask = rmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + q_ptrs, mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + q_ptrs, mask=q_mask, other=0.0)
+        o = tl.load(o_ptr + q_ptrs, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(ACC_DTYPE)
+            do = do.to(ACC_DTYPE)
+        lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
+        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE)
+        if IEEE:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee", out_dtype=ACC_DTYPE)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee", out_dtype=ACC_DTYPE)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, out_dtype=ACC_DTYPE)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC_DTYPE)
+    tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
+                             N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    rmask = rows < n
+    dmask = dims < D
+    q_ptrs = base + rows[:, None] * ld + dims[None, :]
+    q_mask = rmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + q_ptrs, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + q_ptrs, mask=q_mask, other=0.0)
+    o = tl.load(o_ptr + q_ptrs, mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(ACC_DTYPE)
+        do = do.to(ACC_DTYPE)
+    lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    for j0 in range(0, n, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < n
+        kv_mask = cmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + base + cols[:, None] * ld + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + base + cols[:, None] * ld + dims[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(ACC_DTYPE)
+            v = v.to(ACC_DTYPE)
+        valid_k = cmask
+        if HAS_MASK:
+            valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
+        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE)
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee", out_dtype=ACC_DTYPE)
+        else:
+            dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC_DTYPE)
+    tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _config(q, cu_seqlens, max_seqlen):
+    """(B, H, N, T, D, block, block_d, common constexpr kwargs) for padded or packed q."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if cu_seqlens is not None:
+        T, H, D = q.shape
+        B, N = cu_seqlens.numel() - 1, max_seqlen
+    else:
+        B, H, N, D = q.shape
+        T = 0
     # Under the interpreter the cost is per program and per op: few, large blocks.
     cap = 128 if interpreted else 64
-    block = max(16, min(cap, triton.next_power_of_2(N)))
+    block = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
     block_d = max(16, triton.next_power_of_2(D))
-    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
-    grid = (triton.cdiv(N, block), B * H)
-    _attention_fwd_kernel[grid](q, k, v, mask if mask is not None else q, out, lse, N, D, scale,
-                                HAS_MASK=mask is not None, ACC_DTYPE=acc,
-                                IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
-                                UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16),
-                                BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, H=H)
+    kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
+              IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
+              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16),
+              BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, H=H)
+    return B, H, N, T, D, block, kw
+
+
+def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores) -> None:
+    """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp)."""
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()
+    B, H, N, T, D, block, kw = _config(q, cu_seqlens, max_seqlen)
+    if N > 0 and B > 0:
+        _attention_fwd_kernel[(triton.cdiv(N, block), B * H)](
+            q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse,
+            N, T, D, scale, HAS_MASK=mask is not None, **kw)
     if scores_mode:
-        scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
+        if cu_seqlens is None:
+            scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
+        else:
+            scores.copy_(scores_from_lse_varlen(q, k, lse, cu_seqlens, scale, scores_mode))
+
+
+def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dq, dk, dv) -> None:
+    """Same contract as ``torch.ops.lotus_kernels_C.attention_bwd`` (see csrc/bindings.cpp)."""
+    for t in (dout, q, k, v, out, lse, dq, dk, dv):
+        assert t.is_contiguous()
+    B, H, N, T, D, block, kw = _config(q, cu_seqlens, max_seqlen)
+    if N == 0 or B == 0:
+        return
+    args = (q, k, v, dout, out, lse, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q)
+    grid = (triton.cdiv(N, block), B * H)
+    _attention_bwd_dkdv_kernel[grid](*args, dk, dv, N, T, D, scale, HAS_MASK=mask is not None, **kw)
+    _attention_bwd_dq_kernel[grid](*args, dq, N, T, D, scale, HAS_MASK=mask is not None, **kw)
 
 
 def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Tensor:
@@ -113,3 +265,19 @@ def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Ten
         return total.mean(1) / N
     total = total.masked_fill(mask[:, None, :], 0.0)
     return total.mean(1) / valid_q.sum(1).clamp_min(1)[:, None]
+
+
+def scores_from_lse_varlen(q, k, lse, cu_seqlens, scale, mode) -> torch.Tensor:
+    """[T] raw scores of packed sequences (q, k [T, H, D], lse [H, T])."""
+    acc = lse.dtype
+    lens = cu_seqlens.diff()
+    first = torch.repeat_interleave(cu_seqlens[:-1], lens)  # each token's sequence start
+    if mode == 1:  # O(T * H * D): each token's key against its sequence's first query
+        dots = (q[first].to(acc) * k.to(acc)).sum(-1) * scale  # [T, H]
+        return torch.exp(dots - lse[:, first].T).mean(1)
+    out = torch.empty(q.shape[0], dtype=acc, device=q.device)
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        if e > s:
+            seq = lambda x: x[s:e].transpose(0, 1).unsqueeze(0)  # noqa: E731
+            out[s:e] = scores_from_lse(seq(q), seq(k), lse[None, :, s:e], None, scale, mode)[0]
+    return out

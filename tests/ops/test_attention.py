@@ -3,7 +3,8 @@ import torch
 
 import lotus_kernels
 from lotus_kernels.ops import attention
-from lotus_kernels.ops.attention import apply_sink, attention_probs_reference, attention_reference
+from lotus_kernels.ops.attention import (apply_sink, apply_sink_varlen, attention_probs_reference,
+                                         attention_reference, attention_reference_varlen)
 
 from ..conftest import BACKENDS
 
@@ -133,7 +134,7 @@ T = lambda *s, **kw: torch.randn(*s, **kw)  # noqa: E731
 BAD = [
     (lambda: attention(T(2, 3, 5, 4), T(2, 3, 6, 4), T(2, 3, 5, 4)), ValueError, "k: expected shape \\(2, 3, 5, 4\\)"),
     (lambda: attention(T(2, 3, 5, 4), T(2, 3, 5, 4), T(2, 3, 5, 8)), ValueError, "v: expected shape"),
-    (lambda: attention(T(3, 5, 4), T(3, 5, 4), T(3, 5, 4)), ValueError, "q: expected a 4-D tensor, got 3-D"),
+    (lambda: attention(T(3, 5, 4), T(3, 5, 4), T(3, 5, 4)), ValueError, "q: expected a 4-D tensor \\[B, H, N, D\\], got 3-D"),
     (lambda: attention(T(1, 1, 2, 2).long(), T(1, 1, 2, 2), T(1, 1, 2, 2)), TypeError, "q: expected dtype float32"),
     (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2).double(), T(1, 1, 2, 2)), TypeError, "k: expected dtype torch.float32 \\(like q\\)"),
     (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 3, dtype=torch.bool)),
@@ -174,7 +175,7 @@ def test_triton_forward_scores_and_backward(backend, device, shape, dtype, mask)
     g = torch.randn(B, H, n, d, device=device, dtype=dtype)
     with lotus_kernels.use_backend(backend):
         out, cls = attention(q, k, v, key_padding_mask=m, return_scores="cls")
-        grads = torch.autograd.grad(out, (q, k, v), g)  # the PyTorch formula from the kernel's lse
+        grads = torch.autograd.grad(out, (q, k, v), g)
         _, rec = attention(q.detach(), k.detach(), v.detach(), key_padding_mask=m, return_scores="received", sink=None)
     tol = TOL.get(dtype, dict(rtol=1e-10, atol=1e-10))
     ref_in = [t.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in (q, k, v)]
@@ -187,3 +188,151 @@ def test_triton_forward_scores_and_backward(backend, device, shape, dtype, mask)
     score_tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float64 else tol
     torch.testing.assert_close(cls, ref_cls.to(cls.dtype), **score_tol)
     torch.testing.assert_close(rec, ref_rec.to(rec.dtype), **score_tol)
+
+
+# ---------------------------------------------------------------- packed varlen (cu_seqlens)
+# Sequence lengths incl. ViT-S's 197, a lone token and empty sequences (which own no tokens).
+VARLEN = [(197, 50, 1, 0), (0, 3), (1,), (70, 0, 5, 130)]
+
+
+def packed(lens, h, d, dtype, device, grad=True):
+    cu = torch.tensor([0, *lens], device=device).cumsum(0)
+    t = int(cu[-1])
+    return [torch.randn(t, h, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)], cu
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens", VARLEN, ids=["-".join(map(str, x)) for x in VARLEN])
+@pytest.mark.parametrize("d", [64, 40])
+def test_varlen_forward_backward_matches_per_sequence_sdpa(backend, device, dtype, lens, d):
+    (q, k, v), cu = packed(lens, H, d, dtype, device)
+    g = torch.randn_like(q)
+    with lotus_kernels.use_backend(backend):
+        out = attention(q, k, v, cu_seqlens=cu)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference_varlen(*ref_in, cu)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.float(), allow_unused=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want if want is not None else torch.zeros_like(got.float()), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("mode", ["cls", "received"])
+@pytest.mark.parametrize("sink", ["mean", None])
+@pytest.mark.parametrize("lens", VARLEN, ids=["-".join(map(str, x)) for x in VARLEN])
+def test_varlen_scores_match_per_sequence_softmax(backend, device, mode, sink, lens):
+    (q, k, v), cu = packed(lens, H, 32, torch.float32, device, grad=False)
+    with lotus_kernels.use_backend(backend):
+        out, sc = attention(q, k, v, cu_seqlens=cu.int(), return_scores=mode, sink=sink)  # int32 offsets too
+    want_out, want = attention_reference_varlen(q, k, v, cu, return_scores=mode, sink=sink)
+    assert sc.shape == (q.shape[0],) and sc.dtype == torch.float32
+    torch.testing.assert_close(sc, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)
+    if sink is None:  # each non-empty sequence's scores are a distribution
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if e > s:
+                torch.testing.assert_close(sc[s:e].sum(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_equals_padded_batch_with_mask():
+    """The same ragged batch, packed or padded with key_padding_mask: same per-token output, and the
+    padded batch's scores on the real tokens."""
+    lens = (9, 4, 6)
+    (q, k, v), cu = packed(lens, H, 16, torch.float32, "cpu", grad=False)
+    n = max(lens)
+    pad = lambda x: torch.stack([torch.cat([x[s:e], x.new_zeros(n - (e - s), *x.shape[1:])])  # noqa: E731
+                                 for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]).transpose(1, 2)
+    mask = torch.arange(n)[None, :] >= torch.tensor(lens)[:, None]
+    out, sc = attention(q, k, v, cu_seqlens=cu, return_scores="received")
+    out_p, sc_p = attention(pad(q), pad(k), pad(v), key_padding_mask=mask, return_scores="received")
+    torch.testing.assert_close(out, out_p.transpose(1, 2)[~mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sc, sc_p[~mask], rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_sink_rule():
+    sc = torch.tensor([0.5, 0.2, 0.3, 0.9, 0.4, 0.6])
+    cu = torch.tensor([0, 3, 3, 4, 6])  # lengths 3, 0, 1, 2
+    torch.testing.assert_close(apply_sink_varlen(sc, cu), torch.tensor([0.25, 0.2, 0.3, 0.0, 0.6, 0.6]))
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+def test_varlen_gradcheck_float64(backend, device):
+    (q, k, v), cu = packed((3, 0, 1, 4), 2, 3, torch.float64, device)
+    with lotus_kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, cu_seqlens=cu, scale=0.8), (q, k, v))
+
+
+@pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
+def test_varlen_all_empty(backend, device):
+    q = torch.randn(0, 2, 4, device=device, requires_grad=True)
+    with lotus_kernels.use_backend(backend):
+        out, sc = attention(q, q, q, cu_seqlens=torch.tensor([0, 0, 0], device=device), return_scores="cls")
+        out.sum().backward()
+    assert out.shape == (0, 2, 4) and sc.shape == (0,) and q.grad.shape == (0, 2, 4)
+
+
+CU = lambda *v: torch.tensor(v)  # noqa: E731
+P = lambda t=5: T(t, 2, 4)  # noqa: E731
+BAD_VARLEN = [
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5)[None]), ValueError, "cu_seqlens: expected a 1-D tensor"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(1, 2, 5)), ValueError, "cu_seqlens: expected to start at 0, got cu_seqlens\\[0\\] = 1"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 3, 2, 5)), ValueError, "cu_seqlens: expected non-decreasing offsets, got cu_seqlens\\[1\\] = 3 > cu_seqlens\\[2\\] = 2"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 4)), ValueError, "cu_seqlens: expected to end at T = 5"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5).float()), TypeError, "cu_seqlens: expected dtype int64 or int32, got float32"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 5).to("meta")), ValueError, "cu_seqlens: expected a tensor on cpu"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU().long()), ValueError, "cu_seqlens: expected B \\+ 1 >= 1 offsets"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=[0, 5]), TypeError, "cu_seqlens: expected a torch.Tensor"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 5), key_padding_mask=torch.zeros(1, 5, dtype=torch.bool)),
+     ValueError, "key_padding_mask: cannot be combined with cu_seqlens"),
+    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5), max_seqlen=2), ValueError, "max_seqlen: expected an int >= the longest sequence \\(3\\)"),
+    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), max_seqlen=2), ValueError, "max_seqlen: only meaningful together with cu_seqlens"),
+    (lambda: attention(T(1, 2, 5, 4), T(1, 2, 5, 4), T(1, 2, 5, 4), cu_seqlens=CU(0, 5)), ValueError, "q: expected a 3-D tensor \\[T, H, D\\] \\(packed"),
+    (lambda: attention(P(), P(6), P(), cu_seqlens=CU(0, 5)), ValueError, "k: expected shape \\(5, 2, 4\\)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD_VARLEN)
+def test_bad_varlen_input_is_a_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# Triton (interpreted): a few varlen cases and float64 gradchecks of the Triton backward.
+TRITON_VARLEN = [((70, 1, 0, 9), torch.float32, 40), ((50, 3), torch.bfloat16, 32), ((5, 0, 2), torch.float64, 3)]
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("lens,dtype,d", TRITON_VARLEN, ids=[f"{'-'.join(map(str, x))}-{str(t)[6:]}" for x, t, _ in TRITON_VARLEN])
+def test_triton_varlen_forward_scores_and_backward(backend, device, lens, dtype, d):
+    (q, k, v), cu = packed(lens, H, d, dtype, device)
+    g = torch.randn_like(q)
+    with lotus_kernels.use_backend(backend):
+        out, cls = attention(q, k, v, cu_seqlens=cu, return_scores="cls")
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        _, rec = attention(q.detach(), k.detach(), v.detach(), cu_seqlens=cu, return_scores="received", sink=None)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = TOL.get(dtype, dict(rtol=1e-10, atol=1e-10))
+    ref_in = [t.detach().to(acc).requires_grad_() for t in (q, k, v)]
+    ref, ref_cls = attention_reference_varlen(*ref_in, cu, return_scores="cls")
+    _, ref_rec = attention_reference_varlen(*ref_in, cu, return_scores="received", sink=None)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.to(acc))
+    torch.testing.assert_close(out.to(acc), ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.to(acc), want, **tol)
+    score_tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float64 else tol
+    torch.testing.assert_close(cls, ref_cls.to(cls.dtype), **score_tol)
+    torch.testing.assert_close(rec, ref_rec.to(rec.dtype), **score_tol)
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+def test_triton_backward_gradcheck_float64(backend, device):
+    q, k, v = (torch.randn(1, 2, 5, 3, device=device, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    m = torch.tensor([[False, False, True, False, True]], device=device)
+    (pq, pk, pv), cu = packed((3, 0, 2), 1, 2, torch.float64, device)
+    with lotus_kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, key_padding_mask=m), (q, k, v))
+        assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, cu_seqlens=cu), (pq, pk, pv))
