@@ -6,6 +6,11 @@ class-token attention) vs lotus ``ops.attention(return_scores="cls")``, and fwd+
 
 Shapes: B=8, H=6, D=64 (ViT-S/16), N=197 (224^2) and N=1025 (448^2, fewer repeats). Every config of a
 section sees the same q, k, v and is timed interleaved; ratios are to the section's SDPA row.
+
+Varlen sections ("varlen fwd", "varlen fwd+bwd", N = the longest sequence): a ragged batch whose
+images keep between half and all of N tokens (linspace over the batch, as ragged token dropping gives),
+run three ways: SDPA on the padded batch with a boolean mask (the baseline), lotus on the padded batch
+with ``key_padding_mask``, and lotus on the packed [T, H, D] tokens with ``cu_seqlens`` (no padding).
 """
 from __future__ import annotations
 
@@ -79,6 +84,41 @@ def train_configs(q, k, v):
     }
 
 
+def ragged_batch(shape, dtype):
+    """(padded q, k, v [B, H, N, D], attend mask [B, 1, 1, N] for SDPA, key_padding_mask [B, N], packed
+    q, k, v [T, H, D], cu_seqlens) of one ragged batch: image b keeps lengths[b] of N tokens."""
+    B, H, N, D = shape
+    lengths = torch.linspace(0.5, 1.0, B).mul(N).round().long().clamp(1, N)
+    mask = torch.arange(N)[None, :] >= lengths[:, None]
+    padded = [torch.randn(shape, dtype=dtype).masked_fill(mask[:, None, :, None], 0) for _ in range(3)]
+    packed = [t.transpose(1, 2)[~mask].contiguous() for t in padded]  # [T, H, D], image-major
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    return padded, (~mask)[:, None, None, :], mask, packed, cu
+
+
+def varlen_configs(shape, dtype, train):
+    (q, k, v), attend, mask, (pq, pk, pv), cu = ragged_batch(shape, dtype)
+    calls = {
+        "sdpa_padded_mask": ((q, k, v), lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=attend)),
+        "lotus_padded_mask": ((q, k, v), lambda a, b, c: attention(a, b, c, key_padding_mask=mask)),
+        "lotus_varlen_packed": ((pq, pk, pv), lambda a, b, c: attention(a, b, c, cu_seqlens=cu)),
+    }
+    configs = {}
+    for name, (inputs, fn) in calls.items():
+        if train:
+            ins = [t.detach().clone().requires_grad_() for t in inputs]
+            g = torch.randn_like(ins[0])
+            configs[name] = (lambda fn=fn, ins=ins, g=g: torch.autograd.grad(fn(*ins), ins, g))
+        else:
+            configs[name] = (lambda fn=fn, ins=inputs: _no_grad_call(fn, ins))
+    return {f"{k}{'_fwd+bwd' if train else '_fwd'}": f for k, f in configs.items()}
+
+
+def _no_grad_call(fn, inputs):
+    with torch.no_grad():
+        fn(*inputs)
+
+
 def run_section(section, configs, baseline, shape, repeats, args):
     print(f"[{section} N={shape[2]}] timing {len(configs)} configs x {repeats} rounds ...", flush=True)
     times = _harness.interleaved(configs, args.warmup, repeats, progress=not args.no_progress)
@@ -134,6 +174,10 @@ def main(argv=None):
         repeats = args.long_repeats if n > 512 else args.repeats
         rows += run_section("forward", fwd_configs(q, k, v), "sdpa_fwd", shape, repeats, args)
         rows += run_section("fwd+bwd", train_configs(q, k, v), "sdpa_fwd+bwd", shape, repeats, args)
+        rows += run_section("varlen fwd", varlen_configs(shape, dtype, False), "sdpa_padded_mask_fwd", shape,
+                            repeats, args)
+        rows += run_section("varlen fwd+bwd", varlen_configs(shape, dtype, True), "sdpa_padded_mask_fwd+bwd",
+                            shape, repeats, args)
 
     meta = _harness.env_meta(args, torch.device("cpu"))
     meta["malloc_tuned"] = malloc_tuned
@@ -145,7 +189,9 @@ def main(argv=None):
              "in the same round; IQR = p25..p75 over rounds.",
              "explicit_softmax_fwd+maps materialises the [B, H, N, N] map (timm fused_attn=False + a hook); "
              "lotus_fwd+cls_scores returns out and the [B, N] class-token scores from the fused pass.",
-             "lotus *_scores rows include the sink rule (sink='mean') applied in PyTorch."]
+             "lotus *_scores rows include the sink rule (sink='mean') applied in PyTorch.",
+             "varlen sections: image b keeps round(N * r_b) tokens, r_b = linspace(0.5, 1, B); padded rows run "
+             "on [B, H, N, D] with a mask, lotus_varlen_packed on the T = sum of kept tokens only."]
     md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=title, notes=notes)
     print(md)
     return rows
