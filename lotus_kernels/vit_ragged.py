@@ -8,7 +8,7 @@ head then reads each image's class token (or the mean of its own patch tokens fo
 ``global_pool="avg"``). Per image this is the same network as ``model(image, keep_idx=idx[None])``.
 
 Supported: timm ``Block`` + ``Attention`` blocks (q/k norm, LayerScale, DropPath per image, proj
-dropout, gates), ``global_pool`` "token" / "avg" / "max" / "avgmax". Not supported (clear error):
+dropout, gates), ``global_pool`` "token" / "avg" / "max" / "avgmax", gradient checkpointing. Not supported (clear error):
 attention dropout in train mode (the fused op has no dropout on P), attention pooling heads, other
 block types.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import _checks
@@ -131,7 +132,10 @@ def forward_ragged(model, images: torch.Tensor, keep_idx) -> torch.Tensor:
     real = torch.arange(x.shape[1], device=x.device)[None, :] < pk.lengths[:, None]
     x = model.norm_pre(x[real])[None]                          # [1, T, C], image-major
     for blk in model.blocks:
-        x = _block_packed(blk, x, pk)
+        if model.grad_checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(_block_packed, blk, x, pk, use_reentrant=False)
+        else:
+            x = _block_packed(blk, x, pk)
     x = model.norm(x)[0]
     x = model.fc_norm(_pool_packed(model, x, pk))
     return model.head(model.head_drop(x))

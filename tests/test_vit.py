@@ -195,6 +195,17 @@ def test_ragged_drop_path_is_per_image_and_full_drop_matches():
     assert (out - out[:1]).abs().amax(1).gt(1e-6).any() and not torch.isnan(out).any()
 
 
+def test_ragged_with_gradient_checkpointing_matches():
+    model = patch_vit(tiny_vit()).train()
+    images, idx = torch.randn(2, 3, 32, 32), ragged_idx((7, 20), "cpu")
+    want = model(images, keep_idx=idx)
+    want_grad = torch.autograd.grad(want.sum(), model.blocks[0].attn.qkv.weight)[0]
+    model.set_grad_checkpointing(True)
+    out = model(images, keep_idx=idx)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), model.blocks[0].attn.qkv.weight)[0], want_grad)
+
+
 def test_ragged_refuses_attention_dropout_in_training():
     model = patch_vit(tiny_vit(attn_drop_rate=0.1)).train()
     with pytest.raises(NotImplementedError, match="attn_drop: attention dropout"):

@@ -31,10 +31,16 @@ def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
     if VARLEN:
         start = tl.load(cu_ptr + b)
         n = tl.load(cu_ptr + b + 1) - start
-        return n, (start * H + h) * D, H * D, h * T + start
+        base = (start * H + h) * D
+        ld = H * D + 0 * b
+        lbase = h * T + start
     else:
         bh = b * H + h
-        return N + 0 * b, bh * N * D, D + 0 * b, bh * N
+        n = N + 0 * b
+        base = bh * N * D
+        ld = D + 0 * b
+        lbase = bh * N
+    return n, base, ld, lbase
 
 
 @triton.jit

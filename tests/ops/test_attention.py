@@ -330,9 +330,10 @@ def test_triton_varlen_forward_scores_and_backward(backend, device, lens, dtype,
 
 @pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
 def test_triton_backward_gradcheck_float64(backend, device):
-    q, k, v = (torch.randn(1, 2, 5, 3, device=device, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    m = torch.tensor([[False, False, True, False, True]], device=device)
-    (pq, pk, pv), cu = packed((3, 0, 2), 1, 2, torch.float64, device)
+    # tiny: the interpreter pays per launch, and gradcheck launches the backward once per output element
+    q, k, v = (torch.randn(1, 1, 4, 2, device=device, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    m = torch.tensor([[False, True, False, False]], device=device)
+    (pq, pk, pv), cu = packed((2, 0, 1), 1, 2, torch.float64, device)
     with lotus_kernels.use_backend(backend):
         assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, key_padding_mask=m), (q, k, v))
         assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, cu_seqlens=cu), (pq, pk, pv))
