@@ -5,8 +5,9 @@ After ``patch_vit(model)``:
   model(images, keep_idx=idx)                 the whole network on patches idx [B, K] (prefix tokens kept)
   model(images, keep_ratio=r, scores=s)       keep the top ceil(r*N) patches by s [B, N]
   model(images, keep_ratio=r)                 keep a uniformly random ceil(r*N) patches per image
-  model(images, keep_idx=[idx_0, idx_1, ...]) ragged: image i keeps patches idx_i (1-D, its own length),
-                                              all images packed into one varlen sequence (vit_ragged.py)
+  model(images, keep_idx=[idx_0, idx_1, ...]) ragged: image i keeps patches idx_i (1-D int64, its own
+                                              length >= 1; an empty list is an error), all images packed
+                                              into one varlen sequence (vit_ragged.py)
   model.patch_scores(images)                  [B, N] last-block class-token attention (vit_scores.py)
 
 Dropped patches are never embedded (``ops.patch_embed_gather``) and never enter a block, in train
