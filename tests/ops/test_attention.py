@@ -337,3 +337,32 @@ def test_triton_backward_gradcheck_float64(backend, device):
     with lotus_kernels.use_backend(backend):
         assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, key_padding_mask=m), (q, k, v))
         assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, cu_seqlens=cu), (pq, pk, pv))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=[f"{b}-{d}" for b, d in KERNELS])
+@pytest.mark.parametrize("mode,dtype", [("cls", torch.float32), ("received", torch.float32), ("cls", torch.bfloat16)])
+def test_long_sequences_take_the_blocked_path(backend, device, mode, dtype):
+    """Above 2048 keys the C++ forward switches from whole rows to online-softmax key blocks: padded
+    (with a hole and trailing padding) and packed (next to short and empty sequences)."""
+    n = 2100
+    q, k, v = (torch.randn(2, 1, n, 16, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    m = torch.zeros(2, n, dtype=torch.bool, device=device)
+    m[0, 300:700] = True
+    m[1, 1500:] = True
+    g = torch.randn_like(q)
+    (pq, pk, pv), cu = packed((n, 5, 0, 130), 1, 16, dtype, device)
+    with lotus_kernels.use_backend(backend):
+        out, sc = attention(q, k, v, key_padding_mask=m, return_scores=mode)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        pout, psc = attention(pq, pk, pv, cu_seqlens=cu, return_scores=mode)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, ref_sc = attention_reference(*f32, key_padding_mask=m, return_scores=mode)
+    ref_grads = torch.autograd.grad(ref, f32, g.float())
+    pref, pref_sc = attention_reference_varlen(pq.float(), pk.float(), pv.float(), cu, return_scores=mode)
+    tol, score_tol = TOL[dtype], dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(sc, ref_sc, **score_tol)
+    torch.testing.assert_close(pout.float(), pref.detach(), **tol)
+    torch.testing.assert_close(psc, pref_sc, **score_tol)
