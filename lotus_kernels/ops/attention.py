@@ -30,8 +30,9 @@ Conventions:
 The backward is flash-style: P is recomputed from q, k and lse, dS = P * (dP - rowsum(dO * O)).
 Backends: reference (PyTorch; varlen by a loop over sequences), cpu (C++ forward + backward),
 triton (forward + backward kernels; scores run in PyTorch from the saved lse). Padded and packed
-inputs go through the same kernels, which walk (sequence, head) pairs at per-sequence offsets. There is no CUDA C++ kernel yet: CUDA tensors default
-to triton (else the reference), and forcing the cuda backend raises NotImplementedError.
+inputs go through the same kernels, which walk (sequence, head) pairs at per-sequence offsets and
+row strides. There is no CUDA C++ kernel yet: CUDA tensors default to triton (else the reference),
+and forcing the cuda backend raises NotImplementedError.
 """
 from __future__ import annotations
 
