@@ -8,9 +8,10 @@ head then reads each image's class token (or the mean of its own patch tokens fo
 ``global_pool="avg"``). Per image this is the same network as ``model(image, keep_idx=idx[None])``.
 
 Supported: timm ``Block`` + ``Attention`` blocks (q/k norm, LayerScale, DropPath per image, proj
-dropout, gates), ``global_pool`` "token" / "avg" / "max" / "avgmax", gradient checkpointing. Not supported (clear error):
-attention dropout in train mode (the fused op has no dropout on P), attention pooling heads, other
-block types.
+dropout, gates), ``global_pool`` "token" / "avg" / "max" / "avgmax", gradient checkpointing. Not
+supported (clear error): attention dropout in train mode (the fused op has no dropout on P),
+attention pooling heads, other block types. Every image must keep at least one patch (an empty
+index tensor is an error, as K = 0 is for the [B, K] path).
 """
 from __future__ import annotations
 
