@@ -12,16 +12,20 @@
 // values[k]^T for fwd (k = t) and values[k] for bwd_input (k = perm[t]). Every CTA owns a disjoint
 // output tile and writes all of it once (empty slots write bias / zero, M rows past the end are not
 // written), so there are no atomics, the results are deterministic and a poisoned output is overwritten.
-// Plain shared-memory tiles with FMA in the accumulation type (fp32 for fp32/bf16, fp64 for fp64):
-// no tensor cores yet (see the report / NOTES for what that leaves on the table for bf16).
+// fwd / bwd_input: bf16 on tensor cores (WMMA, sm80+, fp32 accumulation); fp32 and fp64 (and bf16
+// below sm80) on plain shared-memory tiles with FMA in the accumulation type (fp32 / fp64): fp32 is
+// not given TF32 here, so fp32 results match a full-precision reference. bwd_weight: FMA for all.
 //
 // Build time: as in token_gather.cu, the device passes (__CUDA_ARCH__ defined) see only the kernels and
 // the small c10 scalar headers; the explicit instantiations (outside the guard) list every kernel the
 // host code launches.
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
@@ -33,7 +37,6 @@
 
 #include <initializer_list>
 #include <optional>
-#include <type_traits>
 
 #include "launch_utils.cuh"
 #endif
@@ -187,6 +190,74 @@ __global__ void __launch_bounds__(kBsrThreads)
   for (int s = 0; s < OPT; ++s) dst[(i0 + s * kRowStep) * BS + j] = static_cast<T>(acc[s]);
 }
 
+// ---------------------------------------------------------------- fwd / bwd_input, bf16 on tensor cores
+// The same product for bf16 with WMMA (sm80+: m16n16k16, bf16 in, fp32 accumulate): the CTA's output
+// tile TM x BS (TM = 2048 / BS, as in the FMA kernel) is 8 fragments of 16 x 16, one per warp. Shared
+// tiles hold raw bf16 bits (copied, never converted); B is values[k] as stored, read as col_major for
+// fwd (W^T) and row_major for bwd_input (W). Rows padded by 8 elements (16 B): WMMA needs ldm % 8 == 0
+// and 32-byte aligned fragment pointers, which 16-row steps of (BS + 8) * 2 bytes keep. The fp32 tile
+// goes through shared memory for the epilogue (bias, rounding, rows past M).
+template <int BS, bool kTransW>
+__global__ void __launch_bounds__(kBsrThreads)
+    block_row_product_wmma_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ values,
+                                  const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx,
+                                  const int64_t* __restrict__ perm, const c10::BFloat16* __restrict__ bias,
+                                  c10::BFloat16* __restrict__ out, int64_t M, int64_t a_stride, int64_t out_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this only on sm80+
+#else
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = 2048 / BS, LDS = BS + 8, LDC = BS + 4, FN = BS / 16;
+  static_assert(TM % 16 == 0 && (TM / 16) * FN == kBsrThreads / 32, "one 16x16 fragment per warp");
+  __shared__ __align__(32) uint16_t as[TM][LDS];
+  __shared__ __align__(32) uint16_t bsm[BS][LDS];
+  __shared__ __align__(32) float cs[TM][LDC];
+  using BLayout = typename std::conditional<kTransW, wmma::col_major, wmma::row_major>::type;
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int fm = warp / FN, fn = warp % FN;  // this warp's fragment: rows fm*16.., columns fn*16..
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * TM;
+  const int64_t p = blockIdx.y;
+  const int64_t start = ptr[p], end = ptr[p + 1];
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int64_t t = start; t < end; ++t) {
+    const int64_t k = perm == nullptr ? t : perm[t];
+    const uint16_t* a_blk = a + idx[t] * BS;
+    const uint16_t* v_blk = values + k * (BS * BS);
+    for (int e = tid; e < TM * BS; e += kBsrThreads) {
+      const int r = e / BS, q = e % BS;
+      const int64_t m = m0 + r;
+      as[r][q] = m < M ? a_blk[m * a_stride + q] : uint16_t(0);  // bits 0 = +0.0
+    }
+    for (int e = tid; e < BS * BS; e += kBsrThreads) bsm[e / BS][e % BS] = v_blk[e];
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BS; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> fb;
+      wmma::load_matrix_sync(fa, reinterpret_cast<const __nv_bfloat16*>(&as[fm * 16][kk]), LDS);
+      // B[q][j]: fwd, col_major over values[k][j][q] (element (q, j) at bsm[j][q]); bwd_input, row_major
+      const uint16_t* b_ptr = kTransW ? &bsm[fn * 16][kk] : &bsm[kk][fn * 16];
+      wmma::load_matrix_sync(fb, reinterpret_cast<const __nv_bfloat16*>(b_ptr), LDS);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(&cs[fm * 16][fn * 16], acc, LDC, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < TM * BS; e += kBsrThreads) {
+    const int r = e / BS, j = e % BS;
+    const int64_t m = m0 + r, n = p * BS + j;
+    if (m < M) {
+      const float b = bias == nullptr ? 0.0f : static_cast<float>(bias[n]);
+      out[m * out_stride + n] = c10::BFloat16(cs[r][j] + b);
+    }
+  }
+#endif
+}
+
 // Every instantiation the host code launches (see the build-time note at the top).
 #define LOTUS_BSR_INST_BS(T, BS)                                                                                   \
   template __global__ void block_row_product_kernel<T, BS, true>(const T*, const T*, const int64_t*, const int64_t*, \
@@ -201,6 +272,18 @@ __global__ void __launch_bounds__(kBsrThreads)
 LOTUS_BSR_INST(float)
 LOTUS_BSR_INST(double)
 LOTUS_BSR_INST(c10::BFloat16)
+#define LOTUS_BSR_WMMA_INST(BS, TRANS)                                                                         \
+  template __global__ void block_row_product_wmma_kernel<BS, TRANS>(const uint16_t*, const uint16_t*,          \
+                                                                    const int64_t*, const int64_t*,            \
+                                                                    const int64_t*, const c10::BFloat16*,      \
+                                                                    c10::BFloat16*, int64_t, int64_t, int64_t);
+LOTUS_BSR_WMMA_INST(16, true)
+LOTUS_BSR_WMMA_INST(16, false)
+LOTUS_BSR_WMMA_INST(32, true)
+LOTUS_BSR_WMMA_INST(32, false)
+LOTUS_BSR_WMMA_INST(64, true)
+LOTUS_BSR_WMMA_INST(64, false)
+#undef LOTUS_BSR_WMMA_INST
 #undef LOTUS_BSR_INST
 #undef LOTUS_BSR_INST_BS
 
@@ -244,6 +327,12 @@ void dispatch_bs(int64_t bs, F&& f) {
   }
 }
 
+int compute_capability_major(const at::Tensor& t) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  return major;
+}
+
 // fwd (kTransW, ptr = crow, idx = col, perm = null) and bwd_input (ptr = ccol, idx = row, perm).
 template <bool kTransW>
 void launch_block_row_product(const char* op, const at::Tensor& a, const at::Tensor& values, const at::Tensor& ptr,
@@ -252,6 +341,23 @@ void launch_block_row_product(const char* op, const at::Tensor& a, const at::Ten
   const int64_t M = a.size(0), slots = ptr.size(0) - 1;
   TORCH_CHECK(slots <= 65535, op, ": too many block ", kTransW ? "rows" : "columns", " (", slots, ")");
   const auto stream = at::cuda::getCurrentCUDAStream();
+  if (a.scalar_type() == at::kBFloat16 && compute_capability_major(a) >= 8) {  // tensor cores
+    dispatch_bs(bs, [&](auto bs_c) {
+      constexpr int BS = decltype(bs_c)::value;
+      constexpr int TM = 2048 / BS;
+      const int64_t tiles = ceil_div(M, TM);
+      TORCH_CHECK(tiles <= INT32_MAX, op, ": too many rows (", M, ")");
+      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
+      block_row_product_wmma_kernel<BS, kTransW><<<grid, kBsrThreads, 0, stream>>>(
+          static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<const uint16_t*>(values.const_data_ptr()),
+          ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(),
+          perm == nullptr ? nullptr : perm->const_data_ptr<int64_t>(),
+          bias == nullptr ? nullptr : bias->const_data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), M,
+          a.size(1), out.size(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "bsr_block_row_product_cuda", [&] {
     dispatch_bs(bs, [&](auto bs_c) {
       constexpr int BS = decltype(bs_c)::value;

@@ -21,6 +21,7 @@ std::barrier<>* emu_barrier = nullptr;
 #define __global__
 #define __shared__ static
 #define __launch_bounds__(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __CUDA_ARCH__ 900
 #include KERNEL_SOURCE
 #undef __CUDA_ARCH__
@@ -66,8 +67,23 @@ void wgrad(const void* dy, const void* x, const int64_t* crow, const int64_t* co
   });
 }
 
+// bf16 fwd / bwd_input on sm80+: the WMMA kernel, with its own row tile.
+template <int BS, bool kTrans>
+void product_wmma(const void* a, const void* v, const int64_t* ptr, const int64_t* idx, const int64_t* perm,
+                  const void* bias, void* out, int64_t M, int64_t a_stride, int64_t out_stride, int64_t slots) {
+  constexpr int TM = 2048 / BS;
+  const unsigned tiles = static_cast<unsigned>((M + TM - 1) / TM);
+  run_grid(tiles, static_cast<unsigned>(slots), [&] {
+    block_row_product_wmma_kernel<BS, kTrans>(static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(v), ptr,
+                                              idx, perm, static_cast<const c10::BFloat16*>(bias),
+                                              static_cast<c10::BFloat16*>(out), M, a_stride, out_stride);
+  });
+}
+
+struct Wmma {};  // tag: bf16 through the WMMA kernel
+
 template <typename F>
-void by_type_bs(int dtype, int bs, F&& f) {  // dtype 0 float, 1 double, 2 bf16
+void by_type_bs(int dtype, int bs, F&& f) {  // dtype 0 float, 1 double, 2 bf16 (WMMA where it applies), 3 bf16 FMA
   auto with_t = [&](auto t) {
     using T = decltype(t);
     if (bs == 16) f(T{}, std::integral_constant<int, 16>{});
@@ -76,6 +92,7 @@ void by_type_bs(int dtype, int bs, F&& f) {  // dtype 0 float, 1 double, 2 bf16
   };
   if (dtype == 0) with_t(float{});
   else if (dtype == 1) with_t(double{});
+  else if (dtype == 2) with_t(Wmma{});
   else with_t(c10::BFloat16{});
 }
 }  // namespace
@@ -85,21 +102,28 @@ void emu_fwd(int dtype, int bs, const void* x, const void* values, const int64_t
              const void* bias, void* out, int64_t M, int64_t in, int64_t out_f) {
   if (M == 0) return;  // the host code returns on out.numel() == 0
   by_type_bs(dtype, bs, [&](auto t, auto b) {
-    product<decltype(t), decltype(b)::value, true>(x, values, crow, col, nullptr, bias, out, M, in, out_f, out_f / bs);
+    if constexpr (std::is_same_v<decltype(t), Wmma>)
+      product_wmma<decltype(b)::value, true>(x, values, crow, col, nullptr, bias, out, M, in, out_f, out_f / bs);
+    else
+      product<decltype(t), decltype(b)::value, true>(x, values, crow, col, nullptr, bias, out, M, in, out_f, out_f / bs);
   });
 }
 void emu_bwd_input(int dtype, int bs, const void* dy, const void* values, const int64_t* ccol, const int64_t* row,
                    const int64_t* perm, void* dx, int64_t M, int64_t in, int64_t out_f) {
   if (M == 0) return;
   by_type_bs(dtype, bs, [&](auto t, auto b) {
-    product<decltype(t), decltype(b)::value, false>(dy, values, ccol, row, perm, nullptr, dx, M, out_f, in, in / bs);
+    if constexpr (std::is_same_v<decltype(t), Wmma>)
+      product_wmma<decltype(b)::value, false>(dy, values, ccol, row, perm, nullptr, dx, M, out_f, in, in / bs);
+    else
+      product<decltype(t), decltype(b)::value, false>(dy, values, ccol, row, perm, nullptr, dx, M, out_f, in, in / bs);
   });
 }
 void emu_bwd_weight(int dtype, int bs, const void* dy, const void* x, const int64_t* crow, const int64_t* col, void* dv,
                     int64_t M, int64_t in, int64_t out_f, int64_t nnzb) {
   if (nnzb == 0) return;
   by_type_bs(dtype, bs, [&](auto t, auto b) {
-    wgrad<decltype(t), decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs, nnzb);
+    using T = std::conditional_t<std::is_same_v<decltype(t), Wmma>, c10::BFloat16, decltype(t)>;
+    wgrad<T, decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs, nnzb);
   });
 }
 }

@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = [pytest.mark.skipif(CXX is None, reason="no C++ compiler to build the emulation harness"),
               pytest.mark.slow]  # ~20 s: builds the harness, one OS thread per emulated CUDA thread
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+# harness dtype codes: bf16 "wmma" is what sm80+ runs for fwd / bwd_input (tensor cores), "fma" the
+# plain kernel (bf16 below sm80, and every bf16 bwd_weight)
+DTYPE_CODE = {"fp32": 0, "fp64": 1, "bf16-wmma": 2, "bf16-fma": 3}
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16-wmma": torch.bfloat16, "bf16-fma": torch.bfloat16}
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +28,11 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("bsr_emu") / "libbsr_emu.so"
     src = ROOT / "csrc" / "cuda" / "block_sparse_linear.cu"
     cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w",
+           f"-I{Path(__file__).parent / 'include'}",  # stand-ins for <mma.h> and <cuda_bf16.h>
            f"-I{Path(torch.__file__).parent / 'include'}", f'-DKERNEL_SOURCE="{src}"',
            str(Path(__file__).parent / "bsr_harness.cpp"), "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"building the emulation harness failed:\n{done.stderr[-4000:]}"
     return ctypes.CDLL(str(out))
 
 
@@ -35,7 +40,8 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None and t.numel() else ctypes.c_void_p(0)
 
 
-def run(lib, M, out_f, in_f, bs, dtype, kind, with_bias=True):
+def run(lib, M, out_f, in_f, bs, variant, kind, with_bias=True):
+    dtype = DTYPES[variant]
     gen = torch.Generator().manual_seed(M * 7 + out_f + in_f + bs)
     mask = block_mask(out_f // bs, in_f // bs, kind, gen)
     weight = torch.randn(out_f, in_f, generator=gen).to(dtype)
@@ -45,7 +51,7 @@ def run(lib, M, out_f, in_f, bs, dtype, kind, with_bias=True):
     bias = torch.randn(out_f, generator=gen).to(dtype) if with_bias else None
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
     out, dx, dv = nan(M, out_f), nan(M, in_f), nan(*values.shape)
-    code, i64 = DTYPE_CODE[dtype], ctypes.c_int64
+    code, i64 = DTYPE_CODE[variant], ctypes.c_int64
     lib.emu_fwd(code, bs, ptr(x), ptr(values), ptr(crow), ptr(col), ptr(bias), ptr(out), i64(M), i64(in_f), i64(out_f))
     lib.emu_bwd_input(code, bs, ptr(dy), ptr(values), ptr(ccol), ptr(row), ptr(perm), ptr(dx), i64(M), i64(in_f),
                       i64(out_f))
@@ -68,12 +74,13 @@ SHAPES = [(1, 32, 64, 16), (129, 96, 48, 16), (65, 64, 96, 32), (33, 128, 64, 64
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["random", "empty", "full"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_emulated_cuda_kernels_match_dense_reference(lib, shape, kind, dtype):
-    if dtype != torch.float32 and kind != "random":
-        pytest.skip("covered by fp32")
-    run(lib, *shape, dtype, kind)
+@pytest.mark.parametrize("variant", list(DTYPE_CODE))
+def test_emulated_cuda_kernels_match_dense_reference(lib, shape, kind, variant):
+    if variant not in ("fp32", "bf16-wmma") and kind != "random":
+        pytest.skip("covered by fp32 and bf16-wmma")
+    run(lib, *shape, variant, kind)
 
 
 def test_emulated_forward_without_bias(lib):
-    run(lib, 7, 64, 32, 16, torch.float32, "random", with_bias=False)
+    run(lib, 7, 64, 32, 16, "fp32", "random", with_bias=False)
+    run(lib, 7, 64, 32, 16, "bf16-wmma", "random", with_bias=False)
