@@ -14,7 +14,8 @@
 // written), so there are no atomics, the results are deterministic and a poisoned output is overwritten.
 // fwd / bwd_input: bf16 on tensor cores (WMMA, sm80+, fp32 accumulation); fp32 and fp64 (and bf16
 // below sm80) on plain shared-memory tiles with FMA in the accumulation type (fp32 / fp64): fp32 is
-// not given TF32 here, so fp32 results match a full-precision reference. bwd_weight: FMA for all.
+// not given TF32 here, so fp32 results match a full-precision reference. bwd_weight likewise: WMMA
+// for bf16 on sm80+, FMA otherwise.
 //
 // Build time: as in token_gather.cu, the device passes (__CUDA_ARCH__ defined) see only the kernels and
 // the small c10 scalar headers; the explicit instantiations (outside the guard) list every kernel the
@@ -258,6 +259,92 @@ __global__ void __launch_bounds__(kBsrThreads)
 #endif
 }
 
+// ---------------------------------------------------------------- bwd_weight, bf16 on tensor cores
+// CTA k owns dvalues[k] = G^T X (G = dy's block-row columns, X = x's block-column columns, both
+// [M, BS]) as F = (BS/16)^2 fragments of 16 x 16. With fewer fragments than the 8 warps (BS = 16:
+// 1, BS = 32: 4), the warps also split each staged chunk of TK rows of M S ways (S = 8, 2, 1 for
+// BS = 16, 32, 64), and the S partial tiles are summed in a fixed order at the end: deterministic.
+// A = G^T is read col_major from the row-major staged G; B = X row_major.
+template <int BS>
+__global__ void __launch_bounds__(kBsrThreads)
+    bsr_weight_grad_wmma_kernel(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ x,
+                                const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
+                                c10::BFloat16* __restrict__ dvalues, int64_t M, int64_t in_features,
+                                int64_t out_features, int64_t R) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this only on sm80+
+#else
+  namespace wmma = nvcuda::wmma;
+  constexpr int kWarps = kBsrThreads / 32, NF = BS / 16, F = NF * NF;
+  constexpr int S = F >= kWarps ? 1 : kWarps / F;  // ways M is split
+  constexpr int WPS = kWarps / S;                 // warps per split
+  constexpr int FPW = F / WPS;                    // fragments per warp
+  constexpr int TK = 16 * S > 64 ? 16 * S : 64;   // rows of M staged at once
+  constexpr int ROWS = TK / S;                    // rows of a chunk per split
+  constexpr int LDS = BS + 8, LDC = BS + 4;
+  static_assert(F % WPS == 0 && ROWS % 16 == 0, "fragments and rows divide evenly");
+  __shared__ __align__(32) uint16_t gs[TK][LDS];
+  __shared__ __align__(32) uint16_t xs[TK][LDS];
+  __shared__ __align__(32) float red[S][BS][LDC];
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int split = warp / WPS, first = warp % WPS;
+  const int64_t k = blockIdx.x;
+  int64_t lo = 0, hi = R - 1;  // block row of k, as in bsr_weight_grad_kernel
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (crow[mid] <= k) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const uint16_t* g_blk = dy + lo * BS;
+  const uint16_t* x_blk = x + col[k] * BS;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FPW];
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  for (int64_t m0 = 0; m0 < M; m0 += TK) {
+    for (int e = tid; e < TK * BS; e += kBsrThreads) {
+      const int r = e / BS, q = e % BS;
+      const int64_t m = m0 + r;
+      const bool in = m < M;
+      gs[r][q] = in ? g_blk[m * out_features + q] : uint16_t(0);
+      xs[r][q] = in ? x_blk[m * in_features + q] : uint16_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = split * ROWS; kk < (split + 1) * ROWS; kk += 16) {
+#pragma unroll
+      for (int f = 0; f < FPW; ++f) {
+        const int fi = (first + f * WPS) / NF, fj = (first + f * WPS) % NF;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;  // G^T
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;  // X
+        wmma::load_matrix_sync(fa, reinterpret_cast<const __nv_bfloat16*>(&gs[kk][fi * 16]), LDS);
+        wmma::load_matrix_sync(fb, reinterpret_cast<const __nv_bfloat16*>(&xs[kk][fj * 16]), LDS);
+        wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) {
+    const int fi = (first + f * WPS) / NF, fj = (first + f * WPS) % NF;
+    wmma::store_matrix_sync(&red[split][fi * 16][fj * 16], acc[f], LDC, wmma::mem_row_major);
+  }
+  __syncthreads();
+  c10::BFloat16* dst = dvalues + k * (BS * BS);
+  for (int e = tid; e < BS * BS; e += kBsrThreads) {
+    const int i = e / BS, j = e % BS;
+    float v = 0.0f;
+#pragma unroll
+    for (int s2 = 0; s2 < S; ++s2) v += red[s2][i][j];
+    dst[e] = c10::BFloat16(v);
+  }
+#endif
+}
+
 // Every instantiation the host code launches (see the build-time note at the top).
 #define LOTUS_BSR_INST_BS(T, BS)                                                                                   \
   template __global__ void block_row_product_kernel<T, BS, true>(const T*, const T*, const int64_t*, const int64_t*, \
@@ -284,6 +371,14 @@ LOTUS_BSR_WMMA_INST(32, false)
 LOTUS_BSR_WMMA_INST(64, true)
 LOTUS_BSR_WMMA_INST(64, false)
 #undef LOTUS_BSR_WMMA_INST
+#define LOTUS_BSR_WGRAD_WMMA_INST(BS)                                                                         \
+  template __global__ void bsr_weight_grad_wmma_kernel<BS>(const uint16_t*, const uint16_t*, const int64_t*,   \
+                                                           const int64_t*, c10::BFloat16*, int64_t, int64_t,    \
+                                                           int64_t, int64_t);
+LOTUS_BSR_WGRAD_WMMA_INST(16)
+LOTUS_BSR_WGRAD_WMMA_INST(32)
+LOTUS_BSR_WGRAD_WMMA_INST(64)
+#undef LOTUS_BSR_WGRAD_WMMA_INST
 #undef LOTUS_BSR_INST
 #undef LOTUS_BSR_INST_BS
 
@@ -428,6 +523,17 @@ void bsr_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor& x, const
   TORCH_CHECK(nnzb <= INT32_MAX, op, ": too many blocks (", nnzb, ")");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kBFloat16 && compute_capability_major(x) >= 8) {  // tensor cores
+    dispatch_bs(bs, [&](auto bs_c) {
+      constexpr int BS = decltype(bs_c)::value;
+      bsr_weight_grad_wmma_kernel<BS><<<static_cast<unsigned>(nnzb), kBsrThreads, 0, stream>>>(
+          static_cast<const uint16_t*>(dy.const_data_ptr()), static_cast<const uint16_t*>(x.const_data_ptr()),
+          crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), dvalues.data_ptr<c10::BFloat16>(),
+          x.size(0), x.size(1), dy.size(1), R);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bsr_linear_bwd_weight_cuda", [&] {
     dispatch_bs(bs, [&](auto bs_c) {
       constexpr int BS = decltype(bs_c)::value;

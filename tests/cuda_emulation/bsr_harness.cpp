@@ -82,6 +82,15 @@ void product_wmma(const void* a, const void* v, const int64_t* ptr, const int64_
 
 struct Wmma {};  // tag: bf16 through the WMMA kernel
 
+template <int BS>
+void wgrad_wmma(const void* dy, const void* x, const int64_t* crow, const int64_t* col, void* dv, int64_t M,
+                int64_t in, int64_t out, int64_t R, int64_t nnzb) {
+  run_grid(static_cast<unsigned>(nnzb), 1, [&] {
+    bsr_weight_grad_wmma_kernel<BS>(static_cast<const uint16_t*>(dy), static_cast<const uint16_t*>(x), crow, col,
+                                    static_cast<c10::BFloat16*>(dv), M, in, out, R);
+  });
+}
+
 template <typename F>
 void by_type_bs(int dtype, int bs, F&& f) {  // dtype 0 float, 1 double, 2 bf16 (WMMA where it applies), 3 bf16 FMA
   auto with_t = [&](auto t) {
@@ -122,8 +131,10 @@ void emu_bwd_weight(int dtype, int bs, const void* dy, const void* x, const int6
                     int64_t M, int64_t in, int64_t out_f, int64_t nnzb) {
   if (nnzb == 0) return;
   by_type_bs(dtype, bs, [&](auto t, auto b) {
-    using T = std::conditional_t<std::is_same_v<decltype(t), Wmma>, c10::BFloat16, decltype(t)>;
-    wgrad<T, decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs, nnzb);
+    if constexpr (std::is_same_v<decltype(t), Wmma>)
+      wgrad_wmma<decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs, nnzb);
+    else
+      wgrad<decltype(t), decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs, nnzb);
   });
 }
 }

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = [pytest.mark.skipif(CXX is None, reason="no C++ compiler to build the emulation harness"),
               pytest.mark.slow]  # ~20 s: builds the harness, one OS thread per emulated CUDA thread
-# harness dtype codes: bf16 "wmma" is what sm80+ runs for fwd / bwd_input (tensor cores), "fma" the
-# plain kernel (bf16 below sm80, and every bf16 bwd_weight)
+# harness dtype codes: bf16 "wmma" is what sm80+ runs (tensor cores), "fma" the plain kernels (bf16
+# below sm80)
 DTYPE_CODE = {"fp32": 0, "fp64": 1, "bf16-wmma": 2, "bf16-fma": 3}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16-wmma": torch.bfloat16, "bf16-fma": torch.bfloat16}
 
