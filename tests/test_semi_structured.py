@@ -213,3 +213,18 @@ def test_cuda_fp32_falls_back_with_a_warning():
     _, layer = make(in_f=128, out_f=64, dtype=torch.float32, device="cuda")
     with pytest.warns(SemiStructuredFallbackWarning, match="float16 or bfloat16"):
         layer(torch.randn(4, 128, device="cuda"))
+
+
+@pytest.mark.slow  # ~15 s of compilation on the CPU
+def test_torch_compile_matches_eager_on_the_fallback_path():
+    torch._dynamo.reset()
+    _, layer = make(in_f=32, out_f=16)
+    x = torch.randn(4, 32, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SemiStructuredFallbackWarning)
+        got = torch.compile(layer)(x)
+        (gx,) = torch.autograd.grad(got.square().sum(), x)
+        want = layer(x)
+        (wx,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, wx)
