@@ -191,6 +191,25 @@ __global__ void __launch_bounds__(kBsrThreads)
   for (int s = 0; s < OPT; ++s) dst[(i0 + s * kRowStep) * BS + j] = static_cast<T>(acc[s]);
 }
 
+// ---------------------------------------------------------------- bf16 tile staging (WMMA kernels)
+// Copies rows [m0, m0 + ROWS) x BS raw bf16 of a row-major matrix (src = its column 0 of the tile,
+// `stride` elements per row) into dst[ROWS][LDS], zero bits (+0.0) for rows >= M. kVec: 16-byte
+// words (8 elements), which the host picks when both base pointers are 16-byte aligned: row strides
+// and tile offsets are multiples of bs >= 16 elements, and LDS * 2 bytes is a multiple of 16.
+template <int ROWS, int BS, int LDS, bool kVec>
+__device__ __forceinline__ void stage_rows(uint16_t (*dst)[LDS], const uint16_t* src, int64_t stride, int64_t m0,
+                                           int64_t M, int tid) {
+  constexpr int V = kVec ? 8 : 1;
+  using W = typename std::conditional<kVec, uint4, uint16_t>::type;
+  for (int e = tid; e < ROWS * (BS / V); e += kBsrThreads) {
+    const int r = e / (BS / V), qv = e % (BS / V);
+    const int64_t m = m0 + r;
+    W w{};
+    if (m < M) w = reinterpret_cast<const W*>(src + m * stride)[qv];
+    reinterpret_cast<W*>(&dst[r][0])[qv] = w;
+  }
+}
+
 // ---------------------------------------------------------------- fwd / bwd_input, bf16 on tensor cores
 // The same product for bf16 with WMMA (sm80+: m16n16k16, bf16 in, fp32 accumulate): the CTA's output
 // tile TM x BS (TM = 2048 / BS, as in the FMA kernel) is 8 fragments of 16 x 16, one per warp. Shared
@@ -198,7 +217,7 @@ __global__ void __launch_bounds__(kBsrThreads)
 // fwd (W^T) and row_major for bwd_input (W). Rows padded by 8 elements (16 B): WMMA needs ldm % 8 == 0
 // and 32-byte aligned fragment pointers, which 16-row steps of (BS + 8) * 2 bytes keep. The fp32 tile
 // goes through shared memory for the epilogue (bias, rounding, rows past M).
-template <int BS, bool kTransW>
+template <int BS, bool kTransW, bool kVec>
 __global__ void __launch_bounds__(kBsrThreads)
     block_row_product_wmma_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ values,
                                   const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx,
@@ -227,12 +246,8 @@ __global__ void __launch_bounds__(kBsrThreads)
     const int64_t k = perm == nullptr ? t : perm[t];
     const uint16_t* a_blk = a + idx[t] * BS;
     const uint16_t* v_blk = values + k * (BS * BS);
-    for (int e = tid; e < TM * BS; e += kBsrThreads) {
-      const int r = e / BS, q = e % BS;
-      const int64_t m = m0 + r;
-      as[r][q] = m < M ? a_blk[m * a_stride + q] : uint16_t(0);  // bits 0 = +0.0
-    }
-    for (int e = tid; e < BS * BS; e += kBsrThreads) bsm[e / BS][e % BS] = v_blk[e];
+    stage_rows<TM, BS, LDS, kVec>(as, a_blk, a_stride, m0, M, tid);
+    stage_rows<BS, BS, LDS, kVec>(bsm, v_blk, BS, 0, BS, tid);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BS; kk += 16) {
@@ -265,7 +280,7 @@ __global__ void __launch_bounds__(kBsrThreads)
 // 1, BS = 32: 4), the warps also split each staged chunk of TK rows of M S ways (S = 8, 2, 1 for
 // BS = 16, 32, 64), and the S partial tiles are summed in a fixed order at the end: deterministic.
 // A = G^T is read col_major from the row-major staged G; B = X row_major.
-template <int BS>
+template <int BS, bool kVec>
 __global__ void __launch_bounds__(kBsrThreads)
     bsr_weight_grad_wmma_kernel(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ x,
                                 const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
@@ -306,13 +321,8 @@ __global__ void __launch_bounds__(kBsrThreads)
 #pragma unroll
   for (int f = 0; f < FPW; ++f) wmma::fill_fragment(acc[f], 0.0f);
   for (int64_t m0 = 0; m0 < M; m0 += TK) {
-    for (int e = tid; e < TK * BS; e += kBsrThreads) {
-      const int r = e / BS, q = e % BS;
-      const int64_t m = m0 + r;
-      const bool in = m < M;
-      gs[r][q] = in ? g_blk[m * out_features + q] : uint16_t(0);
-      xs[r][q] = in ? x_blk[m * in_features + q] : uint16_t(0);
-    }
+    stage_rows<TK, BS, LDS, kVec>(gs, g_blk, out_features, m0, M, tid);
+    stage_rows<TK, BS, LDS, kVec>(xs, x_blk, in_features, m0, M, tid);
     __syncthreads();
 #pragma unroll
     for (int kk = split * ROWS; kk < (split + 1) * ROWS; kk += 16) {
@@ -359,26 +369,24 @@ __global__ void __launch_bounds__(kBsrThreads)
 LOTUS_BSR_INST(float)
 LOTUS_BSR_INST(double)
 LOTUS_BSR_INST(c10::BFloat16)
-#define LOTUS_BSR_WMMA_INST(BS, TRANS)                                                                         \
-  template __global__ void block_row_product_wmma_kernel<BS, TRANS>(const uint16_t*, const uint16_t*,          \
-                                                                    const int64_t*, const int64_t*,            \
-                                                                    const int64_t*, const c10::BFloat16*,      \
-                                                                    c10::BFloat16*, int64_t, int64_t, int64_t);
-LOTUS_BSR_WMMA_INST(16, true)
-LOTUS_BSR_WMMA_INST(16, false)
-LOTUS_BSR_WMMA_INST(32, true)
-LOTUS_BSR_WMMA_INST(32, false)
-LOTUS_BSR_WMMA_INST(64, true)
-LOTUS_BSR_WMMA_INST(64, false)
-#undef LOTUS_BSR_WMMA_INST
-#define LOTUS_BSR_WGRAD_WMMA_INST(BS)                                                                         \
-  template __global__ void bsr_weight_grad_wmma_kernel<BS>(const uint16_t*, const uint16_t*, const int64_t*,   \
-                                                           const int64_t*, c10::BFloat16*, int64_t, int64_t,    \
-                                                           int64_t, int64_t);
-LOTUS_BSR_WGRAD_WMMA_INST(16)
-LOTUS_BSR_WGRAD_WMMA_INST(32)
-LOTUS_BSR_WGRAD_WMMA_INST(64)
+#define LOTUS_BSR_WMMA_INST(BS, TRANS, VEC)                                                                    \
+  template __global__ void block_row_product_wmma_kernel<BS, TRANS, VEC>(const uint16_t*, const uint16_t*,     \
+                                                                         const int64_t*, const int64_t*,       \
+                                                                         const int64_t*, const c10::BFloat16*, \
+                                                                         c10::BFloat16*, int64_t, int64_t, int64_t);
+#define LOTUS_BSR_WGRAD_WMMA_INST(BS, VEC)                                                                    \
+  template __global__ void bsr_weight_grad_wmma_kernel<BS, VEC>(const uint16_t*, const uint16_t*, const int64_t*, \
+                                                                const int64_t*, c10::BFloat16*, int64_t, int64_t, \
+                                                                int64_t, int64_t);
+#define LOTUS_BSR_WMMA_INST_BS(BS)                                                                            \
+  LOTUS_BSR_WMMA_INST(BS, true, true) LOTUS_BSR_WMMA_INST(BS, true, false) LOTUS_BSR_WMMA_INST(BS, false, true) \
+  LOTUS_BSR_WMMA_INST(BS, false, false) LOTUS_BSR_WGRAD_WMMA_INST(BS, true) LOTUS_BSR_WGRAD_WMMA_INST(BS, false)
+LOTUS_BSR_WMMA_INST_BS(16)
+LOTUS_BSR_WMMA_INST_BS(32)
+LOTUS_BSR_WMMA_INST_BS(64)
+#undef LOTUS_BSR_WMMA_INST_BS
 #undef LOTUS_BSR_WGRAD_WMMA_INST
+#undef LOTUS_BSR_WMMA_INST
 #undef LOTUS_BSR_INST
 #undef LOTUS_BSR_INST_BS
 
@@ -388,6 +396,7 @@ LOTUS_BSR_WGRAD_WMMA_INST(64)
 namespace {
 
 using lotus::ceil_div;
+using lotus::word_bytes;
 
 void check_cuda(const char* op, std::initializer_list<const at::Tensor*> ts) {
   const at::Tensor& first = **ts.begin();
@@ -443,13 +452,20 @@ void launch_block_row_product(const char* op, const at::Tensor& a, const at::Ten
       const int64_t tiles = ceil_div(M, TM);
       TORCH_CHECK(tiles <= INT32_MAX, op, ": too many rows (", M, ")");
       const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
-      block_row_product_wmma_kernel<BS, kTransW><<<grid, kBsrThreads, 0, stream>>>(
-          static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<const uint16_t*>(values.const_data_ptr()),
-          ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(),
-          perm == nullptr ? nullptr : perm->const_data_ptr<int64_t>(),
-          bias == nullptr ? nullptr : bias->const_data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), M,
-          a.size(1), out.size(1));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto vec) {
+        block_row_product_wmma_kernel<BS, kTransW, decltype(vec)::value><<<grid, kBsrThreads, 0, stream>>>(
+            static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<const uint16_t*>(values.const_data_ptr()),
+            ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(),
+            perm == nullptr ? nullptr : perm->const_data_ptr<int64_t>(),
+            bias == nullptr ? nullptr : bias->const_data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), M,
+            a.size(1), out.size(1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (word_bytes({}, {a.const_data_ptr(), values.const_data_ptr()}) == 16) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
     });
     return;
   }
@@ -526,11 +542,18 @@ void bsr_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor& x, const
   if (x.scalar_type() == at::kBFloat16 && compute_capability_major(x) >= 8) {  // tensor cores
     dispatch_bs(bs, [&](auto bs_c) {
       constexpr int BS = decltype(bs_c)::value;
-      bsr_weight_grad_wmma_kernel<BS><<<static_cast<unsigned>(nnzb), kBsrThreads, 0, stream>>>(
-          static_cast<const uint16_t*>(dy.const_data_ptr()), static_cast<const uint16_t*>(x.const_data_ptr()),
-          crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), dvalues.data_ptr<c10::BFloat16>(),
-          x.size(0), x.size(1), dy.size(1), R);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto vec) {
+        bsr_weight_grad_wmma_kernel<BS, decltype(vec)::value><<<static_cast<unsigned>(nnzb), kBsrThreads, 0, stream>>>(
+            static_cast<const uint16_t*>(dy.const_data_ptr()), static_cast<const uint16_t*>(x.const_data_ptr()),
+            crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), dvalues.data_ptr<c10::BFloat16>(),
+            x.size(0), x.size(1), dy.size(1), R);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (word_bytes({}, {dy.const_data_ptr(), x.const_data_ptr()}) == 16) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
     });
     return;
   }

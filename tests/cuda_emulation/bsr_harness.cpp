@@ -22,6 +22,12 @@ std::barrier<>* emu_barrier = nullptr;
 #define __shared__ static
 #define __launch_bounds__(n)
 #define __align__(n) __attribute__((aligned(n)))
+#define __device__
+#define __forceinline__ inline
+struct uint4 {
+  unsigned x, y, z, w;
+};
+bool emu_vec = true;  // which staging variant the WMMA kernels use (the host picks by alignment)
 #define __CUDA_ARCH__ 900
 #include KERNEL_SOURCE
 #undef __CUDA_ARCH__
@@ -74,9 +80,9 @@ void product_wmma(const void* a, const void* v, const int64_t* ptr, const int64_
   constexpr int TM = 2048 / BS;
   const unsigned tiles = static_cast<unsigned>((M + TM - 1) / TM);
   run_grid(tiles, static_cast<unsigned>(slots), [&] {
-    block_row_product_wmma_kernel<BS, kTrans>(static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(v), ptr,
-                                              idx, perm, static_cast<const c10::BFloat16*>(bias),
-                                              static_cast<c10::BFloat16*>(out), M, a_stride, out_stride);
+    auto k = emu_vec ? block_row_product_wmma_kernel<BS, kTrans, true> : block_row_product_wmma_kernel<BS, kTrans, false>;
+    k(static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(v), ptr, idx, perm,
+      static_cast<const c10::BFloat16*>(bias), static_cast<c10::BFloat16*>(out), M, a_stride, out_stride);
   });
 }
 
@@ -86,8 +92,9 @@ template <int BS>
 void wgrad_wmma(const void* dy, const void* x, const int64_t* crow, const int64_t* col, void* dv, int64_t M,
                 int64_t in, int64_t out, int64_t R, int64_t nnzb) {
   run_grid(static_cast<unsigned>(nnzb), 1, [&] {
-    bsr_weight_grad_wmma_kernel<BS>(static_cast<const uint16_t*>(dy), static_cast<const uint16_t*>(x), crow, col,
-                                    static_cast<c10::BFloat16*>(dv), M, in, out, R);
+    auto k = emu_vec ? bsr_weight_grad_wmma_kernel<BS, true> : bsr_weight_grad_wmma_kernel<BS, false>;
+    k(static_cast<const uint16_t*>(dy), static_cast<const uint16_t*>(x), crow, col, static_cast<c10::BFloat16*>(dv), M,
+      in, out, R);
   });
 }
 
@@ -107,6 +114,7 @@ void by_type_bs(int dtype, int bs, F&& f) {  // dtype 0 float, 1 double, 2 bf16 
 }  // namespace
 
 extern "C" {
+void emu_set_vec(int on) { emu_vec = on != 0; }
 void emu_fwd(int dtype, int bs, const void* x, const void* values, const int64_t* crow, const int64_t* col,
              const void* bias, void* out, int64_t M, int64_t in, int64_t out_f) {
   if (M == 0) return;  // the host code returns on out.numel() == 0

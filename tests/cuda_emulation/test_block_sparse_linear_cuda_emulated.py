@@ -18,9 +18,11 @@ CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = [pytest.mark.skipif(CXX is None, reason="no C++ compiler to build the emulation harness"),
               pytest.mark.slow]  # ~20 s: builds the harness, one OS thread per emulated CUDA thread
 # harness dtype codes: bf16 "wmma" is what sm80+ runs (tensor cores), "fma" the plain kernels (bf16
-# below sm80)
-DTYPE_CODE = {"fp32": 0, "fp64": 1, "bf16-wmma": 2, "bf16-fma": 3}
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16-wmma": torch.bfloat16, "bf16-fma": torch.bfloat16}
+# below sm80); "wmma-unaligned" is the element-wise tile staging the host picks when a base pointer is
+# not 16-byte aligned
+DTYPE_CODE = {"fp32": 0, "fp64": 1, "bf16-wmma": 2, "bf16-wmma-unaligned": 2, "bf16-fma": 3}
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16-wmma": torch.bfloat16,
+          "bf16-wmma-unaligned": torch.bfloat16, "bf16-fma": torch.bfloat16}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def run(lib, M, out_f, in_f, bs, variant, kind, with_bias=True):
     nan = lambda *s: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
     out, dx, dv = nan(M, out_f), nan(M, in_f), nan(*values.shape)
     code, i64 = DTYPE_CODE[variant], ctypes.c_int64
+    lib.emu_set_vec(0 if variant.endswith("unaligned") else 1)
     lib.emu_fwd(code, bs, ptr(x), ptr(values), ptr(crow), ptr(col), ptr(bias), ptr(out), i64(M), i64(in_f), i64(out_f))
     lib.emu_bwd_input(code, bs, ptr(dy), ptr(values), ptr(ccol), ptr(row), ptr(perm), ptr(dx), i64(M), i64(in_f),
                       i64(out_f))
