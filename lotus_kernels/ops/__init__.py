@@ -2,6 +2,8 @@
 from .attention import attention
 from .masked_linear import masked_linear
 from .patch_embed_gather import im2col_gather, patch_embed_gather
+from .semi_structured_linear import semi_structured_linear
 from .token_gather import gather_tokens, scatter_tokens
 
-__all__ = ["attention", "gather_tokens", "scatter_tokens", "im2col_gather", "patch_embed_gather", "masked_linear"]
+__all__ = ["attention", "gather_tokens", "scatter_tokens", "im2col_gather", "patch_embed_gather", "masked_linear",
+           "semi_structured_linear"]

@@ -24,6 +24,19 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands: full precision unless torch's matmul setting allows TF32 (default: it does not)."""
+    if dtype == torch.float32 and not _interpreted() and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _dot_in_acc_dtype(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot multiplies bf16 operands' raw bits: kernels upcast them to fp32 there
+    (exact: a product of two bf16 values fits in fp32)."""
+    return _interpreted() and dtype == torch.bfloat16
+
+
 def _bf16_by_hand(dtype: torch.dtype) -> bool:
     """The interpreter rounds fp32 -> bf16 toward zero; a GPU rounds to nearest even. Kernels with
     BF16_BY_HAND store through ``_store_bf16_rne`` instead (called only on that branch: under the

@@ -18,15 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _gather_blocks, _interpreted, _pow2,
-                      _scatter_blocks, _store_bf16_rne)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands: full precision unless torch's matmul setting allows TF32 (default: it does not)."""
-    if dtype == torch.float32 and not _interpreted() and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _dot_precision, _gather_blocks, _interpreted,
+                      _pow2, _scatter_blocks, _store_bf16_rne)
 
 
 # Address arithmetic, written out in each kernel (a call to a @triton.jit helper costs

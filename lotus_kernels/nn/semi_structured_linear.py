@@ -1,0 +1,134 @@
+"""``SemiStructuredLinear``: an ``nn.Linear`` with a 2:4 sparse weight (2 of every 4 consecutive
+weights along ``in_features`` kept), trained through PyTorch's semi-structured sparse kernels.
+
+Where those kernels cannot run (CPU, a GPU older than sm80, fp32/fp64, a shape that is not a multiple
+of the kernel's tile), the layer falls back to a dense matmul with the 2:4-masked weight
+(``ops.masked_linear``: same result, same masked gradient, no speed-up) and says so once per layer
+with a ``SemiStructuredFallbackWarning`` naming the requirement it missed; ``strict=True`` raises
+instead. As in ``MaskedLinear``, ``weight`` is kept exactly zero where ``mask`` is False: set on
+construction and on ``load_state_dict``, preserved by training because its gradient is zero there.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from ..ops.masked_linear import masked_linear
+from ..ops.semi_structured_linear import (check_semi_structured_mask, kernel_unsupported, semi_structured_linear,
+                                          semi_structured_mask)
+
+
+class SemiStructuredFallbackWarning(UserWarning):
+    """A ``SemiStructuredLinear`` runs a dense masked matmul because the 2:4 kernels cannot run it."""
+
+
+class SemiStructuredLinear(nn.Module):
+    """``y = x @ weight.T + bias`` with ``weight`` [out, in] 2:4 sparse where the bool buffer ``mask``
+    is True. On construction the mask is the 2:4 magnitude mask of the initial weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 strict: bool = False):
+        super().__init__()
+        if in_features % 4 != 0:
+            raise ValueError(f"in_features={in_features} must be a multiple of 4 for 2:4 sparsity")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.strict = strict
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        self._warned = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, then the 2:4 magnitude mask of it."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            self.mask.copy_(semi_structured_mask(self.weight))
+        self._zero_pruned()
+
+    @torch.no_grad()
+    def _zero_pruned(self) -> None:
+        self.weight.masked_fill_(~self.mask, 0)
+
+    def kernel_unsupported_reason(self) -> str | None:
+        """Why the 2:4 kernels cannot run this layer where it is now, or None if they can."""
+        why = kernel_unsupported(self.weight.device, self.weight.dtype, self.out_features, self.in_features)
+        return None if why is None else why[1]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        why = kernel_unsupported(self.weight.device, self.weight.dtype, self.out_features, self.in_features)
+        if why is None:  # dtype / device mismatches of `input` get semi_structured_linear's own errors
+            return semi_structured_linear(input, self.weight, self.mask, self.bias)
+        exc, msg = why
+        if self.strict:
+            raise exc(f"SemiStructuredLinear(strict=True): {msg}")
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"SemiStructuredLinear: 2:4 sparse kernels need CUDA (sm80+) with fp16/bf16 and "
+                          f"tile-aligned shapes ({msg}); falling back to a dense matmul with the 2:4-masked "
+                          f"weight (lotus_kernels.ops.masked_linear: same result, no speed-up)",
+                          SemiStructuredFallbackWarning, stacklevel=4)  # the caller of module(x)
+        return masked_linear(input, self.weight, self.mask, self.bias)
+
+    @property
+    def density(self) -> float:
+        return float(self.mask.sum()) / max(self.mask.numel(), 1)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *,
+                    strict: bool = False) -> "SemiStructuredLinear":
+        """A copy of ``linear`` pruned 2:4: by ``mask`` (bool [out, in], at most 2 True in every group
+        of 4 along in_features) or, if None, by magnitude (``semi_structured_mask``). ``linear`` is
+        left untouched; device, dtype, ``requires_grad`` and train/eval mode are kept."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        if w.shape[1] % 4 != 0:
+            raise ValueError(f"linear: in_features={w.shape[1]} must be a multiple of 4 for 2:4 sparsity")
+        if mask is None:
+            mask = semi_structured_mask(w)
+        else:
+            check_semi_structured_mask("mask", mask, w.shape, "linear.weight [out_features, in_features]")
+        layer = nn.utils.skip_init(cls, linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                   device=w.device, dtype=w.dtype, strict=strict)
+        layer.mask.copy_(mask)
+        layer.weight.copy_(w)
+        layer.weight.requires_grad_(w.requires_grad)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        layer._zero_pruned()
+        return layer.train(linear.training)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding a copy of the masked weight and the bias."""
+        w = self.weight
+        linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
+                                    device=w.device, dtype=w.dtype)
+        linear.weight.copy_(w.masked_fill(~self.mask, 0))
+        linear.weight.requires_grad_(w.requires_grad)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.mask.dtype != torch.bool:  # load_state_dict(assign=True) with a non-bool mask
+            self.mask = self.mask.bool()
+        check_semi_structured_mask(f"{prefix}mask", self.mask, self.weight.shape,
+                                   "weight [out_features, in_features]")
+        self._zero_pruned()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}, strict={self.strict}")
