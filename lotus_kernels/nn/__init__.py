@@ -1,4 +1,5 @@
 """Modules built on the lotus ops."""
+from .block_sparse_linear import BlockSparseLinear
 from .masked_linear import MaskedLinear
 
-__all__ = ["MaskedLinear"]
+__all__ = ["MaskedLinear", "BlockSparseLinear"]
