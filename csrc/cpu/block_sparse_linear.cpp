@@ -43,7 +43,7 @@ struct Operands {
   const int64_t* ptr;      // block list per output block column: ptr[o]..ptr[o+1]
   const int64_t* a_blk;    // per list entry: which bs-block of K it reads from A
   const int64_t* b_blk;    // per list entry: which stored block is B (index into b)
-  const float* b;          // B blocks, [nb][bs][bs], row kk = reduction index, column = output
+  const float* b;          // B blocks packed [nb][bs / NR][bs][NR]: row kk = reduction index, NR outputs
   const float* bias;       // [n_out * bs] or null
   int64_t bs;
 };
@@ -57,21 +57,47 @@ bool have_avx2() {
 #endif
 }
 
-// A panels: rows m0..m0+rows of src [*, K] (row stride K) into [ceil(rows/MR)][K][MR], zero-padded.
-void pack_panels(const float* src, int64_t K, int64_t rows, float* dst) {
+// A panels: rows 0..rows of src [*, K] (row stride K) into [ceil(rows/MR)][K][MR], zero-padded.
+// dst needs 2 floats of slack past the last panel (the 8-wide stores below overrun by 2).
+#ifdef LOTUS_X86
+__attribute__((target("avx2,fma"))) void pack_panels(const float* src, int64_t K, int64_t rows, float* dst) {
   for (int64_t p = 0; p * MR < rows; ++p) {
     const int64_t mv = std::min(MR, rows - p * MR);
     float* d = dst + p * K * MR;
     const float* s = src + p * MR * K;
+    int64_t k = 0;
     if (mv == MR) {
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t m = 0; m < MR; ++m) d[k * MR + m] = s[m * K + k];
-    } else {
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t m = 0; m < MR; ++m) d[k * MR + m] = m < mv ? s[m * K + k] : 0.f;
+      // 8 columns at a time: a 6(+2 zero)x8 transpose in registers, each column stored 8 wide at
+      // d + k * 6 (the next store overwrites the 2 extra floats). The scalar loop took ~4 cycles
+      // per float.
+      const __m256 z = _mm256_setzero_ps();
+      for (; k + 8 <= K; k += 8) {
+        const __m256 r0 = _mm256_loadu_ps(s + k), r1 = _mm256_loadu_ps(s + K + k), r2 = _mm256_loadu_ps(s + 2 * K + k),
+                     r3 = _mm256_loadu_ps(s + 3 * K + k), r4 = _mm256_loadu_ps(s + 4 * K + k),
+                     r5 = _mm256_loadu_ps(s + 5 * K + k);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, z, 0x44), u5 = _mm256_shuffle_ps(t4, z, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, z, 0x44), u7 = _mm256_shuffle_ps(t5, z, 0xEE);
+        float* o = d + k * MR;
+        _mm256_storeu_ps(o + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(o + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(o + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(o + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(o + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(o + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(o + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(o + 7 * MR, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
     }
+    for (; k < K; ++k)
+      for (int64_t m = 0; m < MR; ++m) d[k * MR + m] = m < mv ? s[m * K + k] : 0.f;
   }
 }
+#endif
 
 #ifdef LOTUS_X86
 // out tile [mv x 16] (row stride ldo) = bias + sum over the list of A panel slice [bs][6] x B slice
@@ -93,8 +119,10 @@ __attribute__((target("avx2,fma"))) void tile_6x16(const Operands& op, const flo
   const int64_t bs = op.bs;
   for (int64_t e = e0; e < e1; ++e) {
     const float* a = apanel + op.a_blk[e] * bs * MR;
-    const float* b = op.b + op.b_blk[e] * bs * bs + h * NR;
-    for (int64_t kk = 0; kk < bs; ++kk, a += MR, b += bs) {
+    // Contiguous 2-4 KiB slivers: with the [bs][bs] rows of a block (128-256 B pitch) a 16-column
+    // slice used only every other L1 set, and the B sliver of a K group thrashed against A.
+    const float* b = op.b + (op.b_blk[e] * (bs / NR) + h) * bs * NR;
+    for (int64_t kk = 0; kk < bs; ++kk, a += MR, b += NR) {
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       __m256 av = _mm256_broadcast_ss(a + 0);
       c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01);
@@ -148,6 +176,17 @@ __attribute__((target("avx2,fma"))) void tile_4x16_t(const float* a, const float
   _mm256_storeu_ps(dv + 2 * bs, c20); _mm256_storeu_ps(dv + 2 * bs + 8, c21);
   _mm256_storeu_ps(dv + 3 * bs, c30); _mm256_storeu_ps(dv + 3 * bs + 8, c31);
 }
+
+// d [rows][n] = rows of s (pitch ld), n a multiple of 16. Explicit vectors: the plain loop (and a
+// memcpy per row) ran at ~4 cycles per float, ~8 ms of packing per ViT-S bwd_weight.
+__attribute__((target("avx2,fma"))) void copy_rows(const float* s, int64_t ld, int64_t rows, int64_t n, float* d) {
+  for (int64_t m = 0; m < rows; ++m, s += ld, d += n)
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m256 a = _mm256_loadu_ps(s + j), b = _mm256_loadu_ps(s + j + 8);
+      _mm256_storeu_ps(d + j, a);
+      _mm256_storeu_ps(d + j + 8, b);
+    }
+}
 #endif
 
 // out [M, n_out * bs] from A [M, K] (fp32, AVX2). M is cut into chunks whose packed panels fit in
@@ -160,7 +199,7 @@ void sparse_panel_gemm(const float* A, int64_t M, Operands op, int64_t n_out, fl
   const int64_t chunks = (M + mc - 1) / mc;
   const int64_t kb = std::max<int64_t>(1, 256 / op.bs);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> panels(static_cast<size_t>(mc * op.K));
+    std::vector<float> panels(static_cast<size_t>(mc * op.K + 8));
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t m0 = ch * mc, rows = std::min(mc, M - m0);
       pack_panels(A + m0 * op.K, op.K, rows, panels.data());
@@ -248,13 +287,15 @@ void bwd_weight_plain(const T* dy, const T* x, int64_t M, int64_t out_f, int64_t
 // ---------------------------------------------------------------- fp32 AVX2 drivers
 void fwd_avx2(const float* x, int64_t M, int64_t in, const float* v, const int64_t* crow, const int64_t* col,
               const float* bias, int64_t R, int64_t bs, int64_t nnzb, float* out) {
-  // B of the forward is W^T per block: wt[k][j][i] = v[k][i][j] (one transpose of the weight per
-  // call, nnzb * bs^2 floats, ~1/(2M) of the FLOPs).
+  // B of the forward is W^T per block, packed: wt[k][h][j][i'] = v[k][h * NR + i'][j] (one pass over
+  // the weight per call, nnzb * bs^2 floats, ~1/(2M) of the FLOPs).
   std::vector<float> wt(static_cast<size_t>(nnzb * bs * bs));
   at::parallel_for(0, nnzb, 16, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k)
-      for (int64_t i = 0; i < bs; ++i)
-        for (int64_t j = 0; j < bs; ++j) wt[(k * bs + j) * bs + i] = v[(k * bs + i) * bs + j];
+      for (int64_t h = 0; h < bs / NR; ++h)
+        for (int64_t j = 0; j < bs; ++j)
+          for (int64_t i = 0; i < NR; ++i)
+            wt[((k * (bs / NR) + h) * bs + j) * NR + i] = v[(k * bs + h * NR + i) * bs + j];
   });
   std::vector<int64_t> kidx(static_cast<size_t>(nnzb));
   for (int64_t k = 0; k < nnzb; ++k) kidx[k] = k;
@@ -279,10 +320,7 @@ void bwd_weight_avx2(const float* dy, const float* x, int64_t M, int64_t out_f, 
         const int64_t blk = is_dy ? t : t - R, ld = is_dy ? out_f : in;
         const float* s = (is_dy ? dy : x) + m0 * ld + blk * bs;
         float* d = (is_dy ? dyp.data() : xp.data()) + blk * WMC * bs;
-        if (!used[t]) continue;
-        // A plain loop: a memcpy call per 64-256-byte row cost ~2 ms per ViT-S layer.
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t j = 0; j < bs; ++j) d[m * bs + j] = s[m * ld + j];
+        if (used[t]) copy_rows(s, ld, rows, bs, d);
       }
     });
     const bool accumulate = m0 > 0;
@@ -353,8 +391,19 @@ void bsr_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   const int64_t M = dy.size(0), out_f = dy.size(1), bs = values.size(1), Cb = ccol.numel() - 1;
   if (M == 0) return;
   if (dy.scalar_type() == at::kFloat && have_avx2() && bs % NR == 0) {
+    // B is W itself per block, packed [k][h][i][j'] = v[k][i][h * NR + j'].
+    const int64_t nnzb = values.size(0);
+    const float* v = values.const_data_ptr<float>();
+    std::vector<float> vp(static_cast<size_t>(nnzb * bs * bs));
+    at::parallel_for(0, nnzb, 16, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k)
+        for (int64_t h = 0; h < bs / NR; ++h)
+          for (int64_t i = 0; i < bs; ++i)
+            for (int64_t j = 0; j < NR; ++j)
+              vp[((k * (bs / NR) + h) * bs + i) * NR + j] = v[(k * bs + i) * bs + h * NR + j];
+    });
     Operands op{nullptr, out_f, ccol.const_data_ptr<int64_t>(), row.const_data_ptr<int64_t>(),
-                perm.const_data_ptr<int64_t>(), values.const_data_ptr<float>(), nullptr, bs};
+                perm.const_data_ptr<int64_t>(), vp.data(), nullptr, bs};
     sparse_panel_gemm(dy.const_data_ptr<float>(), M, op, Cb, dx.mutable_data_ptr<float>());
     return;
   }
