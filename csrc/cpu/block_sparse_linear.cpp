@@ -7,13 +7,16 @@
 // fp32 on an AVX2+FMA CPU runs register-blocked micro-kernels (BLIS-style):
 // - fwd / bwd_input: the activation (x or dy) is packed per M-chunk into 6-row panels [K][6]
 //   (contiguous broadcasts, no 4 KiB-aliasing strided rows), the weight block rows are the B
-//   operand ([K][16] slices of Wt or V, K = bs per stored block); a 6x16 tile of the output lives in
-//   12 ymm accumulators across every stored block of the block row/column and is written once
-//   (+ bias): each output element is owned by one tile, so no atomics and no zero-fill pass.
+//   operand (W^T or W per block, repacked per call into contiguous [bs][16] slivers); a 6x16 output
+//   tile lives in 12 ymm accumulators across a K group of <= 256 reduction rows (the group's B
+//   slivers stay in L1 while the chunk's panels stream from L2) and is written once per group
+//   (+ bias with the first): each output element is owned by one tile, so no atomics and no
+//   zero-fill pass; an empty block row/column is written as bias/zero by the same loop.
 // - bwd_weight: the reduction runs over M; per M-chunk of 64 rows dy and x are repacked block by
 //   block into [m][bs] panels (strided rows of a 1536/6144-byte pitch would map onto 2-8 L1 sets),
 //   then every stored block is 4x16 tiles (8 accumulators = 2 FMA pipes x 4-cycle latency on Zen 3)
-//   accumulated into dvalues in place.
+//   accumulated into dvalues in place. (A 4x24 tile over 8-column segments of a block row's blocks,
+//   12 accumulators, did not measure faster on the shared machine; not kept.)
 // bf16 / fp16 convert to fp32 and take the fp32 path (accumulation in fp32); fp64 and CPUs without
 // AVX2 take plain loops (correct, not tuned).
 #include <ATen/ATen.h>

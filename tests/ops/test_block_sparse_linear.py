@@ -203,3 +203,13 @@ def test_block_size_must_divide_the_weight():
         bsr_from_dense(torch.randn(48, 64), torch.ones(6, 8, dtype=torch.bool), 8)
     with pytest.raises(ValueError, match=r"block_mask: expected shape \(3, 4\)"):
         bsr_from_dense(torch.randn(48, 64), torch.ones(4, 3, dtype=torch.bool), 16)
+
+
+def test_pattern_check_is_redone_after_an_in_place_change():
+    fmt, bias = make(32, 64, 16, 0.5)
+    x = torch.randn(4, 64)
+    block_sparse_linear(x, *fmt, bias)  # checked and remembered
+    block_sparse_linear(x, *fmt, bias)
+    fmt[2].add_(10)  # col out of range now
+    with pytest.raises(IndexError, match="col: index .* is out of range"):
+        block_sparse_linear(x, *fmt, bias)
