@@ -1,12 +1,22 @@
-"""Unstructured-sparse linear layers: dense nn.Linear vs torch.nn.utils.prune vs lotus MaskedLinear.
+"""Sparse linear layers: dense nn.Linear vs torch.nn.utils.prune vs lotus MaskedLinear (unstructured),
+and dense vs torch.nn.utils.prune / torch BSR vs lotus BlockSparseLinear (block).
 
-    PYTHONPATH=. python benchmarks/bench_sparse_linear.py            # ViT-S shapes -> results/sparse_linear.*
-    PYTHONPATH=. python benchmarks/bench_sparse_linear.py --quick    # smoke run -> results/sparse_linear_quick.*
+    PYTHONPATH=. python benchmarks/bench_sparse_linear.py            # -> results/sparse_linear.*, block_sparse_linear.*
+    PYTHONPATH=. python benchmarks/bench_sparse_linear.py --quick    # smoke run -> results/*_quick.*
+    PYTHONPATH=. python benchmarks/bench_sparse_linear.py --sections block   # the block-sparse part only
 
-Sections: (a) one layer, forward + backward, at the ViT-S MLP shapes (M = batch * 197 tokens,
-384 -> 1536 and 1536 -> 384); (b) a timm ViT train step (forward, backward, SGD step). Every config
-of a section starts from the same weights and prunes the same fraction of the same layers by
+Unstructured sections: (a) one layer, forward + backward, at the ViT-S MLP shapes (M = batch * 197
+tokens, 384 -> 1536 and 1536 -> 384); (b) a timm ViT train step (forward, backward, SGD step). Every
+config of a section starts from the same weights and prunes the same fraction of the same layers by
 magnitude; the configs of a section are timed interleaved.
+
+Block sections (block size 32): (c) one layer at the ViT-S and ViT-B MLP shapes (384 <-> 1536,
+768 <-> 3072), densities 0.5 / 0.3 / 0.1 of blocks kept by L2 norm, all densities of a shape timed
+interleaved: dense fwd+bwd, dense fwd only, prune (the same block mask through
+torch.nn.utils.prune.custom_from_mask), torch BSR (``to_sparse_bsr``; forward only: it has no
+autograd for a BSR weight, so its ratio is to the dense forward) and lotus BlockSparseLinear
+fwd+bwd; (d) the ViT-S train step: dense, block-sparse MLP 50%, token keep 0.7 (``patch_vit``), and
+both together.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import lotus_kernels
-from lotus_kernels.nn import MaskedLinear
+from lotus_kernels.nn import BlockSparseLinear, MaskedLinear
 
 try:
     from benchmarks import _harness
@@ -29,6 +39,9 @@ except ImportError:  # run as a script from outside the repo root's sys.path
 
 TARGET_TRAIN = 1.03  # wanted MaskedLinear train-step time / dense
 METHODS = ("dense", "torch_prune", "lotus")
+BLOCK_TARGETS = {0.5: 0.60, 0.3: 0.40, 0.1: 0.20}  # wanted BlockSparseLinear fwd+bwd time / dense
+BLOCK_TRAIN_TARGET = 0.45  # keep 0.7 + 50% block-sparse MLP train step / dense
+SECTIONS = ("unstructured", "block")
 
 
 def parse_args(argv=None):
@@ -42,12 +55,26 @@ def parse_args(argv=None):
     p.add_argument("--layer-repeats", type=int, default=30)
     p.add_argument("--step-repeats", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: unstructured, block")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--densities", default="0.5,0.3,0.1", help="block densities (fraction of blocks kept)")
+    p.add_argument("--block-shapes", default="384x1536,1536x384,768x3072,3072x768",
+                   help="in x out of the block layer section (ViT-S and ViT-B MLP)")
+    p.add_argument("--block-model", default="vit_small_patch16_224")
+    p.add_argument("--block-keep", type=float, default=0.7)
     _harness.add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.tokens, args.dim, args.hidden = "vit_tiny_patch16_224", 16, 32, 128
+        args.block_shapes, args.block_model = "64x128,128x64", "vit_tiny_patch16_224"
         args.layer_repeats = args.step_repeats = 2
         args.warmup = 1
+    args.sections = [x for x in args.sections.split(",") if x]
+    bad = [x for x in args.sections if x not in SECTIONS]
+    if bad:
+        p.error(f"--sections: unknown {bad}; expected some of {SECTIONS}")
+    args.densities = [float(d) for d in args.densities.split(",")]
+    args.block_shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.block_shapes.split(",")]
     return args
 
 
@@ -180,18 +207,185 @@ def notes(rows):
     return out
 
 
+# ---------------------------------------------------------------- (c) block-sparse layer
+def block_layer_configs(in_f, out_f, m, densities, bs, device):
+    """name -> fn for one shape: dense (fwd+bwd and fwd only), and per density the same block mask
+    (largest-L2 blocks) through prune, torch BSR (forward) and BlockSparseLinear."""
+    base = nn.Linear(in_f, out_f, device=device)
+    x = torch.randn(m, in_f, device=device, requires_grad=True)
+    g = torch.randn(m, out_f, device=device)
+
+    def train(layer):
+        def fn():
+            layer(x).backward(g)
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+        return fn
+
+    dense = copy.deepcopy(base)
+    configs = {"dense": train(dense)}
+
+    def dense_fwd():
+        with torch.no_grad():
+            dense(x)
+    configs["dense_fwd"] = dense_fwd
+    kept = {}
+    for d in densities:
+        ours = BlockSparseLinear.from_linear(base, density=d, block_size=bs)
+        kept[d] = ours.density
+        bm = ours.block_mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+        pruned = copy.deepcopy(base)
+        prune.custom_from_mask(pruned, "weight", bm)
+        w_bsr = ours.weight.detach().to_sparse_bsr((bs, bs))
+        b = base.bias.detach()
+
+        def bsr_fwd(w_bsr=w_bsr, b=b):
+            with torch.no_grad():
+                torch.addmm(b[:, None], w_bsr, x.detach().t()).t()
+        configs[f"torch_prune@{d:g}"] = train(pruned)
+        configs[f"torch_bsr_fwd@{d:g}"] = bsr_fwd
+        configs[f"lotus_block@{d:g}"] = train(ours)
+    return configs, kept
+
+
+def run_block_layers(args, device, sync):
+    rows = []
+    m = args.batch * args.tokens
+    for in_f, out_f in args.block_shapes:
+        shape = f"{m}x{in_f}->{out_f}"
+        configs, kept = block_layer_configs(in_f, out_f, m, args.densities, args.block_size, device)
+        print(f"[block layer {shape}] timing {len(configs)} configs x {args.layer_repeats} rounds ...", flush=True)
+        times = _harness.interleaved(configs, args.warmup, args.layer_repeats, progress=not args.no_progress, sync=sync)
+        stats = _harness.summarize(times, "dense")
+        fwd = _harness.summarize(times, "dense_fwd")
+        for name in configs:
+            method, _, d = name.partition("@")
+            d = float(d) if d else 1.0
+            row = stat_row(stats, times, name, section="block layer fwd+bwd", shape=shape, method=method,
+                           density=kept.get(d, 1.0), ideal=kept.get(d, 1.0),
+                           target=BLOCK_TARGETS.get(d) if method == "lotus_block" else None)
+            if method in ("torch_bsr_fwd", "dense_fwd"):  # forward only: compare with the dense forward
+                row.update(section="block layer fwd only", ratio=fwd[name]["ratio"],
+                           ratio_paired=fwd[name]["ratio_paired"])
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- (d) block-sparse train step
+def run_block_train(args, device, sync):
+    torch.manual_seed(0)
+    base = timm.create_model(args.block_model, pretrained=False).to(device)
+    images = torch.randn(args.batch, 3, *base.patch_embed.img_size, device=device)
+    labels = torch.randint(base.num_classes, (args.batch,), device=device)
+    dense = lotus_kernels.patch_vit(copy.deepcopy(base)).train()
+    sparse = lotus_kernels.sparsify_(copy.deepcopy(base), sparsity=0.5, layout="block", block_size=args.block_size,
+                                     include=["blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])
+    sparse = lotus_kernels.patch_vit(sparse).train()
+    keep = args.block_keep
+
+    def make(model, **kw):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def fn():
+            F.cross_entropy(model(images, **kw), labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return fn
+    # Two optimizers per model share its parameters: harmless for timing (SGD on the same tensors).
+    configs = {"dense": make(dense), "block-sparse MLP 50%": make(sparse),
+               f"keep {keep:g}": make(dense, keep_ratio=keep),
+               f"keep {keep:g} + block-sparse MLP 50%": make(sparse, keep_ratio=keep)}
+    print(f"[block train {args.block_model}] timing {len(configs)} configs x {args.step_repeats} rounds ...", flush=True)
+    times = _harness.interleaved(configs, args.warmup, args.step_repeats, progress=not args.no_progress, sync=sync)
+    stats = _harness.summarize(times, "dense")
+    shape = f"{args.block_model} b{args.batch}"
+    rows = []
+    for name in configs:
+        both = "+" in name
+        rows.append(stat_row(stats, times, name, section="train step", shape=shape, method=name, density=None,
+                             ideal=None, target=BLOCK_TRAIN_TARGET if both else None))
+    return rows
+
+
+def plot_block(rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer = [r for r in rows if r["section"].startswith("block layer") and "@" in r["config"]]
+    train = [r for r in rows if r["section"] == "train step"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    shapes = list(dict.fromkeys(r["shape"] for r in layer))
+    styles = {"lotus_block": "o-", "torch_prune": "s--", "torch_bsr_fwd": "^:"}
+    for j, sh in enumerate(shapes):
+        for method, style in styles.items():
+            pts = sorted((r["density"], r["ratio"]) for r in layer if r["shape"] == sh and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{j}", label=f"{method} {sh}", ms=4)
+    ds = sorted({r["density"] for r in layer} | {0.0, 1.0})
+    ax.plot(ds, ds, "k-", lw=1, label="ideal (ratio = density)")
+    for d, t in BLOCK_TARGETS.items():
+        ax.plot(d, t, "r*", ms=10, label="target" if d == 0.5 else None)
+    ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("density (fraction of 32x32 blocks kept)")
+    ax.set_ylabel("median time / dense (fwd+bwd; torch_bsr: fwd / dense fwd)")
+    ax.set_ylim(0, max(1.2, 1.1 * max((r["ratio"] for r in layer), default=1)))
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("block-sparse layer vs dense")
+    ax = axes[1]
+    for i, r in enumerate(train):
+        ax.bar(i, r["ratio"], color=f"C{i}")
+        ax.text(i, r["ratio"] + 0.02, f"{r['ratio']:.2f}", ha="center", fontsize=8)
+        if r["target"] is not None:
+            ax.plot(i, r["target"], "r*", ms=10)
+    ax.set_xticks(range(len(train)), [r["config"].replace(" + ", "\n+ ") for r in train], fontsize=7)
+    ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+    ax.set_title(f"train step {train[0]['shape'] if train else ''}")
+    return fig
+
+
+BLOCK_COLUMNS = [("section", "section", ""), ("shape", "shape", ""), ("config", "config", ""),
+                 ("density", "density", ".3f"), ("median ms", "median_ms", ".2f"), ("p25 ms", "p25_ms", ".2f"),
+                 ("p75 ms", "p75_ms", ".2f"), ("ratio", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"),
+                 ("ideal", "ideal", ".2f"), ("target", "target", ".2f")]
+
+
+def block_notes(rows):
+    out = ["ratio = median / dense median of the same shape (fwd+bwd); for the fwd-only rows (dense_fwd, "
+           "torch_bsr_fwd) the ratio is to the dense forward. ideal = density (FLOPs / dense FLOPs).",
+           "torch_prune = the same block mask through torch.nn.utils.prune.custom_from_mask (a dense GEMM on "
+           "weight_orig * mask). torch_bsr_fwd = addmm(bias, W.to_sparse_bsr((32, 32)), x.T): torch has no "
+           "autograd for a BSR weight, so only its forward is timed.",
+           "lotus_block = BlockSparseLinear (CPU kernels: packed 6x16 AVX2 micro-kernel over the stored blocks "
+           "for y and dx, 4x16 tiles over M for dvalues of the stored blocks only).",
+           "train step: block-sparse MLP = sparsify_(layout='block', sparsity=0.5, blocks.*.mlp.fc1/fc2); "
+           "keep = patch_vit token dropping (keep_ratio)."]
+    for r in rows:
+        if r["target"] is not None:
+            out.append(_harness.verdict(f"{r['section']} {r['shape']} {r['config']}", r))
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, sync, meta = _harness.prepare(args)
 
-    rows = run_layers(args, device, sync) + run_train(args, device, sync)
-    for r in rows:
-        r["sparsity"] = args.sparsity
-    name = "sparse_linear_quick" if args.quick else "sparse_linear"
-    title = (f"Sparse linear (unstructured {args.sparsity:g}): {args.model}, batch {args.batch}, "
-             f"{meta['threads']} threads, {device}")
-    md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=title, notes=notes(rows))
-    print(md)
+    rows, quick = [], "_quick" if args.quick else ""
+    if "unstructured" in args.sections:
+        rows = run_layers(args, device, sync) + run_train(args, device, sync)
+        for r in rows:
+            r["sparsity"] = args.sparsity
+        title = (f"Sparse linear (unstructured {args.sparsity:g}): {args.model}, batch {args.batch}, "
+                 f"{meta['threads']} threads, {device}")
+        print(_harness.write_results(f"sparse_linear{quick}", meta, rows, COLUMNS, plot, title=title, notes=notes(rows)))
+    if "block" in args.sections:
+        block = run_block_layers(args, device, sync) + run_block_train(args, device, sync)
+        title = (f"Block-sparse linear (block {args.block_size}): M = {args.batch}x{args.tokens}, "
+                 f"{args.block_model}, {meta['threads']} threads, {device}")
+        print(_harness.write_results(f"block_sparse_linear{quick}", meta, block, BLOCK_COLUMNS, plot_block,
+                                     title=title, notes=block_notes(block)))
+        rows += block
     return rows
 
 

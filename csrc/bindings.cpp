@@ -24,8 +24,8 @@ TORCH_LIBRARY(lotus_kernels_C, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, float scale, int scores_mode, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) scores) -> ()");
   // flash-style backward from the saved lse: dq, dk, dv shaped like q
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
-  // block-sparse linear, W [out,in] as values [nnzb,bs,bs] + BSR crow/col (+ BSC ccol/row/perm):
-  // out = x @ W^T + bias; dx = dy @ W; dvalues[k] = dy[:, row_k block]^T @ x[:, col_k block]
+  // Block-sparse linear (format: lotus_kernels/ops/block_sparse_linear.py): values [nnzb,bs,bs], BSR crow/col,
+  // BSC ccol/row/perm. out [M,out] = x @ W^T + bias; dx [M,in] = dy @ W; dvalues[k] = dy[:,r_k]^T @ x[:,c_k]
   m.def("bsr_linear_fwd(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("bsr_linear_bwd_input(Tensor dy, Tensor values, Tensor ccol, Tensor row, Tensor perm, Tensor(a!) dx) -> ()");
   m.def("bsr_linear_bwd_weight(Tensor dy, Tensor x, Tensor crow, Tensor col, Tensor(a!) dvalues) -> ()");

@@ -1,9 +1,11 @@
-"""``sparsify_`` / ``densify_``: swap a model's ``nn.Linear`` layers for ``MaskedLinear`` and back.
+"""``sparsify_`` / ``densify_``: swap a model's ``nn.Linear`` layers for sparse ones and back.
 
     sparsify_(model, sparsity=0.3)                      # 30% of the targeted weights, smallest |w| overall
     sparsify_(model, sparsity=0.5, scope="layer")       # 50% of each targeted layer
     sparsify_(model, masks={"blocks.0.mlp.fc1": m})     # given masks (True = keep)
-    densify_(model)                                     # MaskedLinear -> nn.Linear (masked weights)
+    sparsify_(model, sparsity=0.5, layout="block",      # 50% of the 32x32 blocks, smallest L2 norm
+              block_size=32, include=["*.mlp.*"])       #   -> BlockSparseLinear
+    densify_(model)                                     # MaskedLinear / BlockSparseLinear -> nn.Linear
 
 Layers are swapped for new modules with new parameters: build the optimizer after ``sparsify_``.
 """
@@ -15,7 +17,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .nn import MaskedLinear
+from .nn import BlockSparseLinear, MaskedLinear
+from .nn.block_sparse_linear import block_norms, to_block_mask
+from .ops.block_sparse_linear import BLOCK_SIZES, check_block_size
 from .ops.masked_linear import check_mask
 
 LAYOUTS = ("unstructured", "block", "2:4")
@@ -55,7 +59,8 @@ def _under(name: str, roots: Iterable[str]) -> bool:
 def _prunable(m: nn.Module) -> bool:
     # A Linear subclass with a forward of its own (quantised, LoRA, ...) computes something else
     # than x @ W.T + b: swapping it for a MaskedLinear would silently change the model.
-    return isinstance(m, MaskedLinear) or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
+    return isinstance(m, (MaskedLinear, BlockSparseLinear)) or (
+        isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
 
 
 def _targets(model: nn.Module, include, exclude) -> dict[str, nn.Module]:
@@ -92,15 +97,9 @@ def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def magnitude_masks(layers: dict[str, nn.Module], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    """name -> keep-mask pruning exactly ``round(sparsity * n)`` weights of smallest ``|w|``, with n
-    the total weight count (``scope="global"``: one threshold over all layers) or each layer's."""
-    scores = {}
-    for n, m in layers.items():
-        s = m.weight.detach().abs().float()
-        if torch.isnan(s).any():
-            raise ValueError(f"model: {n}.weight has NaN entries; cannot rank weights by magnitude")
-        scores[n] = s
+def _masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    """name -> keep-mask (shaped like its scores) pruning exactly ``round(sparsity * n)`` smallest
+    scores, n = all scores together (``scope="global"``) or each layer's."""
     if scope == "layer":
         return {n: _prune_smallest(s.flatten(), round(sparsity * s.numel())).view_as(s) for n, s in scores.items()}
     if not scores:
@@ -115,6 +114,37 @@ def magnitude_masks(layers: dict[str, nn.Module], sparsity: float, scope: str) -
     return out
 
 
+def _dense_weight(m: nn.Module) -> torch.Tensor:
+    # BlockSparseLinear.weight is computed (zeros outside its blocks); the others store it.
+    return m.weight.detach()
+
+
+def magnitude_masks(layers: dict[str, nn.Module], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    """name -> keep-mask pruning exactly ``round(sparsity * n)`` weights of smallest ``|w|``, with n
+    the total weight count (``scope="global"``: one threshold over all layers) or each layer's."""
+    scores = {}
+    for n, m in layers.items():
+        s = _dense_weight(m).abs().float()
+        if torch.isnan(s).any():
+            raise ValueError(f"model: {n}.weight has NaN entries; cannot rank weights by magnitude")
+        scores[n] = s
+    return _masks_from_scores(scores, sparsity, scope)
+
+
+def block_masks(layers: dict[str, nn.Module], sparsity: float, scope: str, block_size: int) -> dict[str, torch.Tensor]:
+    """name -> block keep-mask [out // bs, in // bs] pruning exactly ``round(sparsity * n)`` blocks of
+    smallest L2 norm, n = all targeted blocks (``scope="global"``) or each layer's."""
+    scores = {}
+    for n, m in layers.items():
+        w = _dense_weight(m)
+        check_block_size(block_size, *w.shape, where=f"{n}.weight")
+        s = block_norms(w, block_size)
+        if torch.isnan(s).any():
+            raise ValueError(f"model: {n}.weight has NaN entries; cannot rank blocks by L2 norm")
+        scores[n] = s
+    return _masks_from_scores(scores, sparsity, scope)
+
+
 # ---------------------------------------------------------------- swapping
 def _swap(model: nn.Module, new: dict[int, nn.Module]) -> None:
     """Replace every child ``c`` with ``id(c)`` in ``new`` by ``new[id(c)]``, wherever it is
@@ -125,12 +155,14 @@ def _swap(model: nn.Module, new: dict[int, nn.Module]) -> None:
                 setattr(parent, child_name, new[id(child)])
 
 
-def _check_args(sparsity, masks, layout, scope, include, exclude) -> None:
-    if layout in ("block", "2:4"):
+def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) -> None:
+    if layout == "2:4":
         raise NotImplementedError(f"layout: {layout!r} sparsity comes in a later step; "
-                                  "only 'unstructured' is implemented")
+                                  "'unstructured' and 'block' are implemented")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    if layout == "block" and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
+        raise ValueError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
     if masks is not None:
@@ -149,50 +181,74 @@ def _check_args(sparsity, masks, layout, scope, include, exclude) -> None:
 
 @torch.no_grad()
 def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[str, torch.Tensor] | None = None,
-              layout: str = "unstructured", scope: str = "global", include=None, exclude=None) -> nn.Module:
-    """Prune ``model``'s linear layers in place: each targeted ``nn.Linear`` becomes a
-    ``MaskedLinear`` (an existing ``MaskedLinear`` gets the new mask). Returns ``model``.
+              layout: str = "unstructured", scope: str = "global", include=None, exclude=None,
+              block_size: int = 32) -> nn.Module:
+    """Prune ``model``'s linear layers in place and return ``model``. ``layout="unstructured"``: each
+    targeted ``nn.Linear`` becomes a ``MaskedLinear`` (an existing one gets the new mask);
+    ``layout="block"``: a ``BlockSparseLinear`` storing only the kept ``block_size`` blocks.
 
-    sparsity  fraction of weights to prune by magnitude |w|: exactly round(sparsity * n) of them,
-              ties broken towards the lower index (n per ``scope``: "global" = all targeted
-              weights together, "layer" = each layer's own)
-    masks     {module name: bool mask, True = keep} instead of ``sparsity``; its keys are the targets
-    include   fnmatch patterns on module names (e.g. "blocks.*.mlp.fc1"): prune exactly the matching
-              linears. Default: every linear except the classifier head (timm's
-              ``pretrained_cfg['classifier']`` / ``get_classifier()``, or a module named ``head``)
-    exclude   patterns of linears not to prune
-    layout    "unstructured" ("block" and "2:4" come in a later step)
+    sparsity    fraction to prune: of the weights by |w| (unstructured), of the blocks by L2 norm
+                (block); exactly round(sparsity * n), ties broken towards the lower index (n per
+                ``scope``: "global" = all targeted weights / blocks together, "layer" = each layer's)
+    masks       {module name: bool mask, True = keep} instead of ``sparsity``; its keys are the targets.
+                For "block" a mask is a block mask [out // bs, in // bs] or an elementwise one
+                [out, in] (a block is kept whole if any of its entries is)
+    include     fnmatch patterns on module names (e.g. "blocks.*.mlp.fc1"): prune exactly the matching
+                linears. Default: every linear except the classifier head (timm's
+                ``pretrained_cfg['classifier']`` / ``get_classifier()``, or a module named ``head``)
+    exclude     patterns of linears not to prune
+    layout      "unstructured" or "block" ("2:4" comes in a later step)
+    block_size  16, 32 or 64 (block layout); must divide both dimensions of every targeted weight
+
+    A layer that is already sparse is re-pruned from its current (masked / block-sparse) weight.
     """
-    _check_args(sparsity, masks, layout, scope, include, exclude)
-    if isinstance(model, (nn.Linear, MaskedLinear)):
+    _check_args(sparsity, masks, layout, scope, include, exclude, block_size)
+    if isinstance(model, (nn.Linear, MaskedLinear, BlockSparseLinear)):
         raise ValueError("model: is itself a linear layer and cannot be swapped in place; "
-                         "use MaskedLinear.from_linear(linear, mask)")
+                         "use MaskedLinear.from_linear(linear, mask) or BlockSparseLinear.from_linear")
     if masks is None:
         layers = _targets(model, _patterns("include", include), _patterns("exclude", exclude))
         if not layers:
             raise ValueError("model: has no nn.Linear to sparsify (after the head, include and exclude)")
-        masks = magnitude_masks(layers, float(sparsity), scope)
+        if layout == "block":
+            masks = block_masks(layers, float(sparsity), scope, block_size)
+        else:
+            masks = magnitude_masks(layers, float(sparsity), scope)
     else:
         modules = dict(model.named_modules())
-        layers = {}
-        for n, mask in masks.items():
+        layers, given, masks = {}, masks, {}
+        for n, mask in given.items():
             if not _prunable(modules.get(n)):
-                raise ValueError(f"masks: {n!r} is not an nn.Linear (nor MaskedLinear) in the model")
+                raise ValueError(f"masks: {n!r} is not an nn.Linear (nor MaskedLinear / BlockSparseLinear) in the model")
             layers[n] = modules[n]
-            check_mask(f"masks[{n!r}]", mask, layers[n].weight.shape, f"{n}.weight")
+            shape = _dense_weight(layers[n]).shape
+            if layout == "block":
+                check_block_size(block_size, *shape, where=f"{n}.weight")
+                masks[n] = to_block_mask(mask, shape, block_size, name=f"masks[{n!r}]")
+            else:
+                check_mask(f"masks[{n!r}]", mask, shape, f"{n}.weight")
+                masks[n] = mask
     new = {}
     for n, layer in layers.items():
-        if isinstance(layer, MaskedLinear):
+        if layout == "unstructured" and isinstance(layer, MaskedLinear):
             layer.set_mask_(masks[n].to(layer.mask.device))
+            continue
+        dense = layer if isinstance(layer, nn.Linear) else layer.to_linear()
+        mask = masks[n].to(dense.weight.device)
+        if layout == "block":
+            new[id(layer)] = BlockSparseLinear.from_linear(dense, mask, block_size=block_size)
         else:
-            new[id(layer)] = MaskedLinear.from_linear(layer, masks[n].to(layer.weight.device))
+            new[id(layer)] = MaskedLinear.from_linear(dense, mask)
     _swap(model, new)
     return model
 
 
 def densify_(model: nn.Module) -> nn.Module:
-    """Swap every ``MaskedLinear`` back for an ``nn.Linear`` holding its masked weight. Returns ``model``."""
-    if isinstance(model, MaskedLinear):
-        raise ValueError("model: is itself a MaskedLinear and cannot be swapped in place; use model.to_linear()")
-    _swap(model, {id(m): m.to_linear() for m in model.modules() if isinstance(m, MaskedLinear)})
+    """Swap every ``MaskedLinear`` / ``BlockSparseLinear`` back for an ``nn.Linear`` holding its
+    (masked / block-sparse) weight. Returns ``model``."""
+    sparse = (MaskedLinear, BlockSparseLinear)
+    if isinstance(model, sparse):
+        raise ValueError(f"model: is itself a {type(model).__name__} and cannot be swapped in place; "
+                         "use model.to_linear()")
+    _swap(model, {id(m): m.to_linear() for m in model.modules() if isinstance(m, sparse)})
     return model

@@ -231,7 +231,6 @@ def test_torch_compile_fullgraph_forward_backward_matches_eager():
 # ---------------------------------------------------------------- bad input
 LIN = nn.Linear(3, 4)
 BAD = [
-    (lambda m: sparsify_(m, sparsity=0.5, layout="block"), NotImplementedError, "layout: 'block' sparsity comes in a later step"),
     (lambda m: sparsify_(m, sparsity=0.5, layout="2:4"), NotImplementedError, "layout: '2:4' sparsity comes in a later step"),
     (lambda m: sparsify_(m, sparsity=0.5, layout="csr"), ValueError, "layout: expected one of 'unstructured', 'block', '2:4', got 'csr'"),
     (lambda m: sparsify_(m, sparsity=1.0), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got 1.0"),
@@ -241,7 +240,7 @@ BAD = [
     (lambda m: sparsify_(m, sparsity=0.5, scope="model"), ValueError, "scope: expected one of 'global', 'layer', got 'model'"),
     (lambda m: sparsify_(m, sparsity=0.5, masks={}), ValueError, "sparsity: must be None when masks is given"),
     (lambda m: sparsify_(m, masks={"head": torch.ones(10, 32, dtype=torch.bool)}, include=["head"]), ValueError, "include / exclude: not used with masks"),
-    (lambda m: sparsify_(m, masks={"blocks.0.norm1": torch.ones(32, dtype=torch.bool)}), ValueError, "masks: 'blocks.0.norm1' is not an nn.Linear \\(nor MaskedLinear\\) in the model"),
+    (lambda m: sparsify_(m, masks={"blocks.0.norm1": torch.ones(32, dtype=torch.bool)}), ValueError, "masks: 'blocks.0.norm1' is not an nn.Linear \\(nor MaskedLinear / BlockSparseLinear\\) in the model"),
     (lambda m: sparsify_(m, masks={"head": torch.ones(32, 10, dtype=torch.bool)}), ValueError, "masks\\['head'\\]: expected shape \\(10, 32\\) to match head.weight, got \\(32, 10\\)"),
     (lambda m: sparsify_(m, masks={"head": torch.ones(10, 32)}), TypeError, "masks\\['head'\\]: expected a bool tensor"),
     (lambda m: sparsify_(m, sparsity=0.5, include=["blocks.*.mlp.fc3"]), ValueError, "include: pattern 'blocks.\\*.mlp.fc3' matches no nn.Linear"),
