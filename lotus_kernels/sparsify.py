@@ -5,7 +5,8 @@
     sparsify_(model, masks={"blocks.0.mlp.fc1": m})     # given masks (True = keep)
     sparsify_(model, sparsity=0.5, layout="block",      # 50% of the 32x32 blocks, smallest L2 norm
               block_size=32, include=["*.mlp.*"])       #   -> BlockSparseLinear
-    densify_(model)                                     # MaskedLinear / BlockSparseLinear -> nn.Linear
+    sparsify_(model, layout="2:4")                      # 2 of every 4 weights (SemiStructuredLinear)
+    densify_(model)                                     # any of them -> nn.Linear
 
 Layers are swapped for new modules with new parameters: build the optimizer after ``sparsify_``.
 """
@@ -17,12 +18,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .nn import BlockSparseLinear, MaskedLinear
+from .nn import BlockSparseLinear, MaskedLinear, SemiStructuredLinear
 from .nn.block_sparse_linear import block_norms, to_block_mask
 from .ops.block_sparse_linear import BLOCK_SIZES, check_block_size
 from .ops.masked_linear import check_mask
+from .ops.semi_structured_linear import check_semi_structured_mask, semi_structured_mask
 
 LAYOUTS = ("unstructured", "block", "2:4")
+SPARSE_LAYERS = (MaskedLinear, BlockSparseLinear, SemiStructuredLinear)
 SCOPES = ("global", "layer")
 
 
@@ -59,7 +62,7 @@ def _under(name: str, roots: Iterable[str]) -> bool:
 def _prunable(m: nn.Module) -> bool:
     # A Linear subclass with a forward of its own (quantised, LoRA, ...) computes something else
     # than x @ W.T + b: swapping it for a MaskedLinear would silently change the model.
-    return isinstance(m, (MaskedLinear, BlockSparseLinear)) or (
+    return isinstance(m, SPARSE_LAYERS) or (
         isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
 
 
@@ -156,9 +159,6 @@ def _swap(model: nn.Module, new: dict[int, nn.Module]) -> None:
 
 
 def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) -> None:
-    if layout == "2:4":
-        raise NotImplementedError(f"layout: {layout!r} sparsity comes in a later step; "
-                                  "'unstructured' and 'block' are implemented")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     if layout == "block" and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
@@ -172,6 +172,14 @@ def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) ->
             raise ValueError("include / exclude: not used with masks (the masks' keys name the layers)")
         if not isinstance(masks, dict):
             raise TypeError(f"masks: expected a dict of module name -> bool mask, got {type(masks).__name__}")
+        return
+    if layout == "2:4":
+        # 2:4 fixes the pattern (2 of every 4) and so the sparsity: only 0.5 or None is meaningful.
+        if sparsity is not None and sparsity != 0.5:
+            raise ValueError(f"sparsity: layout '2:4' prunes exactly 0.5 (2 of every 4 weights); got {sparsity!r} "
+                             "(pass sparsity=None or 0.5)")
+        if scope != "global":
+            raise ValueError("scope: not used with layout '2:4' (every group of 4 is pruned on its own)")
         return
     if sparsity is None:
         raise ValueError("sparsity: expected a fraction in [0, 1) to prune, or masks=...; got neither")
@@ -197,13 +205,15 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
                 linears. Default: every linear except the classifier head (timm's
                 ``pretrained_cfg['classifier']`` / ``get_classifier()``, or a module named ``head``)
     exclude     patterns of linears not to prune
-    layout      "unstructured" or "block" ("2:4" comes in a later step)
+    layout      "unstructured", "block", or "2:4" (a ``SemiStructuredLinear``: 2 of every 4 consecutive
+                weights along in_features kept by magnitude; sparsity None or 0.5, in_features % 4 == 0;
+                PyTorch's 2:4 kernels on CUDA, a dense masked fallback with a warning elsewhere)
     block_size  16, 32 or 64 (block layout); must divide both dimensions of every targeted weight
 
     A layer that is already sparse is re-pruned from its current (masked / block-sparse) weight.
     """
     _check_args(sparsity, masks, layout, scope, include, exclude, block_size)
-    if isinstance(model, (nn.Linear, MaskedLinear, BlockSparseLinear)):
+    if isinstance(model, (nn.Linear, *SPARSE_LAYERS)):
         raise ValueError("model: is itself a linear layer and cannot be swapped in place; "
                          "use MaskedLinear.from_linear(linear, mask) or BlockSparseLinear.from_linear")
     if masks is None:
@@ -212,6 +222,8 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
             raise ValueError("model: has no nn.Linear to sparsify (after the head, include and exclude)")
         if layout == "block":
             masks = block_masks(layers, float(sparsity), scope, block_size)
+        elif layout == "2:4":
+            masks = {n: semi_structured_mask(_dense_weight(m)) for n, m in layers.items()}
         else:
             masks = magnitude_masks(layers, float(sparsity), scope)
     else:
@@ -219,12 +231,15 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
         layers, given, masks = {}, masks, {}
         for n, mask in given.items():
             if not _prunable(modules.get(n)):
-                raise ValueError(f"masks: {n!r} is not an nn.Linear (nor MaskedLinear / BlockSparseLinear) in the model")
+                raise ValueError(f"masks: {n!r} is not an nn.Linear (nor a lotus sparse linear) in the model")
             layers[n] = modules[n]
             shape = _dense_weight(layers[n]).shape
             if layout == "block":
                 check_block_size(block_size, *shape, where=f"{n}.weight")
                 masks[n] = to_block_mask(mask, shape, block_size, name=f"masks[{n!r}]")
+            elif layout == "2:4":
+                check_semi_structured_mask(f"masks[{n!r}]", mask, shape, f"{n}.weight")
+                masks[n] = mask
             else:
                 check_mask(f"masks[{n!r}]", mask, shape, f"{n}.weight")
                 masks[n] = mask
@@ -237,6 +252,8 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
         mask = masks[n].to(dense.weight.device)
         if layout == "block":
             new[id(layer)] = BlockSparseLinear.from_linear(dense, mask, block_size=block_size)
+        elif layout == "2:4":
+            new[id(layer)] = SemiStructuredLinear.from_linear(dense, mask)
         else:
             new[id(layer)] = MaskedLinear.from_linear(dense, mask)
     _swap(model, new)
@@ -244,9 +261,9 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
 
 
 def densify_(model: nn.Module) -> nn.Module:
-    """Swap every ``MaskedLinear`` / ``BlockSparseLinear`` back for an ``nn.Linear`` holding its
-    (masked / block-sparse) weight. Returns ``model``."""
-    sparse = (MaskedLinear, BlockSparseLinear)
+    """Swap every ``MaskedLinear`` / ``BlockSparseLinear`` / ``SemiStructuredLinear`` back for an
+    ``nn.Linear`` holding its (masked / block-sparse / 2:4) weight. Returns ``model``."""
+    sparse = SPARSE_LAYERS
     if isinstance(model, sparse):
         raise ValueError(f"model: is itself a {type(model).__name__} and cannot be swapped in place; "
                          "use model.to_linear()")

@@ -231,7 +231,9 @@ def test_torch_compile_fullgraph_forward_backward_matches_eager():
 # ---------------------------------------------------------------- bad input
 LIN = nn.Linear(3, 4)
 BAD = [
-    (lambda m: sparsify_(m, sparsity=0.5, layout="2:4"), NotImplementedError, "layout: '2:4' sparsity comes in a later step"),
+    (lambda m: sparsify_(m, sparsity=0.3, layout="2:4"), ValueError, "sparsity: layout '2:4' prunes exactly 0.5 \\(2 of every 4 weights\\); got 0.3"),
+    (lambda m: sparsify_(m, layout="2:4", scope="layer"), ValueError, "scope: not used with layout '2:4'"),
+    (lambda m: sparsify_(m, layout="2:4", masks={"head": torch.ones(10, 32, dtype=torch.bool)}), ValueError, "masks\\['head'\\]: expected a 2:4 pattern .* row 0, columns 0..3 keep 4"),
     (lambda m: sparsify_(m, sparsity=0.5, layout="csr"), ValueError, "layout: expected one of 'unstructured', 'block', '2:4', got 'csr'"),
     (lambda m: sparsify_(m, sparsity=1.0), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got 1.0"),
     (lambda m: sparsify_(m, sparsity=-0.1), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got -0.1"),
@@ -240,7 +242,7 @@ BAD = [
     (lambda m: sparsify_(m, sparsity=0.5, scope="model"), ValueError, "scope: expected one of 'global', 'layer', got 'model'"),
     (lambda m: sparsify_(m, sparsity=0.5, masks={}), ValueError, "sparsity: must be None when masks is given"),
     (lambda m: sparsify_(m, masks={"head": torch.ones(10, 32, dtype=torch.bool)}, include=["head"]), ValueError, "include / exclude: not used with masks"),
-    (lambda m: sparsify_(m, masks={"blocks.0.norm1": torch.ones(32, dtype=torch.bool)}), ValueError, "masks: 'blocks.0.norm1' is not an nn.Linear \\(nor MaskedLinear / BlockSparseLinear\\) in the model"),
+    (lambda m: sparsify_(m, masks={"blocks.0.norm1": torch.ones(32, dtype=torch.bool)}), ValueError, "masks: 'blocks.0.norm1' is not an nn.Linear \\(nor a lotus sparse linear\\) in the model"),
     (lambda m: sparsify_(m, masks={"head": torch.ones(32, 10, dtype=torch.bool)}), ValueError, "masks\\['head'\\]: expected shape \\(10, 32\\) to match head.weight, got \\(32, 10\\)"),
     (lambda m: sparsify_(m, masks={"head": torch.ones(10, 32)}), TypeError, "masks\\['head'\\]: expected a bool tensor"),
     (lambda m: sparsify_(m, sparsity=0.5, include=["blocks.*.mlp.fc3"]), ValueError, "include: pattern 'blocks.\\*.mlp.fc3' matches no nn.Linear"),
@@ -260,3 +262,30 @@ def test_bad_input_is_a_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call(model)
     assert not masked(model)  # nothing was swapped before the error
+
+
+# ---------------------------------------------------------------- 2:4
+def test_semi_structured_layout_swaps_every_target_and_densify_restores():
+    from lotus_kernels.nn import SemiStructuredFallbackWarning, SemiStructuredLinear
+
+    dense = tiny_vit()
+    model = sparsify_(copy.deepcopy(dense), layout="2:4")
+    swapped = {n: m for n, m in model.named_modules() if isinstance(m, SemiStructuredLinear)}
+    assert sorted(swapped) == [n for n in linear_names(dense) if n != "head"]
+    for n, m in swapped.items():
+        kept = m.mask.reshape(m.out_features, -1, 4).sum(-1)
+        assert (kept == 2).all(), n
+        w = dense.get_submodule(n).weight.abs().reshape(m.out_features, -1, 4)
+        # every kept weight is at least as large as every pruned one of its group
+        g = m.mask.reshape_as(w)
+        assert (w.masked_fill(~g, float("inf")).amin(-1) >= w.masked_fill(g, -1).amax(-1)).all(), n
+    with pytest.warns(SemiStructuredFallbackWarning):
+        got = model(images())
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for n, m in swapped.items():
+            ref.get_submodule(n).weight.mul_(m.mask)
+    torch.testing.assert_close(got, ref(images()), rtol=1e-5, atol=1e-5)
+    densify_(model)
+    assert linear_names(model) == linear_names(dense)
+    torch.testing.assert_close(model(images()), ref(images()), rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ from .. import _backend, _checks
 
 BLOCK_SIZES = (16, 32, 64)
 # Backends with kernels for this op; the lead adds "triton" / "cuda" here when they are merged.
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _MODULE = "block_sparse_linear"
 
 
