@@ -49,9 +49,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
     g.add_argument("--checkpoint", default=None, help="start from local weights (a state_dict, loaded weights_only)")
     g.add_argument("--patch-size", type=int, default=4, help="lotus_vit patch size (default: 4)")
-    g.add_argument("--embed-dim", type=int, default=96, help="lotus_vit width (default: 96)")
+    g.add_argument("--embed-dim", type=int, default=64, help="lotus_vit width (default: 64)")
     g.add_argument("--depth", type=int, default=4, help="lotus_vit blocks (default: 4)")
-    g.add_argument("--heads", type=int, default=3, help="lotus_vit attention heads (default: 3)")
+    g.add_argument("--heads", type=int, default=2, help="lotus_vit attention heads (default: 2)")
     g.add_argument("--mlp-ratio", type=float, default=2.0, help="lotus_vit MLP hidden / width (default: 2)")
     g = p.add_argument_group("training (all stages)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (split across ranks; default 128)")
@@ -61,7 +61,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.05, help="default: 0.05")
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (cosine after)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for training and evaluation")
-    g.add_argument("--pretrain-epochs", type=int, default=10, help="dense training epochs (default: 10)")
+    g.add_argument("--pretrain-epochs", type=int, default=8, help="dense training epochs (default: 8)")
     g = p.add_argument_group("attention tickets")
     g.add_argument("--keep-ratio", type=_fraction, default=0.9, help="patches a ticket keeps (default: 0.9)")
     g.add_argument("--compare-keeps", type=_floats, default=[0.9, 0.7, 0.5],
@@ -84,7 +84,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-mask", choices=("dense", "essential", "isp", "issp"), default="isp",
                    help="model every fine-tuning run starts from (default: isp)")
-    g.add_argument("--finetune-epochs", type=int, default=3, help="default: 3")
+    g.add_argument("--finetune-epochs", type=int, default=2, help="default: 2")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="default: 5e-4")
 
 
@@ -213,7 +213,7 @@ def _main(argv) -> None:
     args = parser().parse_args(argv)
     from . import pipeline
     from .rundir import RunDir
-    from .train import init_distributed
+    from .train import init_distributed, is_main
 
     init_distributed()
     if args.command == "run":
@@ -221,6 +221,8 @@ def _main(argv) -> None:
             if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
                 raise LotusError("--out / --resume: give one of them (--resume continues RUN_DIR in place)")
             run = RunDir.open(args.resume)
+            if is_main():
+                run.remove_stale_temporaries()
         else:
             run = _create(args)
         pipeline.run_all(run)
@@ -246,3 +248,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("lotus: interrupted (continue with `lotus run --resume RUN_DIR`)", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -36,11 +36,12 @@ def build(cfg: dict, num_classes: int, img_size: int) -> VisionTransformer:
         try:
             model = timm.create_model(name, pretrained=bool(cfg.get("pretrained")), num_classes=num_classes,
                                       img_size=img_size)
-        except RuntimeError as e:
+        except Exception as e:
             if "Unknown model" in str(e):
                 raise LotusError(f"--model: timm has no model {name!r}")
-            raise LotusError(f"--model {name}: {e}".splitlines()[0])
-        except Exception as e:  # the hub is unreachable
+            if not cfg.get("pretrained"):
+                raise LotusError(f"--model {name}: {type(e).__name__}: {e}".splitlines()[0])
+            # the hub is unreachable, or has no weights under that name
             raise LotusError(f"--pretrained: cannot fetch timm weights for {name} ({type(e).__name__}: {e}); "
                              "offline, pass --checkpoint PATH or train from scratch".splitlines()[0])
         if not isinstance(model, VisionTransformer):

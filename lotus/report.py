@@ -125,6 +125,31 @@ def _plots(run: RunDir, res: dict) -> list[str]:
     return made
 
 
+def _findings(res: dict) -> list[str]:
+    """The issue's three claims, checked against this run's numbers (no interpretation)."""
+    out = []
+    if "oneshot" in res:
+        sw = res["oneshot"]
+        d = sw["oneshot_30_acc"] - sw["dense_acc"]
+        out.append(f"- One-shot 30% vs dense: {d:+.2f} points ({'within' if d >= -1 else 'NOT within'} 1 point).")
+    for which in ("isp", "issp"):
+        if which in res:
+            r = res[which]
+            d = r["accuracy"] - r["oneshot_at_actual_acc"]
+            out.append(f"- {which.upper()} vs one-shot at the same sparsity ({r['actual_sparsity']:.3f}): {d:+.2f} points "
+                       f"({'within' if d >= -1 else 'NOT within'} 1 point).")
+    ft = res.get("finetune", {})
+    for name, r in ft.items():
+        if r["kind"] == "ticket" and f"random_{r['keep']:g}" in ft:
+            rnd = ft[f"random_{r['keep']:g}"]
+            d = r["final_acc"] - rnd["final_acc"]
+            out.append(f"- Tickets vs random PatchDropout at keep {r['keep']:g}: {r['final_acc']:.2f}% vs "
+                       f"{rnd['final_acc']:.2f}% ({d:+.2f} points).")
+    if "full" in ft:
+        out.append(f"- Full data fine-tuning: {ft['full']['final_acc']:.2f}%.")
+    return ["", "## Findings (automatic)", ""] + out if out else []
+
+
 def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
     cfg = res["config"]
     L = ["# LOTUS run report", ""]
@@ -179,6 +204,7 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
         for name, r in res["finetune"].items():
             L.append(f"| {name} | {_fmt(r['final_acc'])} | {r['epochs_to_within_1']} | "
                      f"{_fmt(1e3 * r['step_time_s'] if r['step_time_s'] else None, 1)} | {_fmt(r['images_per_s'], 0)} |")
+    L += _findings(res)
     if plots:
         L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if res["timing"]:

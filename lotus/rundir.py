@@ -71,6 +71,11 @@ class RunDir:
                              "start one with `lotus run --data ... --out DIR`)")
         return cls(root)
 
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files a killed writer left behind (never a finished output)."""
+        for p in self.root.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
     def config(self) -> dict:
         return self.read_json("config.json")
 

@@ -60,3 +60,14 @@ def test_epochs_to_within():
     assert epochs_to_within([10, 50, 60, 60.5]) == 3
     assert epochs_to_within([70, 60]) == 1
     assert epochs_to_within([]) is None
+
+
+def test_train_bf16_autocast_runs():
+    data = _data(n=16)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    from lotus_kernels import sparsify_
+    sparsify_(m, sparsity=0.3)  # MaskedLinear under autocast too
+    h = train(m, data, data, epochs=1, lr=1e-3, batch_size=8, seed=0, bf16=True,
+              keep_idx=torch.arange(8).repeat(len(data), 1))
+    assert torch.isfinite(torch.tensor(h["train_loss"])).all() and len(h["val_acc"]) == 1
