@@ -61,7 +61,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.05, help="default: 0.05")
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (cosine after)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for training and evaluation")
-    g.add_argument("--pretrain-epochs", type=int, default=8, help="dense training epochs (default: 8)")
+    g.add_argument("--pretrain-epochs", type=int, default=15, help="dense training epochs (default: 15)")
     g = p.add_argument_group("attention tickets")
     g.add_argument("--keep-ratio", type=_fraction, default=0.9, help="patches a ticket keeps (default: 0.9)")
     g.add_argument("--compare-keeps", type=_floats, default=[0.9, 0.7, 0.5],
@@ -84,7 +84,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--finetune-mask", choices=("dense", "essential", "isp", "issp"), default="isp",
                    help="model every fine-tuning run starts from (default: isp)")
-    g.add_argument("--finetune-epochs", type=int, default=2, help="default: 2")
+    g.add_argument("--finetune-epochs", type=int, default=3, help="default: 3")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="default: 5e-4")
 
 
