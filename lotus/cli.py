@@ -86,6 +86,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="model every fine-tuning run starts from (default: isp)")
     g.add_argument("--finetune-epochs", type=int, default=3, help="default: 3")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="default: 5e-4")
+    g.add_argument("--timing-rounds", type=int, default=5,
+                   help="interleaved rounds of the train-step timing of every configuration (0: skip; default 5)")
 
 
 CONFIG_KEYS = ("data", "data_root", "img_size", "num_classes", "limit", "val_fraction", "seed", "threads", "model",
@@ -93,7 +95,7 @@ CONFIG_KEYS = ("data", "data_root", "img_size", "num_classes", "limit", "val_fra
                "eval_batch_size", "optimizer", "lr", "weight_decay", "warmup", "bf16", "pretrain_epochs",
                "keep_ratio", "compare_keeps", "overlay_images", "sweep", "tolerance", "isp_rounds", "isp_copies",
                "isp_subset", "isp_epochs", "isp_lr", "isp_vote", "issp_offsets", "finetune_mask", "finetune_epochs",
-               "finetune_lr")
+               "finetune_lr", "timing_rounds")
 
 
 def parser() -> argparse.ArgumentParser:

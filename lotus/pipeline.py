@@ -17,9 +17,9 @@ from . import model as model_mod
 from . import prune, report, tickets
 from .errors import LotusError
 from .rundir import RunDir, stage_seed
-from .train import barrier, evaluate, is_main, train
+from .train import barrier, evaluate, is_main, time_steps, train
 
-STAGES = ("pretrain", "score", "prune/sweep", "prune/isp", "prune/issp", "finetune", "report")
+STAGES = ("pretrain", "score", "prune/sweep", "prune/isp", "prune/issp", "finetune", "timing", "report")
 TIMING_KEYS = ("step_time_s", "images_per_s", "wall_s")
 
 
@@ -160,6 +160,25 @@ def stage_finetune_one(run, cfg, name, kind, keep):
     return hist
 
 
+def stage_timing(run, cfg):
+    """Train-step time of every configuration, interleaved on one batch (see ``train.time_steps``):
+    the per-run medians in the fine-tuning histories were taken minutes apart on a shared machine."""
+    import copy
+
+    tr, _ = _data(cfg)
+    start = finetune_start(run, cfg, cfg["finetune_mask"])
+    tick = run.load_torch("tickets.pt")["keep"]
+    setups = {"dense full": (load_model(run, cfg, "models/dense.pt"), {})}
+    for name, kind, keep in ft.configurations(cfg["compare_keeps"]):
+        kw = {"keep_idx": tick[f"{keep:g}"]} if kind == "ticket" else {"patch_drop_keep": keep} if kind == "random" else {}
+        setups[f"{cfg['finetune_mask']} {name}"] = (copy.deepcopy(start), kw)
+    med = time_steps(setups, tr, batch_size=cfg["batch_size"], rounds=cfg["timing_rounds"],
+                     seed=stage_seed(cfg["seed"], "timing"), optimizer=cfg["optimizer"], bf16=cfg["bf16"])
+    base = med["dense full"]
+    return {"step_time_s": med, "ratio_to_dense": {n: t / base for n, t in med.items()},
+            "rounds": cfg["timing_rounds"], "batch_size": cfg["batch_size"]}
+
+
 # ---------------------------------------------------------------- driver
 def run_stage(run: RunDir, name: str, fn, *args, redo: bool = False):
     if run.done(name) and not redo:
@@ -199,6 +218,9 @@ def run_all(run: RunDir, stages=STAGES, redo=False, only=None) -> None:
             run_stage(run, st, _stage_soup, run, cfg, which, weak_cache, redo=redo)
         elif st == "finetune":
             finetune_stages(run, cfg, only=only, redo=redo)
+        elif st == "timing":
+            if cfg.get("timing_rounds", 0) > 0:
+                run_stage(run, st, stage_timing, run, cfg, redo=redo)
         elif st == "report":
             if is_main():  # no collective calls in here: other ranks are done
                 print("lotus: stage report", flush=True)

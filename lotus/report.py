@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .rundir import RunDir
 
-TIMING_KEYS = ("step_time_s", "images_per_s", "wall_s")
+TIMING_KEYS = ("step_time_s", "images_per_s", "wall_s", "step_time", "ratio_to_dense")
 
 
 def strip_timing(obj):
@@ -46,6 +46,13 @@ def collect(run: RunDir) -> dict:
             fts[name] = r
     if fts:
         res["finetune"] = fts
+    if run.done("timing"):
+        r = run.result("timing")
+        order = ["dense full"] + [f"{cfg['finetune_mask']} {n}" for n, _, _ in configurations(cfg["compare_keeps"])]
+        for key in ("step_time_s", "ratio_to_dense"):  # JSON sorted the names: back to run order
+            r[key] = {n: r[key][n] for n in order if n in r[key]}
+        res["timing"]["timing"] = r.pop("wall_s")
+        res["step_time"] = r
     return res
 
 
@@ -110,15 +117,16 @@ def _plots(run: RunDir, res: dict) -> list[str]:
         run.save_figure("finetune.png", fig)
         plt.close(fig)
         made.append("finetune.png")
-        names = list(res["finetune"])
-        times = [1e3 * (res["finetune"][n]["step_time_s"] or 0) for n in names]
-        if "dense" in res and res["dense"]["step_time_s"]:
-            names, times = ["dense pretrain"] + names, [1e3 * res["dense"]["step_time_s"]] + times
+    if "step_time" in res:
+        med = res["step_time"]["step_time_s"]
+        names, times = list(med), [1e3 * v for v in med.values()]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ax.bar(range(len(times)), times, color="C2")
+        for i, n in enumerate(names):
+            ax.text(i, times[i], f"{res['step_time']['ratio_to_dense'][n]:.2f}x", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(times)), names, rotation=30, ha="right")
         ax.set_ylabel(f"median train step (ms), batch {res['config']['batch_size']}")
-        ax.set_title("Train-step time per configuration")
+        ax.set_title("Train-step time per configuration (interleaved; ratio to dense)")
         run.save_figure("step_time.png", fig)
         plt.close(fig)
         made.append("step_time.png")
@@ -199,12 +207,17 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
                     for x in res[which]["rounds"]))
     if "finetune" in res:
         L += ["", f"## Fine-tuning the `{cfg['finetune_mask']}` model ({cfg['finetune_epochs']} epochs)", "",
-              "| configuration | final val acc (%) | epochs to within 1 pt of final | step (ms) | images/s |",
+              "| configuration | final val acc (%) | epochs to within 1 pt of final | in-run step (ms) | images/s |",
               "|---|---:|---:|---:|---:|"]
         for name, r in res["finetune"].items():
             L.append(f"| {name} | {_fmt(r['final_acc'])} | {r['epochs_to_within_1']} | "
                      f"{_fmt(1e3 * r['step_time_s'] if r['step_time_s'] else None, 1)} | {_fmt(r['images_per_s'], 0)} |")
     L += _findings(res)
+    if "step_time" in res:
+        st = res["step_time"]
+        L += ["", f"## Train-step time (batch {st['batch_size']}, median of {st['rounds']} interleaved rounds)", "",
+              "| configuration | step (ms) | vs dense full |", "|---|---:|---:|"]
+        L += [f"| {n} | {1e3 * t:.1f} | {st['ratio_to_dense'][n]:.2f}x |" for n, t in st["step_time_s"].items()]
     if plots:
         L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if res["timing"]:

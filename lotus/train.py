@@ -209,3 +209,38 @@ def epochs_to_within(accs: list[float], points: float = 1.0) -> int | None:
     if not accs:
         return None
     return next(i + 1 for i, a in enumerate(accs) if a >= accs[-1] - points)
+
+
+def time_steps(setups: dict, data: Images, *, batch_size: int, rounds: int, seed: int, optimizer: str = "adamw",
+               lr: float = 1e-4, bf16: bool = False) -> dict:
+    """Median seconds of one training step per configuration, measured in interleaved rounds on one
+    fixed batch so that a busy machine slows every configuration alike (round 0 is warm-up).
+
+    setups: name -> (model, {"keep_idx": [N, K] | None, "patch_drop_keep": float | None}); the
+    models are trained a few steps in place (pass copies)."""
+    dev = device()
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:batch_size]
+    x = normalize(data.x[idx]).to(dev)
+    y = data.y[idx].to(dev)
+    opts = {n: make_optimizer(m, optimizer, lr, 0.0) for n, (m, _) in setups.items()}
+    times: dict = {n: [] for n in setups}
+    torch.manual_seed(seed)
+    for r in range(rounds + 1):
+        for name, (model, kw) in setups.items():
+            model.to(dev).train()
+            saved = model.patch_drop
+            if kw.get("patch_drop_keep") is not None and kw["patch_drop_keep"] < 1:
+                model.patch_drop = PatchDropout(1.0 - kw["patch_drop_keep"], num_prefix_tokens=model.num_prefix_tokens)
+            kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][idx].to(dev)}
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+                loss = F.cross_entropy(model(x, **kwargs).float(), y)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+            model.patch_drop = saved
+    return {n: statistics.median(t) for n, t in times.items()}
