@@ -109,6 +109,8 @@ def _plots(run: RunDir, res: dict) -> list[str]:
         for name, r in res["finetune"].items():
             style = {"full": "k-", "ticket": "-", "random": "--"}[r["kind"]]
             ax.plot(r["epoch"], r["val_acc"], style, marker="o", ms=3, label=name)
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("fine-tuning epoch")
         ax.set_ylabel("val accuracy (%)")
         ax.set_title(f"Fine-tuning the {res['config']['finetune_mask']} model: tickets vs random vs full")
