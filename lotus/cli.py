@@ -172,6 +172,16 @@ def _create(args):
     return RunDir.create(out, cfg)
 
 
+def _create_once(args):
+    """Under torchrun rank 0 validates and creates the run directory, the other ranks open it."""
+    from .rundir import RunDir
+    from .train import barrier, is_main
+
+    run = _create(args) if is_main() else None
+    barrier()
+    return run if run is not None else RunDir.open(args.out)
+
+
 def _evaluate(args) -> None:
     import torch
 
@@ -226,11 +236,11 @@ def _main(argv) -> None:
             if is_main():
                 run.remove_stale_temporaries()
         else:
-            run = _create(args)
+            run = _create_once(args)
         pipeline.run_all(run)
         print(f"lotus: done: {run.root / 'report.md'}")
     elif args.command == "pretrain":
-        pipeline.run_all(_create(args), stages=("pretrain",))
+        pipeline.run_all(_create_once(args), stages=("pretrain",))
     elif args.command in ("score", "report"):
         pipeline.run_all(RunDir.open(args.run_dir), stages=(args.command,), redo=args.redo)
     elif args.command == "prune":

@@ -34,6 +34,7 @@ def test_bad_data_exits_2_and_creates_nothing(tmp_path, capsys, override, match)
     assert not out.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the deliberately corrupt checkpoint
 def test_missing_data_and_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     _fails(capsys, ["run", "--data", str(tmp_path / "none.npz"), "--out", str(out)], "--data: file not found")
