@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
         "(essential sparsity -> ISP / ISSP), fine-tuned on sparse kernels, with a report.",
         epilog="Also: python -m lotus ...; torchrun --nproc_per_node=N -m lotus finetune RUN_DIR (DDP).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    r = sub.add_parser("run", help="all stages: pretrain, score, prune, finetune, report",
+    r = sub.add_parser("run", help="all stages: pretrain, score, prune, finetune, timing, report",
                        description="Run every stage into --out, or continue an interrupted run with --resume.")
     r.add_argument("--out", help="new (or empty) run directory")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue this run: unfinished stages are redone from scratch "
