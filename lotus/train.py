@@ -1,0 +1,246 @@
+"""The one training / evaluation loop every stage uses (pretrain, ISP weak copies, fine-tuning).
+
+AdamW or SGD, per-step cosine schedule with linear warm-up, optional bf16 autocast, evaluation
+after every epoch, and three kinds of training data: full images, per-image kept patches
+(``keep_idx`` [N, K], the attention tickets, via ``patch_vit``), or timm's random ``PatchDropout``.
+
+DDP-aware (``torchrun``): every global batch is split evenly across ranks and each rank's loss is
+its sum of per-sample losses over the *global* batch size times the world size, so DDP's gradient
+average equals the single-process gradient of the global batch mean.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.layers import PatchDropout
+from tqdm.auto import tqdm
+
+from .data import Images, normalize
+
+
+# ---------------------------------------------------------------- distributed
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _shard(idx: torch.Tensor) -> torch.Tensor:
+    rank, size = world()
+    return idx.tensor_split(size)[rank] if size > 1 else idx
+
+
+# ---------------------------------------------------------------- bf16 autocast
+class _MaskedLinearInFp32:
+    """While active, every MaskedLinear runs in fp32 with autocast off. ``ops.masked_linear`` has no
+    autocast rule yet: under bf16 autocast it would get a bf16 input and an fp32 weight (and refuse),
+    and its backward would see bf16 gradients. So the masked layers run in fp32, the rest in bf16."""
+
+    def __init__(self, model, enabled: bool):
+        self.model, self.enabled, self.layers = model, enabled, []
+
+    @staticmethod
+    def _forward(layer, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return type(layer).forward(layer, x.float())
+
+    def __enter__(self):
+        if self.enabled:
+            from lotus_kernels.nn import MaskedLinear
+
+            self.layers = [m for m in self.model.modules() if isinstance(m, MaskedLinear)]
+            for m in self.layers:
+                m.forward = functools.partial(self._forward, m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            del m.forward
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, data: Images, *, batch_size: int = 256, bf16: bool = False, desc: str | None = None) -> float:
+    """Top-1 accuracy (%) on ``data`` with every patch (ranks share the work)."""
+    dev = device()
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64)
+    idx_all = _shard(torch.arange(len(data)))
+    for start in tqdm(range(0, len(idx_all), batch_size), desc=desc, leave=False, disable=None if is_main() else True):
+        idx = idx_all[start:start + batch_size]
+        x = normalize(data.x[idx]).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+            pred = model(x).argmax(dim=1).cpu()
+        correct[0] += (pred == data.y[idx]).sum()
+        correct[1] += len(idx)
+    if world()[1] > 1:
+        dist.all_reduce(correct)
+    model.train(was_training)
+    return 100.0 * float(correct[0]) / max(float(correct[1]), 1.0)
+
+
+# ---------------------------------------------------------------- training
+def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model, name: str, lr: float, weight_decay: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: expected 'adamw' or 'sgd', got {name!r}")
+
+
+def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr: float, batch_size: int,
+          seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
+          bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
+          eval_batch_size: int = 256, desc: str = "train") -> dict:
+    """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
+
+    keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
+    patch_drop_keep  keep ratio of timm's random PatchDropout (training only), the random baseline
+    """
+    if keep_idx is not None and patch_drop_keep is not None:
+        raise ValueError("keep_idx / patch_drop_keep: choose one way of dropping patches")
+    torch.manual_seed(seed)  # PatchDropout draws from the global generator
+    order = torch.Generator().manual_seed(seed)
+    dev = device()
+    model.to(dev).train()
+    rank, size = world()
+    saved_patch_drop = model.patch_drop
+    if patch_drop_keep is not None and patch_drop_keep < 1:
+        model.patch_drop = PatchDropout(1.0 - patch_drop_keep, num_prefix_tokens=model.num_prefix_tokens)
+    net = model
+    if size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    n = len(train_data)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    warm = round(warmup * total)
+    hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None}
+    times, step = [], 0
+    try:
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=order)
+            bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                       disable=None if rank == 0 else True)
+            loss_sum, seen = torch.zeros(2, dtype=torch.float64), 0
+            for b in bar:
+                gidx = perm[b * batch_size:(b + 1) * batch_size]
+                idx = _shard(gidx)
+                t0 = time.perf_counter()
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total, lr, warm)
+                x = normalize(train_data.x[idx]).to(dev)
+                y = train_data.y[idx].to(dev)
+                kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[idx].to(dev)}
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+                    logits = net(x, **kwargs)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / len(gidx))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                loss_sum += torch.tensor([float(loss.detach()) * len(gidx) / size, len(idx)], dtype=torch.float64)
+                step += 1
+            if size > 1:
+                dist.all_reduce(loss_sum)
+            hist["epoch"].append(epoch + 1)
+            hist["train_loss"].append(float(loss_sum[0] / loss_sum[1]))
+            if val_data is not None:
+                acc = evaluate(model, val_data, batch_size=eval_batch_size, bf16=bf16, desc="eval")
+                hist["val_acc"].append(acc)
+                if rank == 0:
+                    tqdm.write(f"  {desc} epoch {epoch + 1}/{epochs}: loss {hist['train_loss'][-1]:.3f}, "
+                               f"val acc {acc:.2f}%")
+    finally:
+        model.patch_drop = saved_patch_drop
+    steady = times[1:] if len(times) > 1 else times
+    if steady:
+        hist["step_time_s"] = statistics.median(steady)
+        hist["images_per_s"] = batch_size / hist["step_time_s"]
+    return hist
+
+
+def epochs_to_within(accs: list[float], points: float = 1.0) -> int | None:
+    """First epoch (1-based) whose accuracy is within ``points`` of the final one."""
+    if not accs:
+        return None
+    return next(i + 1 for i, a in enumerate(accs) if a >= accs[-1] - points)
+
+
+def time_steps(setups: dict, data: Images, *, batch_size: int, rounds: int, seed: int, optimizer: str = "adamw",
+               lr: float = 1e-4, bf16: bool = False) -> dict:
+    """Median seconds of one training step per configuration, measured in interleaved rounds on one
+    fixed batch so that a busy machine slows every configuration alike (round 0 is warm-up).
+
+    setups: name -> (model, {"keep_idx": [N, K] | None, "patch_drop_keep": float | None}); the
+    models are trained a few steps in place (pass copies)."""
+    dev = device()
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:batch_size]
+    x = normalize(data.x[idx]).to(dev)
+    y = data.y[idx].to(dev)
+    opts = {n: make_optimizer(m, optimizer, lr, 0.0) for n, (m, _) in setups.items()}
+    times: dict = {n: [] for n in setups}
+    torch.manual_seed(seed)
+    for r in range(rounds + 1):
+        for name, (model, kw) in setups.items():
+            model.to(dev).train()
+            saved = model.patch_drop
+            if kw.get("patch_drop_keep") is not None and kw["patch_drop_keep"] < 1:
+                model.patch_drop = PatchDropout(1.0 - kw["patch_drop_keep"], num_prefix_tokens=model.num_prefix_tokens)
+            kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][idx].to(dev)}
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+                loss = F.cross_entropy(model(x, **kwargs).float(), y)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+            model.patch_drop = saved
+    return {n: statistics.median(t) for n, t in times.items()}

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from timm.layers import PatchDropout
+
+from lotus.data import Images
+from lotus.model import build
+from lotus.train import epochs_to_within, evaluate, lr_at, train
+
+from .test_model import CFG
+
+
+def _data(n=48, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    x[:, 0] = (y * 120).to(torch.uint8)[:, None, None]
+    return Images(x, y, classes)
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_train_learns_and_is_deterministic():
+    data = _data()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = build(CFG, 3, 16)
+        h = train(m, data, data, epochs=4, lr=3e-3, batch_size=16, seed=1)
+        runs.append((m, h))
+    (m1, h1), (m2, h2) = runs
+    assert h1["train_loss"][-1] < h1["train_loss"][0]
+    assert h1["val_acc"] == h2["val_acc"] and h1["train_loss"] == h2["train_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert h1["step_time_s"] > 0 and len(h1["val_acc"]) == 4
+    assert evaluate(m1, data) == h1["val_acc"][-1]
+
+
+def test_train_on_tickets_and_patch_dropout():
+    data = _data()
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    keep = torch.arange(4).repeat(len(data), 1)  # only the first 4 of 16 patches
+    h = train(m, data, None, epochs=1, lr=1e-3, batch_size=16, seed=0, keep_idx=keep)
+    assert h["val_acc"] == [] and len(h["train_loss"]) == 1
+    seen = []
+    m.patch_drop.register_forward_hook(lambda mod, i, o: seen.append(o.shape[1]))
+    train(m, data, None, epochs=1, lr=1e-3, batch_size=16, seed=0, patch_drop_keep=0.5)
+    assert not isinstance(m.patch_drop, PatchDropout)  # restored after training
+    with pytest.raises(ValueError, match="choose one"):
+        train(m, data, None, epochs=1, lr=1e-3, batch_size=16, seed=0, keep_idx=keep, patch_drop_keep=0.5)
+
+
+def test_epochs_to_within():
+    assert epochs_to_within([10, 50, 60, 60.5]) == 3
+    assert epochs_to_within([70, 60]) == 1
+    assert epochs_to_within([]) is None
+
+
+def test_train_bf16_autocast_runs():
+    data = _data(n=16)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    from lotus_kernels import sparsify_
+    sparsify_(m, sparsity=0.3)  # MaskedLinear under autocast too
+    h = train(m, data, data, epochs=1, lr=1e-3, batch_size=8, seed=0, bf16=True,
+              keep_idx=torch.arange(8).repeat(len(data), 1))
+    assert torch.isfinite(torch.tensor(h["train_loss"])).all() and len(h["val_acc"]) == 1
