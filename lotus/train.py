@@ -10,7 +10,6 @@ average equals the single-process gradient of the global batch mean.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import statistics
@@ -62,34 +61,6 @@ def _shard(idx: torch.Tensor) -> torch.Tensor:
     return idx.tensor_split(size)[rank] if size > 1 else idx
 
 
-# ---------------------------------------------------------------- bf16 autocast
-class _MaskedLinearInFp32:
-    """While active, every MaskedLinear runs in fp32 with autocast off. ``ops.masked_linear`` has no
-    autocast rule yet: under bf16 autocast it would get a bf16 input and an fp32 weight (and refuse),
-    and its backward would see bf16 gradients. So the masked layers run in fp32, the rest in bf16."""
-
-    def __init__(self, model, enabled: bool):
-        self.model, self.enabled, self.layers = model, enabled, []
-
-    @staticmethod
-    def _forward(layer, x):
-        with torch.autocast(x.device.type, enabled=False):
-            return type(layer).forward(layer, x.float())
-
-    def __enter__(self):
-        if self.enabled:
-            from lotus_kernels.nn import MaskedLinear
-
-            self.layers = [m for m in self.model.modules() if isinstance(m, MaskedLinear)]
-            for m in self.layers:
-                m.forward = functools.partial(self._forward, m)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            del m.forward
-
-
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, data: Images, *, batch_size: int = 256, bf16: bool = False, desc: str | None = None) -> float:
@@ -102,7 +73,7 @@ def evaluate(model, data: Images, *, batch_size: int = 256, bf16: bool = False, 
     for start in tqdm(range(0, len(idx_all), batch_size), desc=desc, leave=False, disable=None if is_main() else True):
         idx = idx_all[start:start + batch_size]
         x = normalize(data.x[idx]).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).argmax(dim=1).cpu()
         correct[0] += (pred == data.y[idx]).sum()
         correct[1] += len(idx)
@@ -174,7 +145,7 @@ def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr
                 x = normalize(train_data.x[idx]).to(dev)
                 y = train_data.y[idx].to(dev)
                 kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[idx].to(dev)}
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = net(x, **kwargs)
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / len(gidx))
                 opt.zero_grad(set_to_none=True)
@@ -233,7 +204,7 @@ def time_steps(setups: dict, data: Images, *, batch_size: int, rounds: int, seed
                 model.patch_drop = PatchDropout(1.0 - kw["patch_drop_keep"], num_prefix_tokens=model.num_prefix_tokens)
             kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][idx].to(dev)}
             t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16), _MaskedLinearInFp32(model, bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x, **kwargs).float(), y)
             opts[name].zero_grad(set_to_none=True)
             loss.backward()

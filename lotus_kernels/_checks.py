@@ -54,3 +54,17 @@ def index_range(name: str, idx: torch.Tensor, n: int) -> None:
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise IndexError(f"{name}: index {bad} is out of range; expected values in [0, {n})")
+
+
+def autocast_inputs(*tensors):
+    """The floating tensors cast to the autocast dtype when ``torch.autocast`` is on for their device,
+    as autocast casts ``F.linear`` / SDPA inputs (float64 is left alone, as autocast does). A
+    ``register_autocast`` rule would fix one dtype per device; this follows the context's dtype.
+    Called by the public op wrappers before the checks, so the ops see one dtype."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                                            torch.bfloat16) else t
+                 for t in tensors)

@@ -383,6 +383,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     >= the longest. ``return_scores``: None -> out; "cls" or "received" -> (out, scores [B, N], or
     [T] when packed) (see the module docstring for the definitions, padding and the ``sink`` rule).
     Differentiable in q, k, v."""
+    q, k, v = _checks.autocast_inputs(q, k, v)
     longest = _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens, max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is not None:

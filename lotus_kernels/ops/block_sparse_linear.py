@@ -335,5 +335,6 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tenso
     """``F.linear(x, W, bias)`` for the block-sparse weight W stored as (values, crow, col, ccol, row,
     perm) (see the module docstring; ``bsr_from_dense`` builds them). Gradients flow to ``x``,
     ``values`` (stored blocks only) and ``bias``."""
+    x, values, bias = _checks.autocast_inputs(x, values, bias)
     _check(x, values, crow, col, ccol, row, perm, bias)
     return _bsl_fwd(x, values, crow, col, ccol, row, perm, bias)

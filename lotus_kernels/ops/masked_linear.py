@@ -39,7 +39,8 @@ def check_mask(name: str, mask, shape, like: str) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)} to match {like}, got {tuple(mask.shape)}")
 
 
-def _check(x, weight, mask, bias) -> None:
+def check_linear_args(x, weight, mask, bias) -> None:
+    """x [..., in], weight [out, in] float, bool mask [out, in], bias [out]?: same device and dtype."""
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     out_features, in_features = weight.shape
     check_mask("mask", mask, weight.shape, "weight [out_features, in_features]")
@@ -137,5 +138,6 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
     """``F.linear(x, weight, bias)`` for a ``weight`` [out, in] pruned by the bool ``mask`` [out, in]
     (True = kept). ``weight`` must already be zero where ``mask`` is False (not checked: that would
     cost a pass over the weight per call); its gradient is zero there."""
-    _check(x, weight, mask, bias)
+    x, weight, bias = _checks.autocast_inputs(x, weight, bias)
+    check_linear_args(x, weight, mask, bias)
     return _masked_linear(x, weight, mask, bias)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .masked_linear import _ml_backward, _ml_setup, check_mask
+from .masked_linear import _ml_backward, _ml_setup, check_linear_args, check_mask
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -126,19 +126,9 @@ def semi_structured_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Te
     """``F.linear(x, weight, bias)`` on the 2:4 sparse kernels; ``weight`` must already be zero where
     the 2:4 ``mask`` is False (not re-checked per call). Raises if the kernels cannot run it (see
     ``kernel_unsupported``); ``nn.SemiStructuredLinear`` handles the fallback."""
-    _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    x, weight, bias = _checks.autocast_inputs(x, weight, bias)
+    check_linear_args(x, weight, mask, bias)
     out_features, in_features = weight.shape
-    check_mask("mask", mask, weight.shape, "weight [out_features, in_features]")
-    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x: expected shape [..., {in_features}] (last dim = weight's in_features), "
-                         f"got {tuple(x.shape)}")
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
-        if bias.shape[0] != out_features:
-            raise ValueError(f"bias: expected shape ({out_features},) (weight's out_features), got {tuple(bias.shape)}")
-    _checks.same_device(x=x, weight=weight, mask=mask, bias=bias)
-    _checks.same_dtype(x=x, weight=weight, bias=bias)
     why = kernel_unsupported(weight.device, weight.dtype, out_features, in_features)
     if why is not None:
         exc, msg = why
