@@ -19,6 +19,7 @@ from torch import nn
 
 from ..ops.block_sparse_linear import (BLOCK_SIZES, block_sparse_linear, bsr_from_dense, bsr_to_dense,
                                        check_block_size)
+from ._convert import linear_from
 
 _PATTERN = ("crow", "col", "ccol", "row", "perm")
 
@@ -161,14 +162,7 @@ class BlockSparseLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is the block-sparse weight (zeros outside the stored
         blocks) and the bias, copied."""
-        linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
-                                    device=self.values.device, dtype=self.values.dtype)
-        linear.weight.copy_(self.weight)
-        linear.weight.requires_grad_(self.values.requires_grad)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear.train(self.training)
+        return linear_from(self.weight, self.bias, requires_grad=self.values.requires_grad, training=self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

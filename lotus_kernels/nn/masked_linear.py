@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.masked_linear import check_mask, masked_linear
+from ._convert import linear_from, masked_layer_from_linear
 
 
 class MaskedLinear(nn.Module):
@@ -66,30 +67,13 @@ class MaskedLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         check_mask("mask", mask, linear.weight.shape, "linear.weight [out_features, in_features]")
-        w = linear.weight
-        layer = nn.utils.skip_init(cls, linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                   device=w.device, dtype=w.dtype)
-        layer.mask.copy_(mask)
-        layer.weight.copy_(w)
-        layer.weight.requires_grad_(w.requires_grad)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        layer._zero_pruned()
-        return layer.train(linear.training)
+        return masked_layer_from_linear(cls, linear, mask)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding a copy of the masked weight and the bias."""
-        w = self.weight
-        linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
-                                    device=w.device, dtype=w.dtype)
-        linear.weight.copy_(w.masked_fill(~self.mask, 0))
-        linear.weight.requires_grad_(w.requires_grad)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear.train(self.training)
+        return linear_from(self.weight.masked_fill(~self.mask, 0), self.bias,
+                           requires_grad=self.weight.requires_grad, training=self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state dict may carry nonzero weights at pruned positions (e.g. saved from a dense model,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..ops.masked_linear import masked_linear
+from ._convert import linear_from, masked_layer_from_linear
 from ..ops.semi_structured_linear import (check_semi_structured_mask, kernel_unsupported, semi_structured_linear,
                                           semi_structured_mask)
 
@@ -97,29 +98,13 @@ class SemiStructuredLinear(nn.Module):
             mask = semi_structured_mask(w)
         else:
             check_semi_structured_mask("mask", mask, w.shape, "linear.weight [out_features, in_features]")
-        layer = nn.utils.skip_init(cls, linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                   device=w.device, dtype=w.dtype, strict=strict)
-        layer.mask.copy_(mask)
-        layer.weight.copy_(w)
-        layer.weight.requires_grad_(w.requires_grad)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        layer._zero_pruned()
-        return layer.train(linear.training)
+        return masked_layer_from_linear(cls, linear, mask, strict=strict)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding a copy of the masked weight and the bias."""
-        w = self.weight
-        linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
-                                    device=w.device, dtype=w.dtype)
-        linear.weight.copy_(w.masked_fill(~self.mask, 0))
-        linear.weight.requires_grad_(w.requires_grad)
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear.train(self.training)
+        return linear_from(self.weight.masked_fill(~self.mask, 0), self.bias,
+                           requires_grad=self.weight.requires_grad, training=self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
