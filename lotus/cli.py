@@ -61,7 +61,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.05, help="default: 0.05")
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (cosine after)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for training and evaluation")
-    g.add_argument("--pretrain-epochs", type=int, default=15, help="dense training epochs (default: 15)")
+    g.add_argument("--pretrain-epochs", type=int, default=30, help="dense training epochs (default: 30)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="pretrain without random flips and 4-pixel shifts (fine-tuning never augments: a "
+                        "ticket's patch indices refer to the unaugmented image)")
     g = p.add_argument_group("attention tickets")
     g.add_argument("--keep-ratio", type=_fraction, default=0.9, help="patches a ticket keeps (default: 0.9)")
     g.add_argument("--compare-keeps", type=_floats, default=[0.9, 0.7, 0.5],
@@ -92,7 +95,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 CONFIG_KEYS = ("data", "data_root", "img_size", "num_classes", "limit", "val_fraction", "seed", "threads", "model",
                "pretrained", "checkpoint", "patch_size", "embed_dim", "depth", "heads", "mlp_ratio", "batch_size",
-               "eval_batch_size", "optimizer", "lr", "weight_decay", "warmup", "bf16", "pretrain_epochs",
+               "eval_batch_size", "optimizer", "lr", "weight_decay", "warmup", "bf16", "pretrain_epochs", "augment",
                "keep_ratio", "compare_keeps", "overlay_images", "sweep", "tolerance", "isp_rounds", "isp_copies",
                "isp_subset", "isp_epochs", "isp_lr", "isp_vote", "issp_offsets", "finetune_mask", "finetune_epochs",
                "finetune_lr", "timing_rounds")

@@ -74,7 +74,7 @@ def stage_pretrain(run, cfg):
     hist = train(model, tr, va, epochs=cfg["pretrain_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                  seed=stage_seed(cfg["seed"], "pretrain"), optimizer=cfg["optimizer"],
                  weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-                 eval_batch_size=cfg["eval_batch_size"], desc="pretrain")
+                 eval_batch_size=cfg["eval_batch_size"], augment=cfg.get("augment", False), desc="pretrain")
     acc = hist["val_acc"][-1] if hist["val_acc"] else evaluate(model, va, batch_size=cfg["eval_batch_size"])
     save_model(run, "models/dense.pt", model)
     return {"history": hist, "val_acc": acc, "n_train": len(tr), "n_val": len(va),

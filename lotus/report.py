@@ -170,7 +170,7 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
         d = res["dense"]
         L += [f"Train / val split: {d['n_train']} / {d['n_val']} images; {d['params']:,} parameters.", "",
               "## Dense model", "",
-              f"Pretrained {cfg['pretrain_epochs']} epochs: **val accuracy {d['val_acc']:.2f}%** "
+              f"Pretrained {cfg['pretrain_epochs']} epochs{' (random flips + 4-pixel shifts)' if cfg.get('augment') else ''}: **val accuracy {d['val_acc']:.2f}%** "
               f"(per epoch: {', '.join(f'{a:.1f}' for a in d['val_acc_per_epoch'])})."]
     if "tickets" in res:
         t = res["tickets"]

@@ -92,6 +92,18 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Random horizontal flips and translations by up to ``shift`` pixels (zero fill, i.e. the mean
+    after ``normalize``), drawn from ``gen`` for the whole global batch so that DDP ranks, each
+    taking its shard afterwards, see what one process would."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    off = torch.randint(0, 2 * shift + 1, (2, b), generator=gen)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (shift,) * 4)
+    return torch.stack([padded[i, :, off[0, i]:off[0, i] + h, off[1, i]:off[1, i] + w] for i in range(b)])
+
+
 def make_optimizer(model, name: str, lr: float, weight_decay: float):
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
@@ -104,14 +116,19 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
 def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr: float, batch_size: int,
           seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
           bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
-          eval_batch_size: int = 256, desc: str = "train") -> dict:
+          eval_batch_size: int = 256, augment: bool = False, desc: str = "train") -> dict:
     """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
     patch_drop_keep  keep ratio of timm's random PatchDropout (training only), the random baseline
+    augment          random flips and shifts (``augment_batch``); not with keep_idx, whose patch
+                     indices refer to the unaugmented images
     """
     if keep_idx is not None and patch_drop_keep is not None:
         raise ValueError("keep_idx / patch_drop_keep: choose one way of dropping patches")
+    if keep_idx is not None and augment:
+        raise ValueError("augment: not with keep_idx (a ticket's patch indices refer to the unaugmented image)")
+    aug_gen = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed)  # PatchDropout draws from the global generator
     order = torch.Generator().manual_seed(seed)
     dev = device()
@@ -142,7 +159,10 @@ def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, lr, warm)
-                x = normalize(train_data.x[idx]).to(dev)
+                if augment:
+                    x = augment_batch(normalize(train_data.x[gidx]), aug_gen)[_shard(torch.arange(len(gidx)))].to(dev)
+                else:
+                    x = normalize(train_data.x[idx]).to(dev)
                 y = train_data.y[idx].to(dev)
                 kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[idx].to(dev)}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):

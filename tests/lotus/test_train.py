@@ -4,7 +4,7 @@ from timm.layers import PatchDropout
 
 from lotus.data import Images
 from lotus.model import build
-from lotus.train import epochs_to_within, evaluate, lr_at, train
+from lotus.train import augment_batch, epochs_to_within, evaluate, lr_at, train
 
 from .test_model import CFG
 
@@ -71,3 +71,29 @@ def test_train_bf16_autocast_runs():
     h = train(m, data, data, epochs=1, lr=1e-3, batch_size=8, seed=0, bf16=True,
               keep_idx=torch.arange(8).repeat(len(data), 1))
     assert torch.isfinite(torch.tensor(h["train_loss"])).all() and len(h["val_acc"]) == 1
+
+
+def test_augment_batch_flips_and_shifts_deterministically():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    a = augment_batch(x, torch.Generator().manual_seed(3), shift=2)
+    b = augment_batch(x, torch.Generator().manual_seed(3), shift=2)
+    assert a.shape == x.shape and torch.equal(a, b)
+    for i in range(2):  # each output is a flip and/or a shift of its own input: its content survives
+        cands = []
+        for img in (x[i], x[i].flip(-1)):
+            p = torch.nn.functional.pad(img, (2,) * 4)
+            cands += [p[:, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(a[i], c) for c in cands)
+    many = augment_batch(x.repeat(32, 1, 1, 1), torch.Generator().manual_seed(0), shift=2)
+    assert not all(torch.equal(many[0], m) for m in many[2::2])  # not the identity for everyone
+
+
+def test_train_with_augmentation_learns_and_refuses_tickets():
+    data = _data()
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    h = train(m, data, data, epochs=3, lr=3e-3, batch_size=16, seed=1, augment=True)
+    assert h["train_loss"][-1] < h["train_loss"][0]
+    with pytest.raises(ValueError, match="augment: not with keep_idx"):
+        train(m, data, None, epochs=1, lr=1e-3, batch_size=16, seed=0, augment=True,
+              keep_idx=torch.arange(4).repeat(len(data), 1))
