@@ -34,9 +34,11 @@ test: $(STAMP)/build
 test-fast: $(STAMP)/build
 	$(PY) -m pytest tests -m "not slow" -x -q
 
-# The main job on embedded defaults (no download): the token-drop train-step benchmark.
+# The main job on embedded defaults (no download): the token-drop train-step benchmark, then a short
+# block-sparse linear run (-> benchmarks/results/block_sparse_linear_short.*).
 bench: $(STAMP)/build
 	$(PY) benchmarks/bench_token_drop.py
+	$(PY) benchmarks/bench_sparse_linear.py --sections block --short --no-progress
 
 clean:
 	rm -rf build $(STAMP) lotus_kernels/*.so

@@ -62,6 +62,8 @@ def parse_args(argv=None):
                    help="in x out of the block layer section (ViT-S and ViT-B MLP)")
     p.add_argument("--block-model", default="vit_small_patch16_224")
     p.add_argument("--block-keep", type=float, default=0.7)
+    p.add_argument("--short", action="store_true",
+                   help="the version `make bench` runs: ViT-S shapes only, 5 / 3 rounds; writes results/<name>_short.*")
     _harness.add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -69,6 +71,8 @@ def parse_args(argv=None):
         args.block_shapes, args.block_model = "64x128,128x64", "vit_tiny_patch16_224"
         args.layer_repeats = args.step_repeats = 2
         args.warmup = 1
+    elif args.short:
+        args.block_shapes, args.layer_repeats, args.step_repeats = "384x1536,1536x384", 5, 3
     args.sections = [x for x in args.sections.split(",") if x]
     bad = [x for x in args.sections if x not in SECTIONS]
     if bad:
@@ -371,7 +375,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, sync, meta = _harness.prepare(args)
 
-    rows, quick = [], "_quick" if args.quick else ""
+    rows, quick = [], "_quick" if args.quick else "_short" if args.short else ""
     if "unstructured" in args.sections:
         rows = run_layers(args, device, sync) + run_train(args, device, sync)
         for r in rows:
