@@ -10,53 +10,39 @@ construction and on ``load_state_dict``, preserved by training because its gradi
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import nn
 
 from ..ops.masked_linear import masked_linear
-from ._convert import linear_from, masked_layer_from_linear
 from ..ops.semi_structured_linear import (check_semi_structured_mask, kernel_unsupported, semi_structured_linear,
                                           semi_structured_mask)
+from ._convert import masked_layer_from_linear
+from ._masked_weight import MaskedWeightLinear
 
 
 class SemiStructuredFallbackWarning(UserWarning):
     """A ``SemiStructuredLinear`` runs a dense masked matmul because the 2:4 kernels cannot run it."""
 
 
-class SemiStructuredLinear(nn.Module):
+class SemiStructuredLinear(MaskedWeightLinear):
     """``y = x @ weight.T + bias`` with ``weight`` [out, in] 2:4 sparse where the bool buffer ``mask``
     is True. On construction the mask is the 2:4 magnitude mask of the initial weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  strict: bool = False):
-        super().__init__()
         if in_features % 4 != 0:
             raise ValueError(f"in_features={in_features} must be a multiple of 4 for 2:4 sparsity")
-        factory = dict(device=device, dtype=dtype)
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.strict = strict
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
         self._warned = False
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation, then the 2:4 magnitude mask of it."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
-        with torch.no_grad():
-            self.mask.copy_(semi_structured_mask(self.weight))
-        self._zero_pruned()
+    def _initial_mask(self) -> torch.Tensor:
+        return semi_structured_mask(self.weight)
 
-    @torch.no_grad()
-    def _zero_pruned(self) -> None:
-        self.weight.masked_fill_(~self.mask, 0)
+    def _check_loaded_mask(self, name: str) -> None:
+        check_semi_structured_mask(name, self.mask, self.weight.shape, "weight [out_features, in_features]")
 
     def kernel_unsupported_reason(self) -> str | None:
         """Why the 2:4 kernels cannot run this layer where it is now, or None if they can."""
@@ -78,10 +64,6 @@ class SemiStructuredLinear(nn.Module):
                           SemiStructuredFallbackWarning, stacklevel=4)  # the caller of module(x)
         return masked_linear(input, self.weight, self.mask, self.bias)
 
-    @property
-    def density(self) -> float:
-        return float(self.mask.sum()) / max(self.mask.numel(), 1)
-
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *,
@@ -100,20 +82,5 @@ class SemiStructuredLinear(nn.Module):
             check_semi_structured_mask("mask", mask, w.shape, "linear.weight [out_features, in_features]")
         return masked_layer_from_linear(cls, linear, mask, strict=strict)
 
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding a copy of the masked weight and the bias."""
-        return linear_from(self.weight.masked_fill(~self.mask, 0), self.bias,
-                           requires_grad=self.weight.requires_grad, training=self.training)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.mask.dtype != torch.bool:  # load_state_dict(assign=True) with a non-bool mask
-            self.mask = self.mask.bool()
-        check_semi_structured_mask(f"{prefix}mask", self.mask, self.weight.shape,
-                                   "weight [out_features, in_features]")
-        self._zero_pruned()
-
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}, strict={self.strict}")
+        return f"{super().extra_repr()}, strict={self.strict}"
