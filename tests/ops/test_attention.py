@@ -15,7 +15,7 @@ IMPLS = [("reference", "cpu"), *KERNELS]
 IMPL_IDS = [f"{b}-{d}" for b, d in IMPLS]
 
 # (N, D): ViT-S/16 tokens, a short sequence crossing a key block, a lone token, an odd head dim.
-SHAPES = [(197, 64), (50, 32), (1, 32), (70, 40)]
+SHAPES = [(197, 64), (50, 32), (1, 32), (70, 40), (33, 128)]  # head dims 32 / 64 / 128 and odd ones
 B, H = 2, 3
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
@@ -162,6 +162,7 @@ TRITON = [(b, d) for b, d in BACKENDS if b == "triton"]
 # The interpreter costs ~1 s per call at N = 197: a handful of cases that cover the kernel's paths
 # (multi-block keys, odd D, bf16, a lone token, padding incl. a fully padded image).
 TRITON_CASES = [((197, 64), torch.float32, "empty"), ((50, 32), torch.bfloat16, "lengths"),
+                ((33, 128), torch.float32, "lengths"),
                 ((1, 32), torch.float32, None), ((70, 40), torch.float32, "lengths"),
                 ((70, 40), torch.bfloat16, "empty"), ((9, 3), torch.float64, "lengths")]
 
