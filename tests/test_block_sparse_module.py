@@ -7,6 +7,7 @@ from torch import nn
 
 from lotus_kernels import densify_, sparsify_
 from lotus_kernels.nn import BlockSparseLinear, MaskedLinear
+from tests.conftest import assert_compiled_matches_eager
 from tests.test_sparsify import images, linear_names, tiny_vit
 
 
@@ -88,20 +89,9 @@ def test_state_dict_round_trip_and_pattern_mismatch():
 
 
 def test_torch_compile_fullgraph_forward_backward_matches_eager():
-    torch._dynamo.reset()
     layer = BlockSparseLinear.from_linear(nn.Linear(64, 48), torch.rand(3, 4) < 0.5, block_size=16)
     x = torch.randn(2, 5, 64, requires_grad=True)
-
-    def step(x):
-        return torch.tanh(layer(x)).square().sum()
-
-    got = torch.compile(step, fullgraph=True)(x)
-    got_grads = torch.autograd.grad(got, (x, layer.values, layer.bias))
-    want = step(x)
-    want_grads = torch.autograd.grad(want, (x, layer.values, layer.bias))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches_eager(lambda x: torch.tanh(layer(x)).square().sum(), (x,), (x, layer.values, layer.bias))
 
 
 BAD = [

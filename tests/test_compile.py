@@ -2,6 +2,8 @@ import torch
 
 from lotus_kernels.ops import gather_tokens, patch_embed_gather, scatter_tokens
 
+from .conftest import assert_compiled_matches_eager
+
 
 def step(images, idx, w, b, pos):
     x = patch_embed_gather(images, idx, w, b, pos)
@@ -10,19 +12,11 @@ def step(images, idx, w, b, pos):
 
 
 def test_torch_compile_fullgraph_forward_and_backward_match_eager():
-    torch._dynamo.reset()
     images = torch.randn(2, 3, 16, 16, requires_grad=True)
     idx = torch.tensor([[0, 3, 7, 15], [1, 2, 2, 9]])
     w, b, pos = (torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6, requires_grad=True),
                  torch.randn(1, 16, 6, requires_grad=True))
-    compiled = torch.compile(step, fullgraph=True)
-    got = compiled(images, idx, w, b, pos)
-    got_grads = torch.autograd.grad(got, (images, w, b, pos))
-    want = step(images, idx, w, b, pos)
-    want_grads = torch.autograd.grad(want, (images, w, b, pos))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    for g, e in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    assert_compiled_matches_eager(step, (images, idx, w, b, pos), (images, w, b, pos), rtol=1e-4, atol=1e-4)
 
 
 def test_opcheck_registrations():
