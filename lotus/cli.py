@@ -32,13 +32,23 @@ def _fraction(text: str) -> float:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="FILE.npz (x uint8 [N,3,H,W], y int64 [N]), 'cifar10' (torchvision, downloads "
+    g.add_argument("--data", help="FILE.npz (x uint8 [N,3,H,W], y int64 [N]; held-out split: --val-fraction), "
+                                  "'cifar10' (torchvision; its official test split is the held-out set; downloads "
                                   "into --data-root where the network allows) or an ImageFolder directory")
     g.add_argument("--data-root", default="data", help="where torchvision keeps CIFAR-10 (default: %(default)s)")
-    g.add_argument("--img-size", type=int, default=32, help="ImageFolder images are resized to this (default: 32)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="model input size; images are resized (and centre-cropped) to it by timm's transform "
+                        "(default: the model's own, e.g. 224 for vit_*_224; lotus_vit: the data's native size)")
+    g.add_argument("--crop-pct", type=_fraction, default=None,
+                   help="timm's crop_pct: resize to size / crop_pct, then centre-crop (default: the model's "
+                        "data config; 1.0 keeps all of a small image such as CIFAR's)")
     g.add_argument("--num-classes", type=int, default=None, help="number of classes (default: max label + 1)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N images (quick runs)")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only N images, stratified by class, split by --val-fraction (quick runs)")
     g.add_argument("--val-fraction", type=float, default=0.2, help="held-out validation fraction (default: 0.2)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default: 0 for .npz / cifar10, which are sliced and resized "
+                        "per batch; for an ImageFolder one per spare core, at most 8)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of every stage (default: 0)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, fixed per run so a resumed run reproduces it (default: 1; the small "
@@ -46,25 +56,39 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lotus_vit",
                    help="'lotus_vit' (small ViT at the data's resolution, below) or any timm ViT name")
-    g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
-    g.add_argument("--checkpoint", default=None, help="start from local weights (a state_dict, loaded weights_only)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (needs the hub) with the fine-tuning recipe")
+    g.add_argument("--checkpoint", default=None,
+                   help="start from local weights with the fine-tuning recipe: a file (.safetensors, or a torch "
+                        "state_dict, optionally {'state_dict': ..., 'pretrained_cfg': {mean, std, ...}}) or a "
+                        "hub-layout directory (config.json + model.safetensors); a classifier for other labels "
+                        "is replaced by a fresh head")
     g.add_argument("--patch-size", type=int, default=4, help="lotus_vit patch size (default: 4)")
     g.add_argument("--embed-dim", type=int, default=64, help="lotus_vit width (default: 64)")
     g.add_argument("--depth", type=int, default=4, help="lotus_vit blocks (default: 4)")
     g.add_argument("--heads", type=int, default=2, help="lotus_vit attention heads (default: 2)")
     g.add_argument("--mlp-ratio", type=float, default=2.0, help="lotus_vit MLP hidden / width (default: 2)")
-    g = p.add_argument_group("training (all stages)")
+    g = p.add_argument_group("training (all stages; unset values come from the recipe: from scratch, or "
+                             "fine-tuning for --pretrained / --checkpoint, see lotus/recipe.py)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (split across ranks; default 128)")
     g.add_argument("--eval-batch-size", type=int, default=512, help="evaluation / scoring batch size")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="default: adamw")
-    g.add_argument("--lr", type=float, default=2e-3, help="pretraining peak learning rate (default: 2e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="default: 0.05")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=None,
+                   help="timm's AdamW, or SGD with momentum 0.9 (default: adamw from scratch, sgd fine-tuning)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="dense (pretrain) peak learning rate (default: 2e-3 from scratch; fine-tuning 0.03 x "
+                        "batch / 512)")
+    g.add_argument("--weight-decay", type=float, default=None, help="default: 0.05 from scratch, 0 fine-tuning")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="clip the gradient norm (default: none from scratch, 1.0 fine-tuning; 0: none)")
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (cosine after)")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast for training and evaluation")
-    g.add_argument("--pretrain-epochs", type=int, default=30, help="dense training epochs (default: 30)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training and evaluation (default: on where a GPU is visible)")
+    g.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="dense training epochs (default: 30 from scratch; 5 fine-tuning, ~500 steps of CIFAR-10 "
+                        "at batch 512)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="pretrain without random flips and 4-pixel shifts (fine-tuning never augments: a "
-                        "ticket's patch indices refer to the unaugmented image)")
+                   help="pretrain without random flips and shifts by 1/8 of the side (fine-tuning never "
+                        "augments: a ticket's patch indices refer to the unaugmented image)")
     g = p.add_argument_group("attention tickets")
     g.add_argument("--keep-ratio", type=_fraction, default=0.9, help="patches a ticket keeps (default: 0.9)")
     g.add_argument("--compare-keeps", type=_floats, default=[0.9, 0.7, 0.5],
@@ -79,7 +103,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--isp-subset", type=_fraction, default=0.3,
                    help="fraction of the training split each weak copy fine-tunes on (default: 0.3; LOTUS: 0.1)")
     g.add_argument("--isp-epochs", type=int, default=1, help="epochs of each weak copy (default: 1)")
-    g.add_argument("--isp-lr", type=float, default=5e-4, help="weak-copy learning rate (default: 5e-4)")
+    g.add_argument("--isp-lr", type=float, default=None,
+                   help="weak-copy learning rate (default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning)")
     g.add_argument("--isp-vote", choices=("any", "majority", "all"), default="majority",
                    help="ISP mask merge: keep a weight kept by any / a majority / all copies (default: majority)")
     g.add_argument("--issp-offsets", type=_floats, default=[0.0, 0.1, 0.2],
@@ -88,12 +113,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-mask", choices=("dense", "essential", "isp", "issp"), default="isp",
                    help="model every fine-tuning run starts from (default: isp)")
     g.add_argument("--finetune-epochs", type=int, default=3, help="default: 3")
-    g.add_argument("--finetune-lr", type=float, default=5e-4, help="default: 5e-4")
+    g.add_argument("--finetune-lr", type=float, default=None,
+                   help="default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning a pretrained model")
     g.add_argument("--timing-rounds", type=int, default=5,
                    help="interleaved rounds of the train-step timing of every configuration (0: skip; default 5)")
 
 
-CONFIG_KEYS = ("data", "data_root", "img_size", "num_classes", "limit", "val_fraction", "seed", "threads", "model",
+CONFIG_KEYS = ("data", "data_root", "img_size", "crop_pct", "num_classes", "limit", "val_fraction", "workers",
+               "clip_grad", "seed", "threads", "model",
                "pretrained", "checkpoint", "patch_size", "embed_dim", "depth", "heads", "mlp_ratio", "batch_size",
                "eval_batch_size", "optimizer", "lr", "weight_decay", "warmup", "bf16", "pretrain_epochs", "augment",
                "keep_ratio", "compare_keeps", "overlay_images", "sweep", "tolerance", "isp_rounds", "isp_copies",
@@ -131,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Evaluate dense, one-shot 30%%, essential, ISP, ISSP and the ticket-fine-tuned "
                        "model of RUN_DIR on --data (all patches).")
     e.add_argument("run_dir", metavar="RUN_DIR")
-    e.add_argument("--data", required=True, help="FILE.npz with the run's image size and classes")
+    e.add_argument("--data", required=True, help="FILE.npz, cifar10 (its test split) or an ImageFolder with the "
+                   "run's classes; images go through the run's data config (resized to its input size)")
     e.add_argument("--json", action="store_true", help='print one JSON object: name -> {"accuracy", "n"}')
     return p
 
@@ -140,7 +168,13 @@ def _config(args) -> dict:
     cfg = {k: getattr(args, k) for k in CONFIG_KEYS}
     if cfg["threads"] < 1:
         raise LotusError(f"--threads: expected at least 1, got {cfg['threads']}")
-    for k in ("data", "checkpoint"):
+    for k, what in (("workers", "at least 0"), ("batch_size", "at least 1"), ("eval_batch_size", "at least 1")):
+        lo = 0 if k == "workers" else 1
+        if cfg[k] is not None and cfg[k] < lo:
+            raise LotusError(f"--{k.replace('_', '-')}: expected {what}, got {cfg[k]}")
+    if cfg["img_size"] is not None and cfg["img_size"] < 1:
+        raise LotusError(f"--img-size: expected a positive size, got {cfg['img_size']}")
+    for k in ("data", "checkpoint", "data_root"):
         if cfg[k] and cfg[k] != "cifar10":
             cfg[k] = str(Path(cfg[k]).resolve())
     return cfg
@@ -150,6 +184,7 @@ def _create(args):
     """Validate everything that can be wrong (data, model, checkpoint), then create the run dir."""
     from . import data as data_mod
     from . import model as model_mod
+    from . import recipe
     from .rundir import RunDir
 
     if not args.data:
@@ -160,10 +195,9 @@ def _create(args):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LotusError(f"--out: {out} already exists and is not empty; pass --resume {out} to continue "
                          "that run, or choose a new directory")
-    cfg = _config(args)
-    tr, va = data_mod.load_split(cfg)
-    cfg["num_classes"] = tr.num_classes
-    cfg["img_size"] = tr.img_size
+    cfg = recipe.resolve(_config(args))
+    sources = data_mod.open_sources(cfg)
+    cfg["num_classes"] = sources[0].num_classes
     keeps = cfg["compare_keeps"]
     if not keeps or any(not 0 < k <= 1 for k in keeps):
         raise LotusError(f"--compare-keeps: expected keep ratios in (0, 1], got {keeps}")
@@ -171,7 +205,14 @@ def _create(args):
         raise LotusError(f"--sweep: expected sparsities in [0, 1), got {cfg['sweep']}")
     if cfg["isp_rounds"] < 1 or cfg["isp_copies"] < 1:
         raise LotusError("--isp-rounds / --isp-copies: expected at least 1")
-    model_mod.build(cfg, cfg["num_classes"], cfg["img_size"])  # fails here on a bad --model / --checkpoint
+    size = cfg["img_size"]
+    if size is None and cfg["model"] == model_mod.DEFAULT_MODEL:
+        size = sources[0].native_size or 32
+    model = model_mod.build(cfg, cfg["num_classes"], size)  # fails here on a bad --model / --checkpoint
+    cfg["img_size"] = int(model.patch_embed.img_size[0])
+    cfg["data_config"] = model_mod.data_config(model, cfg)
+    del model
+    data_mod.load_split(cfg, sources)  # fails here on a bad --limit / --val-fraction
     return RunDir.create(out, cfg)
 
 
@@ -196,10 +237,7 @@ def _evaluate(args) -> None:
     run = RunDir.open(args.run_dir)
     cfg = run.config()
     pipeline.setup(cfg)
-    images = data_mod.load_npz(args.data, cfg["num_classes"])
-    if images.img_size != cfg["img_size"]:
-        raise LotusError(f"--data: images are {images.img_size}x{images.img_size}, the run's model expects "
-                         f"{cfg['img_size']}x{cfg['img_size']}")
+    images = data_mod.load_eval(args.data, cfg)  # through the run's data config (resized as in the run)
     ticket = f"finetune_ticket_{cfg['keep_ratio']:g}"
     candidates = {"dense": "models/dense.pt", "oneshot_30": "masks/oneshot_30.pt", "essential": "masks/essential.pt",
                   "isp": "models/isp.pt", "issp": "models/issp.pt", "ticket_finetuned": f"models/{ticket}.pt"}

@@ -74,7 +74,8 @@ def stage_pretrain(run, cfg):
     hist = train(model, tr, va, epochs=cfg["pretrain_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                  seed=stage_seed(cfg["seed"], "pretrain"), optimizer=cfg["optimizer"],
                  weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-                 eval_batch_size=cfg["eval_batch_size"], augment=cfg.get("augment", False), desc="pretrain")
+                 eval_batch_size=cfg["eval_batch_size"], augment=cfg.get("augment", False),
+                 clip_grad=cfg.get("clip_grad") or None, desc="pretrain")
     acc = hist["val_acc"][-1] if hist["val_acc"] else evaluate(model, va, batch_size=cfg["eval_batch_size"])
     save_model(run, "models/dense.pt", model)
     return {"history": hist, "val_acc": acc, "n_train": len(tr), "n_val": len(va),
@@ -162,16 +163,15 @@ def stage_finetune_one(run, cfg, name, kind, keep):
 
 def stage_timing(run, cfg):
     """Train-step time of every configuration, interleaved on one batch (see ``train.time_steps``):
-    the per-run medians in the fine-tuning histories were taken minutes apart on a shared machine."""
-    import copy
-
+    the per-run medians in the fine-tuning histories were taken minutes apart on a shared machine.
+    Each configuration's model is rebuilt from the run directory for its turn, so one model (and
+    its optimizer state) is alive at a time."""
     tr, _ = _data(cfg)
-    start = finetune_start(run, cfg, cfg["finetune_mask"])
     tick = run.load_torch("tickets.pt")["keep"]
-    setups = {"dense full": (load_model(run, cfg, "models/dense.pt"), {})}
+    setups = {"dense full": (lambda: load_model(run, cfg, "models/dense.pt"), {})}
     for name, kind, keep in ft.configurations(cfg["compare_keeps"]):
         kw = {"keep_idx": tick[f"{keep:g}"]} if kind == "ticket" else {"patch_drop_keep": keep} if kind == "random" else {}
-        setups[f"{cfg['finetune_mask']} {name}"] = (copy.deepcopy(start), kw)
+        setups[f"{cfg['finetune_mask']} {name}"] = (lambda: finetune_start(run, cfg, cfg["finetune_mask"]), kw)
     med = time_steps(setups, tr, batch_size=cfg["batch_size"], rounds=cfg["timing_rounds"],
                      seed=stage_seed(cfg["seed"], "timing"), optimizer=cfg["optimizer"], bf16=cfg["bf16"])
     base = med["dense full"]

@@ -15,20 +15,22 @@ from tqdm.auto import tqdm
 
 from lotus_kernels import select_keep
 
-from .data import Images, normalize
+from .data import ImageSet, loader
 from .train import device
 
 
 @torch.no_grad()
-def score(model, data: Images, *, batch_size: int = 256) -> torch.Tensor:
-    """[N, num_patches] float32 patch scores of every image in ``data``."""
+def score(model, data: ImageSet, *, batch_size: int = 256) -> torch.Tensor:
+    """[N, num_patches] float32 patch scores of every image in ``data``, row i for image id i."""
     dev = device()
     model.to(dev).eval()
-    out = []
-    for start in tqdm(range(0, len(data), batch_size), desc="score patches", leave=False, disable=None):
-        x = normalize(data.x[start:start + batch_size]).to(dev)
-        out.append(model.patch_scores(x).float().cpu())
-    return torch.cat(out)
+    out = None
+    for xb, _, ids in tqdm(loader(data, batch_size, shuffle=False), desc="score patches", leave=False, disable=None):
+        s = model.patch_scores(data.prepare(xb, dev)).float().cpu()
+        if out is None:
+            out = torch.empty((len(data), s.shape[1]), dtype=torch.float32)
+        out[ids] = s
+    return out
 
 
 def keep_indices(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -36,7 +38,7 @@ def keep_indices(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return select_keep(scores, keep_ratio)
 
 
-def overlay_figure(data: Images, scores: torch.Tensor, keep_ratio: float, patch_size: int, n_images: int = 8):
+def overlay_figure(data: ImageSet, scores: torch.Tensor, keep_ratio: float, patch_size: int, n_images: int = 8):
     """A figure: per image, the picture, its score map, and the kept patches (dropped ones greyed)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -47,7 +49,7 @@ def overlay_figure(data: Images, scores: torch.Tensor, keep_ratio: float, patch_
     keep = keep_indices(scores[:n], keep_ratio)
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.0), squeeze=False)
     for i in range(n):
-        img = data.x[i].permute(1, 2, 0).numpy()
+        img = data.view(i).permute(1, 2, 0).numpy()  # the image as the model sees it
         mask = np.zeros(grid * grid, dtype=bool)
         mask[keep[i].numpy()] = True
         big = np.kron(mask.reshape(grid, grid), np.ones((patch_size, patch_size), dtype=bool))

@@ -1,12 +1,16 @@
 """The one training / evaluation loop every stage uses (pretrain, ISP weak copies, fine-tuning).
 
-AdamW or SGD, per-step cosine schedule with linear warm-up, optional bf16 autocast, evaluation
-after every epoch, and three kinds of training data: full images, per-image kept patches
-(``keep_idx`` [N, K], the attention tickets, via ``patch_vit``), or timm's random ``PatchDropout``.
+AdamW or SGD (timm's optimizer factory: no weight decay on biases, norms and embeddings), per-step
+cosine schedule with linear warm-up, optional gradient clipping and bf16 autocast, evaluation after
+every epoch, and three kinds of training data: full images, per-image kept patches (``keep_idx``
+[N, K], the attention tickets, via ``patch_vit``), or timm's random ``PatchDropout``.
 
-DDP-aware (``torchrun``): every global batch is split evenly across ranks and each rank's loss is
+Batches come from ``data.loader`` (a DataLoader over the set, ids included, so ``keep_idx`` is
+indexed by image id) and become model input on the device through ``data.prepare``.
+
+DDP-aware (``torchrun``): each rank loads its share of every global batch and each rank's loss is
 its sum of per-sample losses over the *global* batch size times the world size, so DDP's gradient
-average equals the single-process gradient of the global batch mean.
+average equals the single-process gradient of the global batch mean, shards even or not.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import PatchDropout
 from tqdm.auto import tqdm
 
-from .data import Images, normalize
+from .data import ImageSet, loader, my_positions
 
 
 # ---------------------------------------------------------------- distributed
@@ -56,27 +60,28 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _shard(idx: torch.Tensor) -> torch.Tensor:
+def _batches(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0):
+    """This rank's batches of ``data`` (uint8 images, labels, ids); see ``data.loader``."""
     rank, size = world()
-    return idx.tensor_split(size)[rank] if size > 1 else idx
+    return loader(data, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=size,
+                  pin_memory=torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, data: Images, *, batch_size: int = 256, bf16: bool = False, desc: str | None = None) -> float:
+def evaluate(model, data: ImageSet, *, batch_size: int = 256, bf16: bool = False, desc: str | None = None) -> float:
     """Top-1 accuracy (%) on ``data`` with every patch (ranks share the work)."""
     dev = device()
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64)
-    idx_all = _shard(torch.arange(len(data)))
-    for start in tqdm(range(0, len(idx_all), batch_size), desc=desc, leave=False, disable=None if is_main() else True):
-        idx = idx_all[start:start + batch_size]
-        x = normalize(data.x[idx]).to(dev)
+    for xb, yb, _ in tqdm(_batches(data, batch_size, shuffle=False), desc=desc, leave=False,
+                          disable=None if is_main() else True):
+        x = data.prepare(xb, dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).argmax(dim=1).cpu()
-        correct[0] += (pred == data.y[idx]).sum()
-        correct[1] += len(idx)
+        correct[0] += (pred == yb).sum()
+        correct[1] += len(yb)
     if world()[1] > 1:
         dist.all_reduce(correct)
     model.train(was_training)
@@ -92,45 +97,59 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: int = 4, positions: torch.Tensor | None = None,
+                  total: int | None = None) -> torch.Tensor:
     """Random horizontal flips and translations by up to ``shift`` pixels (zero fill, i.e. the mean
-    after ``normalize``), drawn from ``gen`` for the whole global batch so that DDP ranks, each
-    taking its shard afterwards, see what one process would."""
+    after normalisation), drawn from ``gen`` for the whole global batch of ``total`` images (default
+    ``len(x)``), of which ``x`` holds the ``positions`` (default all): DDP ranks, each holding its
+    share, see what one process would."""
     b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    off = torch.randint(0, 2 * shift + 1, (2, b), generator=gen)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    total = b if total is None else total
+    flip = torch.rand(total, generator=gen) < 0.5
+    off = torch.randint(0, 2 * shift + 1, (2, total), generator=gen)
+    if positions is not None:
+        flip, off = flip[positions], off[:, positions]
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     padded = F.pad(x, (shift,) * 4)
-    return torch.stack([padded[i, :, off[0, i]:off[0, i] + h, off[1, i]:off[1, i] + w] for i in range(b)])
+    off = off.tolist()
+    return torch.stack([padded[i, :, off[0][i]:off[0][i] + h, off[1][i]:off[1][i] + w] for i in range(b)])
+
+
+OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}  # ours -> timm's name (SGD: momentum 0.9, not Nesterov)
 
 
 def make_optimizer(model, name: str, lr: float, weight_decay: float):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"optimizer: expected 'adamw' or 'sgd', got {name!r}")
+    """timm's optimizer factory: weight decay on weight matrices only (not on biases, norms, the
+    class token or position embeddings, the usual ViT recipe)."""
+    from timm.optim import create_optimizer_v2
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {name!r}")
+    return create_optimizer_v2(model, opt=OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, momentum=0.9)
 
 
-def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr: float, batch_size: int,
+def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int, lr: float, batch_size: int,
           seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
           bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
-          eval_batch_size: int = 256, augment: bool = False, desc: str = "train") -> dict:
+          eval_batch_size: int = 256, augment: bool = False, clip_grad: float | None = None,
+          desc: str = "train") -> dict:
     """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
     patch_drop_keep  keep ratio of timm's random PatchDropout (training only), the random baseline
-    augment          random flips and shifts (``augment_batch``); not with keep_idx, whose patch
-                     indices refer to the unaugmented images
+    augment          random flips and shifts by 1/8 of the image side (``augment_batch``); not with
+                     keep_idx, whose patch indices refer to the unaugmented images
+    clip_grad        clip the global gradient norm to this value (None: no clipping)
     """
     if keep_idx is not None and patch_drop_keep is not None:
         raise ValueError("keep_idx / patch_drop_keep: choose one way of dropping patches")
     if keep_idx is not None and augment:
         raise ValueError("augment: not with keep_idx (a ticket's patch indices refer to the unaugmented image)")
+    if keep_idx is not None and keep_idx.shape[0] != len(train_data):
+        raise ValueError(f"keep_idx: expected one row per training image ({len(train_data)}), got {keep_idx.shape[0]}")
     aug_gen = torch.Generator().manual_seed(seed + 1)
+    shift = max(1, train_data.img_size // 8)
     torch.manual_seed(seed)  # PatchDropout draws from the global generator
-    order = torch.Generator().manual_seed(seed)
     dev = device()
     model.to(dev).train()
     rank, size = world()
@@ -149,32 +168,33 @@ def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr
     times, step = [], 0
     try:
         for epoch in range(epochs):
-            perm = torch.randperm(n, generator=order)
-            bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                       disable=None if rank == 0 else True)
-            loss_sum, seen = torch.zeros(2, dtype=torch.float64), 0
-            for b in bar:
-                gidx = perm[b * batch_size:(b + 1) * batch_size]
-                idx = _shard(gidx)
+            batches = _batches(train_data, batch_size, shuffle=True, seed=seed, epoch=epoch)
+            bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None if rank == 0 else True)
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            for b, (xb, yb, ids) in enumerate(bar):
+                start = b * batch_size
+                n_global = min(batch_size, n - start)  # this global batch, all ranks together
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, lr, warm)
+                x = train_data.prepare(xb, dev)
                 if augment:
-                    x = augment_batch(normalize(train_data.x[gidx]), aug_gen)[_shard(torch.arange(len(gidx)))].to(dev)
-                else:
-                    x = normalize(train_data.x[idx]).to(dev)
-                y = train_data.y[idx].to(dev)
-                kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[idx].to(dev)}
+                    x = augment_batch(x, aug_gen, shift, positions=my_positions(start, n_global, rank, size),
+                                      total=n_global)
+                y = yb.to(dev, non_blocking=True)
+                kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[ids].to(dev)}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = net(x, **kwargs)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / len(gidx))
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / n_global)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                 opt.step()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-                loss_sum += torch.tensor([float(loss.detach()) * len(gidx) / size, len(idx)], dtype=torch.float64)
+                loss_sum += torch.tensor([float(loss.detach()) * n_global / size, len(ids)], dtype=torch.float64)
                 step += 1
             if size > 1:
                 dist.all_reduce(loss_sum)
@@ -202,36 +222,46 @@ def epochs_to_within(accs: list[float], points: float = 1.0) -> int | None:
     return next(i + 1 for i, a in enumerate(accs) if a >= accs[-1] - points)
 
 
-def time_steps(setups: dict, data: Images, *, batch_size: int, rounds: int, seed: int, optimizer: str = "adamw",
+def time_steps(setups: dict, data: ImageSet, *, batch_size: int, rounds: int, seed: int, optimizer: str = "adamw",
                lr: float = 1e-4, bf16: bool = False) -> dict:
     """Median seconds of one training step per configuration, measured in interleaved rounds on one
-    fixed batch so that a busy machine slows every configuration alike (round 0 is warm-up).
+    fixed batch so that a busy machine slows every configuration alike.
 
-    setups: name -> (model, {"keep_idx": [N, K] | None, "patch_drop_keep": float | None}); the
-    models are trained a few steps in place (pass copies)."""
+    setups: name -> (model or a function building it, {"keep_idx": [N, K] | None, "patch_drop_keep":
+    float | None}). A function is called afresh in every round and its model dropped after its
+    steps, so only one model and optimizer are alive at a time (a ViT-B with AdamW state is ~1 GB);
+    a model given as such is trained in place (pass a copy). Each turn runs one untimed warm-up step
+    (optimizer state, allocator) and one timed step."""
     dev = device()
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    x = normalize(data.x[idx]).to(dev)
-    y = data.y[idx].to(dev)
-    opts = {n: make_optimizer(m, optimizer, lr, 0.0) for n, (m, _) in setups.items()}
+    xb, yb, ids = data.__getitems__(idx.tolist())
+    x, y = data.prepare(xb, dev), yb.to(dev)
+    held_opts: dict = {}
     times: dict = {n: [] for n in setups}
     torch.manual_seed(seed)
-    for r in range(rounds + 1):
-        for name, (model, kw) in setups.items():
+    for _ in range(max(rounds, 1)):
+        for name, (made, kw) in setups.items():
+            model = made if isinstance(made, torch.nn.Module) else made()
             model.to(dev).train()
+            if isinstance(made, torch.nn.Module):
+                opt = held_opts.setdefault(name, make_optimizer(model, optimizer, lr, 0.0))
+            else:
+                opt = make_optimizer(model, optimizer, lr, 0.0)
             saved = model.patch_drop
             if kw.get("patch_drop_keep") is not None and kw["patch_drop_keep"] < 1:
                 model.patch_drop = PatchDropout(1.0 - kw["patch_drop_keep"], num_prefix_tokens=model.num_prefix_tokens)
-            kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][idx].to(dev)}
-            t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x, **kwargs).float(), y)
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if r > 0:
-                times[name].append(time.perf_counter() - t0)
+            kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][ids].to(dev)}
+            for timed in (False, True):
+                t0 = time.perf_counter()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(model(x, **kwargs).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if timed:
+                    times[name].append(time.perf_counter() - t0)
             model.patch_drop = saved
+            del model, opt, loss
     return {n: statistics.median(t) for n, t in times.items()}

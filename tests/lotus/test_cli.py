@@ -44,7 +44,7 @@ def test_missing_data_and_checkpoints(tmp_path, capsys):
     _fails(capsys, ["run", "--data", str(data), "--out", str(out), *TINY, "--checkpoint", str(bad)],
            "--checkpoint: cannot read")
     other = tmp_path / "other.pt"
-    torch.save(build(CFG, 9, 16).state_dict(), other)  # 9 classes, the data has 4
+    torch.save(build(dict(CFG, embed_dim=48), 4, 16).state_dict(), other)  # another width: not this model
     _fails(capsys, ["run", "--data", str(data), "--out", str(out), *TINY, "--checkpoint", str(other)],
            "does not match the model")
     assert not out.exists()
@@ -90,6 +90,8 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"dense", "oneshot_30", "essential", "isp", "issp", "ticket_finetuned"}
     assert all(v["n"] == 24 and 0 <= v["accuracy"] <= 100 for v in out.values())
-    _fails(capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "big.npz", size=32))], "expects 16x16")
+    # other data goes through the run's data config: 32-px images are resized to the model's 16
+    main(["evaluate", str(run), "--data", str(make_npz(tmp_path / "big.npz", n=8, size=32)), "--json"])
+    assert all(v["n"] == 8 for v in json.loads(capsys.readouterr().out).values())
     _fails(capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "c.npz", classes=6))],
            "labels out of range")
