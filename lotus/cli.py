@@ -128,8 +128,16 @@ CONFIG_KEYS = ("data", "data_root", "img_size", "crop_pct", "num_classes", "limi
                "finetune_lr", "timing_rounds")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit 2 (no usage block)."""
+
+    def error(self, message):
+        print(f"lotus: error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lotus", description="LOTUS on lotus_kernels: attention data tickets + two-step magnitude pruning "
         "(essential sparsity -> ISP / ISSP), fine-tuned on sparse kernels, with a report.",
         epilog="Also: python -m lotus ...; torchrun --nproc_per_node=N -m lotus finetune RUN_DIR (DDP).")

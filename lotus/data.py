@@ -303,8 +303,10 @@ def load_cifar10(root, train: bool = True, num_classes: int | None = None) -> Te
     """One official split of torchvision's CIFAR-10, as it keeps it: uint8 NHWC in memory (no copy)."""
     from torchvision.datasets import CIFAR10
 
+    # Download only into an empty place: a damaged copy is reported, not silently fetched again.
+    download = not (Path(root) / CIFAR10.base_folder).exists()
     try:
-        ds = CIFAR10(root=str(root), train=train, download=True)
+        ds = CIFAR10(root=str(root), train=train, download=download)
     except Exception as e:  # offline: URLError; a damaged folder: RuntimeError from the checksum test
         raise LotusError(f"--data cifar10: cannot load CIFAR-10 under --data-root {root} ({type(e).__name__}: {e})"
                          .splitlines()[0])

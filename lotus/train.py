@@ -166,6 +166,7 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
     warm = round(warmup * total)
     hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None}
     times, step = [], 0
+    seen = torch.zeros(size, dtype=torch.float64)  # images each rank trained on (its shard of every batch)
     try:
         for epoch in range(epochs):
             batches = _batches(train_data, batch_size, shuffle=True, seed=seed, epoch=epoch)
@@ -188,13 +189,14 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / n_global)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if clip_grad is not None:
+                if clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                 opt.step()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
                 loss_sum += torch.tensor([float(loss.detach()) * n_global / size, len(ids)], dtype=torch.float64)
+                seen[rank] += len(ids)
                 step += 1
             if size > 1:
                 dist.all_reduce(loss_sum)
@@ -208,6 +210,9 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                                f"val acc {acc:.2f}%")
     finally:
         model.patch_drop = saved_patch_drop
+    if size > 1:
+        dist.all_reduce(seen)
+    hist["world_size"], hist["images_per_rank"] = size, [int(v) for v in seen]
     steady = times[1:] if len(times) > 1 else times
     if steady:
         hist["step_time_s"] = statistics.median(steady)

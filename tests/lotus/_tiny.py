@@ -44,3 +44,54 @@ def lotus_cmd(*args) -> list[str]:
 def run_lotus(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(lotus_cmd(*args), env=env(), cwd=REPO, capture_output=True, text=True, check=check,
                           timeout=timeout)
+
+
+def make_image_folder(root, per_class=(3, 3), size=(40, 30), seed=0) -> Path:
+    """An ImageFolder (class_0/, class_1/, ...) of PNGs of ``size`` (W, H) whose colour encodes the class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for c, n in enumerate(per_class):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = rng.integers(0, 256, (size[1], size[0], 3)).astype(np.uint8)
+            a[..., 0] = 255 * c // max(len(per_class) - 1, 1)
+            Image.fromarray(a).save(d / f"img_{i:03d}.png")
+    return root
+
+
+def make_fake_cifar10(root, n_train=60, n_test=20, seed=0) -> Path:
+    """A ``cifar-10-batches-py`` folder in torchvision's format (5 training batches + test batch) with
+    random images; returns the md5 sums torchvision checks, to patch in (the real ones are fixed)."""
+    import hashlib
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    d = Path(root) / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    sums = {}
+
+    def write(name, n):
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        data = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        sums[name] = hashlib.md5((d / name).read_bytes()).hexdigest()
+
+    for i in range(1, 6):
+        write(f"data_batch_{i}", n_train // 5)
+    write("test_batch", n_test)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    sums["batches.meta"] = hashlib.md5((d / "batches.meta").read_bytes()).hexdigest()
+    return sums
+
+
+def patch_cifar_md5(monkeypatch, sums) -> None:
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", sums[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", sums["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", dict(CIFAR10.meta, md5=sums["batches.meta"]))
