@@ -180,6 +180,8 @@ def _config(args) -> dict:
         lo = 0 if k == "workers" else 1
         if cfg[k] is not None and cfg[k] < lo:
             raise LotusError(f"--{k.replace('_', '-')}: expected {what}, got {cfg[k]}")
+    if cfg["clip_grad"] is not None and cfg["clip_grad"] < 0:
+        raise LotusError(f"--clip-grad: expected a norm >= 0 (0: no clipping), got {cfg['clip_grad']}")
     if cfg["img_size"] is not None and cfg["img_size"] < 1:
         raise LotusError(f"--img-size: expected a positive size, got {cfg['img_size']}")
     for k in ("data", "checkpoint", "data_root"):
