@@ -1,5 +1,6 @@
 """Builds lotus_kernels._C (C++ CPU kernels, always) and lotus_kernels._cuda (CUDA C++, when nvcc is
-found or LOTUS_BUILD_CUDA=1; LOTUS_BUILD_CUDA=0 skips it). Build with --no-build-isolation so the
+found or LOTUS_BUILD_CUDA=1; LOTUS_BUILD_CUDA=0 skips it; LOTUS_BUILD_EXT=0 builds none, for an editable
+install over an in-place build). Build with --no-build-isolation so the
 extensions link against the torch that is installed, and with ninja (MAX_JOBS caps its jobs)."""
 import glob
 import os
@@ -56,5 +57,9 @@ if _want_cuda():
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
         )
     )
+
+if os.environ.get("LOTUS_BUILD_EXT") == "0":
+    # `make install`: the extensions are already built in place; install the package only
+    ext_modules = []
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
