@@ -235,16 +235,36 @@ def _batch_as_is(batch):
     return batch
 
 
+class Loader:
+    """A DataLoader whose errors read as the data set's own: a LotusError raised in a worker (an
+    image that cannot be decoded) comes back as that one-line error, not the worker's traceback."""
+
+    def __init__(self, dl: DataLoader):
+        self.dl = dl
+
+    def __len__(self) -> int:
+        return len(self.dl)
+
+    def __iter__(self):
+        try:
+            yield from self.dl
+        except LotusError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            if len(lines) > 1 and lines[0].startswith("Caught LotusError"):
+                raise LotusError(lines[-1].split("LotusError: ", 1)[-1]) from None
+            raise
+
+
 def loader(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-           world: int = 1, pin_memory: bool = False) -> DataLoader:
+           world: int = 1, pin_memory: bool = False) -> Loader:
     """Batches of ``data`` for ``rank``: (uint8 images, labels, ids), to pass through ``data.prepare``."""
     if batch_size < 1:
         raise LotusError(f"batch size: expected at least 1, got {batch_size}")
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle,
                                  seed=seed % (1 << 62), drop_last=False)
     sampler.set_epoch(epoch)
-    return DataLoader(data, batch_sampler=GlobalBatches(sampler, len(data), batch_size), collate_fn=_batch_as_is,
-                      num_workers=data.workers, pin_memory=pin_memory)
+    return Loader(DataLoader(data, batch_sampler=GlobalBatches(sampler, len(data), batch_size),
+                             collate_fn=_batch_as_is, num_workers=data.workers, pin_memory=pin_memory))
 
 
 # ---------------------------------------------------------------- loading sources

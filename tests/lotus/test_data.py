@@ -181,3 +181,14 @@ def test_fake_cifar10_uses_the_official_test_split(tmp_path, monkeypatch):
     assert len(tr) == 15 and len(va) == 5
     assert tr.source.name == "cifar10-train" and va.source.name == "cifar10-test"
     assert len(load_eval("cifar10", dict(cfg, num_classes=10))) == 20
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_that_breaks_mid_run_is_named(tmp_path, workers):
+    root = make_image_folder(tmp_path / "imgs", per_class=(2, 2))
+    bad = sorted((root / "class_1").iterdir())[1]
+    bad.write_bytes(b"truncated")
+    ds = ImageSet(load_image_folder(root), torch.arange(4), default_config(16), workers)
+    with pytest.raises(LotusError, match=r"^--data: cannot decode image .*img_001\.png"):
+        for _ in loader(ds, 2, shuffle=False):
+            pass
