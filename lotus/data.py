@@ -442,11 +442,3 @@ def load_eval(source: str, cfg: dict) -> ImageSet:
     workers = cfg.get("workers")
     workers = default_workers(src) if workers is None else workers
     return ImageSet(src, torch.arange(len(src.labels)), run_config(cfg), workers)
-
-
-def load(source: str, *, data_root: str = "data", num_classes: int | None = None, **_) -> ImageSet:
-    """All training images of a source (npz, cifar10's training split, or an ImageFolder), seen at
-    their native size with CIFAR statistics (``with_config`` changes that)."""
-    train_src, _ = open_sources({"data": source, "data_root": data_root, "num_classes": num_classes})
-    size = train_src.native_size or 32
-    return ImageSet(train_src, torch.arange(len(train_src.labels)), default_config(size), 0)
