@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs
+
 
 @triton.jit
 def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
@@ -47,7 +49,7 @@ def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, N, T, D, scale,
                           HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -116,7 +118,7 @@ def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: 
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
                                N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                                ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -163,7 +165,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
                              N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                              ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -201,8 +203,16 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
     tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
+# Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
+AUTOTUNE_WORK = 1 << 26
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 128, 8, 2), (64, 32, 4, 3))]
+_KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
+
+
 def _config(q, cu_seqlens, max_seqlen):
-    """(B, H, N, T, D, block, block_d, common constexpr kwargs) for padded or packed q."""
+    """(B, H, N, T, D, default tiles, common constexpr kwargs) for padded or packed q."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if cu_seqlens is not None:
         T, H, D = q.shape
@@ -216,19 +226,38 @@ def _config(q, cu_seqlens, max_seqlen):
     block_d = max(16, triton.next_power_of_2(D))
     kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
               IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
-              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16),
-              BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, H=H)
-    return B, H, N, T, D, block, kw
+              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BLOCK_D=block_d)
+    tiles = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1 if interpreted else 2)
+    return B, H, N, T, D, tiles, kw
+
+
+def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
+    """Program (query or key block, b*H + h), the block index fastest: the programs of one (b, h),
+    which share its K/V (or Q/dO) rows, run next to each other (the grouped order for attention).
+    Config: the committed table, else autotune on a GPU for real sizes, else ``tiles``."""
+    n_key = _configs.bucket(N)[0]
+    bucket = (kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"])
+    grid = lambda meta: (triton.cdiv(N, meta[axis0]), B * H)  # noqa: E731
+    entry = _configs.table_entry(name, q.device, q.dtype, bucket)
+    if entry is not None:
+        meta, launch = _configs.split_config(entry)
+        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
+    elif _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
+        _configs.autotuned(name, kernel, _CONFIGS, _KEY)[grid](*args, H=H, N_KEY=n_key, **kw)
+    else:
+        meta, launch = _configs.split_config(tiles)
+        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
 
 
 def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores) -> None:
     """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp)."""
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()
-    B, H, N, T, D, block, kw = _config(q, cu_seqlens, max_seqlen)
+    B, H, N, T, D, tiles, kw = _config(q, cu_seqlens, max_seqlen)
     if N > 0 and B > 0:
-        _attention_fwd_kernel[(triton.cdiv(N, block), B * H)](
-            q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse,
-            N, T, D, scale, HAS_MASK=mask is not None, **kw)
+        args = (q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse,
+                N, T, D, scale)
+        _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
+                dict(HAS_MASK=mask is not None, **kw))
     if scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
@@ -240,13 +269,14 @@ def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, 
     """Same contract as ``torch.ops.lotus_kernels_C.attention_bwd`` (see csrc/bindings.cpp)."""
     for t in (dout, q, k, v, out, lse, dq, dk, dv):
         assert t.is_contiguous()
-    B, H, N, T, D, block, kw = _config(q, cu_seqlens, max_seqlen)
+    B, H, N, T, D, tiles, kw = _config(q, cu_seqlens, max_seqlen)
     if N == 0 or B == 0:
         return
     args = (q, k, v, dout, out, lse, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q)
-    grid = (triton.cdiv(N, block), B * H)
-    _attention_bwd_dkdv_kernel[grid](*args, dk, dv, N, T, D, scale, HAS_MASK=mask is not None, **kw)
-    _attention_bwd_dq_kernel[grid](*args, dq, N, T, D, scale, HAS_MASK=mask is not None, **kw)
+    kw = dict(HAS_MASK=mask is not None, **kw)
+    _launch("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, q, N, B, H, tiles, "BLOCK_N",
+            (*args, dk, dv, N, T, D, scale), kw)
+    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw)
 
 
 def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Tensor:
