@@ -134,6 +134,24 @@ _im2col_gather.register_autograd(_im2col_backward, setup_context=_im2col_setup)
 _col2im_scatter.register_autograd(_col2im_backward, setup_context=_col2im_setup)
 
 
+# ---------------------------------------------------------------- positional-table gradient
+def table_grad(rows: torch.Tensor, idx: torch.Tensor, n: int, *, by_token: bool | None = None) -> torch.Tensor:
+    """d table [n, D] of a table whose rows ``idx`` [M] were gathered: the sum of ``rows`` [M, D] per
+    index (duplicates add; untouched rows are 0). One table is shared by the whole batch, so all
+    B*K kept rows land in it.
+
+    ``by_token`` (default: on GPUs): torch's sort-based ``index_put_(accumulate=True)``, which on
+    CUDA sorts the indices and sums each token's rows in one thread block per (token, channel
+    slice): parallel over tokens and channels, deterministic, fp32 accumulation. Otherwise (CPU) one
+    ``scatter_tokens`` of all rows with B = 1, whose C++ kernel splits the channels across threads
+    (on a GPU that would be ceil(D/128) programs each adding B*K rows in sequence)."""
+    if by_token is None:
+        by_token = rows.device.type != "cpu"
+    if by_token:
+        return rows.new_zeros(n, rows.shape[-1]).index_put_((idx,), rows, accumulate=True)
+    return scatter_tokens(rows[None], idx[None], n)[0]
+
+
 # ---------------------------------------------------------------- the fused op
 @torch.library.custom_op("lotus_kernels::patch_embed_gather", mutates_args=())
 def _patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
@@ -177,8 +195,7 @@ def _pe_backward(ctx, grad):
         d_b = g2.sum(0)
     if need_pos and ctx.pos_shape is not None:
         n = (images.shape[2] // ph) * (images.shape[3] // pw)
-        # One table shared by the batch: scatter all B*K rows into it at once (duplicates add).
-        d_pos = scatter_tokens(grad.reshape(1, B * K, D), idx.reshape(1, B * K), n).reshape(ctx.pos_shape)
+        d_pos = table_grad(g2, idx.reshape(-1), n).reshape(ctx.pos_shape)
     if need_img:
         d_cols = (g2 @ weight.reshape(D, -1)).reshape(B, K, -1)
         d_img = _col2im_scatter(d_cols, idx, ph, pw, images.shape[2], images.shape[3])
@@ -204,6 +221,9 @@ def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Te
 
     ``weight`` [D, Cin, ph, pw] and ``bias`` [D] are a stride-(ph, pw) Conv2d's (timm's
     ``patch_embed.proj``); ``pos_embed`` [N, D] or [1, N, D] holds the patch rows of the positional
-    table (no class-token row); ``idx`` [B, K] int64 indexes the row-major patch grid."""
+    table (no class-token row); ``idx`` [B, K] int64 indexes the row-major patch grid. Under
+    ``torch.autocast`` the float inputs are cast to the autocast dtype first, as timm's ``F.conv2d``
+    patch embedding and ``F.linear`` are."""
+    images, weight, bias, pos_embed = _checks.autocast_inputs(images, weight, bias, pos_embed)
     _check_patch_embed(images, idx, weight, bias, pos_embed)
     return _patch_embed_gather(images, idx, weight, bias, pos_embed)
