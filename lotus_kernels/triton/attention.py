@@ -46,9 +46,22 @@ def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _mm(a, b, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, BY_HAND: tl.constexpr):
+    """a @ b accumulated in ACC_DTYPE. BY_HAND (fp64 on a GPU, small tiles): broadcast, multiply and
+    sum, because Triton's fp64 MMA lowering rejects the register operands these kernels have
+    (Triton 3.8 for sm_90: "fp64 don't support largeK MMA")."""
+    if BY_HAND:
+        return tl.sum(a.to(ACC_DTYPE)[:, :, None] * b.to(ACC_DTYPE)[None, :, :], axis=1)
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
+    else:
+        return tl.dot(a, b, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, N, T, D, scale,
                           HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -72,10 +85,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         if UPCAST:
             k = k.to(ACC_DTYPE)
             v = v.to(ACC_DTYPE)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC_DTYPE) * scale
-        else:
-            s = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * scale
+        s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
         valid = cmask
         if HAS_MASK:
             padded = tl.load(mask_ptr + b * N + cols, mask=cmask, other=1)
@@ -86,10 +96,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            pv = tl.dot(p.to(v.dtype), v, out_dtype=ACC_DTYPE)
+        pv = _mm(p.to(v.dtype), v, ACC_DTYPE, IEEE, BY_HAND)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     empty = l_i == 0
@@ -101,14 +108,11 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+              BY_HAND: tl.constexpr):
     """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC_DTYPE) * scale
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC_DTYPE)
-    else:
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * scale
-        dp = tl.dot(do, tl.trans(v), out_dtype=ACC_DTYPE)
+    s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
+    dp = _mm(do, tl.trans(v), ACC_DTYPE, IEEE, BY_HAND)
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no unpadded key) gives 0
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
     return p, p * (dp - delta[:, None]) * scale
@@ -117,7 +121,7 @@ def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: 
 @triton.jit
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
                                N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -150,13 +154,9 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
             q = q.to(ACC_DTYPE)
             do = do.to(ACC_DTYPE)
         lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
-        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE)
-        if IEEE:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee", out_dtype=ACC_DTYPE)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, out_dtype=ACC_DTYPE)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC_DTYPE)
+        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, IEEE, BY_HAND)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, IEEE, BY_HAND)
     tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -164,7 +164,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
 @triton.jit
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
                              N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -195,14 +195,13 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
         valid_k = cmask
         if HAS_MASK:
             valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
-        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE)
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC_DTYPE)
+        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
+        dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, IEEE, BY_HAND)
     tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
+# None: fp64 products by hand on a GPU only; tests set True to run that path under the interpreter.
+FP64_BY_HAND: bool | None = None
 # Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
 AUTOTUNE_WORK = 1 << 26
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -221,12 +220,14 @@ def _config(q, cu_seqlens, max_seqlen):
         B, H, N, D = q.shape
         T = 0
     # Under the interpreter the cost is per program and per op: few, large blocks.
-    cap = 128 if interpreted else 64
+    # fp64 products by hand on a GPU (see _mm), in 16-wide tiles that keep the 3-D product in registers
+    by_hand = q.dtype == torch.float64 and (not interpreted if FP64_BY_HAND is None else FP64_BY_HAND)
+    cap = 128 if interpreted else (16 if by_hand else 64)
     block = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
     block_d = max(16, triton.next_power_of_2(D))
     kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
               IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
-              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BLOCK_D=block_d)
+              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand, BLOCK_D=block_d)
     tiles = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1 if interpreted else 2)
     return B, H, N, T, D, tiles, kw
 
@@ -242,7 +243,7 @@ def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
     if entry is not None:
         meta, launch = _configs.split_config(entry)
         kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
-    elif _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
+    elif not kw["BY_HAND"] and _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
         _configs.autotuned(name, kernel, _CONFIGS, _KEY)[grid](*args, H=H, N_KEY=n_key, **kw)
     else:
         meta, launch = _configs.split_config(tiles)

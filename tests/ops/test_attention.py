@@ -369,3 +369,27 @@ def test_long_sequences_take_the_blocked_path(backend, device, mode, dtype):
     torch.testing.assert_close(sc, ref_sc, **score_tol)
     torch.testing.assert_close(pout.float(), pref.detach(), **tol)
     torch.testing.assert_close(psc, pref_sc, **score_tol)
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_triton_fp64_products_by_hand(backend, device, varlen, monkeypatch):
+    # On a GPU the Triton kernels compute fp64 products by broadcasting (Triton's fp64 MMA lowering
+    # rejects their register operands); the same path forced under the interpreter, against SDPA.
+    from lotus_kernels.triton import attention as triton_attention
+    monkeypatch.setattr(triton_attention, "FP64_BY_HAND", True)
+    if varlen:
+        (q, k, v), cu = packed((9, 0, 20), H, 24, torch.float64, device)
+        kw, ref_fn = dict(cu_seqlens=cu), lambda *a: attention_reference_varlen(*a, cu)
+    else:
+        q, k, v = qkv(20, 24, torch.float64, device)
+        m = make_mask("lengths", 20, device)
+        kw, ref_fn = dict(key_padding_mask=m), lambda *a: attention_reference(*a, key_padding_mask=m)
+    g = torch.randn_like(q)
+    with lotus_kernels.use_backend(backend):
+        out = attention(q, k, v, **kw)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = ref_fn(*ref_in)
+    for got, want in zip((out, *grads), (ref, *torch.autograd.grad(ref, ref_in, g))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
