@@ -1,6 +1,7 @@
 """Compile every Triton kernel of the package for a GPU target without a GPU (Triton ships ptxas):
 catches what the interpreter cannot, e.g. dot shapes / dtypes the GPU lowering rejects (it found the
-fp64 MMA assertion that made attention compute fp64 products by hand). Not collected by pytest (a
+fp64 MMA assertion that made attention compute fp64 products by hand) and tiles needing more shared
+memory than a block may have. Not collected by pytest (a
 full run takes minutes on 2 cores):
 
     PYTHONPATH=. python tests/triton/compile_sm90.py            # default configs, every dtype
@@ -27,13 +28,19 @@ ACC = {"fp64": tl.float64, "fp32": tl.float32, "bf16": tl.float32, "fp16": tl.fl
 I = "i32"
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90 (227 KiB)
+
+
 def compile_one(kernel, sig, consts, warps, stages, target) -> str | None:
     src = ASTSource(fn=kernel, signature={**sig, **{c: "constexpr" for c in consts}},
                     constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()})
     try:
-        triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+        compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {str(e)[:300]}"
+    shared = compiled.metadata.shared
+    if shared > SMEM_LIMIT:  # a launch would raise OutOfResources (the autotuner skips such configs)
+        return f"needs {shared} bytes of shared memory (> {SMEM_LIMIT})"
     return None
 
 
