@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,11 +122,16 @@ def run_tests(log, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     log(f"tests: {' '.join(cmd[1:])} (timeout {timeout:.0f} s)")
     t0 = time.monotonic()
+    # its own process group, so that on a timeout the xdist workers (which hold the GPU) go too
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        out, rc = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as e:
-        out, rc = ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")), "timeout"
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        rc = "timeout"
     took = time.monotonic() - t0
     lines = out.strip().splitlines()
     log("\n".join(lines[-60:]))
@@ -176,8 +182,10 @@ def markdown(report: dict) -> str:
         med = "" if r.get("median_ms") is None else f"{r['median_ms']:.3f}"
         paired = "" if r.get("ratio_paired") is None else f"{r['ratio_paired']:.3f}"
         lines.append(f"| {r['section']} | {r['config']} | {detail} | {med} | {r['ratio']:.3f} | {paired} |")
-    lines += ["", f"Bench status: {report['bench_status']}", "", "Autotuned Triton configs:", "",
-              "```", json.dumps(report["tuned_configs"], indent=1)[:4000], "```", ""]
+    lines += ["", f"Bench status: {report['bench_status']}", "",
+              "Autotuned Triton configs (table format; `python3 benchmarks/gpu_check.py --apply-configs "
+              "benchmarks/results/gpu/gpu_check.json` writes them into lotus_kernels/triton/_configs.py):", "", "```"]
+    lines += [f"{tuple(k)!r}: {v!r}" for k, v in report.get("tuned_table", [])] + ["```", ""]
     return "\n".join(lines)
 
 
@@ -216,6 +224,17 @@ def summary(report: dict) -> str:
     return "\n".join(out)
 
 
+def apply_configs(path: Path) -> int:
+    """Merge the ``tuned_table`` of a gpu_check.json into the committed config table."""
+    sys.path.insert(0, str(ROOT))
+    from lotus_kernels.triton import _configs
+    entries = json.loads(Path(path).read_text()).get("tuned_table", [])
+    table = {tuple(tuple(x) if isinstance(x, list) else x for x in key): cfg for key, cfg in entries}
+    _configs.write_table(table)
+    print(f"gpu-check: {len(table)} tuned configs written into {Path(_configs.__file__).relative_to(ROOT)}")
+    return 0
+
+
 def main(argv=None) -> int:
     global OUT_DIR
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,7 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help=f"results folder (default {OUT_DIR.relative_to(ROOT)})")
     p.add_argument("--dry-run", action="store_true",
                    help="without a GPU: no build, no tests, tiny benchmarks on the CPU (checks this script)")
+    p.add_argument("--apply-configs", type=Path, metavar="JSON",
+                   help="write the autotuned configs of a gpu_check.json into lotus_kernels/triton/_configs.py; "
+                        "runs nothing else")
     args = p.parse_args(argv)
+    if args.apply_configs:
+        return apply_configs(args.apply_configs)
     OUT_DIR = args.out or OUT_DIR
     line = None if args.dry_run else no_gpu_line()
     if line is not None:
@@ -259,7 +283,8 @@ def main(argv=None) -> int:
     import torch
     device = torch.device("cpu" if args.dry_run else "cuda")
     rows, status = bench_gpu.run(device, sections, smoke=args.dry_run, deadline=T0 + args.budget - 25, log=log)
-    report.update(rows=rows, bench_status=status, goals=bench_gpu.goal_rows(rows), tuned_configs=_configs.tuned_configs())
+    report.update(rows=rows, bench_status=status, goals=bench_gpu.goal_rows(rows), tuned_configs=_configs.tuned_configs(),
+                  tuned_table=[[list(k), v] for k, v in _configs.tuned_table().items()])
     (OUT_DIR / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (OUT_DIR / "gpu_check.md").write_text(markdown(report))
     try:

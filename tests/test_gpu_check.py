@@ -34,3 +34,20 @@ def test_dry_run_writes_every_result_file_and_prints_the_summary_last(tmp_path, 
     assert all(g["value"] is None for g in report["goals"] if g["section"] in ("block", "vit_step"))
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("results: ") and any(line.startswith("gpu-check summary") for line in out[-12:])
+
+
+def test_tuned_configs_round_trip_into_the_committed_table(tmp_path):
+    # gpu_check.json's tuned_table -> the TABLE literal between the GENERATED DATA markers -> lookups.
+    import importlib.util
+
+    from lotus_kernels.triton import _configs
+    copy = tmp_path / "_configs_copy.py"
+    copy.write_text(Path(_configs.__file__).read_text())
+    key = ("bsr_fwd", "sm90-132sm", "bfloat16", (32, 16384, 1024, 4096))
+    _configs.write_table({key: {"BLOCK_M": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}}, str(copy))
+    spec = importlib.util.spec_from_file_location("_configs_copy", copy)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.TABLE[key] == {"BLOCK_M": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    assert mod.split_config(mod.TABLE[key]) == ({"BLOCK_M": 128, "GROUP_M": 8}, {"num_warps": 8, "num_stages": 3})
+    assert "# END GENERATED DATA" in copy.read_text()

@@ -9,8 +9,9 @@ do, ``torch/sparse/_triton_ops_meta.py``):
    trial there would be a full interpreted run).
 
 ``LOTUS_KERNELS_TRITON_AUTOTUNE=0`` turns step 2 off (default config instead), ``=1`` forces it on for
-every size. ``tuned_configs()`` reports what the autotuner picked, so ``make gpu-check`` can print it
-and a later commit can move it into the table.
+every size. ``tuned_table()`` returns the autotuner's winners as table entries; ``make gpu-check``
+saves them in its JSON, and ``python3 benchmarks/gpu_check.py --apply-configs <that JSON>`` writes
+them into the table below.
 
 Table legend: TABLE[(kernel, gpu, dtype, bucket)] = {meta-parameter: value, ..., "num_warps": w,
 "num_stages": s}; ``gpu`` is ``gpu_key()`` ("NVIDIA H100 80GB HBM3" -> "sm90-132sm": compute
@@ -77,6 +78,7 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
 
 
 _TUNERS: dict[str, object] = {}
+_WINNERS: dict[tuple, dict] = {}  # table key -> the config the autotuner picked for it
 
 
 def autotuned(name: str, kernel, configs: list, key: list[str]):
@@ -87,6 +89,20 @@ def autotuned(name: str, kernel, configs: list, key: list[str]):
     return _TUNERS[name]
 
 
+def record(kernel: str, device: torch.device, dtype: torch.dtype, key: tuple) -> None:
+    """Remember the config the autotuner just used for this table key (call right after the launch)."""
+    best = getattr(_TUNERS.get(kernel), "best_config", None)
+    if best is None or device.type != "cuda":
+        return
+    _WINNERS[(kernel, gpu_key(device.index or 0), str(dtype)[6:], key)] = {
+        **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+
+def tuned_table() -> dict[tuple, dict]:
+    """The autotuner's winners of this process, in the table's format."""
+    return dict(_WINNERS)
+
+
 def tuned_configs() -> dict[str, dict[str, str]]:
     """{kernel: {autotune key: chosen config}} of every autotuning done in this process."""
     out = {}
@@ -94,3 +110,25 @@ def tuned_configs() -> dict[str, dict[str, str]]:
         cache = getattr(tuner, "cache", {})
         out[name] = {str(k): str(v) for k, v in cache.items()}
     return out
+
+
+def table_source(table: dict[tuple, dict]) -> str:
+    """Python source of ``TABLE = {...}``, one entry per line, sorted."""
+    lines = ["TABLE: dict[tuple, dict] = {"]
+    for key in sorted(table, key=repr):
+        lines.append(f"    {key!r}: {table[key]!r},")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def write_table(table: dict[tuple, dict], path: str | None = None) -> None:
+    """Merge ``table`` into the committed TABLE of this file (between the GENERATED DATA markers)."""
+    path = path or __file__
+    with open(path) as f:
+        text = f.read()
+    begin = text.index("# BEGIN GENERATED DATA")
+    begin = text.index("\n", begin) + 1
+    end = text.index("# END GENERATED DATA")
+    merged = {**TABLE, **table}
+    with open(path, "w") as f:
+        f.write(text[:begin] + table_source(merged) + "\n" + text[end:])

@@ -245,6 +245,7 @@ def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
         kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
     elif not kw["BY_HAND"] and _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
         _configs.autotuned(name, kernel, _CONFIGS, _KEY)[grid](*args, H=H, N_KEY=n_key, **kw)
+        _configs.record(name, q.device, q.dtype, bucket)
     else:
         meta, launch = _configs.split_config(tiles)
         kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)

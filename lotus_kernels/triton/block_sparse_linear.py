@@ -47,6 +47,7 @@ def _launch(name, kernel, configs, key_names, grid, args, const, *, device, dtyp
         kernel[grid(meta)](*args, **const, **meta, **launch)
     elif _configs.use_autotune(work, AUTOTUNE_WORK):
         _configs.autotuned(name, kernel, configs, key_names)[grid](*args, **const)
+        _configs.record(name, device, dtype, bucket)
     else:
         meta, launch = _configs.split_config(interp)
         kernel[grid(meta)](*args, **const, **meta, **launch)
