@@ -16,7 +16,6 @@ index tensor is an error, as K = 0 is for the [B, K] path).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
