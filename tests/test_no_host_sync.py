@@ -28,14 +28,15 @@ def tiny_vit(device):
     return model.to(device).train()
 
 
-def make_step(model, lr=0.05, momentum=0.9):
-    """Forward on the kept patches, backward, SGD with momentum written out (torch.optim's step
-    graph-breaks on purpose: optimizer.py ``_use_grad``)."""
+def make_step(model, lr=0.05, momentum=0.9, amp=False):
+    """Forward on the kept patches (under bf16 autocast with ``amp``), backward, SGD with momentum
+    written out (torch.optim's step graph-breaks on purpose: optimizer.py ``_use_grad``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     bufs = [torch.zeros_like(p) for p in params]
 
     def step(images, keep_idx, labels):
-        loss = F.cross_entropy(model(images, keep_idx=keep_idx), labels)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(images, keep_idx=keep_idx), labels)
         loss.backward()
         with torch.no_grad():
             for p, b in zip(params, bufs):
@@ -75,10 +76,11 @@ def no_sync_debug(device):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["keep_idx", "ragged"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_train_step_reads_nothing_back(gpu_checks, device, ragged):
-    step = make_step(tiny_vit(device))
+def test_train_step_reads_nothing_back(gpu_checks, device, ragged, amp):
+    step = make_step(tiny_vit(device), amp=amp)
     step(*batch(device, 0, ragged))  # warm-up: the sparse layers' pattern checks run once per layer
     for seed in (1, 2):  # fresh keep indices every step, as in training
         args = batch(device, seed, ragged)
