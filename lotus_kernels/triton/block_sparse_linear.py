@@ -30,9 +30,10 @@ from ._common import _acc_dtype, _bf16_by_hand, _dot_in_acc_dtype, _dot_precisio
 # Problems below this (output elements x mean reduction length) use the default config: tuning
 # costs ~1 s of compilation per config, more than a small layer's whole training run saves.
 AUTOTUNE_WORK = 1 << 26
-_PRODUCT_DEFAULT = dict(BLOCK_M=64, GROUP_M=8, num_warps=4, num_stages=3)
-_PRODUCT_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                    for bm, w, s in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3))]
+_PRODUCT_DEFAULT = dict(BLOCK_M=64, GROUP_M=8, KB=1, num_warps=4, num_stages=3)
+_PRODUCT_CONFIGS = [triton.Config({"BLOCK_M": bm, "GROUP_M": 8, "KB": kb}, num_warps=w, num_stages=s)
+                    for bm, kb, w, s in ((64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 4, 3), (128, 2, 8, 3), (128, 4, 8, 3),
+                                         (128, 1, 8, 4), (256, 2, 8, 3))]
 _WGRAD_DEFAULT = dict(BLOCK_M=64, num_warps=4, num_stages=3)
 _WGRAD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                   for bm, w, s in ((32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4))]
@@ -64,9 +65,12 @@ def _bsr_product_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_
                         M_KEY, BS: tl.constexpr, TRANS_W: tl.constexpr, HAS_PERM: tl.constexpr,
                         HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                         DOT_IN_ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-                        BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, KB: tl.constexpr):
     """out[m, p*BS + j] = sum over slot p's blocks t of a[m, idx[t]*BS + q] * B_t[q, j] (+ bias):
-    fwd (TRANS_W): p = block row, B_t = values[t]^T; bwd_input: p = block column, B_t = values[perm[t]]."""
+    fwd (TRANS_W): p = block row, B_t = values[t]^T; bwd_input: p = block column, B_t = values[perm[t]].
+    KB stored blocks per tl.dot (K = KB * BS): one bs = 32 block alone gives the tensor cores a K of
+    32; KB > 1 gathers KB blocks' activation columns and weight rows into one [BLOCK_M, KB*BS] x
+    [KB*BS, BS] product (the last group of a slot masked where it runs past the slot's blocks)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m, p = tl.swizzle2d(pid // SLOTS, pid % SLOTS, num_m, SLOTS, GROUP_M)
@@ -77,20 +81,44 @@ def _bsr_product_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_
     start = tl.load(ptr_ptr + p)
     end = tl.load(ptr_ptr + p + 1)
     acc = tl.zeros([BLOCK_M, BS], dtype=ACC_DTYPE)
-    for t in range(start, end):
-        c = tl.load(idx_ptr + t)
-        if HAS_PERM:
-            k = tl.load(perm_ptr + t)
-        else:
-            k = t
-        a = tl.load(a_ptr + rows[:, None] * A_COLS + (c * BS + ii)[None, :], mask=rmask[:, None], other=0)
-        w = tl.load(v_ptr + k * (BS * BS) + ii[:, None] * BS + jj[None, :])  # values[k] as stored
-        if TRANS_W:
-            w = tl.trans(w)
-        if DOT_IN_ACC_DTYPE:
-            a = a.to(ACC_DTYPE)
-            w = w.to(ACC_DTYPE)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if KB == 1:
+        for t in range(start, end):
+            c = tl.load(idx_ptr + t)
+            if HAS_PERM:
+                k = tl.load(perm_ptr + t)
+            else:
+                k = t
+            a = tl.load(a_ptr + rows[:, None] * A_COLS + (c * BS + ii)[None, :], mask=rmask[:, None], other=0)
+            w = tl.load(v_ptr + k * (BS * BS) + ii[:, None] * BS + jj[None, :])  # values[k] as stored
+            if TRANS_W:
+                w = tl.trans(w)
+            if DOT_IN_ACC_DTYPE:
+                a = a.to(ACC_DTYPE)
+                w = w.to(ACC_DTYPE)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        kk = tl.arange(0, KB * BS)  # reduction lane: block kk // BS of the group, column kk % BS
+        inner = kk % BS
+        for t0 in range(start, end, KB):
+            tt = t0 + kk // BS
+            valid = tt < end
+            c = tl.load(idx_ptr + tt, mask=valid, other=0)
+            if HAS_PERM:
+                k = tl.load(perm_ptr + tt, mask=valid, other=0)
+            else:
+                k = tt
+            a = tl.load(a_ptr + rows[:, None] * A_COLS + (c * BS + inner)[None, :],
+                        mask=rmask[:, None] & valid[None, :], other=0)
+            if TRANS_W:  # B[kk, j] = values[k, j, inner]: loaded [j, kk] (rows of a block contiguous)
+                w = tl.trans(tl.load(v_ptr + k[None, :].to(tl.int64) * (BS * BS) + jj[:, None] * BS + inner[None, :],
+                                     mask=valid[None, :], other=0))
+            else:  # B[kk, j] = values[k, inner, j]
+                w = tl.load(v_ptr + k[:, None].to(tl.int64) * (BS * BS) + inner[:, None] * BS + jj[None, :],
+                            mask=valid[:, None], other=0)
+            if DOT_IN_ACC_DTYPE:
+                a = a.to(ACC_DTYPE)
+                w = w.to(ACC_DTYPE)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     ns = p * BS + jj
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ns).to(ACC_DTYPE)[None, :]
@@ -102,7 +130,7 @@ def _bsr_product_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _product(name, a, values, ptr, idx, perm, bias, out, trans_w: bool) -> None:
+def _product(name, a, values, ptr, idx, perm, bias, out, trans_w: bool, blocks_per_dot: int | None = None) -> None:
     M, a_cols = a.shape
     out_cols = out.shape[1]
     bs = values.shape[1]
@@ -113,15 +141,22 @@ def _product(name, a, values, ptr, idx, perm, bias, out, trans_w: bool) -> None:
     args = (a, values, ptr, idx, perm if perm is not None else ptr, bias if bias is not None else out, out,
             M, a_cols, out_cols, slots, _configs.bucket(M)[0])
     const = dict(BS=bs, TRANS_W=trans_w, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, **_dtype_flags(a.dtype))
-    interp = dict(BLOCK_M=_pow2(M, 16, 256), GROUP_M=1, num_warps=4, num_stages=1) if _interpreted() else _PRODUCT_DEFAULT
+    interp = dict(BLOCK_M=_pow2(M, 16, 256), GROUP_M=1, KB=1, num_warps=4, num_stages=1) if _interpreted() \
+        else _PRODUCT_DEFAULT
+    if blocks_per_dot is not None:  # tests: a fixed KB, autotuning off
+        interp = {**interp, "KB": blocks_per_dot}
+        work = 0
+    else:
+        work = M * nnzb * bs * bs
     _launch(name, _bsr_product_kernel, _PRODUCT_CONFIGS, ["M_KEY", "A_COLS", "OUT_COLS", "BS"],
             lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * slots,), args, const, device=a.device, dtype=a.dtype,
-            bucket=(bs, *_configs.bucket(M, a_cols, out_cols)), work=M * nnzb * bs * bs, interp=interp)
+            bucket=(bs, *_configs.bucket(M, a_cols, out_cols)), work=work, interp=interp)
 
 
 def bsr_linear_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                   bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out [M, out] = x [M, in] @ W^T + bias, W given by (values, crow, col)."""
+                   bias: torch.Tensor | None, out: torch.Tensor, blocks_per_dot: int | None = None) -> None:
+    """out [M, out] = x [M, in] @ W^T + bias, W given by (values, crow, col). ``blocks_per_dot``
+    (tests) fixes KB instead of the config's."""
     M, IN = x.shape
     bs = values.shape[1]
     R = crow.shape[0] - 1
@@ -130,11 +165,11 @@ def bsr_linear_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, co
     assert values.dtype == x.dtype == out.dtype and crow.dtype == col.dtype == torch.int64
     if bias is not None:
         assert bias.is_contiguous() and bias.shape == (out.shape[1],) and bias.dtype == x.dtype
-    _product("bsr_fwd", x, values, crow, col, None, bias, out, trans_w=True)
+    _product("bsr_fwd", x, values, crow, col, None, bias, out, trans_w=True, blocks_per_dot=blocks_per_dot)
 
 
 def bsr_linear_bwd_input(dy: torch.Tensor, values: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor,
-                         perm: torch.Tensor, dx: torch.Tensor) -> None:
+                         perm: torch.Tensor, dx: torch.Tensor, blocks_per_dot: int | None = None) -> None:
     """dx [M, in] = dy [M, out] @ W, walking W's block columns through (ccol, row, perm)."""
     M, OUT = dy.shape
     bs = values.shape[1]
@@ -143,7 +178,7 @@ def bsr_linear_bwd_input(dy: torch.Tensor, values: torch.Tensor, ccol: torch.Ten
     assert ccol.is_contiguous() and row.is_contiguous() and perm.is_contiguous()
     assert dx.shape[0] == M and dx.shape[1] == Cb * bs and OUT % bs == 0
     assert values.dtype == dy.dtype == dx.dtype and ccol.dtype == row.dtype == perm.dtype == torch.int64
-    _product("bsr_bwd_input", dy, values, ccol, row, perm, None, dx, trans_w=False)
+    _product("bsr_bwd_input", dy, values, ccol, row, perm, None, dx, trans_w=False, blocks_per_dot=blocks_per_dot)
 
 
 # ---------------------------------------------------------------- weight gradient (SDD), split over M

@@ -49,7 +49,7 @@ def cases(autotune: bool):
         acc, lse = ACC[dt], "*fp64" if dt == "fp64" else "*fp32"
         flags = dict(ACC_DTYPE=acc, INPUT_PRECISION="ieee", DOT_IN_ACC_DTYPE=False, BF16_BY_HAND=False)
         prod = [(c.kwargs, c.num_warps, c.num_stages) for c in bsl._PRODUCT_CONFIGS] if autotune and dt != "fp64" \
-            else [({"BLOCK_M": 64, "GROUP_M": 8}, 4, 3)]
+            else [({"BLOCK_M": 64, "GROUP_M": 8, "KB": 1}, 4, 3), ({"BLOCK_M": 128, "GROUP_M": 8, "KB": 2}, 8, 3)]
         wgrad = [(c.kwargs, c.num_warps, c.num_stages) for c in bsl._WGRAD_CONFIGS] if autotune and dt != "fp64" \
             else [({"BLOCK_M": 64}, 4, 3)]
         for bs in (16, 32, 64):

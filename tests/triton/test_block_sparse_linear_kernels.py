@@ -74,7 +74,7 @@ def tol(dtype, length):
     return dict(rtol=1e-2, atol=1e-2)  # bf16: one rounding of an fp32 accumulation
 
 
-def run_all(M, out_f, in_f, bs, dtype, kind, with_bias=True, splits=None):
+def run_all(M, out_f, in_f, bs, dtype, kind, with_bias=True, splits=None, blocks_per_dot=None):
     gen = torch.Generator().manual_seed(M * 1000 + out_f + in_f + bs)
     mask = block_mask(out_f // bs, in_f // bs, kind, gen)
     weight = torch.randn(out_f, in_f, generator=gen).to(DEVICE, dtype)
@@ -84,9 +84,10 @@ def run_all(M, out_f, in_f, bs, dtype, kind, with_bias=True, splits=None):
     bias = torch.randn(out_f, generator=gen).to(DEVICE, dtype) if with_bias else None
     k = kernels()
     out = poisoned(M, out_f, dtype=dtype)
-    k.bsr_linear_fwd(x, values, crow, col, bias, out)
+    kb = {} if blocks_per_dot is None else dict(blocks_per_dot=blocks_per_dot)
+    k.bsr_linear_fwd(x, values, crow, col, bias, out, **kb)
     dx = poisoned(M, in_f, dtype=dtype)
-    k.bsr_linear_bwd_input(dy, values, ccol, row, perm, dx)
+    k.bsr_linear_bwd_input(dy, values, ccol, row, perm, dx, **kb)
     dvalues = poisoned(*values.shape, dtype=dtype)
     k.bsr_linear_bwd_weight(dy, x, crow, col, dvalues, **({} if splits is None else dict(splits=splits)))
 
@@ -130,6 +131,16 @@ def test_forward_without_bias(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_weight_gradient_split_over_m(splits, dtype):
     run_all(197, 96, 48, 16, dtype, "random", splits=splits)
+
+
+# Several stored blocks per tl.dot (KB = 2, 4): slots whose block count is not a multiple of KB (the
+# masked tail), empty slots, a full pattern, 16-bit dtypes.
+@pytest.mark.parametrize("kb", [2, 4])
+@pytest.mark.parametrize("shape,kind,dtype", [((7, 96, 48, 16), "random", torch.float32), ((7, 64, 96, 32), "random", torch.bfloat16),
+                                              ((7, 64, 96, 32), "full", torch.float16), ((3, 64, 128, 64), "random", torch.float32),
+                                              ((5, 32, 64, 16), "empty", torch.float32)])
+def test_several_blocks_per_dot(kb, shape, kind, dtype):
+    run_all(*shape, dtype, kind, blocks_per_dot=kb)
 
 
 def test_split_weight_gradient_is_deterministic_and_close_to_unsplit():
