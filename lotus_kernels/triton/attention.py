@@ -59,8 +59,8 @@ def _mm(a, b, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, BY_HAND: tl.constexpr
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, N, T, D, scale,
-                          HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, s0_ptr, N, T, D, scale,
+                          HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, CLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
@@ -91,6 +91,9 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
             padded = tl.load(mask_ptr + b * N + cols, mask=cmask, other=1)
             valid = valid & (padded == 0)
         s = tl.where(valid[None, :], s, float("-inf"))
+        if CLS:  # the first query's raw scores (-inf at padded keys), laid out like lse
+            if tl.program_id(0) == 0:
+                tl.store(s0_ptr + lbase + cols, tl.sum(tl.where(rows[:, None] == 0, s, 0.0), 0), mask=cmask)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no unpadded key yet: keep exps at 0, not NaN
         p = tl.exp(s - m_safe[:, None])
@@ -105,6 +108,41 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
              mask=rmask[:, None] & dmask[None, :])
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(lse_ptr + lbase + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _cls_scores_kernel(s0_ptr, lse_ptr, cu_ptr, out_ptr, B, H, N, T, VARLEN: tl.constexpr,
+                       SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Class-token scores from the forward's first-query raw scores s0 and lse (same layout):
+    padded, program (key block, b): out[b, j] = mean over h of exp(s0[b, h, j] - lse[b, h, 0]);
+    varlen, program (token block): out[t] = mean over h of exp(s0[h, t] - lse[h, start of t's
+    sequence]) (the sequence found by binary search over cu_seqlens). Heads summed in order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if VARLEN:
+        omask = offs < T
+        lo = tl.zeros([BLOCK], dtype=tl.int64)  # sequence of token t: the last b with cu[b] <= t
+        hi = lo + B - 1
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi + 1) // 2
+            go_up = tl.load(cu_ptr + mid, mask=omask, other=0) <= offs
+            lo = tl.where(go_up, mid, lo)
+            hi = tl.where(go_up, hi, mid - 1)
+        first = tl.load(cu_ptr + lo, mask=omask, other=0)
+        acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
+        for h in range(H):
+            sc = tl.load(s0_ptr + h * T + offs, mask=omask, other=float("-inf"))
+            l0 = tl.load(lse_ptr + h * T + first, mask=omask, other=float("inf"))
+            acc += tl.exp(sc - l0)
+        tl.store(out_ptr + offs, acc / H, mask=omask)
+    else:
+        b = tl.program_id(1).to(tl.int64)
+        omask = offs < N
+        acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
+        for h in range(H):
+            row = (b * H + h) * N
+            sc = tl.load(s0_ptr + row + offs, mask=omask, other=float("-inf"))
+            acc += tl.exp(sc - tl.load(lse_ptr + row))
+        tl.store(out_ptr + b * N + offs, acc / H, mask=omask)
 
 
 @triton.jit
@@ -255,12 +293,25 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
     """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp)."""
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()
     B, H, N, T, D, tiles, kw = _config(q, cu_seqlens, max_seqlen)
+    cls = scores_mode == 1 and N > 0 and B > 0
+    # "cls": the forward stores the first query's raw scores (s0, laid out like lse), one small kernel
+    # turns them into scores; "received" is computed from lse in PyTorch, in query chunks.
+    s0 = torch.empty_like(lse) if cls else lse
     if N > 0 and B > 0:
-        args = (q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse,
+        args = (q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse, s0,
                 N, T, D, scale)
         _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
-                dict(HAS_MASK=mask is not None, **kw))
-    if scores_mode:
+                dict(HAS_MASK=mask is not None, CLS=cls, **kw))
+    if cls:
+        block = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256
+        if cu_seqlens is None:
+            grid = (triton.cdiv(N, block), B)
+        else:
+            grid = (triton.cdiv(T, block), 1)
+        if (T if cu_seqlens is not None else N) > 0:
+            _cls_scores_kernel[grid](s0, lse, cu_seqlens if cu_seqlens is not None else lse, scores, B, H, N, T,
+                                     VARLEN=cu_seqlens is not None, SEARCH_STEPS=max(1, B.bit_length()), BLOCK=block)
+    elif scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
         else:

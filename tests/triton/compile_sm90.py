@@ -80,10 +80,15 @@ def cases(autotune: bool):
                     qkv = dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt])
                     tail = dict(N=I, T=I, D=I, scale="fp32", H=I, N_KEY=I)
                     bwd = dict(**qkv, do_ptr=PTR[dt], o_ptr=PTR[dt], lse_ptr=lse, mask_ptr="*i1", cu_ptr="*i64")
-                    yield (att._attention_fwd_kernel, dict(**qkv, mask_ptr="*i1", cu_ptr="*i64", out_ptr=PTR[dt],
-                                                           lse_ptr=lse, **tail), common, w, s)
+                    for cls in (False, True):
+                        yield (att._attention_fwd_kernel, dict(**qkv, mask_ptr="*i1", cu_ptr="*i64", out_ptr=PTR[dt],
+                                                               lse_ptr=lse, s0_ptr=lse, **tail), {**common, "CLS": cls},
+                               w, s)
                     yield (att._attention_bwd_dkdv_kernel, dict(**bwd, dk_ptr=PTR[dt], dv_ptr=PTR[dt], **tail), common, w, s)
                     yield (att._attention_bwd_dq_kernel, dict(**bwd, dq_ptr=PTR[dt], **tail), common, w, s)
+        for varlen in (False, True):
+            yield (att._cls_scores_kernel, dict(s0_ptr=lse, lse_ptr=lse, cu_ptr="*i64", out_ptr=lse, B=I, H=I, N=I, T=I),
+                   dict(VARLEN=varlen, SEARCH_STEPS=7, BLOCK=256), 4, 3)
         yield (tg._scatter_tokens_kernel, dict(src_ptr=PTR[dt], idx_ptr="*i64", out_ptr=PTR[dt], B=I, K=I, N=I, C=I, G=I),
                dict(ACC_DTYPE=acc, BF16_BY_HAND=False, BLOCK_R=16, BLOCK_K=32, BLOCK_C=128), 4, 1)
         yield (pe._col2im_scatter_kernel, dict(cols_ptr=PTR[dt], idx_ptr="*i64", out_ptr=PTR[dt], B=I, K=I, L=I, NP=I,
