@@ -135,7 +135,8 @@ def run_tests(log, timeout: float) -> dict:
     took = time.monotonic() - t0
     lines = out.strip().splitlines()
     log("\n".join(lines[-60:]))
-    summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)), "")
+    summary = next((ln.strip("= ") for ln in reversed(lines)
+                    if re.search(r"\d+ (passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s", ln)), "")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary)}
     failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
     log(f"tests: exit {rc} in {took:.0f} s: {summary}")
