@@ -108,7 +108,48 @@ def build(log) -> dict:
     if done.returncode != 0:
         log(done.stdout[-3000:], done.stderr[-6000:])
     log(f"build: exit {done.returncode} in {took:.0f} s")
-    return {"ok": done.returncode == 0, "seconds": round(took), "arch": f"{major}.{minor}"}
+    result = {"ok": done.returncode == 0, "seconds": round(took), "arch": f"{major}.{minor}", "how": "setup.py"}
+    if done.returncode != 0 or os.environ.get("LOTUS_GPU_CHECK_JIT") == "1":
+        # e.g. a setuptools too old for pyproject.toml's metadata: build the same two extensions with
+        # torch's JIT builder instead (ninja, same flags), in a subprocess so that this process does
+        # not load them before lotus_kernels does
+        t0 = time.monotonic()
+        ok = _build_jit(log, env)
+        result.update(ok=ok, how="torch.utils.cpp_extension.load", seconds=round(took + time.monotonic() - t0))
+    return result
+
+
+_JIT_BUILD = r"""
+import glob, shutil, sys, sysconfig
+from pathlib import Path
+from torch.utils.cpp_extension import load
+root = Path(sys.argv[1])
+suffix = sysconfig.get_config_var("EXT_SUFFIX")
+exts = [("_C", ["csrc/module.cpp", "csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+         dict(extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])),
+        ("_cuda", ["csrc/module.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))], dict(extra_cuda_cflags=["-O3"]))]
+for name, sources, flags in exts:
+    out = root / "build" / f"jit{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    load(name=name, sources=[str(root / s) for s in sources], build_directory=str(out), is_python_module=False,
+         verbose=False, **flags)
+    shutil.copy(out / f"{name}.so", root / "lotus_kernels" / f"{name}{suffix}")
+"""
+
+
+def _build_jit(log, env) -> bool:
+    log("build: falling back to torch.utils.cpp_extension.load")
+    env = dict(env)
+    if "CUDA_HOME" not in env and "CUDA_PATH" not in env:  # as setup.py: nvcc may be a wrapper outside the toolkit
+        nvcc = "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else shutil.which("nvcc")
+        if nvcc:
+            env["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    done = subprocess.run([sys.executable, "-c", _JIT_BUILD, str(ROOT)], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        log(done.stdout[-3000:], done.stderr[-6000:])
+    log(f"build (jit): exit {done.returncode}")
+    return done.returncode == 0
 
 
 def run_tests(log, timeout: float) -> dict:
