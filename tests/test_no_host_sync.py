@@ -144,3 +144,14 @@ def test_varlen_attention_checks_cu_seqlens_on_the_device_when_max_seqlen_is_giv
     for cu, max_seqlen in (([0, 3, 5], 2), ([0, 4, 3], 4), ([1, 2, 5], 4), ([0, 2, 4], 4)):
         with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets from 0 to T = 5"):
             attention(q, q, q, cu_seqlens=torch.tensor(cu), max_seqlen=max_seqlen)
+
+
+def test_positional_gradient_by_token_reads_nothing_back(gpu_checks):
+    # The GPU path of the pos-embed gradient (sort-based index_put without torch's own range check,
+    # which reads min/max back) runs here on CPU tensors.
+    from lotus_kernels.ops.patch_embed_gather import table_grad
+    rows, idx = torch.randn(40, 8), torch.randint(0, 16, (40,))
+    with host_reads() as reads:
+        got = table_grad(rows, idx, 16, by_token=True)
+    assert reads == []
+    torch.testing.assert_close(got, torch.zeros(16, 8).index_add_(0, idx, rows))

@@ -135,21 +135,49 @@ _col2im_scatter.register_autograd(_col2im_backward, setup_context=_col2im_setup)
 
 
 # ---------------------------------------------------------------- positional-table gradient
+@torch.library.custom_op("lotus_kernels::index_sum", mutates_args=())
+def _index_sum(rows: torch.Tensor, idx: torch.Tensor, n: int, by_token: bool) -> torch.Tensor:
+    """[n, D]: the sum of ``rows`` [M, D] per index ``idx`` [M]."""
+    _checks.index_range("idx", idx, n)
+    if by_token:
+        # torch's sort-based index_put (CUDA: one thread block per (distinct index, channel slice),
+        # rows summed in sorted order: deterministic); the unsafe variant skips its own range check,
+        # a min/max read back to the host, which the device-side check above replaces.
+        return torch.ops.aten._unsafe_index_put(rows.new_zeros(n, rows.shape[-1]), [idx], rows, True)
+    return scatter_tokens(rows[None], idx[None], n)[0]
+
+
+@_index_sum.register_fake
+def _(rows, idx, n, by_token):
+    return rows.new_empty(n, rows.shape[-1])
+
+
+def _index_sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _index_sum_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return grad.index_select(0, idx), None, None, None
+
+
+_index_sum.register_autograd(_index_sum_backward, setup_context=_index_sum_setup)
+
+
 def table_grad(rows: torch.Tensor, idx: torch.Tensor, n: int, *, by_token: bool | None = None) -> torch.Tensor:
     """d table [n, D] of a table whose rows ``idx`` [M] were gathered: the sum of ``rows`` [M, D] per
     index (duplicates add; untouched rows are 0). One table is shared by the whole batch, so all
     B*K kept rows land in it.
 
-    ``by_token`` (default: on GPUs): torch's sort-based ``index_put_(accumulate=True)``, which on
-    CUDA sorts the indices and sums each token's rows in one thread block per (token, channel
-    slice): parallel over tokens and channels, deterministic, fp32 accumulation. Otherwise (CPU) one
-    ``scatter_tokens`` of all rows with B = 1, whose C++ kernel splits the channels across threads
-    (on a GPU that would be ceil(D/128) programs each adding B*K rows in sequence)."""
+    ``by_token`` (default: on GPUs): torch's sort-based index_put with accumulation, which on CUDA
+    sums each token's rows in one thread block per (token, channel slice): parallel over tokens and
+    channels, deterministic, fp32 accumulation. Otherwise (CPU) one ``scatter_tokens`` of all rows
+    with B = 1, whose C++ kernel splits the channels across threads (on a GPU that would be
+    ceil(D/128) programs each adding B*K rows in sequence). A registered op either way, so that
+    ``torch.compile`` keeps it (inductor would lower an index_put to atomic adds)."""
     if by_token is None:
         by_token = rows.device.type != "cpu"
-    if by_token:
-        return rows.new_zeros(n, rows.shape[-1]).index_put_((idx,), rows, accumulate=True)
-    return scatter_tokens(rows[None], idx[None], n)[0]
+    return _index_sum(rows, idx, n, by_token)
 
 
 # ---------------------------------------------------------------- the fused op
