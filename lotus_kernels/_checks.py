@@ -57,6 +57,12 @@ def host_reads_are_free(device: torch.device) -> bool:
 ENV_SYNC_CHECKS = "LOTUS_KERNELS_SYNC_CHECKS"
 
 
+def device_assert(ok: torch.Tensor, message: str) -> None:
+    """Fail with ``message`` where ``ok`` (a 0-d bool tensor) is False, without reading it back: on a
+    GPU a device-side assert (torch's CUDA kernel takes messages under 255 bytes), on the CPU at once."""
+    torch._assert_async(ok, message[:250])
+
+
 def _stamp(t: torch.Tensor):
     """(version, data pointer, shape) of ``t``: changes with any in-place write or new storage."""
     return (t._version, t.data_ptr(), tuple(t.shape))
@@ -86,9 +92,8 @@ def index_range(name: str, idx: torch.Tensor, n: int) -> None:
         ok_n = hi + 1
     else:
         lo, hi = torch.aminmax(idx)
-        torch._assert_async((lo >= 0) & (hi < n),
-                            f"{name}: an index is out of range; expected values in [0, {n}) "
-                            f"(set {ENV_SYNC_CHECKS}=1 to have the bad value named)")
+        device_assert((lo >= 0) & (hi < n), f"{name}: an index is out of range; expected values in [0, {n}) "
+                                            f"(set {ENV_SYNC_CHECKS}=1 to have the bad value named)")
         ok_n = n
     try:
         idx._lotus_range = (stamp, ok_n)

@@ -29,7 +29,7 @@ def select_keep(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
         raise ValueError("scores: expected at least one patch per row, got shape "
                          f"{tuple(scores.shape)}")
     if not _checks.host_reads_are_free(scores.device):  # checked on the device: no host sync
-        torch._assert_async(~torch.isnan(scores).any(), "scores: contains NaN; patch scores must be finite or +-inf")
+        _checks.device_assert(~torch.isnan(scores).any(), "scores: contains NaN; patch scores must be finite or +-inf")
     elif torch.isnan(scores).any():
         raise ValueError("scores: contains NaN; patch scores must be finite or +-inf")
     k = num_keep(scores.shape[1], keep_ratio)

@@ -276,9 +276,9 @@ def _check_cu_seqlens(cu, q, max_seqlen) -> int:
         ok = (cu[0] == 0) & (cu[-1] == T)
         if lens.numel():
             ok = ok & (lens.min() >= 0) & (lens.max() <= max_seqlen)
-        torch._assert_async(ok, f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T} with no sequence "
-                                f"longer than max_seqlen = {max_seqlen} (set {_checks.ENV_SYNC_CHECKS}=1 for the "
-                                "offending value)")
+        _checks.device_assert(ok, f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T} with no sequence "
+                                  f"longer than max_seqlen = {max_seqlen} (set {_checks.ENV_SYNC_CHECKS}=1 for the "
+                                  "offending value)")
         return max_seqlen
     vals = cu.tolist()
     if vals[0] != 0:
