@@ -141,9 +141,11 @@ def _index_sum(rows: torch.Tensor, idx: torch.Tensor, n: int, by_token: bool) ->
     _checks.index_range("idx", idx, n)
     if by_token:
         # torch's sort-based index_put (CUDA: one thread block per (distinct index, channel slice),
-        # rows summed in sorted order: deterministic); the unsafe variant skips its own range check,
-        # a min/max read back to the host, which the device-side check above replaces.
-        return torch.ops.aten._unsafe_index_put(rows.new_zeros(n, rows.shape[-1]), [idx], rows, True)
+        # rows summed in sorted order: deterministic). unsafe=True skips its own range check, a
+        # min/max read back to the host (the public index_put_ and _unsafe_index_put both do it),
+        # which the device-side check above replaces.
+        out = rows.new_zeros(n, rows.shape[-1])
+        return torch.ops.aten._index_put_impl_(out, [idx], rows, True, True)
     return scatter_tokens(rows[None], idx[None], n)[0]
 
 
