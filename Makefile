@@ -52,3 +52,11 @@ bench: $(STAMP)/install
 
 clean:
 	rm -rf build $(STAMP) lotus_kernels/*.so
+
+# The first thing to run on a lent GPU: builds for that GPU with the machine's own python3 and torch
+# (no venv, no pip), runs every GPU test (`pytest -m cuda`) and the GPU benchmarks within ~8 minutes,
+# writes benchmarks/results/gpu/ and prints a summary of ratios vs goals last. Without a GPU: one
+# line, exit 0.
+.PHONY: gpu-check
+gpu-check:
+	@$(PYTHON) benchmarks/gpu_check.py

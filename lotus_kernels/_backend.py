@@ -87,9 +87,16 @@ def _check_name(name: str, where: str) -> None:
         raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
+# Best first, per device type. On a GPU Triton leads: its kernels are autotuned, software-pipelined
+# and use the tensor cores for every float dtype, while the CUDA C++ kernels stage tiles synchronously
+# (WMMA for bf16 / fp16 only). `make gpu-check` times both (benchmarks/results/gpu/): change this
+# order only from such a measurement.
+PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
 def _default(device: torch.device, implemented) -> str:
     ok = backends()
-    prefer = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
+    prefer = PREFERENCE.get(device.type, ())
     for name in prefer:
         if ok[name] and name in implemented:
             return name

@@ -2,6 +2,8 @@
 refuses bad input the same way; messages name the argument and say what was expected."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -44,16 +46,59 @@ def index_tensor(name: str, idx, *, batch: int, batch_name: str) -> None:
         raise ValueError(f"{name}: expected at least one index per row (K >= 1), got K = 0")
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether a value check may read the tensor on the host: on the CPU it costs nothing, on a GPU
+    it waits for the whole queue (and forbids CUDA graphs). ``LOTUS_KERNELS_SYNC_CHECKS=1`` makes the
+    GPU checks read too (exact messages with the offending value, at the cost of a sync). Tests patch
+    this to run the GPU code path of the checks on CPU tensors."""
+    return device.type == "cpu" or os.environ.get(ENV_SYNC_CHECKS) == "1"
+
+
+ENV_SYNC_CHECKS = "LOTUS_KERNELS_SYNC_CHECKS"
+
+
+def device_assert(ok: torch.Tensor, message: str) -> None:
+    """Fail with ``message`` where ``ok`` (a 0-d bool tensor) is False, without reading it back: on a
+    GPU a device-side assert (torch's CUDA kernel takes messages under 255 bytes), on the CPU at once."""
+    torch._assert_async(ok, message[:250])
+
+
+def _stamp(t: torch.Tensor):
+    """(version, data pointer, shape) of ``t``: changes with any in-place write or new storage."""
+    return (t._version, t.data_ptr(), tuple(t.shape))
+
+
 def index_range(name: str, idx: torch.Tensor, n: int) -> None:
-    """Every index in [0, n). Reads the values (a device sync on GPU): kernels index memory with
-    them, so an out-of-range value would otherwise be a crash or a silent wrong answer."""
+    """Every index in [0, n): kernels index memory with them, so an out-of-range value would otherwise
+    be a crash or a silent wrong answer.
+
+    Remembered per index tensor (until it is written in place): a keep index used by the patch
+    embedding, its backward and every gather of a step is checked once. Where host reads are free
+    (CPU) the values are read and a bad one is named; on a GPU the check runs on the device
+    (``torch._assert_async``: no host sync, the stream fails at the next sync point like torch's own
+    indexing kernels do)."""
     if idx.numel() == 0:
         return
-    lo, hi = torch.aminmax(idx)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= n:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"{name}: index {bad} is out of range; expected values in [0, {n})")
+    stamp = _stamp(idx)
+    seen = getattr(idx, "_lotus_range", None)
+    if seen is not None and seen[0] == stamp and n >= seen[1]:
+        return  # this exact tensor already passed a check with a bound <= n
+    if host_reads_are_free(idx.device):
+        lo, hi = torch.aminmax(idx)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name}: index {bad} is out of range; expected values in [0, {n})")
+        ok_n = hi + 1
+    else:
+        lo, hi = torch.aminmax(idx)
+        device_assert((lo >= 0) & (hi < n), f"{name}: an index is out of range; expected values in [0, {n}) "
+                                            f"(set {ENV_SYNC_CHECKS}=1 to have the bad value named)")
+        ok_n = n
+    try:
+        idx._lotus_range = (stamp, ok_n)
+    except (AttributeError, RuntimeError):  # a tensor subclass without a __dict__: check every time
+        pass
 
 
 def autocast_inputs(*tensors):

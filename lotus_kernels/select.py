@@ -28,7 +28,9 @@ def select_keep(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     if scores.shape[1] == 0:
         raise ValueError("scores: expected at least one patch per row, got shape "
                          f"{tuple(scores.shape)}")
-    if torch.isnan(scores).any():
+    if not _checks.host_reads_are_free(scores.device):  # checked on the device: no host sync
+        _checks.device_assert(~torch.isnan(scores).any(), "scores: contains NaN; patch scores must be finite or +-inf")
+    elif torch.isnan(scores).any():
         raise ValueError("scores: contains NaN; patch scores must be finite or +-inf")
     k = num_keep(scores.shape[1], keep_ratio)
     # A stable descending sort breaks ties by position, unlike topk.

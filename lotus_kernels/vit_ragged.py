@@ -16,7 +16,6 @@ index tensor is an error, as K = 0 is for the [B, K] path).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -25,7 +24,9 @@ from .ops.attention import attention
 
 
 def check_ragged_keep(images: torch.Tensor, keep_idx, num_patches: int) -> None:
-    """keep_idx: one 1-D int64 index tensor per image, each non-empty, values in [0, num_patches)."""
+    """keep_idx: one 1-D int64 index tensor per image, each non-empty, values in [0, num_patches).
+    Shapes, dtypes and devices are checked per image on the host; the values once for the whole
+    batch (one range check of all indices together: no host sync on a GPU, see ``_checks.index_range``)."""
     if len(keep_idx) != images.shape[0]:
         raise ValueError(f"keep_idx: got {len(keep_idx)} index tensors for a batch of {images.shape[0]} images "
                          f"(expected one per image)")
@@ -38,7 +39,20 @@ def check_ragged_keep(images: torch.Tensor, keep_idx, num_patches: int) -> None:
             raise ValueError(f"{name}: expected a tensor on {images.device} (like images), got one on {idx.device}")
         if idx.numel() == 0:
             raise ValueError(f"{name}: expected at least one patch index (an image must keep >= 1 patch)")
-        _checks.index_range(name, idx, num_patches)
+    if _checks.host_reads_are_free(images.device):  # name the image whose index is bad
+        for i, idx in enumerate(keep_idx):
+            _checks.index_range(f"keep_idx[{i}]", idx, num_patches)
+    else:
+        _checks.index_range("keep_idx", torch.cat(list(keep_idx)), num_patches)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of host ints on ``device`` without a host sync (a plain copy to a GPU waits
+    for the stream; a pinned, non-blocking one does not)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def check_ragged_model(model) -> None:
@@ -63,14 +77,21 @@ def check_ragged_model(model) -> None:
 
 
 class Packing:
-    """Where each image's tokens sit in the packed [T, C] sequence."""
+    """Where each image's tokens sit in the packed [T, C] sequence. Built from host ints (the list
+    lengths), so nothing here reads a device tensor back."""
 
-    def __init__(self, lengths: torch.Tensor):
-        self.lengths = lengths                                  # [B] tokens per image
-        self.cu = F.pad(lengths.cumsum(0), (1, 0))              # [B + 1]
-        self.longest = int(lengths.max())
-        self.seg = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)  # [T]
-        self.pos = torch.arange(int(self.cu[-1]), device=lengths.device) - self.cu[self.seg]  # position in image
+    def __init__(self, lengths: list[int], device: torch.device):
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        self.num = len(lengths)
+        self.total = cu[-1]                                     # T
+        self.longest = max(lengths)
+        self.lengths = _to_device(lengths, device)              # [B] tokens per image
+        self.cu = _to_device(cu, device)                        # [B + 1]
+        self.seg = torch.repeat_interleave(torch.arange(self.num, device=device), self.lengths,
+                                           output_size=self.total)  # [T]; output_size: no sync
+        self.pos = torch.arange(self.total, device=device) - self.cu[self.seg]  # position in image
 
 
 def _drop_path(mod: nn.Module, x: torch.Tensor, pk: Packing) -> torch.Tensor:
@@ -78,7 +99,7 @@ def _drop_path(mod: nn.Module, x: torch.Tensor, pk: Packing) -> torch.Tensor:
     if isinstance(mod, nn.Identity) or not mod.training or mod.drop_prob == 0.0:
         return x
     keep = 1.0 - mod.drop_prob
-    r = x.new_empty(len(pk.lengths)).bernoulli_(keep)
+    r = x.new_empty(pk.num).bernoulli_(keep)
     if keep > 0.0 and mod.scale_by_keep:
         r.div_(keep)
     return x * r[pk.seg][None, :, None]
@@ -104,17 +125,19 @@ def _block_packed(blk, x: torch.Tensor, pk: Packing) -> torch.Tensor:
 
 
 def _pool_packed(model, x: torch.Tensor, pk: Packing) -> torch.Tensor:
-    """timm's ``global_pool_nlc`` per image on packed x [T, C] -> [B, C]."""
+    """timm's ``global_pool_nlc`` per image on packed x [T, C] -> [B, C] (weights instead of a
+    boolean selection of the pooled tokens, which would read the mask back to size its result)."""
     if model.global_pool == "token":
         return x[pk.cu[:-1]]
     use = torch.ones_like(pk.seg, dtype=torch.bool) if model.pool_include_prefix else pk.pos >= model.num_prefix_tokens
-    seg, xs = pk.seg[use], x[use]
-    B = len(pk.lengths)
-    counts = torch.zeros(B, device=x.device, dtype=x.dtype).index_add_(0, seg, torch.ones_like(seg, dtype=x.dtype))
-    mean = x.new_zeros(B, x.shape[1]).index_add(0, seg, xs) / counts[:, None]
+    w = use.to(x.dtype)
+    B = pk.num
+    counts = x.new_zeros(B).index_add_(0, pk.seg, w)
+    mean = x.new_zeros(B, x.shape[1]).index_add(0, pk.seg, x * w[:, None]) / counts[:, None]
     if model.global_pool == "avg":
         return mean
-    mx = x.new_full((B, x.shape[1]), float("-inf")).scatter_reduce(0, seg[:, None].expand_as(xs), xs, "amax")
+    xs = torch.where(use[:, None], x, float("-inf"))
+    mx = x.new_full((B, x.shape[1]), float("-inf")).scatter_reduce(0, pk.seg[:, None].expand_as(xs), xs, "amax")
     return mx if model.global_pool == "max" else 0.5 * (mx + mean)
 
 
@@ -122,16 +145,16 @@ def forward_ragged(model, images: torch.Tensor, keep_idx) -> torch.Tensor:
     """Logits [B, classes] of ``model`` run on each image's own kept patches (see module docstring)."""
     check_ragged_keep(images, keep_idx, model.patch_embed.num_patches)
     check_ragged_model(model)
-    kept = torch.tensor([len(i) for i in keep_idx], device=images.device)
-    kmax = int(kept.max())
+    kept = [len(i) for i in keep_idx]                         # host ints: no device read
+    kmax = max(kept)
     # Embed as one [B, kmax] batch (the shorter lists padded with their own last index), then keep
     # each image's real rows: the padding rows never reach a block.
     padded = torch.stack([torch.cat([i, i[-1:].expand(kmax - len(i))]) for i in keep_idx])
     x = model.embed_kept(images, padded)                       # [B, P + kmax, C]
     n_prefix = x.shape[1] - kmax
-    pk = Packing(kept + n_prefix)
-    real = torch.arange(x.shape[1], device=x.device)[None, :] < pk.lengths[:, None]
-    x = model.norm_pre(x[real])[None]                          # [1, T, C], image-major
+    pk = Packing([k + n_prefix for k in kept], images.device)
+    rows = pk.seg * x.shape[1] + pk.pos                        # image-major row of each packed token
+    x = model.norm_pre(x.reshape(-1, x.shape[-1])[rows])[None]  # [1, T, C]
     for blk in model.blocks:
         if model.grad_checkpointing and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(_block_packed, blk, x, pk, use_reentrant=False)

@@ -53,3 +53,21 @@ def assert_compiled_matches_eager(step, args, wrt, *, rtol=1e-5, atol=1e-5):
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
     return got_grads
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m cuda` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """With a GPU present, every test that runs on it carries the ``cuda`` marker, so that
+    ``pytest -m cuda`` (``make gpu-check``) runs exactly the GPU tests: those parametrized with a
+    CUDA backend / device, the Triton kernel tests (on CUDA tensors there), ``test_cuda_*`` and the
+    ones marked."""
+    if not torch.cuda.is_available():
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_gpu = "cuda" in item.keywords or item.nodeid.startswith("tests/triton/") or \
+            getattr(item, "originalname", item.name).startswith("test_cuda") or (
+            callspec is not None and any(v == "cuda" or (isinstance(v, torch.device) and v.type == "cuda")
+                                         for v in callspec.params.values()))
+        if on_gpu:
+            item.add_marker(pytest.mark.cuda)

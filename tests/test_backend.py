@@ -97,3 +97,15 @@ def test_forcing_a_backend_an_op_has_no_kernel_for_names_the_op():
     # the default skips it instead: CPU tensors still get the C++ kernel
     assert _backend.select(torch.device("cpu"), "attention", implemented=("reference", "cpu")) == "cpu"
     assert _backend.select(torch.device("cpu"), "x", implemented=("reference",)) == "reference"
+
+
+def test_gpu_default_prefers_triton_then_cuda(monkeypatch):
+    # Triton first on CUDA tensors until `make gpu-check` measures otherwise; the CUDA C++ kernels
+    # when Triton is missing, the reference when neither is there.
+    from lotus_kernels import _backend
+    dev = torch.device("cuda", 0)
+    for ok, want in (({"triton": True, "cuda": True}, "triton"), ({"triton": False, "cuda": True}, "cuda"),
+                     ({"triton": False, "cuda": False}, "reference")):
+        monkeypatch.setattr(_backend, "backends", lambda ok=ok: {"reference": True, "cpu": True, **ok})
+        assert _backend.select(dev) == want
+    assert _backend.select(dev, "attention", implemented=("reference", "cpu", "cuda")) == "reference"

@@ -27,5 +27,8 @@ def test_opcheck_registrations():
     torch.library.opcheck(torch.ops.lotus_kernels.scatter_tokens.default, (torch.randn(2, 3, 5, requires_grad=True), idx, 4))
     images = torch.randn(2, 3, 8, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.lotus_kernels.im2col_gather.default, (images, idx, 4, 4))
+    for by_token in (False, True):
+        torch.library.opcheck(torch.ops.lotus_kernels.index_sum.default,
+                              (torch.randn(6, 5, requires_grad=True), idx.reshape(-1), 4, by_token))
     torch.library.opcheck(torch.ops.lotus_kernels.patch_embed_gather.default,
                           (images, idx, torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6), None))

@@ -228,3 +228,94 @@ def test_torch_compile_matches_eager_on_the_fallback_path():
         (wx,) = torch.autograd.grad(want.square().sum(), x)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gx, wx)
+
+
+# ---------------------------------------------------------------- transposable masks, GEMM dtype, compression cache
+def test_transposable_mask_is_2_4_both_ways_and_best_per_tile():
+    from itertools import product
+
+    from lotus_kernels.ops.semi_structured_linear import is_transposable
+    w = torch.randn(8, 12)
+    mask = semi_structured_mask(w, transposable=True)
+    assert mask.dtype == torch.bool and is_transposable(mask)
+    assert (mask.reshape(8, 3, 4).sum(-1) == 2).all() and (mask.t().reshape(12, 2, 4).sum(-1) == 2).all()
+    # brute force on one tile: no 2-per-row-and-column pattern keeps more magnitude
+    tile = w[:4, 4:8].abs()
+    best = max(sum(tile[i, j] for i in range(4) for j in range(4) if p[i][j])
+               for p in product([r for r in product((0, 1), repeat=4) if sum(r) == 2], repeat=4)
+               if all(sum(c) == 2 for c in zip(*p)))
+    torch.testing.assert_close(tile[mask[:4, 4:8]].sum(), torch.as_tensor(best))
+    assert not is_transposable(semi_structured_mask(torch.arange(64.0).reshape(8, 8)))  # row-wise only
+    with pytest.raises(ValueError, match="out_features=6 must be a multiple of 4 for a transposable"):
+        semi_structured_mask(torch.randn(6, 8), transposable=True)
+
+
+def test_gemm_dtype_follows_autocast():
+    from lotus_kernels.ops.semi_structured_linear import gemm_dtype
+    w = torch.randn(8, 8)
+    assert gemm_dtype(w) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_dtype(w) == torch.bfloat16 and gemm_dtype(w.double()) == torch.float64
+    # the 2:4 decision on that dtype: an fp32 weight under bf16 autocast qualifies on sm80+
+    cls = torch.sparse.SparseSemiStructuredTensorCUTLASS
+    assert kernel_unsupported("cuda", torch.bfloat16, 64, 128, capability=(9, 0), backend_cls=cls) is None
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_kernel_path_compresses_once_per_optimizer_step(monkeypatch, transposable):
+    # The kernel path run on the CPU: the 2:4 requirement waived and the compressor replaced by a
+    # counting identity (F.linear on the masked dense weight), so the caching and the gradients of
+    # the kernel path's autograd function can be checked here.
+    import lotus_kernels.nn.semi_structured_linear as mod
+    monkeypatch.setattr(mod, "kernel_unsupported", lambda *a, **k: None)
+    calls = []
+    lin = nn.Linear(16, 8)
+    layer = SemiStructuredLinear.from_linear(lin, transposable=transposable)
+    monkeypatch.setattr(layer, "_compress", lambda w: calls.append(tuple(w.shape)) or w.clone())
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            y.float().square().sum().backward()
+            layer(x.detach())  # a second forward in the same step: no new compression
+        assert y.dtype == torch.bfloat16
+        want = [(8, 16), (16, 8)] if transposable else [(8, 16)]
+        assert sorted(calls) == sorted(want * (step + 1))
+        w_ref = (layer.weight.detach() * layer.mask).requires_grad_()
+        x_ref = x.detach().requires_grad_()
+        y_ref = F.linear(x_ref.bfloat16().float(), w_ref.bfloat16().float(), layer.bias.detach().bfloat16().float())
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=3e-2, atol=3e-2)
+        assert layer.weight.grad.dtype == torch.float32 and not layer.weight.grad[~layer.mask].any()
+        torch.testing.assert_close(layer.weight.grad, w_ref.grad * layer.mask, rtol=3e-2, atol=1.5e-1)  # bf16 GEMM
+        opt.step()
+        opt.zero_grad()
+        x.grad = None
+
+
+@needs_cuda_24
+@pytest.mark.cuda
+@pytest.mark.parametrize("transposable", [False, True])
+def test_cuda_fp32_model_under_bf16_autocast_takes_the_sparse_path(transposable):
+    lin = nn.Linear(256, 128).cuda()
+    layer = SemiStructuredLinear.from_linear(lin, transposable=transposable)
+    x = torch.randn(4, 77, 256, device="cuda", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SemiStructuredFallbackWarning)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert layer.kernel_unsupported_reason() is None
+            y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer._compressed is not None
+    assert (layer._compressed[2] is not None) == transposable  # W^T compressed only for a transposable mask
+    w_ref = (layer.weight.detach() * layer.mask).requires_grad_()
+    x_ref = x.detach().requires_grad_()
+    y_ref = F.linear(x_ref, w_ref, layer.bias.detach())
+    g = torch.randn_like(y_ref)
+    y.float().backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=6e-2)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=3e-2, atol=6e-2)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad * layer.mask, rtol=3e-2, atol=3e-1)
+    assert layer.weight.grad.dtype == torch.float32 and not layer.weight.grad[~layer.mask].any()

@@ -12,17 +12,21 @@
 // values[k]^T for fwd (k = t) and values[k] for bwd_input (k = perm[t]). Every CTA owns a disjoint
 // output tile and writes all of it once (empty slots write bias / zero, M rows past the end are not
 // written), so there are no atomics, the results are deterministic and a poisoned output is overwritten.
-// fwd / bwd_input: bf16 on tensor cores (WMMA, sm80+, fp32 accumulation); fp32 and fp64 (and bf16
-// below sm80) on plain shared-memory tiles with FMA in the accumulation type (fp32 / fp64): fp32 is
-// not given TF32 here, so fp32 results match a full-precision reference. bwd_weight likewise: WMMA
-// for bf16 on sm80+, FMA otherwise.
+// fwd / bwd_input: bf16 and fp16 on tensor cores (WMMA, sm80+, fp32 accumulation); fp32 and fp64 (and
+// 16-bit types below sm80) on plain shared-memory tiles with FMA in the accumulation type (fp32 / fp64):
+// fp32 is not given TF32 here, so fp32 results match a full-precision reference. bwd_weight likewise:
+// WMMA for 16-bit types on sm80+, FMA otherwise. bwd_weight splits M into S ranges when there are too
+// few stored blocks to fill the GPU (grid (nnzb, S)): each CTA writes an fp32 (fp64) partial block, and
+// sum_partials_kernel adds the S partials in the fixed order s = 0..S-1 and rounds once: deterministic.
 //
 // Build time: as in token_gather.cu, the device passes (__CUDA_ARCH__ defined) see only the kernels and
 // the small c10 scalar headers; the explicit instantiations (outside the guard) list every kernel the
 // host code launches.
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <mma.h>
 
 #include <cstdint>
@@ -31,11 +35,13 @@
 #if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 
@@ -55,6 +61,18 @@ struct RowsPerThread {
 template <>
 struct RowsPerThread<double> {
   static constexpr int value = 4;
+};
+
+// The WMMA element type of a 16-bit torch scalar type (tiles are staged as raw 16-bit words).
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
 };
 
 // ---------------------------------------------------------------- fwd / bwd_input
@@ -130,14 +148,17 @@ __global__ void __launch_bounds__(kBsrThreads)
 }
 
 // ---------------------------------------------------------------- bwd_weight (SDD)
-// CTA k = blockIdx.x owns dvalues[k] (BS x BS). Thread tid owns column j = tid % BS and rows
-// i = tid / BS + s * (kBsrThreads / BS), s < OPT. M is reduced in chunks of TK rows staged in shared
-// memory (gs = dy's block-row columns, xs = x's block-column columns), in one fixed order: deterministic.
+// CTA (k = blockIdx.x, split = blockIdx.y) owns block k's product over rows [split * rows_per_split,
+// +rows_per_split) of M. Thread tid owns column j = tid % BS and rows i = tid / BS + s * (kBsrThreads /
+// BS), s < OPT. The rows are reduced in chunks of TK staged in shared memory (gs = dy's block-row
+// columns, xs = x's block-column columns), in one fixed order. With partial == nullptr (one split) the
+// CTA writes dvalues[k]; else its acc_t block at partial[split][k] (summed by sum_partials_kernel).
 template <typename T, int BS>
 __global__ void __launch_bounds__(kBsrThreads)
     bsr_weight_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int64_t* __restrict__ crow,
-                           const int64_t* __restrict__ col, T* __restrict__ dvalues, int64_t M, int64_t in_features,
-                           int64_t out_features, int64_t R) {
+                           const int64_t* __restrict__ col, T* __restrict__ dvalues,
+                           at::opmath_type<T>* __restrict__ partial, int64_t M, int64_t in_features,
+                           int64_t out_features, int64_t R, int64_t nnzb, int64_t rows_per_split) {
   using acc_t = at::opmath_type<T>;
   constexpr int kRowStep = kBsrThreads / BS;
   constexpr int OPT = BS * BS / kBsrThreads > 0 ? BS * BS / kBsrThreads : 1;
@@ -168,12 +189,14 @@ __global__ void __launch_bounds__(kBsrThreads)
 #pragma unroll
   for (int s = 0; s < OPT; ++s) acc[s] = acc_t(0);
 
-  for (int64_t m0 = 0; m0 < M; m0 += TK) {
+  const int64_t m_lo = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t m_hi = m_lo + rows_per_split < M ? m_lo + rows_per_split : M;
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += TK) {
 #pragma unroll
     for (int e = tid; e < TK * BS; e += kBsrThreads) {
       const int r = e / BS, q = e % BS;
       const int64_t m = m0 + r;
-      const bool in = m < M;
+      const bool in = m < m_hi;
       gs[r][q] = in ? static_cast<acc_t>(g_blk[m * out_features + q]) : acc_t(0);
       xs[r][q] = in ? static_cast<acc_t>(x_blk[m * in_features + q]) : acc_t(0);
     }
@@ -186,9 +209,27 @@ __global__ void __launch_bounds__(kBsrThreads)
     }
     __syncthreads();
   }
+  if (partial != nullptr) {
+    acc_t* dst = partial + (static_cast<int64_t>(blockIdx.y) * nnzb + k) * (BS * BS);
+#pragma unroll
+    for (int s = 0; s < OPT; ++s) dst[(i0 + s * kRowStep) * BS + j] = acc[s];
+    return;
+  }
   T* dst = dvalues + k * (BS * BS);
 #pragma unroll
   for (int s = 0; s < OPT; ++s) dst[(i0 + s * kRowStep) * BS + j] = static_cast<T>(acc[s]);
+}
+
+// dvalues[e] = sum over s = 0..S-1 of partial[s][e], in that order, rounded once. One element per thread.
+template <typename T>
+__global__ void __launch_bounds__(kBsrThreads)
+    sum_partials_kernel(const at::opmath_type<T>* __restrict__ partial, T* __restrict__ dvalues, int64_t S,
+                        int64_t numel) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kBsrThreads + threadIdx.x;
+  if (e >= numel) return;
+  at::opmath_type<T> v = partial[e];
+  for (int64_t s = 1; s < S; ++s) v += partial[s * numel + e];
+  dvalues[e] = static_cast<T>(v);
 }
 
 // ---------------------------------------------------------------- bf16 tile staging (WMMA kernels)
@@ -210,19 +251,19 @@ __device__ __forceinline__ void stage_rows(uint16_t (*dst)[LDS], const uint16_t*
   }
 }
 
-// ---------------------------------------------------------------- fwd / bwd_input, bf16 on tensor cores
-// The same product for bf16 with WMMA (sm80+: m16n16k16, bf16 in, fp32 accumulate): the CTA's output
+// ---------------------------------------------------------------- fwd / bwd_input, bf16 / fp16 on tensor cores
+// The same product for T = bf16 or fp16 with WMMA (launched on sm80+: m16n16k16, 16-bit in, fp32 accumulate): the CTA's output
 // tile TM x BS (TM = 2048 / BS, as in the FMA kernel) is 8 fragments of 16 x 16, one per warp. Shared
 // tiles hold raw bf16 bits (copied, never converted); B is values[k] as stored, read as col_major for
 // fwd (W^T) and row_major for bwd_input (W). Rows padded by 8 elements (16 B): WMMA needs ldm % 8 == 0
 // and 32-byte aligned fragment pointers, which 16-row steps of (BS + 8) * 2 bytes keep. The fp32 tile
 // goes through shared memory for the epilogue (bias, rounding, rows past M).
-template <int BS, bool kTransW, bool kVec>
+template <typename T, int BS, bool kTransW, bool kVec>
 __global__ void __launch_bounds__(kBsrThreads)
     block_row_product_wmma_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ values,
                                   const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx,
-                                  const int64_t* __restrict__ perm, const c10::BFloat16* __restrict__ bias,
-                                  c10::BFloat16* __restrict__ out, int64_t M, int64_t a_stride, int64_t out_stride) {
+                                  const int64_t* __restrict__ perm, const T* __restrict__ bias, T* __restrict__ out,
+                                  int64_t M, int64_t a_stride, int64_t out_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the host launches this only on sm80+
 #else
@@ -233,6 +274,7 @@ __global__ void __launch_bounds__(kBsrThreads)
   __shared__ __align__(32) uint16_t bsm[BS][LDS];
   __shared__ __align__(32) float cs[TM][LDC];
   using BLayout = typename std::conditional<kTransW, wmma::col_major, wmma::row_major>::type;
+  using E = typename WmmaType<T>::type;
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int fm = warp / FN, fn = warp % FN;  // this warp's fragment: rows fm*16.., columns fn*16..
@@ -251,12 +293,12 @@ __global__ void __launch_bounds__(kBsrThreads)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BS; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> fb;
-      wmma::load_matrix_sync(fa, reinterpret_cast<const __nv_bfloat16*>(&as[fm * 16][kk]), LDS);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, BLayout> fb;
+      wmma::load_matrix_sync(fa, reinterpret_cast<const E*>(&as[fm * 16][kk]), LDS);
       // B[q][j]: fwd, col_major over values[k][j][q] (element (q, j) at bsm[j][q]); bwd_input, row_major
       const uint16_t* b_ptr = kTransW ? &bsm[fn * 16][kk] : &bsm[kk][fn * 16];
-      wmma::load_matrix_sync(fb, reinterpret_cast<const __nv_bfloat16*>(b_ptr), LDS);
+      wmma::load_matrix_sync(fb, reinterpret_cast<const E*>(b_ptr), LDS);
       wmma::mma_sync(acc, fa, fb, acc);
     }
     __syncthreads();
@@ -268,24 +310,25 @@ __global__ void __launch_bounds__(kBsrThreads)
     const int64_t m = m0 + r, n = p * BS + j;
     if (m < M) {
       const float b = bias == nullptr ? 0.0f : static_cast<float>(bias[n]);
-      out[m * out_stride + n] = c10::BFloat16(cs[r][j] + b);
+      out[m * out_stride + n] = T(cs[r][j] + b);
     }
   }
 #endif
 }
 
-// ---------------------------------------------------------------- bwd_weight, bf16 on tensor cores
+// ---------------------------------------------------------------- bwd_weight, bf16 / fp16 on tensor cores
 // CTA k owns dvalues[k] = G^T X (G = dy's block-row columns, X = x's block-column columns, both
 // [M, BS]) as F = (BS/16)^2 fragments of 16 x 16. With fewer fragments than the 8 warps (BS = 16:
 // 1, BS = 32: 4), the warps also split each staged chunk of TK rows of M S ways (S = 8, 2, 1 for
 // BS = 16, 32, 64), and the S partial tiles are summed in a fixed order at the end: deterministic.
-// A = G^T is read col_major from the row-major staged G; B = X row_major.
-template <int BS, bool kVec>
+// A = G^T is read col_major from the row-major staged G; B = X row_major. blockIdx.y picks the range
+// of M (rows_per_split rows) and `partial` as in bsr_weight_grad_kernel.
+template <typename T, int BS, bool kVec>
 __global__ void __launch_bounds__(kBsrThreads)
     bsr_weight_grad_wmma_kernel(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ x,
                                 const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
-                                c10::BFloat16* __restrict__ dvalues, int64_t M, int64_t in_features,
-                                int64_t out_features, int64_t R) {
+                                T* __restrict__ dvalues, float* __restrict__ partial, int64_t M, int64_t in_features,
+                                int64_t out_features, int64_t R, int64_t nnzb, int64_t rows_per_split) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the host launches this only on sm80+
 #else
@@ -301,6 +344,7 @@ __global__ void __launch_bounds__(kBsrThreads)
   __shared__ __align__(32) uint16_t gs[TK][LDS];
   __shared__ __align__(32) uint16_t xs[TK][LDS];
   __shared__ __align__(32) float red[S][BS][LDC];
+  using E = typename WmmaType<T>::type;
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int split = warp / WPS, first = warp % WPS;
@@ -320,19 +364,21 @@ __global__ void __launch_bounds__(kBsrThreads)
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FPW];
 #pragma unroll
   for (int f = 0; f < FPW; ++f) wmma::fill_fragment(acc[f], 0.0f);
-  for (int64_t m0 = 0; m0 < M; m0 += TK) {
-    stage_rows<TK, BS, LDS, kVec>(gs, g_blk, out_features, m0, M, tid);
-    stage_rows<TK, BS, LDS, kVec>(xs, x_blk, in_features, m0, M, tid);
+  const int64_t m_lo = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t m_hi = m_lo + rows_per_split < M ? m_lo + rows_per_split : M;
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += TK) {
+    stage_rows<TK, BS, LDS, kVec>(gs, g_blk, out_features, m0, m_hi, tid);
+    stage_rows<TK, BS, LDS, kVec>(xs, x_blk, in_features, m0, m_hi, tid);
     __syncthreads();
 #pragma unroll
     for (int kk = split * ROWS; kk < (split + 1) * ROWS; kk += 16) {
 #pragma unroll
       for (int f = 0; f < FPW; ++f) {
         const int fi = (first + f * WPS) / NF, fj = (first + f * WPS) % NF;
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;  // G^T
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;  // X
-        wmma::load_matrix_sync(fa, reinterpret_cast<const __nv_bfloat16*>(&gs[kk][fi * 16]), LDS);
-        wmma::load_matrix_sync(fb, reinterpret_cast<const __nv_bfloat16*>(&xs[kk][fj * 16]), LDS);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::col_major> fa;  // G^T
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> fb;  // X
+        wmma::load_matrix_sync(fa, reinterpret_cast<const E*>(&gs[kk][fi * 16]), LDS);
+        wmma::load_matrix_sync(fb, reinterpret_cast<const E*>(&xs[kk][fj * 16]), LDS);
         wmma::mma_sync(acc[f], fa, fb, acc[f]);
       }
     }
@@ -344,13 +390,18 @@ __global__ void __launch_bounds__(kBsrThreads)
     wmma::store_matrix_sync(&red[split][fi * 16][fj * 16], acc[f], LDC, wmma::mem_row_major);
   }
   __syncthreads();
-  c10::BFloat16* dst = dvalues + k * (BS * BS);
+  float* part = partial == nullptr ? nullptr : partial + (static_cast<int64_t>(blockIdx.y) * nnzb + k) * (BS * BS);
+  T* dst = dvalues + k * (BS * BS);
   for (int e = tid; e < BS * BS; e += kBsrThreads) {
     const int i = e / BS, j = e % BS;
     float v = 0.0f;
 #pragma unroll
     for (int s2 = 0; s2 < S; ++s2) v += red[s2][i][j];
-    dst[e] = c10::BFloat16(v);
+    if (part != nullptr) {
+      part[e] = v;
+    } else {
+      dst[e] = T(v);
+    }
   }
 #endif
 }
@@ -364,26 +415,33 @@ __global__ void __launch_bounds__(kBsrThreads)
                                                                   const int64_t*, const int64_t*, const T*, T*,     \
                                                                   int64_t, int64_t, int64_t);                       \
   template __global__ void bsr_weight_grad_kernel<T, BS>(const T*, const T*, const int64_t*, const int64_t*, T*,   \
-                                                         int64_t, int64_t, int64_t, int64_t);
-#define LOTUS_BSR_INST(T) LOTUS_BSR_INST_BS(T, 16) LOTUS_BSR_INST_BS(T, 32) LOTUS_BSR_INST_BS(T, 64)
+                                                         at::opmath_type<T>*, int64_t, int64_t, int64_t, int64_t,  \
+                                                         int64_t, int64_t);
+#define LOTUS_BSR_INST(T)                                                               \
+  LOTUS_BSR_INST_BS(T, 16) LOTUS_BSR_INST_BS(T, 32) LOTUS_BSR_INST_BS(T, 64)            \
+  template __global__ void sum_partials_kernel<T>(const at::opmath_type<T>*, T*, int64_t, int64_t);
 LOTUS_BSR_INST(float)
 LOTUS_BSR_INST(double)
 LOTUS_BSR_INST(c10::BFloat16)
-#define LOTUS_BSR_WMMA_INST(BS, TRANS, VEC)                                                                    \
-  template __global__ void block_row_product_wmma_kernel<BS, TRANS, VEC>(const uint16_t*, const uint16_t*,     \
-                                                                         const int64_t*, const int64_t*,       \
-                                                                         const int64_t*, const c10::BFloat16*, \
-                                                                         c10::BFloat16*, int64_t, int64_t, int64_t);
-#define LOTUS_BSR_WGRAD_WMMA_INST(BS, VEC)                                                                    \
-  template __global__ void bsr_weight_grad_wmma_kernel<BS, VEC>(const uint16_t*, const uint16_t*, const int64_t*, \
-                                                                const int64_t*, c10::BFloat16*, int64_t, int64_t, \
-                                                                int64_t, int64_t);
-#define LOTUS_BSR_WMMA_INST_BS(BS)                                                                            \
-  LOTUS_BSR_WMMA_INST(BS, true, true) LOTUS_BSR_WMMA_INST(BS, true, false) LOTUS_BSR_WMMA_INST(BS, false, true) \
-  LOTUS_BSR_WMMA_INST(BS, false, false) LOTUS_BSR_WGRAD_WMMA_INST(BS, true) LOTUS_BSR_WGRAD_WMMA_INST(BS, false)
-LOTUS_BSR_WMMA_INST_BS(16)
-LOTUS_BSR_WMMA_INST_BS(32)
-LOTUS_BSR_WMMA_INST_BS(64)
+LOTUS_BSR_INST(c10::Half)
+#define LOTUS_BSR_WMMA_INST(T, BS, TRANS, VEC)                                                                  \
+  template __global__ void block_row_product_wmma_kernel<T, BS, TRANS, VEC>(const uint16_t*, const uint16_t*,   \
+                                                                            const int64_t*, const int64_t*,     \
+                                                                            const int64_t*, const T*, T*, int64_t, \
+                                                                            int64_t, int64_t);
+#define LOTUS_BSR_WGRAD_WMMA_INST(T, BS, VEC)                                                                    \
+  template __global__ void bsr_weight_grad_wmma_kernel<T, BS, VEC>(const uint16_t*, const uint16_t*,            \
+                                                                   const int64_t*, const int64_t*, T*, float*,  \
+                                                                   int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                                                   int64_t);
+#define LOTUS_BSR_WMMA_INST_BS(T, BS)                                                                   \
+  LOTUS_BSR_WMMA_INST(T, BS, true, true) LOTUS_BSR_WMMA_INST(T, BS, true, false)                       \
+  LOTUS_BSR_WMMA_INST(T, BS, false, true) LOTUS_BSR_WMMA_INST(T, BS, false, false)                     \
+  LOTUS_BSR_WGRAD_WMMA_INST(T, BS, true) LOTUS_BSR_WGRAD_WMMA_INST(T, BS, false)
+#define LOTUS_BSR_WMMA_INST_T(T) LOTUS_BSR_WMMA_INST_BS(T, 16) LOTUS_BSR_WMMA_INST_BS(T, 32) LOTUS_BSR_WMMA_INST_BS(T, 64)
+LOTUS_BSR_WMMA_INST_T(c10::BFloat16)
+LOTUS_BSR_WMMA_INST_T(c10::Half)
+#undef LOTUS_BSR_WMMA_INST_T
 #undef LOTUS_BSR_WMMA_INST_BS
 #undef LOTUS_BSR_WGRAD_WMMA_INST
 #undef LOTUS_BSR_WMMA_INST
@@ -437,6 +495,35 @@ int compute_capability_major(const at::Tensor& t) {
   return major;
 }
 
+int multiprocessors(const at::Tensor& t) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return sms;
+}
+
+// bf16 / fp16 on sm80+ go to the WMMA kernels.
+bool use_wmma(const at::Tensor& t) {
+  return (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf) && compute_capability_major(t) >= 8;
+}
+
+// Calls f(T{}) with T = c10::BFloat16 or c10::Half for a 16-bit tensor.
+template <typename F>
+void dispatch_16bit(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kBFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    f(c10::Half{});
+  }
+}
+
+// Ranges M is split into for bwd_weight: enough CTAs for ~4 waves when nnzb alone is too few, never
+// a range under 256 rows (the partial blocks cost S * nnzb * bs^2 * 4 bytes of traffic).
+int64_t weight_grad_splits(int64_t M, int64_t nnzb, int sms) {
+  const int64_t want = ceil_div(4 * static_cast<int64_t>(sms), nnzb);
+  const int64_t most = ceil_div(M, int64_t{256});
+  return std::max<int64_t>(1, std::min(want, most));
+}
+
 // fwd (kTransW, ptr = crow, idx = col, perm = null) and bwd_input (ptr = ccol, idx = row, perm).
 template <bool kTransW>
 void launch_block_row_product(const char* op, const at::Tensor& a, const at::Tensor& values, const at::Tensor& ptr,
@@ -445,31 +532,33 @@ void launch_block_row_product(const char* op, const at::Tensor& a, const at::Ten
   const int64_t M = a.size(0), slots = ptr.size(0) - 1;
   TORCH_CHECK(slots <= 65535, op, ": too many block ", kTransW ? "rows" : "columns", " (", slots, ")");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (a.scalar_type() == at::kBFloat16 && compute_capability_major(a) >= 8) {  // tensor cores
-    dispatch_bs(bs, [&](auto bs_c) {
-      constexpr int BS = decltype(bs_c)::value;
-      constexpr int TM = 2048 / BS;
-      const int64_t tiles = ceil_div(M, TM);
-      TORCH_CHECK(tiles <= INT32_MAX, op, ": too many rows (", M, ")");
-      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
-      auto launch = [&](auto vec) {
-        block_row_product_wmma_kernel<BS, kTransW, decltype(vec)::value><<<grid, kBsrThreads, 0, stream>>>(
-            static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<const uint16_t*>(values.const_data_ptr()),
-            ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(),
-            perm == nullptr ? nullptr : perm->const_data_ptr<int64_t>(),
-            bias == nullptr ? nullptr : bias->const_data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), M,
-            a.size(1), out.size(1));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (word_bytes({}, {a.const_data_ptr(), values.const_data_ptr()}) == 16) {
-        launch(std::true_type{});
-      } else {
-        launch(std::false_type{});
-      }
+  if (use_wmma(a)) {  // tensor cores
+    dispatch_16bit(a, [&](auto t) {
+      using T = decltype(t);
+      dispatch_bs(bs, [&](auto bs_c) {
+        constexpr int BS = decltype(bs_c)::value;
+        constexpr int TM = 2048 / BS;
+        const int64_t tiles = ceil_div(M, TM);
+        TORCH_CHECK(tiles <= INT32_MAX, op, ": too many rows (", M, ")");
+        const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slots));
+        auto launch = [&](auto vec) {
+          block_row_product_wmma_kernel<T, BS, kTransW, decltype(vec)::value><<<grid, kBsrThreads, 0, stream>>>(
+              static_cast<const uint16_t*>(a.const_data_ptr()), static_cast<const uint16_t*>(values.const_data_ptr()),
+              ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int64_t>(),
+              perm == nullptr ? nullptr : perm->const_data_ptr<int64_t>(),
+              bias == nullptr ? nullptr : bias->const_data_ptr<T>(), out.data_ptr<T>(), M, a.size(1), out.size(1));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (word_bytes({}, {a.const_data_ptr(), values.const_data_ptr()}) == 16) {
+          launch(std::true_type{});
+        } else {
+          launch(std::false_type{});
+        }
+      });
     });
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "bsr_block_row_product_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "bsr_block_row_product_cuda", [&] {
     dispatch_bs(bs, [&](auto bs_c) {
       constexpr int BS = decltype(bs_c)::value;
       constexpr int TM = RowsPerThread<scalar_t>::value * kBsrThreads / BS;
@@ -539,33 +628,57 @@ void bsr_linear_bwd_weight_cuda(const at::Tensor& dy, const at::Tensor& x, const
   TORCH_CHECK(nnzb <= INT32_MAX, op, ": too many blocks (", nnzb, ")");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (x.scalar_type() == at::kBFloat16 && compute_capability_major(x) >= 8) {  // tensor cores
-    dispatch_bs(bs, [&](auto bs_c) {
-      constexpr int BS = decltype(bs_c)::value;
-      auto launch = [&](auto vec) {
-        bsr_weight_grad_wmma_kernel<BS, decltype(vec)::value><<<static_cast<unsigned>(nnzb), kBsrThreads, 0, stream>>>(
-            static_cast<const uint16_t*>(dy.const_data_ptr()), static_cast<const uint16_t*>(x.const_data_ptr()),
-            crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), dvalues.data_ptr<c10::BFloat16>(),
-            x.size(0), x.size(1), dy.size(1), R);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (word_bytes({}, {dy.const_data_ptr(), x.const_data_ptr()}) == 16) {
-        launch(std::true_type{});
-      } else {
-        launch(std::false_type{});
-      }
+  const int64_t M = x.size(0);
+  const int64_t S = weight_grad_splits(M, nnzb, multiprocessors(x));
+  const int64_t rows_per_split = S == 1 ? std::max<int64_t>(M, 1) : ceil_div(ceil_div(M, S), int64_t{64}) * 64;
+  const int64_t splits = ceil_div(std::max<int64_t>(M, 1), rows_per_split);
+  TORCH_CHECK(splits <= 65535, op, ": too many row splits (", splits, ")");
+  const dim3 grid(static_cast<unsigned>(nnzb), static_cast<unsigned>(splits));
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // fp32 (fp64) partial blocks, summed in order by sum_partials_kernel; none for one split.
+  const at::Tensor partial = splits > 1 ? at::empty({splits, nnzb, bs, bs}, x.options().dtype(acc_type)) : at::Tensor();
+  if (use_wmma(x)) {  // tensor cores
+    dispatch_16bit(x, [&](auto t) {
+      using T = decltype(t);
+      dispatch_bs(bs, [&](auto bs_c) {
+        constexpr int BS = decltype(bs_c)::value;
+        auto launch = [&](auto vec) {
+          bsr_weight_grad_wmma_kernel<T, BS, decltype(vec)::value><<<grid, kBsrThreads, 0, stream>>>(
+              static_cast<const uint16_t*>(dy.const_data_ptr()), static_cast<const uint16_t*>(x.const_data_ptr()),
+              crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), dvalues.data_ptr<T>(),
+              splits > 1 ? partial.data_ptr<float>() : nullptr, M, x.size(1), dy.size(1), R, nnzb, rows_per_split);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (word_bytes({}, {dy.const_data_ptr(), x.const_data_ptr()}) == 16) {
+          launch(std::true_type{});
+        } else {
+          launch(std::false_type{});
+        }
+      });
     });
-    return;
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_linear_bwd_weight_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_bs(bs, [&](auto bs_c) {
+        constexpr int BS = decltype(bs_c)::value;
+        bsr_weight_grad_kernel<scalar_t, BS><<<grid, kBsrThreads, 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), crow.const_data_ptr<int64_t>(),
+            col.const_data_ptr<int64_t>(), dvalues.data_ptr<scalar_t>(),
+            splits > 1 ? partial.data_ptr<acc_t>() : nullptr, M, x.size(1), dy.size(1), R, nnzb, rows_per_split);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bsr_linear_bwd_weight_cuda", [&] {
-    dispatch_bs(bs, [&](auto bs_c) {
-      constexpr int BS = decltype(bs_c)::value;
-      bsr_weight_grad_kernel<scalar_t, BS><<<static_cast<unsigned>(nnzb), kBsrThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), crow.const_data_ptr<int64_t>(),
-          col.const_data_ptr<int64_t>(), dvalues.data_ptr<scalar_t>(), x.size(0), x.size(1), dy.size(1), R);
+  if (splits > 1) {
+    const int64_t numel = dvalues.numel();
+    const int64_t blocks = ceil_div(numel, int64_t{kBsrThreads});
+    TORCH_CHECK(blocks <= INT32_MAX, op, ": too many weight elements (", numel, ")");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_sum_partials_cuda", [&] {
+      sum_partials_kernel<scalar_t><<<static_cast<unsigned>(blocks), kBsrThreads, 0, stream>>>(
+          partial.const_data_ptr<at::opmath_type<scalar_t>>(), dvalues.data_ptr<scalar_t>(), splits, numel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  });
+  }
 }
 
 }  // namespace

@@ -257,16 +257,30 @@ def _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens=Non
 
 
 def _check_cu_seqlens(cu, q, max_seqlen) -> int:
-    """cu_seqlens [B + 1] int64/int32 on q's device, 0 = cu[0] <= ... <= cu[B] = T. Reads the values
-    (a device sync on GPU): the kernels index memory with them."""
+    """cu_seqlens [B + 1] int64/int32 on q's device, 0 = cu[0] <= ... <= cu[B] = T; returns the
+    longest sequence (the kernels' grid). The kernels index memory with these values, so they are
+    checked: read on the host where that is free (CPU) or when ``max_seqlen`` is not given (the grid
+    needs it: one sync); on a GPU with ``max_seqlen`` given, checked on the device instead (no host
+    sync; see ``_checks.index_range``), and ``max_seqlen`` is used as the longest."""
     _checks.tensor("cu_seqlens", cu, ndim=1)
     if cu.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"cu_seqlens: expected dtype int64 or int32, got {str(cu.dtype).replace('torch.', '')}")
     _checks.same_device(q=q, cu_seqlens=cu)
     if cu.numel() == 0:
         raise ValueError("cu_seqlens: expected B + 1 >= 1 offsets (starting at 0), got an empty tensor")
-    vals = cu.tolist()
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen: expected a non-negative int (the longest sequence), got {max_seqlen!r}")
     T = q.shape[0]
+    if max_seqlen is not None and not _checks.host_reads_are_free(cu.device):
+        lens = cu.diff()
+        ok = (cu[0] == 0) & (cu[-1] == T)
+        if lens.numel():
+            ok = ok & (lens.min() >= 0) & (lens.max() <= max_seqlen)
+        _checks.device_assert(ok, f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T} with no sequence "
+                                  f"longer than max_seqlen = {max_seqlen} (set {_checks.ENV_SYNC_CHECKS}=1 for the "
+                                  "offending value)")
+        return max_seqlen
+    vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"cu_seqlens: expected to start at 0, got cu_seqlens[0] = {vals[0]}")
     for i, (a, b) in enumerate(zip(vals[:-1], vals[1:])):
@@ -276,8 +290,7 @@ def _check_cu_seqlens(cu, q, max_seqlen) -> int:
     if vals[-1] != T:
         raise ValueError(f"cu_seqlens: expected to end at T = {T} (q's token count), got cu_seqlens[-1] = {vals[-1]}")
     longest = max((b - a for a, b in zip(vals[:-1], vals[1:])), default=0)
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
-                                   or max_seqlen < longest):
+    if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen: expected an int >= the longest sequence ({longest}), got {max_seqlen!r}")
     return longest
 

@@ -134,6 +134,54 @@ _im2col_gather.register_autograd(_im2col_backward, setup_context=_im2col_setup)
 _col2im_scatter.register_autograd(_col2im_backward, setup_context=_col2im_setup)
 
 
+# ---------------------------------------------------------------- positional-table gradient
+@torch.library.custom_op("lotus_kernels::index_sum", mutates_args=())
+def _index_sum(rows: torch.Tensor, idx: torch.Tensor, n: int, by_token: bool) -> torch.Tensor:
+    """[n, D]: the sum of ``rows`` [M, D] per index ``idx`` [M]."""
+    _checks.index_range("idx", idx, n)
+    if by_token:
+        # torch's sort-based index_put (CUDA: one thread block per (distinct index, channel slice),
+        # rows summed in sorted order: deterministic). unsafe=True skips its own range check, a
+        # min/max read back to the host (the public index_put_ and _unsafe_index_put both do it),
+        # which the device-side check above replaces.
+        out = rows.new_zeros(n, rows.shape[-1])
+        return torch.ops.aten._index_put_impl_(out, [idx], rows, True, True)
+    return scatter_tokens(rows[None], idx[None], n)[0]
+
+
+@_index_sum.register_fake
+def _(rows, idx, n, by_token):
+    return rows.new_empty(n, rows.shape[-1])
+
+
+def _index_sum_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _index_sum_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return grad.index_select(0, idx), None, None, None
+
+
+_index_sum.register_autograd(_index_sum_backward, setup_context=_index_sum_setup)
+
+
+def table_grad(rows: torch.Tensor, idx: torch.Tensor, n: int, *, by_token: bool | None = None) -> torch.Tensor:
+    """d table [n, D] of a table whose rows ``idx`` [M] were gathered: the sum of ``rows`` [M, D] per
+    index (duplicates add; untouched rows are 0). One table is shared by the whole batch, so all
+    B*K kept rows land in it.
+
+    ``by_token`` (default: on GPUs): torch's sort-based index_put with accumulation, which on CUDA
+    sums each token's rows in one thread block per (token, channel slice): parallel over tokens and
+    channels, deterministic, fp32 accumulation. Otherwise (CPU) one ``scatter_tokens`` of all rows
+    with B = 1, whose C++ kernel splits the channels across threads (on a GPU that would be
+    ceil(D/128) programs each adding B*K rows in sequence). A registered op either way, so that
+    ``torch.compile`` keeps it (inductor would lower an index_put to atomic adds)."""
+    if by_token is None:
+        by_token = rows.device.type != "cpu"
+    return _index_sum(rows, idx, n, by_token)
+
+
 # ---------------------------------------------------------------- the fused op
 @torch.library.custom_op("lotus_kernels::patch_embed_gather", mutates_args=())
 def _patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
@@ -177,8 +225,7 @@ def _pe_backward(ctx, grad):
         d_b = g2.sum(0)
     if need_pos and ctx.pos_shape is not None:
         n = (images.shape[2] // ph) * (images.shape[3] // pw)
-        # One table shared by the batch: scatter all B*K rows into it at once (duplicates add).
-        d_pos = scatter_tokens(grad.reshape(1, B * K, D), idx.reshape(1, B * K), n).reshape(ctx.pos_shape)
+        d_pos = table_grad(g2, idx.reshape(-1), n).reshape(ctx.pos_shape)
     if need_img:
         d_cols = (g2 @ weight.reshape(D, -1)).reshape(B, K, -1)
         d_img = _col2im_scatter(d_cols, idx, ph, pw, images.shape[2], images.shape[3])
@@ -204,6 +251,9 @@ def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Te
 
     ``weight`` [D, Cin, ph, pw] and ``bias`` [D] are a stride-(ph, pw) Conv2d's (timm's
     ``patch_embed.proj``); ``pos_embed`` [N, D] or [1, N, D] holds the patch rows of the positional
-    table (no class-token row); ``idx`` [B, K] int64 indexes the row-major patch grid."""
+    table (no class-token row); ``idx`` [B, K] int64 indexes the row-major patch grid. Under
+    ``torch.autocast`` the float inputs are cast to the autocast dtype first, as timm's ``F.conv2d``
+    patch embedding and ``F.linear`` are."""
+    images, weight, bias, pos_embed = _checks.autocast_inputs(images, weight, bias, pos_embed)
     _check_patch_embed(images, idx, weight, bias, pos_embed)
     return _patch_embed_gather(images, idx, weight, bias, pos_embed)

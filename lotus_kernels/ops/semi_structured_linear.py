@@ -5,20 +5,24 @@ semi_structured_linear(x [..., in], weight [out, in], mask [out, in] bool, bias 
     y = x @ weight.T + bias, with ``weight`` zero where ``mask`` is False and ``mask`` 2:4: at most
     2 True in every group of 4 consecutive entries of a row.
 
-Forward: the weight is compressed (``torch.sparse.to_sparse_semi_structured``) on every call, since
-training changes it every step, and ``F.linear`` on the compressed tensor runs the sparse GEMM. The
-backward is that of ``masked_linear``: dx = dy @ weight (dense: the 2:4 pattern runs along
-``in_features``, while dx contracts over ``out_features``, so W^T is not 2:4 and the sparse kernel
-does not apply) and dweight = (dy^T @ x) zeroed where ``mask`` is False, so pruned weights stay at
-zero through SGD / AdamW. torchao's training path (``SemiSparseLinear``) instead re-prunes a 4x4
-tile pattern every step that is 2:4 along both axes so dx can be sparse too; that changes which
-weights are kept, which a fixed, magnitude-chosen mask does not allow.
+Forward: the weight is compressed (``torch.sparse.to_sparse_semi_structured``) on every call of this
+functional op, since training changes it every step, and ``F.linear`` on the compressed tensor runs
+the sparse GEMM. The backward is that of ``masked_linear``: dx = dy @ weight (dense: a 2:4 pattern
+along ``in_features`` is not 2:4 along ``out_features``, which dx contracts over) and dweight =
+(dy^T @ x) zeroed where ``mask`` is False, so pruned weights stay at zero through SGD / AdamW.
+``nn.SemiStructuredLinear`` does better: it compresses W once per optimizer step (cached on the
+weight's version), and with a *transposable* mask (``semi_structured_mask(w, transposable=True)``:
+2 of every 4 along both axes, chosen per 4x4 tile by magnitude, as torchao's training path does) it
+also compresses W^T, so dx runs on the sparse kernels too.
 
 The kernels need CUDA, compute capability 8.0+, fp16/bf16, and shapes that are multiples of the
 backend's minimum tile; ``kernel_unsupported`` says which requirement a call misses, and
 ``nn.SemiStructuredLinear`` falls back (with a warning) or raises on it.
 """
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +35,36 @@ MIN_CAPABILITY = (8, 0)
 
 
 # ---------------------------------------------------------------- the 2:4 pattern
-def semi_structured_mask(weight: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _tile_patterns() -> torch.Tensor:
+    """The 90 4x4 0/1 tiles with exactly 2 ones in every row and every column, [90, 16] float."""
+    rows = [r for r in itertools.product((0, 1), repeat=4) if sum(r) == 2]
+    tiles = [t for t in itertools.product(rows, repeat=4) if all(sum(c) == 2 for c in zip(*t))]
+    return torch.tensor(tiles, dtype=torch.float32).reshape(len(tiles), 16)
+
+
+def semi_structured_mask(weight: torch.Tensor, *, transposable: bool = False) -> torch.Tensor:
     """The 2:4 mask by magnitude: in every group of 4 consecutive weights of a row (along
-    ``in_features``) keep the 2 of largest absolute value (ties: the earlier one)."""
+    ``in_features``) keep the 2 of largest absolute value (ties: the earlier one).
+
+    ``transposable=True``: the mask is 2:4 along both axes (so W^T is 2:4 too and the input gradient
+    can use the sparse kernels): in every 4x4 tile the pattern with 2 per row and 2 per column that
+    keeps the largest total magnitude (ties: the first of the 90 patterns in lexicographic order).
+    It keeps a little less magnitude than the row-wise mask; both dimensions must be multiples of 4."""
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     out_features, in_features = weight.shape
     if in_features % 4 != 0:
         raise ValueError(f"weight: in_features={in_features} must be a multiple of 4 for 2:4 sparsity "
                          f"(groups of 4 consecutive weights along in_features)")
+    if transposable:
+        if out_features % 4 != 0:
+            raise ValueError(f"weight: out_features={out_features} must be a multiple of 4 for a transposable "
+                             f"2:4 mask (4x4 tiles)")
+        tiles = weight.detach().abs().float().reshape(out_features // 4, 4, in_features // 4, 4).permute(0, 2, 1, 3)
+        pats = _tile_patterns().to(weight.device)
+        best = (tiles.reshape(-1, 16) @ pats.t()).argmax(1)  # argmax: the first maximum
+        mask = pats[best].reshape(out_features // 4, in_features // 4, 4, 4).permute(0, 2, 1, 3)
+        return mask.reshape(out_features, in_features).bool()
     groups = weight.detach().abs().reshape(out_features, in_features // 4, 4)
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
@@ -60,7 +86,28 @@ def check_semi_structured_mask(name: str, mask, shape, like: str) -> None:
                          f"{int(kept[r, g])}")
 
 
+def is_transposable(mask: torch.Tensor) -> bool:
+    """Whether a bool [out, in] mask is 2:4 along both axes (at most 2 of every 4 consecutive entries
+    of each row and of each column). Reads the mask."""
+    out_features, in_features = mask.shape
+    if out_features % 4 or in_features % 4:
+        return False
+    rows = mask.reshape(out_features, in_features // 4, 4).sum(-1)
+    cols = mask.t().reshape(in_features, out_features // 4, 4).sum(-1)
+    return bool((rows <= 2).all()) and bool((cols <= 2).all())
+
+
 # ---------------------------------------------------------------- when the kernels apply
+def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer's GEMM runs in: the autocast dtype when ``torch.autocast`` is on for
+    the weight's device (and the weight is fp32 / fp16 / bf16), else the weight's own. The 2:4
+    decision is made on this dtype: an fp32 model under bf16 autocast runs its GEMMs in bf16."""
+    dev = weight.device.type
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
 def _semi_structured_class():
     """The subclass ``to_sparse_semi_structured`` builds (torch picks by this flag alone)."""
     sst = torch.sparse.SparseSemiStructuredTensor

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs
+
 
 @triton.jit
 def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
@@ -44,10 +46,23 @@ def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, N, T, D, scale,
-                          HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+def _mm(a, b, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, BY_HAND: tl.constexpr):
+    """a @ b accumulated in ACC_DTYPE. BY_HAND (fp64 on a GPU, small tiles): broadcast, multiply and
+    sum, because Triton's fp64 MMA lowering rejects the register operands these kernels have
+    (Triton 3.8 for sm_90: "fp64 don't support largeK MMA")."""
+    if BY_HAND:
+        return tl.sum(a.to(ACC_DTYPE)[:, :, None] * b.to(ACC_DTYPE)[None, :, :], axis=1)
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
+    else:
+        return tl.dot(a, b, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, s0_ptr, N, T, D, scale,
+                          HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, CLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -70,24 +85,21 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         if UPCAST:
             k = k.to(ACC_DTYPE)
             v = v.to(ACC_DTYPE)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC_DTYPE) * scale
-        else:
-            s = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * scale
+        s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
         valid = cmask
         if HAS_MASK:
             padded = tl.load(mask_ptr + b * N + cols, mask=cmask, other=1)
             valid = valid & (padded == 0)
         s = tl.where(valid[None, :], s, float("-inf"))
+        if CLS:  # the first query's raw scores (-inf at padded keys), laid out like lse
+            if tl.program_id(0) == 0:
+                tl.store(s0_ptr + lbase + cols, tl.sum(tl.where(rows[:, None] == 0, s, 0.0), 0), mask=cmask)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no unpadded key yet: keep exps at 0, not NaN
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            pv = tl.dot(p.to(v.dtype), v, out_dtype=ACC_DTYPE)
+        pv = _mm(p.to(v.dtype), v, ACC_DTYPE, IEEE, BY_HAND)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     empty = l_i == 0
@@ -99,14 +111,46 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC_DTYPE) * scale
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC_DTYPE)
+def _cls_scores_kernel(s0_ptr, lse_ptr, cu_ptr, out_ptr, B, H, N, T, VARLEN: tl.constexpr,
+                       SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Class-token scores from the forward's first-query raw scores s0 and lse (same layout):
+    padded, program (key block, b): out[b, j] = mean over h of exp(s0[b, h, j] - lse[b, h, 0]);
+    varlen, program (token block): out[t] = mean over h of exp(s0[h, t] - lse[h, start of t's
+    sequence]) (the sequence found by binary search over cu_seqlens). Heads summed in order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if VARLEN:
+        omask = offs < T
+        lo = tl.zeros([BLOCK], dtype=tl.int64)  # sequence of token t: the last b with cu[b] <= t
+        hi = lo + B - 1
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi + 1) // 2
+            go_up = tl.load(cu_ptr + mid, mask=omask, other=0) <= offs
+            lo = tl.where(go_up, mid, lo)
+            hi = tl.where(go_up, hi, mid - 1)
+        first = tl.load(cu_ptr + lo, mask=omask, other=0)
+        acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
+        for h in range(H):
+            sc = tl.load(s0_ptr + h * T + offs, mask=omask, other=float("-inf"))
+            l0 = tl.load(lse_ptr + h * T + first, mask=omask, other=float("inf"))
+            acc += tl.exp(sc - l0)
+        tl.store(out_ptr + offs, acc / H, mask=omask)
     else:
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC_DTYPE) * scale
-        dp = tl.dot(do, tl.trans(v), out_dtype=ACC_DTYPE)
+        b = tl.program_id(1).to(tl.int64)
+        omask = offs < N
+        acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
+        for h in range(H):
+            row = (b * H + h) * N
+            sc = tl.load(s0_ptr + row + offs, mask=omask, other=float("-inf"))
+            acc += tl.exp(sc - tl.load(lse_ptr + row))
+        tl.store(out_ptr + b * N + offs, acc / H, mask=omask)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+              BY_HAND: tl.constexpr):
+    """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
+    s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
+    dp = _mm(do, tl.trans(v), ACC_DTYPE, IEEE, BY_HAND)
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no unpadded key) gives 0
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
     return p, p * (dp - delta[:, None]) * scale
@@ -115,8 +159,8 @@ def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: 
 @triton.jit
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
                                N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -148,13 +192,9 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
             q = q.to(ACC_DTYPE)
             do = do.to(ACC_DTYPE)
         lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
-        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE)
-        if IEEE:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee", out_dtype=ACC_DTYPE)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, out_dtype=ACC_DTYPE)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, out_dtype=ACC_DTYPE)
+        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, IEEE, BY_HAND)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, IEEE, BY_HAND)
     tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -162,8 +202,8 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
 @triton.jit
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
                              N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -193,16 +233,23 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
         valid_k = cmask
         if HAS_MASK:
             valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
-        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE)
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC_DTYPE)
+        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
+        dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, IEEE, BY_HAND)
     tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
+# None: fp64 products by hand on a GPU only; tests set True to run that path under the interpreter.
+FP64_BY_HAND: bool | None = None
+# Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
+AUTOTUNE_WORK = 1 << 26
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 128, 8, 2), (64, 32, 4, 3))]
+_KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
+
+
 def _config(q, cu_seqlens, max_seqlen):
-    """(B, H, N, T, D, block, block_d, common constexpr kwargs) for padded or packed q."""
+    """(B, H, N, T, D, default tiles, common constexpr kwargs) for padded or packed q."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if cu_seqlens is not None:
         T, H, D = q.shape
@@ -211,25 +258,60 @@ def _config(q, cu_seqlens, max_seqlen):
         B, H, N, D = q.shape
         T = 0
     # Under the interpreter the cost is per program and per op: few, large blocks.
-    cap = 128 if interpreted else 64
+    # fp64 products by hand on a GPU (see _mm), in 16-wide tiles that keep the 3-D product in registers
+    by_hand = q.dtype == torch.float64 and (not interpreted if FP64_BY_HAND is None else FP64_BY_HAND)
+    cap = 128 if interpreted else (16 if by_hand else 64)
     block = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
     block_d = max(16, triton.next_power_of_2(D))
     kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
               IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
-              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16),
-              BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, H=H)
-    return B, H, N, T, D, block, kw
+              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand, BLOCK_D=block_d)
+    tiles = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1 if interpreted else 2)
+    return B, H, N, T, D, tiles, kw
+
+
+def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
+    """Program (query or key block, b*H + h), the block index fastest: the programs of one (b, h),
+    which share its K/V (or Q/dO) rows, run next to each other (the grouped order for attention).
+    Config: the committed table, else autotune on a GPU for real sizes, else ``tiles``."""
+    n_key = _configs.bucket(N)[0]
+    bucket = (kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"])
+    grid = lambda meta: (triton.cdiv(N, meta[axis0]), B * H)  # noqa: E731
+    entry = _configs.table_entry(name, q.device, q.dtype, bucket)
+    if entry is not None:
+        meta, launch = _configs.split_config(entry)
+        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
+    elif not kw["BY_HAND"] and _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
+        _configs.autotuned(name, kernel, _CONFIGS, _KEY)[grid](*args, H=H, N_KEY=n_key, **kw)
+        _configs.record(name, q.device, q.dtype, bucket)
+    else:
+        meta, launch = _configs.split_config(tiles)
+        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
 
 
 def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores) -> None:
     """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp)."""
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()
-    B, H, N, T, D, block, kw = _config(q, cu_seqlens, max_seqlen)
+    B, H, N, T, D, tiles, kw = _config(q, cu_seqlens, max_seqlen)
+    cls = scores_mode == 1 and N > 0 and B > 0
+    # "cls": the forward stores the first query's raw scores (s0, laid out like lse), one small kernel
+    # turns them into scores; "received" is computed from lse in PyTorch, in query chunks.
+    s0 = torch.empty_like(lse) if cls else lse
     if N > 0 and B > 0:
-        _attention_fwd_kernel[(triton.cdiv(N, block), B * H)](
-            q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse,
-            N, T, D, scale, HAS_MASK=mask is not None, **kw)
-    if scores_mode:
+        args = (q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse, s0,
+                N, T, D, scale)
+        _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
+                dict(HAS_MASK=mask is not None, CLS=cls, **kw))
+    if cls:
+        block = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256
+        if cu_seqlens is None:
+            grid = (triton.cdiv(N, block), B)
+        else:
+            grid = (triton.cdiv(T, block), 1)
+        if (T if cu_seqlens is not None else N) > 0:
+            _cls_scores_kernel[grid](s0, lse, cu_seqlens if cu_seqlens is not None else lse, scores, B, H, N, T,
+                                     VARLEN=cu_seqlens is not None, SEARCH_STEPS=max(1, B.bit_length()), BLOCK=block)
+    elif scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
         else:
@@ -240,13 +322,14 @@ def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, 
     """Same contract as ``torch.ops.lotus_kernels_C.attention_bwd`` (see csrc/bindings.cpp)."""
     for t in (dout, q, k, v, out, lse, dq, dk, dv):
         assert t.is_contiguous()
-    B, H, N, T, D, block, kw = _config(q, cu_seqlens, max_seqlen)
+    B, H, N, T, D, tiles, kw = _config(q, cu_seqlens, max_seqlen)
     if N == 0 or B == 0:
         return
     args = (q, k, v, dout, out, lse, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q)
-    grid = (triton.cdiv(N, block), B * H)
-    _attention_bwd_dkdv_kernel[grid](*args, dk, dv, N, T, D, scale, HAS_MASK=mask is not None, **kw)
-    _attention_bwd_dq_kernel[grid](*args, dq, N, T, D, scale, HAS_MASK=mask is not None, **kw)
+    kw = dict(HAS_MASK=mask is not None, **kw)
+    _launch("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, q, N, B, H, tiles, "BLOCK_N",
+            (*args, dk, dv, N, T, D, scale), kw)
+    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw)
 
 
 def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Tensor:

@@ -9,7 +9,7 @@ from ..conftest import BACKEND_IDS, BACKENDS, tolerance
 # (x shape, out_features): ViT-S MLP fc1 / fc2 (M = 197 tokens, 384 -> 1536 and back) scaled down
 # by 8, odd sizes, a 3-D x, a single element.
 SHAPES = [((197, 48), 192), ((197, 192), 48), ((7, 33), 65), ((2, 13, 33), 17), ((1, 1), 1)]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WITH_REFERENCE = [("reference", "cpu"), *BACKENDS]
 WITH_REFERENCE_IDS = ["reference-cpu", *BACKEND_IDS]
 

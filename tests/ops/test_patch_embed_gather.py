@@ -12,7 +12,7 @@ from ..conftest import BACKEND_IDS, BACKENDS
 # odd widths D, a single patch, a single channel.
 GEOMS = [(2, 3, 32, 32, 33, (4, 4)), (2, 3, 48, 64, 64, (16, 16)), (3, 2, 12, 16, 17, (2, 4)),
          (1, 3, 16, 16, 8, (16, 16)), (2, 1, 8, 8, 5, (2, 2))]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def inputs(geom, dtype, device, keep, with_bias=True, with_pos=True, dup=False):
@@ -51,6 +51,8 @@ def test_forward_backward_matches_reference(backend, device, dtype, geom, keep, 
     tol = dict(rtol=1e-4, atol=1e-5 * length ** 0.5)
     if dtype == torch.bfloat16:
         tol = dict(rtol=5e-2, atol=2e-2 * length ** 0.5)
+    if dtype == torch.float16:
+        tol = dict(rtol=1e-2, atol=3e-3 * length ** 0.5)
     torch.testing.assert_close(out.double(), ref, **tol)
     for name, a, e in zip(("images", "weight", "bias", "pos_embed"), got, want):
         torch.testing.assert_close(a.double(), e, **tol, msg=lambda m: f"d{name}: {m}")
@@ -122,3 +124,32 @@ def test_bad_input_is_a_clear_error(args, exc, match):
     for backend in ("reference", "cpu"):
         with lotus_kernels.use_backend(backend), pytest.raises(exc, match=match):
             patch_embed_gather(*args)
+
+
+@pytest.mark.parametrize("by_token", [False, True], ids=["scatter", "by-token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_positional_table_gradient_both_ways(by_token, dtype):
+    # The pos-embed gradient sums all B*K rows per token (duplicates within and across images):
+    # by token (torch's sort-based index_put_, the GPU path) or by one B = 1 scatter (the CPU path).
+    from lotus_kernels.ops.patch_embed_gather import table_grad
+    rows = torch.randn(50, 24).to(dtype)
+    idx = torch.randint(0, 9, (50,))
+    idx[:3] = 8
+    got = table_grad(rows, idx, 12, by_token=by_token)
+    want = torch.zeros(12, 24, dtype=torch.float64).index_add_(0, idx, rows.double())
+    assert got.dtype == dtype and not got[9:].any()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_follows_autocast_like_conv2d():
+    images, idx, w, b, pos = inputs(GEOMS[0], torch.float32, "cpu", 0.5)
+    # The whole op runs in the autocast dtype (GEMM, bias, pos rows), as F.linear with a bias does.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = patch_embed_gather(images, idx, w, b, pos)
+    assert out.dtype == torch.bfloat16
+    want = patch_embed_gather_reference(*(t.detach().bfloat16().double() for t in (images,)), idx,
+                                        *(t.detach().bfloat16().double() for t in (w, b, pos)))
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=5e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (images, w, b, pos))

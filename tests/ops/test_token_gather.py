@@ -9,7 +9,7 @@ from ..conftest import BACKEND_IDS, BACKENDS, tolerance
 
 # (B, N, C, K): ViT-S/B rows, odd widths, K = 1 and K = N, more indices than tokens, a lone token.
 SHAPES = [(2, 197, 385, 1), (2, 197, 385, 197), (3, 50, 64, 25), (1, 1, 1, 1), (2, 17, 33, 40), (4, 65, 384, 33)]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def make_idx(B, N, K, device, unique):
