@@ -83,6 +83,22 @@ def evaluate(model, data: Images, *, batch_size: int = 256, bf16: bool = False, 
     return 100.0 * float(correct[0]) / max(float(correct[1]), 1.0)
 
 
+@torch.no_grad()
+def predict(model, data: Images, *, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+    """Predicted class of every image of ``data`` (int64 [N], all patches, one process): the
+    per-image record that paired tests between two models need (``lotus.stats``)."""
+    dev = device()
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = normalize(data.x[start:start + batch_size]).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(x).argmax(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
 # ---------------------------------------------------------------- training
 def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
@@ -116,16 +132,27 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
 def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr: float, batch_size: int,
           seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
           bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
-          eval_batch_size: int = 256, augment: bool = False, desc: str = "train") -> dict:
+          eval_batch_size: int = 256, augment: bool = False, desc: str = "train", keep_fn=None,
+          optimizer_state: dict | None = None) -> dict:
     """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
     patch_drop_keep  keep ratio of timm's random PatchDropout (training only), the random baseline
     augment          random flips and shifts (``augment_batch``); not with keep_idx, whose patch
                      indices refer to the unaugmented images
+    keep_fn          ``keep_fn(x, idx)`` -> keep_idx [B, K] (or None: all patches) per step, from the
+                     batch as the model sees it (normalised, augmented if ``augment``) and the images'
+                     indices into ``train_data``: a ticket policy decided on the fly (``lotus.tickets``).
+                     If it has a ``new_epoch(model, epoch)`` method, that runs before each epoch (its
+                     time counts in ``hist["train_s"]``, e.g. re-scoring every image)
+    optimizer_state  a dict carried between calls: loaded into the new optimizer when non-empty,
+                     replaced by the optimizer's state at the end (Instant Soup's weak copies start
+                     from the main model's optimizer state)
+
+    ``hist["train_s"]``: seconds spent training (steps + ``keep_fn.new_epoch``), evaluation excluded.
     """
-    if keep_idx is not None and patch_drop_keep is not None:
-        raise ValueError("keep_idx / patch_drop_keep: choose one way of dropping patches")
+    if sum(v is not None for v in (keep_idx, patch_drop_keep, keep_fn)) > 1:
+        raise ValueError("keep_idx / patch_drop_keep / keep_fn: choose one way of dropping patches")
     if keep_idx is not None and augment:
         raise ValueError("augment: not with keep_idx (a ticket's patch indices refer to the unaugmented image)")
     aug_gen = torch.Generator().manual_seed(seed + 1)
@@ -141,14 +168,21 @@ def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr
     if size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
+    if optimizer_state:
+        opt.load_state_dict(optimizer_state)
     n = len(train_data)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     warm = round(warmup * total)
     hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None}
-    times, step = [], 0
+    times, step, hook_s = [], 0, 0.0
     try:
         for epoch in range(epochs):
+            if hasattr(keep_fn, "new_epoch"):
+                t0 = time.perf_counter()
+                keep_fn.new_epoch(model, epoch)
+                model.train()
+                hook_s += time.perf_counter() - t0
             perm = torch.randperm(n, generator=order)
             bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=None if rank == 0 else True)
@@ -165,6 +199,9 @@ def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr
                     x = normalize(train_data.x[idx]).to(dev)
                 y = train_data.y[idx].to(dev)
                 kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[idx].to(dev)}
+                if keep_fn is not None:
+                    k = keep_fn(x, idx)
+                    kwargs = {} if k is None else {"keep_idx": k.to(dev)}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = net(x, **kwargs)
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / len(gidx))
@@ -188,6 +225,10 @@ def train(model, train_data: Images, val_data: Images | None, *, epochs: int, lr
                                f"val acc {acc:.2f}%")
     finally:
         model.patch_drop = saved_patch_drop
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(opt.state_dict())
+    hist["train_s"] = sum(times) + hook_s
     steady = times[1:] if len(times) > 1 else times
     if steady:
         hist["step_time_s"] = statistics.median(steady)
@@ -207,8 +248,8 @@ def time_steps(setups: dict, data: Images, *, batch_size: int, rounds: int, seed
     """Median seconds of one training step per configuration, measured in interleaved rounds on one
     fixed batch so that a busy machine slows every configuration alike (round 0 is warm-up).
 
-    setups: name -> (model, {"keep_idx": [N, K] | None, "patch_drop_keep": float | None}); the
-    models are trained a few steps in place (pass copies)."""
+    setups: name -> (model, {"keep_idx": [N, K] | None, "patch_drop_keep": float | None,
+    "keep_fn": callable | None}); the models are trained a few steps in place (pass copies)."""
     dev = device()
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:batch_size]
     x = normalize(data.x[idx]).to(dev)
@@ -224,6 +265,9 @@ def time_steps(setups: dict, data: Images, *, batch_size: int, rounds: int, seed
                 model.patch_drop = PatchDropout(1.0 - kw["patch_drop_keep"], num_prefix_tokens=model.num_prefix_tokens)
             kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][idx].to(dev)}
             t0 = time.perf_counter()
+            if kw.get("keep_fn") is not None:  # a policy deciding per step: its time is part of the step
+                k = kw["keep_fn"](x, idx)
+                kwargs = {} if k is None else {"keep_idx": k.to(dev)}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x, **kwargs).float(), y)
             opts[name].zero_grad(set_to_none=True)
