@@ -73,10 +73,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attention tickets")
     g.add_argument("--keep-ratio", type=_fraction, default=0.5,
                    help="patches a ticket policy keeps per image per step, ceil(keep * N) (default: 0.5)")
-    g.add_argument("--sink", default="norm",
+    g.add_argument("--sink", default="auto",
                    help="attention-sink rule of the patch scores: none, first (LOTUS's literal rule; changes no "
-                        "patch), outlier (outlier attention shares -> mean), norm (outlier token norms -> mean; "
-                        "default, measured best, see docs/results)")
+                        "patch), outlier (outlier attention shares -> mean), norm (outlier token norms -> mean), or "
+                        "auto: the rule whose tickets the dense model classifies best on the selection split (default)")
     g.add_argument("--policies", type=_names, default=list(DEFAULT_POLICIES),
                    help="ticket policies fine-tuned on the pruned model (default: %(default)s; also rescore_step)")
     g.add_argument("--mix-top", type=float, default=0.5,
@@ -99,7 +99,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tolerance", type=float, default=1.0,
                    help="essential sparsity: accuracy points below dense allowed (default: 1)")
     g.add_argument("--compare-sparsities", type=_floats, default=[0.7],
-                   help="ISP / ISSP / control / one-shot also at these sparsities (default: 0.7)")
+                   help="unstructured ISP / ISSP / control / Instant Soup / one-shot also at these sparsities, where "
+                        "one-shot loses accuracy (default: 0.7; --layout's pruning runs at its essential sparsity)")
     g.add_argument("--isp-rounds", type=int, default=2, help="ISP / ISSP rounds towards the target (default: 2)")
     g.add_argument("--isp-copies", type=int, default=3, help="weak copies K per round (default: 3)")
     g.add_argument("--isp-subset", type=_fraction, default=0.3,
@@ -111,7 +112,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--isp-recipe", default="ours",
                    help="ISP feeding the fine-tuning arms: ours (votes + weight soup) or instant-soup (as published)")
     g.add_argument("--no-instant-soup", dest="instant_soup", action="store_false",
-                   help="skip Instant Soup as published (by default it runs beside ours at every pruning target)")
+                   help="skip Instant Soup as published (by default it runs beside ours at every unstructured target)")
     g.add_argument("--instant-copies", type=int, default=5, help="Instant Soup weak copies per iteration (default 5)")
     g.add_argument("--instant-subset", type=_fraction, default=0.1,
                    help="Instant Soup: data share of each weak copy's one pass (default 0.1)")
@@ -120,7 +121,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arms", type=_names, default=None,
                    help="fine-tuning arms <start>/<data> instead of the default set, e.g. "
                         "dense/full,block-isp/fixed,block-isp/random@0.7,unstructured-control/full")
-    g.add_argument("--finetune-epochs", type=int, default=3, help="default: 3")
+    g.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every arm (default: 2)")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="default: 5e-4")
     g.add_argument("--timing-rounds", type=int, default=5,
                    help="interleaved rounds of the train-step timing of every arm (0: skip; default 5)")
@@ -226,8 +227,8 @@ def _check_options(cfg: dict) -> None:
         raise LotusError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")
     if cfg["block_score"] not in ("auto", *SCORES):
         raise LotusError(f"--block-score: expected auto, {', '.join(SCORES)}, got {cfg['block_score']!r}")
-    if cfg["sink"] not in SINKS:
-        raise LotusError(f"--sink: expected one of {', '.join(SINKS)}, got {cfg['sink']!r}")
+    if cfg["sink"] not in (*SINKS, "auto"):
+        raise LotusError(f"--sink: expected one of {', '.join(SINKS)}, auto; got {cfg['sink']!r}")
     bad = [p for p in cfg["policies"] if p not in POLICIES]
     if bad:
         raise LotusError(f"--policies: unknown {', '.join(bad)}; expected some of {', '.join(POLICIES)}")
@@ -251,6 +252,8 @@ def _check_options(cfg: dict) -> None:
                              f"unstructured and --layout {cfg['layout']}")
         if spec["method"] == "instant" and not cfg["instant_soup"]:
             raise LotusError(f"--arms: {arm} starts from Instant Soup, which --no-instant-soup skips")
+        if spec["method"] == "instant" and spec["layout"] != "unstructured" and cfg["isp_recipe"] != "instant-soup":
+            raise LotusError(f"--arms: {arm}: Instant Soup prunes {spec['layout']} only with --isp-recipe instant-soup")
 
 
 def _create_once(args):

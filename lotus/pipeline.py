@@ -104,6 +104,8 @@ def prune_targets(run, cfg, layout: str) -> list[float]:
     if layout == "2:4":
         return [0.5]
     ess = _essential_target(run, cfg, layout)
+    if layout != "unstructured":  # the paper's comparison; a structured layout only where its arms start
+        return [ess]
     return sorted({ess, *(round(s, 6) for s in cfg["compare_sparsities"])})
 
 
@@ -166,16 +168,21 @@ def stage_pretrain(run, cfg):
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def sink_rule(run, cfg) -> str:
+    """The run's sink rule: ``--sink``, or with ``auto`` the one the score stage chose."""
+    return run.result("score")["sink"] if cfg["sink"] == "auto" else cfg["sink"]
+
+
+AUTO_ORDER = ("none", "outlier", "norm")  # "first" scores patches exactly like "none"; ties go to the simpler
+
+
 def stage_score(run, cfg):
-    """Dense tickets of the training images, and the sink rules compared: accuracy of the dense
-    model seeing only each rule's ticket patches (selection and validation images), beside random
-    patches at the same count."""
+    """The sink rules compared (accuracy of the dense model seeing only each rule's ticket patches, on
+    the selection and validation images, beside random patches at the same count); the run's rule
+    (``--sink``, or the best on the selection split with ``auto``); dense tickets of the training images."""
     tr, sel, va = split_data(cfg)
     model = load_model(run, cfg, "models/dense.pt")
     keep = cfg["keep_ratio"]
-    t0 = time.perf_counter()
-    scores, flagged = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=cfg["sink"], return_flagged=True)
-    seconds = time.perf_counter() - t0
     rules = {}
     for rule in tickets.SINKS:
         r = {}
@@ -187,7 +194,7 @@ def stage_score(run, cfg):
                 run.save_torch(f"preds/sink_{rule}.pt", {"correct": c})
         rules[rule] = r
     g = torch.Generator().manual_seed(stage_seed(cfg["seed"], "random-ticket"))
-    n = scores.shape[1]
+    n = model.patch_embed.num_patches
     from lotus_kernels.select import random_keep
     rand = {}
     for split, d in (("select", sel), ("val", va)):
@@ -195,17 +202,24 @@ def stage_score(run, cfg):
         rand[split] = 100.0 * float(c.float().mean())
         if split == "val" and is_main():
             run.save_torch("preds/sink_random.pt", {"correct": c})
-    best = max((r for r in tickets.SINKS if r != "first"), key=lambda r: rules[r]["select"]["accuracy"])
+    best = max(AUTO_ORDER, key=lambda r: (rules[r]["select"]["accuracy"], -AUTO_ORDER.index(r)))
+    rule = best if cfg["sink"] == "auto" else cfg["sink"]
+    t0 = time.perf_counter()
+    scores, flagged = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
+    seconds = time.perf_counter() - t0
     if is_main():
         run.save_torch("tickets/dense.pt", {"scores": scores, "flagged": flagged, "seconds": seconds})
         if cfg["overlay_images"] > 0:
             import matplotlib.pyplot as plt
-            fig = tickets.overlay_figure(tr, scores, keep, model.patch_embed.patch_size[0], cfg["overlay_images"],
-                                         flagged=flagged, rule=cfg["sink"])
+            shown = "outlier" if rule in ("none", "first") else rule  # show what a patch rule would change
+            s_fig, f_fig = tickets.score(model, tr.subset(torch.arange(min(cfg["overlay_images"], len(tr)))),
+                                         sink=shown, return_flagged=True)
+            fig = tickets.overlay_figure(tr, s_fig, keep, model.patch_embed.patch_size[0], cfg["overlay_images"],
+                                         flagged=f_fig, rule=shown)
             run.save_figure("tickets.png", fig)
             plt.close(fig)
     return {"num_patches": n, "keep": keep, "kept": int(tickets.keep_indices(scores[:1], keep).shape[1]),
-            "sink": cfg["sink"], "flagged_per_image": float(flagged.sum(1).float().mean()),
+            "sink": rule, "sink_option": cfg["sink"], "flagged_per_image": float(flagged.sum(1).float().mean()),
             "rules": rules, "random": rand, "best_rule_on_select": best, "score_seconds": seconds}
 
 
@@ -232,7 +246,8 @@ def stage_sweep(run, cfg):
         out[layout] = {"scores": by_score, "score": best, "essential_sparsity": ess, "sweep_val": val_pts,
                        "chosen_on": "select" if cfg.get("select_fraction") else "val"}
         target = ess or min(s for s in sparsities if s > 0)
-        targets = [0.5] if layout == "2:4" else sorted({round(target, 6), *(round(x, 6) for x in cfg["compare_sparsities"])})
+        targets = ([0.5] if layout == "2:4" else [round(target, 6)] if layout != "unstructured"
+                   else sorted({round(target, 6), *(round(x, 6) for x in cfg["compare_sparsities"])}))
         if is_main():
             scores = pr.scores(model)
             for s in targets:
@@ -272,7 +287,8 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
         model, masks, log = prune.soup_prune(dense, tr, target=target, merge=merge, fixed_masks=fixed,
                                              label=f"{name} {tag}", **common)
         record(name, model, masks, {"rounds": log, "merge": merge if fixed is None else "fixed one-shot mask"})
-    if cfg.get("instant_soup"):
+    if cfg.get("instant_soup") and (layout == "unstructured" or cfg["isp_recipe"] == "instant-soup"):
+        # the published recipe prunes single weights; other layouts only when it feeds the arms
         opt_state = run.load_torch("models/dense_optimizer.pt") if run.exists("models/dense_optimizer.pt") else None
 
         def train_main(m, state):
@@ -309,7 +325,7 @@ def start_scores_stage(run, cfg, start: str):
         return {"seconds": run.load_torch("tickets/dense.pt")["seconds"], "file": "tickets/dense.pt"}
     model = load_start(run, cfg, start)
     t0 = time.perf_counter()
-    s, f = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=cfg["sink"], return_flagged=True)
+    s, f = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg), return_flagged=True)
     sec = time.perf_counter() - t0
     if is_main():
         run.save_torch(f"tickets/{start}.pt", {"scores": s, "flagged": f, "seconds": sec})
@@ -333,7 +349,7 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
             scores = run.load_torch(st["file"])["scores"]
             score_s = st["seconds"]
         keep_fn, augment = tickets.make_policy(spec["policy"], model=model, train_data=tr, scores=scores, keep=keep,
-                                               seed=stage_seed(cfg["seed"], f"policy/{seed_k}"), sink=cfg["sink"],
+                                               seed=stage_seed(cfg["seed"], f"policy/{seed_k}"), sink=sink_rule(run, cfg),
                                                batch_size=cfg["eval_batch_size"], mix_top=cfg["mix_top"])
     hist = ft.finetune(model, tr, va, cfg, seed=seed, keep_fn=keep_fn, augment=augment,
                        desc=f"finetune {arm} s{seed_k}", evaluate_each_epoch=seed_k == 0)
@@ -368,7 +384,7 @@ def stage_timing(run, cfg):
             if spec["policy"] in NEEDS_SCORES:
                 scores = run.load_torch(run.result(f"tickets/{spec['start']}")["file"])["scores"]
             kw["keep_fn"], _ = tickets.make_policy(spec["policy"], model=model, train_data=tr, scores=scores, keep=keep,
-                                                   seed=0, sink=cfg["sink"], mix_top=cfg["mix_top"])
+                                                   seed=0, sink=sink_rule(run, cfg), mix_top=cfg["mix_top"])
         setups[arm] = (model, kw)
     med = time_steps(setups, tr, batch_size=cfg["batch_size"], rounds=cfg["timing_rounds"],
                      seed=stage_seed(cfg["seed"], "timing"), optimizer=cfg["optimizer"], bf16=cfg["bf16"])

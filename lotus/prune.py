@@ -141,7 +141,7 @@ def block_counts(masks: dict, block_size: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def gradients(model, data: Images, *, images: int = 512, batch_size: int = 128, seed: int = 0) -> dict:
+def gradients(model, data: Images, *, images: int = 256, batch_size: int = 128, seed: int = 0) -> dict:
     """name -> dL/dW [out, in] of every target layer, summed over ``images`` random training images
     (the gradient-weighted block score's ``g``)."""
     import torch.nn.functional as F
@@ -174,7 +174,7 @@ class Pruner:
     block_size: int = 16
     score: str = "l2"
     grad_data: Images | None = None
-    grad_images: int = 512
+    grad_images: int = 256
     seed: int = 0
 
     def __post_init__(self):

@@ -361,10 +361,11 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
             L.append(f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
                      f"{r['val']['accuracy']:.2f} |")
         L.append(f"| random patches | — | {t['random']['select']:.2f} | {t['random']['val']:.2f} |")
-        L += ["", f"Best rule on the selection split: `{t['best_rule_on_select']}`; this run used `{t['sink']}` "
-              f"({t['flagged_per_image']:.2f} patches changed per training image). `first` (LOTUS's literal rule) only "
-              "rewrites the class token's own score, which is dropped before ranking patches, so its tickets are "
-              "identical to `none`."]
+        L += ["", f"Best rule on the selection split: `{t['best_rule_on_select']}` (ties go to the simpler rule); this "
+              f"run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`; {t['flagged_per_image']:.2f} patches "
+              "changed per training image). `first` (LOTUS's literal rule) only rewrites the class token's own score, "
+              "which is dropped before ranking patches, so its tickets are identical to `none`. tickets.png outlines "
+              "in red the patches a patch rule changes."]
         if has_tickets_png:
             L += ["", "![tickets](tickets.png)"]
     if "sweep" in res:

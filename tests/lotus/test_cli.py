@@ -114,7 +114,7 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     (["--layout", "block", "--block-size", "64"], "--block-size: 64 does not divide blocks.0.attn.qkv.weight"),
     (["--block-size", "24"], "--block-size: expected one of 16, 32, 64"),
     (["--block-score", "l3"], "--block-score"),
-    (["--sink", "mean"], "--sink: expected one of none, first, outlier, norm"),
+    (["--sink", "mean"], "--sink: expected one of none, first, outlier, norm, auto"),
     (["--policies", "fixed,best"], "--policies: unknown best"),
     (["--arms", "dense/everything"], "--arms"),
     (["--arms", "2:4-isp/full"], "prunes in layout 2:4"),
