@@ -195,10 +195,12 @@ def _plots(run: RunDir, res: dict) -> list[str]:
     rows = cost_rows(res)
     if rows:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        colors = plt.get_cmap("tab20").colors
         for i, r in enumerate(rows):
             sd = r["acc"]["sd"] or 0.0
-            mk = "s" if r["arm"].endswith("/full") else "o"
-            ax.errorbar(r["finetune_s"], r["acc"]["mean"], yerr=sd, fmt=mk, ms=6, capsize=3, color=f"C{i % 10}",
+            mk = "s" if r["arm"].endswith("/full") else "o" if r["arm"].startswith("dense") else "D"
+            ax.errorbar(r["finetune_s"], r["acc"]["mean"], yerr=sd, fmt=mk, ms=6, capsize=3,
+                        color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                         label=f"{r['arm']} ({_fmt(r['step_ratio'])}x step)")
         if "dense/full" in res["finetune"]:
             d = res["stats"]["arms"]["dense/full"]["mean"]
@@ -237,11 +239,12 @@ def _plots(run: RunDir, res: dict) -> list[str]:
         made.append("sparsity.png")
     if "finetune" in res:
         fig, ax = plt.subplots(figsize=(6.5, 4))
+        colors = plt.get_cmap("tab20").colors
         for i, (arm, per_seed) in enumerate(res["finetune"].items()):
             r = per_seed[0]
             if r["val_acc"]:
                 ax.plot(r["epoch"], r["val_acc"], "-" if arm.endswith("/full") else "--", marker="o", ms=3,
-                        color=f"C{i % 10}", label=arm)
+                        color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=arm)
         from matplotlib.ticker import MaxNLocator
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("fine-tuning epoch")
@@ -325,7 +328,8 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
                 if cfg["model"] == "lotus_vit" else "") + f", run seed {cfg['seed']}, {cfg['seeds']} fine-tuning "
              f"seed(s), {cfg['threads']} thread(s); layout `{cfg['layout']}`"
              + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block" else "")
-             + f", keep {cfg['keep_ratio']:g}, sink rule `{cfg['sink']}`.")
+             + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('tickets', {}).get('sink', cfg['sink'])}`"
+             + (" (`--sink auto`)" if cfg["sink"] == "auto" else "") + ".")
     if "dense" in res:
         d = res["dense"]
         sel = (f"{d['n_select']} selection (held out of training; chooses the essential sparsity, block score "

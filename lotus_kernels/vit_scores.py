@@ -42,7 +42,8 @@ def _check_scorable(model) -> None:
 
 
 SINK_RULES = (None, "first", "outlier", "norm")
-OUTLIER_Z = 5.0
+OUTLIER_Z = 5.0       # token norms: roughly symmetric, a clear gap for artifact tokens
+OUTLIER_Z_LOG = 3.5   # attention shares are heavy-tailed (near log-normal): judged on log scale
 
 
 def outliers(values: torch.Tensor, z: float = OUTLIER_Z) -> torch.Tensor:
@@ -74,12 +75,13 @@ def vit_patch_scores(model, images: torch.Tensor, sink: str | None = "first", *,
       "first"    LOTUS's literal rule: the first token's own score (the class token's attention to
                  itself) becomes the mean of the rest. It never touches a patch, so the patch scores
                  equal ``None``'s: kept for comparison with the paper
-      "outlier"  patches whose attention share is an outlier (``outliers``: > 5 robust SDs above the
-                 image's median) get the mean score of the other patches: the few patches that take
-                 most of the class token's attention, like the high-norm artifact tokens of
-                 "Vision Transformers Need Registers" (Darcet et al., 2024)
-      "norm"     the same, flagging patches whose token norm entering the last block is an outlier
-                 (the registers paper's own criterion)
+      "outlier"  patches whose attention share is an outlier get the mean score of the other patches:
+                 log(share) more than 3.5 robust SDs above the image's median (``outliers``; on a
+                 linear scale the heavy tail would flag every well-attended patch). These are the
+                 single patches that take most of the class token's attention, like the high-norm
+                 artifact tokens of "Vision Transformers Need Registers" (Darcet et al., 2024)
+      "norm"     the same, flagging patches whose token norm entering the last block is more than 5
+                 robust SDs above the median (the registers paper's own criterion)
 
     ``return_flagged``: also return the bool [B, num_patches] mask of patches the rule changed."""
     _checks.tensor("images", images, ndim=4)
@@ -94,7 +96,7 @@ def vit_patch_scores(model, images: torch.Tensor, sink: str | None = "first", *,
     _, scores = attention_forward_with_scores(last.attn, last.norm1(x), "cls", "mean" if sink == "first" else None)
     scores = scores[:, p:]
     if sink == "outlier":
-        flagged = outliers(scores)
+        flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
     elif sink == "norm":
         flagged = outliers(x[:, p:].float().norm(dim=-1))
     else:

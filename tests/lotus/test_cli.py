@@ -127,3 +127,20 @@ def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, match):
     out = tmp_path / "run"
     _fails(capsys, ["run", "--data", str(data), "--out", str(out), *TINY, *args], match)
     assert not out.exists()
+
+
+def test_24_layout_run(tmp_path, capsys):
+    """2:4 through every stage: sweep at 0.5 only, ISP / ISSP / control keep the 2-of-4 pattern."""
+    data = make_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    main(["run", "--data", str(data), "--out", str(out), *TINY, "--layout", "2:4", "--seeds", "1",
+          "--arms", "dense/full,2:4-isp/fixed,2:4-isp/random", "--no-instant-soup", "--timing-rounds", "0"])
+    res = json.loads((out / "results.json").read_text())
+    assert [p["sparsity"] for p in res["sweep"]["layouts"]["2:4"]["sweep_val"]] == [0.0, 0.5]
+    for name in ("oneshot", "isp", "issp", "control"):
+        masks = torch.load(out / "masks" / "2:4@0.5" / f"{name}.pt", weights_only=True)
+        assert all((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all() for m in masks.values()), name
+    main(["evaluate", str(out), "--data", str(data), "--json"])
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["2:4-isp/fixed#s0"]["layout"] == "2:4" and ev["2:4-isp/fixed#s0"]["sparsity"] == pytest.approx(0.5)
+    assert ev["dense/full#s0"]["step_ratio"] is None  # no timing stage in this run
