@@ -57,8 +57,13 @@ def _eval(cfg, data):
     return lambda m: evaluate(m, data, batch_size=cfg["eval_batch_size"], bf16=cfg["bf16"], desc="eval")
 
 
-def _correct(cfg, model, data) -> torch.Tensor:
-    return predict(model, data, batch_size=cfg["eval_batch_size"], bf16=cfg["bf16"]) == data.y
+def _predictions(cfg, model, data) -> dict:
+    """Per-image record of a model on ``data``: predicted class and correctness (``preds/*.pt``)."""
+    return _record(predict(model, data, batch_size=cfg["eval_batch_size"], bf16=cfg["bf16"]), data)
+
+
+def _record(pred, data) -> dict:
+    return {"pred": pred.to(torch.int16), "correct": pred == data.y}
 
 
 # ---------------------------------------------------------------- models on disk
@@ -162,7 +167,7 @@ def stage_pretrain(run, cfg):
     if opt_state is not None and is_main():  # Instant Soup's weak copies start from it
         run.save_torch("models/dense_optimizer.pt", opt_state)
     if is_main():
-        run.save_torch("preds/dense.pt", {"correct": _correct(cfg, model, va)})
+        run.save_torch("preds/dense.pt", _predictions(cfg, model, va))
     return {"history": hist, "val_acc": acc, "n_train": len(tr), "n_val": len(va),
             "n_select": 0 if not cfg.get("select_fraction") else len(split_data(cfg)[1]),
             "params": sum(p.numel() for p in model.parameters())}
@@ -188,20 +193,23 @@ def stage_score(run, cfg):
         r = {}
         for split, d in (("select", sel), ("val", va)):
             s, f = tickets.score(model, d, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
-            c = tickets.ticket_accuracy(model, d, tickets.keep_indices(s, keep), batch_size=cfg["eval_batch_size"])
-            r[split] = {"accuracy": 100.0 * float(c.float().mean()), "flagged_per_image": float(f.sum(1).float().mean())}
+            rec = _record(tickets.ticket_predict(model, d, tickets.keep_indices(s, keep),
+                                                 batch_size=cfg["eval_batch_size"]), d)
+            r[split] = {"accuracy": 100.0 * float(rec["correct"].float().mean()),
+                        "flagged_per_image": float(f.sum(1).float().mean())}
             if split == "val" and is_main():
-                run.save_torch(f"preds/sink_{rule}.pt", {"correct": c})
+                run.save_torch(f"preds/sink_{rule}.pt", rec)
         rules[rule] = r
     g = torch.Generator().manual_seed(stage_seed(cfg["seed"], "random-ticket"))
     n = model.patch_embed.num_patches
     from lotus_kernels.select import random_keep
     rand = {}
     for split, d in (("select", sel), ("val", va)):
-        c = tickets.ticket_accuracy(model, d, random_keep(len(d), n, keep, generator=g), batch_size=cfg["eval_batch_size"])
-        rand[split] = 100.0 * float(c.float().mean())
+        rec = _record(tickets.ticket_predict(model, d, random_keep(len(d), n, keep, generator=g),
+                                             batch_size=cfg["eval_batch_size"]), d)
+        rand[split] = 100.0 * float(rec["correct"].float().mean())
         if split == "val" and is_main():
-            run.save_torch("preds/sink_random.pt", {"correct": c})
+            run.save_torch("preds/sink_random.pt", rec)
     best = max(AUTO_ORDER, key=lambda r: (rules[r]["select"]["accuracy"], -AUTO_ORDER.index(r)))
     rule = best if cfg["sink"] == "auto" else cfg["sink"]
     t0 = time.perf_counter()
@@ -271,12 +279,13 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
               desc=desc, optimizer_state=opt_state)
 
     def record(name, model, masks, extra=None):
-        c = _correct(cfg, model, va)
+        rec = _predictions(cfg, model, va)
         save_model(run, f"models/{tag}/{name}.pt", model)
         if is_main():
             run.save_torch(f"masks/{tag}/{name}.pt", masks)
-            run.save_torch(f"preds/{tag}/{name}.pt", {"correct": c})
-        res["methods"][name] = {"accuracy": 100.0 * float(c.float().mean()), "sparsity": prune.sparsity_of(masks),
+            run.save_torch(f"preds/{tag}/{name}.pt", rec)
+        res["methods"][name] = {"accuracy": 100.0 * float(rec["correct"].float().mean()),
+                                "sparsity": prune.sparsity_of(masks),
                                 **(extra or {})}
 
     oneshot_masks = run.load_torch(f"masks/{layout}/oneshot@{target:g}.pt")
@@ -353,11 +362,11 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
                                                batch_size=cfg["eval_batch_size"], mix_top=cfg["mix_top"])
     hist = ft.finetune(model, tr, va, cfg, seed=seed, keep_fn=keep_fn, augment=augment,
                        desc=f"finetune {arm} s{seed_k}", evaluate_each_epoch=seed_k == 0)
-    c = _correct(cfg, model, va)
-    acc = 100.0 * float(c.float().mean())
+    rec = _predictions(cfg, model, va)
+    acc = 100.0 * float(rec["correct"].float().mean())
     save_model(run, f"models/finetune/{arm}/s{seed_k}.pt", model)
     if is_main():
-        run.save_torch(f"preds/finetune/{arm}/s{seed_k}.pt", {"correct": c})
+        run.save_torch(f"preds/finetune/{arm}/s{seed_k}.pt", rec)
     masks = prune.masks_of(model)
     hist.update({"arm": arm, "seed_index": seed_k, "accuracy": acc, "final_acc": acc, "start": spec["start"],
                  "policy": spec["policy"], "keep": 1.0 if spec["policy"] == "full" else keep,

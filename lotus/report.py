@@ -427,9 +427,28 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
     return "\n".join(L) + "\n"
 
 
+def export_predictions(run: RunDir) -> int:
+    """``predictions.npz``: every saved per-image record on the validation split (key = its path
+    under preds/ without .pt, value = int16 predicted classes) plus ``labels``: one file to recompute
+    any comparison. Returns the number of records."""
+    import numpy as np
+
+    arrays = {}
+    for p in sorted(run.path("preds").rglob("*.pt")) if run.exists("preds") else []:
+        rec = run.load_torch(str(p.relative_to(run.root)))
+        if "pred" in rec:
+            arrays[str(p.relative_to(run.path("preds")))[:-3]] = rec["pred"].numpy().astype(np.int16)
+    if arrays:
+        from .pipeline import split_data
+        arrays["labels"] = split_data(run.config())[2].y.numpy().astype(np.int16)
+        run.save_npz("predictions.npz", **arrays)
+    return len(arrays)
+
+
 def write(run: RunDir) -> dict:
     res = collect(run)
     plots = _plots(run, res)
+    export_predictions(run)
     run.write_json("results.json", res)
     run.write_text("report.md", markdown(res, plots, run.exists("tickets.png")))
     return {"plots": plots}

@@ -158,17 +158,16 @@ def make_policy(policy: str, *, model, train_data: Images, scores: torch.Tensor 
 
 
 @torch.no_grad()
-def ticket_accuracy(model, data: Images, keep_idx: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Per-image correctness (bool [N]) of ``model`` seeing only the kept patches ``keep_idx`` [N, K]
-    of each image: how much of what the model needs a ticket keeps (the sink rules' measure)."""
+def ticket_predict(model, data: Images, keep_idx: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class (int64 [N]) of ``model`` seeing only the kept patches ``keep_idx`` [N, K] of each
+    image: how much of what the model needs a ticket keeps (the sink rules' measure)."""
     dev = device()
     was_training = model.training
     model.to(dev).eval()
     out = []
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
-        pred = model(normalize(data.x[sl]).to(dev), keep_idx=keep_idx[sl].to(dev)).argmax(1).cpu()
-        out.append(pred == data.y[sl])
+        out.append(model(normalize(data.x[sl]).to(dev), keep_idx=keep_idx[sl].to(dev)).argmax(1).cpu())
     model.train(was_training)
     return torch.cat(out)
 

@@ -91,6 +91,13 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
         "block-isp/full", "block-isp/random"}
     for png in ("cost.png", "sparsity.png", "finetune.png", "step_time.png", "tickets.png"):
         assert (run / png).stat().st_size > 1000
+    import numpy as np
+    with np.load(run / "predictions.npz") as f:  # per-image predictions of every model, and the labels
+        n_val = res["dense"]["n_val"]
+        assert {f"finetune/{a}/s{k}" for a in arms for k in range(2)} <= set(f.files) and "labels" in f.files
+        assert all(f[k].shape == (n_val,) for k in f.files)
+        acc = 100 * float((f["finetune/dense/full/s1"] == f["labels"]).mean())
+        assert acc == pytest.approx(res["finetune"]["dense/full"][1]["accuracy"])
     md = (run / "report.md").read_text()
     for text in ("Cost of fine-tuning", "essential sparsity", "ISSP", "control", "instant", "block-isp/fixed",
                  "sink rule", "not significant", "deviate from Instant Soup"):

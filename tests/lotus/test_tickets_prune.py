@@ -7,7 +7,7 @@ from lotus.data import normalize
 from lotus.model import build
 from lotus.prune import (Pruner, block_counts, check_layout, disagreement, essential_sparsity, instant_soup_prune,
                          magnitude_masks, masks_of, soup_prune, sparsity_of, sweep, vote)
-from lotus.tickets import POLICIES, keep_indices, make_policy, overlay_figure, score, ticket_accuracy
+from lotus.tickets import POLICIES, keep_indices, make_policy, overlay_figure, score, ticket_predict
 from lotus.train import train
 from lotus_kernels import sparsify_
 from lotus_kernels.nn import BlockSparseLinear
@@ -99,8 +99,9 @@ def test_policies_keep_the_same_token_count(policy):
         assert torch.equal(k, keep_indices(m.patch_scores(x, "norm"), 0.6))
     with pytest.raises(ValueError):
         make_policy("best", model=m, train_data=data, scores=s, keep=0.6, seed=1)
-    c = ticket_accuracy(m, data, keep_indices(s, 0.5))
-    assert c.shape == (12,) and c.dtype == torch.bool
+    p = ticket_predict(m, data, keep_indices(s, 0.5))
+    assert p.shape == (12,) and p.dtype == torch.int64
+    assert torch.equal(p, m.eval()(normalize(data.x), keep_idx=keep_indices(s, 0.5)).argmax(1))
 
 
 # ---------------------------------------------------------------- masks per layout
