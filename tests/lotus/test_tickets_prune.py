@@ -260,3 +260,20 @@ def test_instant_soup_prune_as_published():
     for n, layer in main.named_modules():
         if n in masks:
             assert (layer.weight[~masks[n]] == 0).all()
+
+
+def test_arm_names():
+    from lotus.finetune import default_arms, parse_arm
+    assert parse_arm("dense/full") == {"start": "dense", "layout": "dense", "method": None, "policy": "full", "keep": None}
+    assert parse_arm("block-isp/random@0.7") == {"start": "block-isp", "layout": "block", "method": "isp",
+                                                 "policy": "random", "keep": 0.7}
+    assert parse_arm("2:4-control/mix")["layout"] == "2:4"
+    for bad in ("dense", "block-isp/full@0.5", "rows-isp/full", "block-soup/full", "dense/best", "dense/fixed@1.5",
+                "dense/fixed@x"):
+        with pytest.raises(ValueError, match="arm"):
+            parse_arm(bad)
+    arms = default_arms("block", ["fixed", "random"], extra_keeps=[0.7])
+    assert arms == ["dense/full", "unstructured-oneshot/full", "unstructured-isp/full", "block-isp/full",
+                    "dense/fixed", "block-isp/fixed", "block-isp/random", "block-isp/fixed@0.7", "block-isp/random@0.7"]
+    assert default_arms("unstructured", ["fixed"])[:3] == ["dense/full", "unstructured-oneshot/full",
+                                                            "unstructured-isp/full"]
