@@ -168,8 +168,9 @@ def parser() -> argparse.ArgumentParser:
                        "(all patches).")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--data", required=True, help="FILE.npz with the run's image size and classes")
-    e.add_argument("--json", action="store_true", help='print one JSON object: "<arm>#s<seed>" -> {"accuracy" (fraction), "n", "layout", '
-                   '"sparsity", "keep", "step_ratio", "finetune_seconds"}')
+    e.add_argument("--json", action="store_true",
+                   help='print one JSON object: "<arm>#s<seed>" -> {"accuracy" (fraction), "n", "layout", '
+                        '"sparsity", "keep", "step_ratio", "finetune_seconds"}')
     return p
 
 

@@ -292,7 +292,8 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
     record("oneshot", prune.apply_masks(copy.deepcopy(dense), oneshot_masks), oneshot_masks)
     common = dict(rounds=cfg["isp_rounds"], copies=cfg["isp_copies"], subset=cfg["isp_subset"],
                   train_copy=train_copy, seed=stage_seed(cfg["seed"], "soup"), pruner=pr, weak_cache=weak_cache)
-    for name, merge, fixed in (("isp", cfg["isp_vote"], None), ("issp", "union", None), ("control", "majority", oneshot_masks)):
+    methods = (("isp", cfg["isp_vote"], None), ("issp", "union", None), ("control", "majority", oneshot_masks))
+    for name, merge, fixed in methods:
         model, masks, log = prune.soup_prune(dense, tr, target=target, merge=merge, fixed_masks=fixed,
                                              label=f"{name} {tag}", **common)
         record(name, model, masks, {"rounds": log, "merge": merge if fixed is None else "fixed one-shot mask"})
@@ -357,9 +358,9 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
             st = run.result(f"tickets/{spec['start']}")
             scores = run.load_torch(st["file"])["scores"]
             score_s = st["seconds"]
-        keep_fn, augment = tickets.make_policy(spec["policy"], model=model, train_data=tr, scores=scores, keep=keep,
-                                               seed=stage_seed(cfg["seed"], f"policy/{seed_k}"), sink=sink_rule(run, cfg),
-                                               batch_size=cfg["eval_batch_size"], mix_top=cfg["mix_top"])
+        keep_fn, augment = tickets.make_policy(
+            spec["policy"], model=model, train_data=tr, scores=scores, keep=keep, sink=sink_rule(run, cfg),
+            seed=stage_seed(cfg["seed"], f"policy/{seed_k}"), batch_size=cfg["eval_batch_size"], mix_top=cfg["mix_top"])
     hist = ft.finetune(model, tr, va, cfg, seed=seed, keep_fn=keep_fn, augment=augment,
                        desc=f"finetune {arm} s{seed_k}", evaluate_each_epoch=seed_k == 0)
     rec = _predictions(cfg, model, va)

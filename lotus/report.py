@@ -290,7 +290,8 @@ def _findings(res: dict) -> list[str]:
             best = max(fast, key=lambda r: r["vs_dense"]["diff"] if r["vs_dense"] else -1e9)
             gap = -GOAL_POINTS - best["vs_dense"]["diff"]
             out.append(f"- **Goal missed** by {gap:.2f} points: the best arm at <= {GOAL_RATIO}x the dense step, "
-                       f"`{best['arm']}` ({best['step_ratio']:.2f}x), is {_diff(best['vs_dense'])} points vs dense full.")
+                       f"`{best['arm']}` ({best['step_ratio']:.2f}x), is {_diff(best['vs_dense'])} points vs dense "
+                       "full.")
         else:
             out.append(f"- **Goal missed**: no arm reached <= {GOAL_RATIO}x the dense step.")
     for arm, d in st["policies_vs_random"].items():
@@ -301,7 +302,8 @@ def _findings(res: dict) -> list[str]:
             out.append(f"- `{pair}` (fine-tuned): {stats.describe(d)}.")
     for tag, cmp in st["prune"].items():
         for name, d in cmp.items():
-            out.append(f"- {tag}, {name} (before fine-tuning): {stats.describe(d)}; McNemar p = {d['mcnemar']['p']:.3g}.")
+            out.append(f"- {tag}, {name} (before fine-tuning): {stats.describe(d)}; "
+                       f"McNemar p = {d['mcnemar']['p']:.3g}.")
     for name, d in st["sinks"].items():
         out.append(f"- Sink rule tickets, {name} (dense model on its tickets, val): {stats.describe(d)}.")
     return ["", "## Findings (automatic; paired, 95% intervals)", ""] + out if out else []
@@ -359,14 +361,16 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
               "tickets are judged by the dense model's accuracy when it sees only the ticket's patches (no "
               "training), on the selection split (which chooses) and the validation split; random patches at the "
               "same count for reference.", "",
-              "| sink rule | patches changed / image (val) | acc, selection (%) | acc, val (%) |", "|---|---:|---:|---:|"]
+              "| sink rule | patches changed / image (val) | acc, selection (%) | acc, val (%) |",
+              "|---|---:|---:|---:|"]
         for rule in sorted(t["rules"], key=lambda x: ("none", "first", "outlier", "norm").index(x)):
             r = t["rules"][rule]
             L.append(f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
                      f"{r['val']['accuracy']:.2f} |")
         L.append(f"| random patches | — | {t['random']['select']:.2f} | {t['random']['val']:.2f} |")
         L += ["", f"Best rule on the selection split: `{t['best_rule_on_select']}` (ties go to the simpler rule); this "
-              f"run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`; {t['flagged_per_image']:.2f} patches "
+              f"run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`; "
+              f"{t['flagged_per_image']:.2f} patches "
               "changed per training image). `first` (LOTUS's literal rule) only rewrites the class token's own score, "
               "which is dropped before ranking patches, so its tickets are identical to `none`. tickets.png outlines "
               "in red the patches a patch rule changes."]
@@ -376,7 +380,8 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
         L += ["", "## One-shot sweeps (no training)", ""]
         for layout, sw in res["sweep"]["layouts"].items():
             sps = [p["sparsity"] for p in sw["sweep_val"]]
-            L += [f"**{layout}** (score `{sw['score']}`; essential sparsity **{sw['essential_sparsity']:g}**, chosen on "
+            L += [f"**{layout}** (score `{sw['score']}`; essential sparsity **{sw['essential_sparsity']:g}**, "
+                  "chosen on "
                   f"the {sw['chosen_on']} split within {cfg['tolerance']:g} point of dense)", "",
                   "| score / split | " + " | ".join(f"{s:g}" for s in sps) + " |", "|---|" + "---:|" * len(sps)]
             for sc, pts in sw["scores"].items():
@@ -387,7 +392,8 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
         L += ["## ISP, ISSP, the matched control and Instant Soup (before fine-tuning, val)", "",
               "control = the one-shot mask at the target with exactly ISP's extra training (same rounds of weak "
               "copies on the same subsets, weights averaged): ISP − control isolates the mask choice.", "",
-              "| layout @ target | method | actual sparsity | acc (%) | Δ vs one-shot at its sparsity | Δ vs control |",
+              "| layout @ target | method | actual sparsity | acc (%) | Δ vs one-shot at its sparsity "
+              "| Δ vs control |",
               "|---|---|---:|---:|---|---|"]
         for tag, r in res["prune"].items():
             cmp = st["prune"].get(tag, {})
@@ -396,7 +402,8 @@ def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
                     continue
                 m = r["methods"][name]
                 L.append(f"| {tag} | {name} | {m['sparsity']:.4f} | {m['accuracy']:.2f} | "
-                         f"{_diff(cmp.get(f'{name} vs one-shot at its sparsity'))} | {_diff(cmp.get(f'{name} vs control'))} |")
+                         f"{_diff(cmp.get(f'{name} vs one-shot at its sparsity'))} | "
+                         f"{_diff(cmp.get(f'{name} vs control'))} |")
         L += ["", "Per round: copy sparsities, mean pairwise Jaccard of the copies' kept weights, share of the "
               "merged kept weights that only one copy keeps, merged sparsity:"]
         for tag, r in res["prune"].items():

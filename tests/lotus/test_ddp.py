@@ -15,8 +15,9 @@ def test_ddp_finetune_matches_single_process(tmp_path):
     a = tmp_path / "single"
     # SGD, not AdamW: Adam divides by sqrt(v), so a near-zero gradient's last-bit difference between
     # one process and two ranks' all-reduce becomes a full lr-sized step; SGD keeps it last-bit.
+    # 56 = 4 x 12 + 8 training images (no selection split): an uneven last batch
     main(["pretrain", "--data", str(data), "--out", str(a), *TINY, "--seeds", "1",
-          "--pretrain-epochs", "1", "--batch-size", "12", "--optimizer", "sgd", "--select-fraction", "0"])  # 56 = 4 x 12 + 8: uneven last batch
+          "--pretrain-epochs", "1", "--batch-size", "12", "--optimizer", "sgd", "--select-fraction", "0"])
     b = tmp_path / "ddp"
     shutil.copytree(a, b)
     main(["finetune", str(a), "--only", "dense/full"])

@@ -39,4 +39,5 @@ def test_lotus_run_on_real_cifar10(tmp_path):
             if name in ("isp", "issp", "control"):  # votes / calibrated unions land on the target
                 assert m["sparsity"] == pytest.approx(float(s), abs=0.03)
     assert set(ess) == {"unstructured", "block"}
-    assert all((out / p).is_file() for p in ("cost.png", "sparsity.png", "finetune.png", "step_time.png", "tickets.png"))
+    for png in ("cost.png", "sparsity.png", "finetune.png", "step_time.png", "tickets.png"):
+        assert (out / png).is_file()

@@ -264,7 +264,8 @@ def test_instant_soup_prune_as_published():
 
 def test_arm_names():
     from lotus.finetune import default_arms, parse_arm
-    assert parse_arm("dense/full") == {"start": "dense", "layout": "dense", "method": None, "policy": "full", "keep": None}
+    assert parse_arm("dense/full") == {"start": "dense", "layout": "dense", "method": None, "policy": "full",
+                                       "keep": None}
     assert parse_arm("block-isp/random@0.7") == {"start": "block-isp", "layout": "block", "method": "isp",
                                                  "policy": "random", "keep": 0.7}
     assert parse_arm("2:4-control/mix")["layout"] == "2:4"
