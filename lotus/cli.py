@@ -123,8 +123,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "dense/full,block-isp/fixed,block-isp/random@0.7,unstructured-control/full")
     g.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every arm (default: 2)")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="default: 5e-4")
-    g.add_argument("--timing-rounds", type=int, default=5,
-                   help="interleaved rounds of the train-step timing of every arm (0: skip; default 5)")
+    g.add_argument("--timing-rounds", type=int, default=10,
+                   help="interleaved rounds of the train-step timing of every arm (0: skip; default 10)")
 
 
 CONFIG_KEYS = ("data", "data_root", "img_size", "num_classes", "limit", "val_fraction", "seed", "threads", "model",
