@@ -18,7 +18,7 @@ DATA = Path(os.environ.get("LOTUS_SHARED_DATA", REPO.parent / "shared" / "data")
 def test_lotus_run_on_real_cifar10(tmp_path):
     out = tmp_path / "run"
     r = run_lotus("run", "--data", DATA, "--out", out, "--limit", "800", "--val-fraction", "0.25",
-                  "--embed-dim", "64", "--depth", "2", "--heads", "2", "--pretrain-epochs", "6", "--finetune-epochs",
+                  "--embed-dim", "64", "--depth", "2", "--heads", "2", "--pretrain-epochs", "10", "--finetune-epochs",
                   "1", "--isp-copies", "2", "--isp-rounds", "1", "--sweep", "0,0.3,0.5,0.7", "--keep-ratio", "0.7",
                   "--batch-size", "64", "--overlay-images", "4", "--seeds", "2", "--policies", "fixed,random",
                   "--compare-sparsities", "0.7", timeout=900)
