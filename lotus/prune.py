@@ -419,9 +419,15 @@ def _weights_of_state(model, state: dict) -> dict:
 def _mask_optimizer_state(model, opt_state: dict, masks: dict) -> None:
     """Zero AdamW/SGD moments of pruned weights: a carried moment would move a weight whose gradient
     the mask now zeroes, breaking MaskedLinear's exact zeros."""
+    from .train import optimizer_params
+
     if not opt_state or "state" not in opt_state:
         return
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = opt_state["param_groups"]
+    params = optimizer_params(model, max(g.get("weight_decay", 0.0) for g in groups))
+    if len(params) != sum(len(g["params"]) for g in groups):
+        raise ValueError(f"optimizer state: {sum(len(g['params']) for g in groups)} parameters, the model "
+                         f"has {len(params)}")
     index = {id(p): i for i, p in enumerate(params)}
     layers = dict(model.named_modules())
     for n, m in masks.items():

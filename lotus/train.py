@@ -147,6 +147,13 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
     return create_optimizer_v2(model, opt=OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, momentum=0.9)
 
 
+def optimizer_params(model, weight_decay: float) -> list:
+    """The parameters in the order ``make_optimizer``'s state_dict numbers them: timm's factory puts
+    undecayed then decayed parameters in two groups when weight_decay > 0, so this is not
+    ``model.parameters()``'s order."""
+    return [p for g in make_optimizer(model, "sgd", 0.0, weight_decay).param_groups for p in g["params"]]
+
+
 def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int, lr: float, batch_size: int,
           seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
           bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,

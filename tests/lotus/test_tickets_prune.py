@@ -278,3 +278,35 @@ def test_arm_names():
                     "dense/fixed", "block-isp/fixed", "block-isp/random", "block-isp/fixed@0.7", "block-isp/random@0.7"]
     assert default_arms("unstructured", ["fixed"])[:3] == ["dense/full", "unstructured-oneshot/full",
                                                             "unstructured-isp/full"]
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+def test_pruned_moments_zeroed_in_the_optimizers_own_order(weight_decay):
+    """timm's optimizer factory numbers parameters by group (undecayed, then decayed) when weight
+    decay is on: the moments zeroed must be those of the pruned layer's own weight."""
+    from lotus.prune import _mask_optimizer_state
+    from lotus.train import make_optimizer
+
+    data = _data(n=16)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    sparsify_(m, sparsity=0.0)
+    state = {}
+    train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, weight_decay=weight_decay, optimizer_state=state)
+    masks = magnitude_masks(m, 0.5)
+    before = make_optimizer(m, "adamw", 1e-3, weight_decay)
+    before.load_state_dict(state)
+    old = {id(p): {k: v.clone() for k, v in st.items()} for p, st in before.state.items()}
+    _mask_optimizer_state(m, state, masks)
+    after = make_optimizer(m, "adamw", 1e-3, weight_decay)
+    after.load_state_dict(state)
+    layers = dict(m.named_modules())
+    pruned = {id(layers[n].weight): mk for n, mk in masks.items()}
+    for p, st in after.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            if id(p) in pruned:
+                mk = pruned[id(p)]
+                assert (st[k][~mk] == 0).all() and torch.equal(st[k][mk], old[id(p)][k][mk])
+                assert (old[id(p)][k][~mk] != 0).any()  # there was something to zero
+            else:
+                assert torch.equal(st[k], old[id(p)][k])  # other parameters untouched
