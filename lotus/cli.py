@@ -131,7 +131,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training split each weak copy fine-tunes on (default: 0.3; LOTUS: 0.1)")
     g.add_argument("--isp-epochs", type=int, default=1, help="epochs of each weak copy (default: 1)")
     g.add_argument("--isp-lr", type=float, default=None,
-                   help="weak-copy learning rate (default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning)")
+                   help="learning rate of the weak copies (ISP, ISSP, control, Instant Soup) and of Instant Soup's "
+                        "main-model epochs (default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning)")
     g.add_argument("--isp-vote", choices=("any", "majority", "all"), default="majority",
                    help="ISP mask merge: keep a weight kept by any / a majority / all copies (default: majority)")
     g.add_argument("--isp-recipe", default="ours",

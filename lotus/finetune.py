@@ -73,7 +73,8 @@ def finetune(model, train_data: ImageSet, val_data: ImageSet, cfg: dict, *, seed
     hist = train(model, train_data, val_data if evaluate_each_epoch else None, epochs=cfg["finetune_epochs"],
                  lr=cfg["finetune_lr"], batch_size=cfg["batch_size"], seed=seed, optimizer=cfg["optimizer"],
                  weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"], keep_fn=keep_fn,
-                 augment=augment, eval_batch_size=cfg["eval_batch_size"], desc=desc)
+                 augment=augment, eval_batch_size=cfg["eval_batch_size"], clip_grad=cfg.get("clip_grad") or None,
+                 desc=desc)
     hist["final_acc"] = hist["val_acc"][-1] if hist["val_acc"] else None
     hist["epochs_to_within_1"] = epochs_to_within(hist["val_acc"], 1.0)
     return hist

@@ -278,7 +278,7 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
     def train_copy(m, data, seed, desc, opt_state=None):
         train(m, data, None, epochs=cfg["isp_epochs"], lr=cfg["isp_lr"], batch_size=cfg["batch_size"], seed=seed,
               optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-              desc=desc, optimizer_state=opt_state)
+              clip_grad=cfg.get("clip_grad") or None, desc=desc, optimizer_state=opt_state)
 
     def record(name, model, masks, extra=None):
         rec = _predictions(cfg, model, va)
@@ -307,7 +307,7 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
             train(m, tr, None, epochs=1, lr=cfg["isp_lr"], batch_size=cfg["batch_size"],
                   seed=stage_seed(cfg["seed"], "instant-soup/main"), optimizer=cfg["optimizer"],
                   weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"], desc="instant-soup main",
-                  optimizer_state=state)
+                  clip_grad=cfg.get("clip_grad") or None, optimizer_state=state)
 
         model, masks, log = prune.instant_soup_prune(
             dense, tr, target=target, iterations=cfg["isp_rounds"], copies=cfg["instant_copies"],
