@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import LotusError
 
 DEFAULT_SWEEP = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+DEFAULT_POLICIES = ("fixed", "fixed_random", "random", "rescore_epoch", "aug_rescore", "mix")
 
 
 def _floats(text: str) -> list[float]:
@@ -28,6 +29,10 @@ def _fraction(text: str) -> float:
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return v
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -90,42 +95,73 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="pretrain without random flips and shifts by 1/8 of the side (fine-tuning never "
                         "augments: a ticket's patch indices refer to the unaugmented image)")
     g = p.add_argument_group("attention tickets")
-    g.add_argument("--keep-ratio", type=_fraction, default=0.9, help="patches a ticket keeps (default: 0.9)")
-    g.add_argument("--compare-keeps", type=_floats, default=[0.9, 0.7, 0.5],
-                   help="keep ratios of the ticket vs random comparison (default: 0.9,0.7,0.5)")
+    g.add_argument("--keep-ratio", type=_fraction, default=0.5,
+                   help="patches a ticket policy keeps per image per step, ceil(keep * N) (default: 0.5)")
+    g.add_argument("--sink", default="auto",
+                   help="attention-sink rule of the patch scores: none, first (LOTUS's literal rule; changes no "
+                        "patch), outlier (outlier attention shares -> mean), norm (outlier token norms -> mean), or "
+                        "auto: the rule whose tickets the dense model classifies best on the selection split (default)")
+    g.add_argument("--policies", type=_names, default=list(DEFAULT_POLICIES),
+                   help="ticket policies fine-tuned on the pruned model (default: %(default)s; also rescore_step)")
+    g.add_argument("--mix-top", type=float, default=0.5,
+                   help="mix policy: share of the kept patches taken by top attention, the rest random (default 0.5)")
+    g.add_argument("--compare-keeps", type=_floats, default=[],
+                   help="extra keep ratios for fixed tickets vs random patches (default: none)")
     g.add_argument("--overlay-images", type=int, default=8, help="images in tickets.png (0: none)")
     g = p.add_argument_group("pruning")
+    g.add_argument("--layout", default="block",
+                   help="pruned layout of the combined arm: unstructured, block or 2:4 (default: block, the only one "
+                        "whose kernels make a CPU step faster); unstructured arms always run as the paper's baseline")
+    g.add_argument("--block-size", type=int, default=16, help="block layout: 16, 32 or 64 (default: 16)")
+    g.add_argument("--block-score", default="auto",
+                   help="block ranking: l1, l2, grad (|w * dL/dw|), or auto: the best one-shot sweep on the "
+                        "selection split (default: auto)")
+    g.add_argument("--select-fraction", type=float, default=0.1,
+                   help="share of the train split held out to choose the essential sparsity, block score and "
+                        "sink rule (0: choose on the validation split; default 0.1)")
     g.add_argument("--sweep", type=_floats, default=DEFAULT_SWEEP, help="one-shot sparsities (default: 0,0.1,...,0.9)")
     g.add_argument("--tolerance", type=float, default=1.0,
                    help="essential sparsity: accuracy points below dense allowed (default: 1)")
+    g.add_argument("--compare-sparsities", type=_floats, default=[0.7],
+                   help="unstructured ISP / ISSP / control / Instant Soup / one-shot also at these sparsities, where "
+                        "one-shot loses accuracy (default: 0.7; --layout's pruning runs at its essential sparsity)")
     g.add_argument("--isp-rounds", type=int, default=2, help="ISP / ISSP rounds towards the target (default: 2)")
     g.add_argument("--isp-copies", type=int, default=3, help="weak copies K per round (default: 3)")
     g.add_argument("--isp-subset", type=_fraction, default=0.3,
                    help="fraction of the training split each weak copy fine-tunes on (default: 0.3; LOTUS: 0.1)")
     g.add_argument("--isp-epochs", type=int, default=1, help="epochs of each weak copy (default: 1)")
     g.add_argument("--isp-lr", type=float, default=None,
-                   help="weak-copy learning rate (default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning)")
+                   help="learning rate of the weak copies (ISP, ISSP, control, Instant Soup) and of Instant Soup's "
+                        "main-model epochs (default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning)")
     g.add_argument("--isp-vote", choices=("any", "majority", "all"), default="majority",
                    help="ISP mask merge: keep a weight kept by any / a majority / all copies (default: majority)")
-    g.add_argument("--issp-offsets", type=_floats, default=[0.0, 0.1, 0.2],
-                   help="ISSP: copy k prunes at the round sparsity + offsets[k], masks united (default: 0,0.1,0.2)")
+    g.add_argument("--isp-recipe", default="ours",
+                   help="ISP feeding the fine-tuning arms: ours (votes + weight soup) or instant-soup (as published)")
+    g.add_argument("--no-instant-soup", dest="instant_soup", action="store_false",
+                   help="skip Instant Soup as published (by default it runs beside ours at every unstructured target)")
+    g.add_argument("--instant-copies", type=int, default=5, help="Instant Soup weak copies per iteration (default 5)")
+    g.add_argument("--instant-subset", type=_fraction, default=0.1,
+                   help="Instant Soup: data share of each weak copy's one pass (default 0.1)")
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--finetune-mask", choices=("dense", "essential", "isp", "issp"), default="isp",
-                   help="model every fine-tuning run starts from (default: isp)")
-    g.add_argument("--finetune-epochs", type=int, default=3, help="default: 3")
+    g.add_argument("--seeds", type=int, default=3, help="seeds of every fine-tuning arm (default: 3)")
+    g.add_argument("--arms", type=_names, default=None,
+                   help="fine-tuning arms <start>/<data> instead of the default set, e.g. "
+                        "dense/full,block-isp/fixed,block-isp/random@0.7,unstructured-control/full")
+    g.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every arm (default: 2)")
     g.add_argument("--finetune-lr", type=float, default=None,
                    help="default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning a pretrained model")
-    g.add_argument("--timing-rounds", type=int, default=5,
-                   help="interleaved rounds of the train-step timing of every configuration (0: skip; default 5)")
+    g.add_argument("--timing-rounds", type=int, default=10,
+                   help="interleaved rounds of the train-step timing of every arm (0: skip; default 10)")
 
 
 CONFIG_KEYS = ("data", "data_root", "img_size", "crop_pct", "num_classes", "limit", "val_fraction", "workers",
                "clip_grad", "seed", "threads", "model",
                "pretrained", "checkpoint", "patch_size", "embed_dim", "depth", "heads", "mlp_ratio", "batch_size",
                "eval_batch_size", "optimizer", "lr", "weight_decay", "warmup", "bf16", "pretrain_epochs", "augment",
-               "keep_ratio", "compare_keeps", "overlay_images", "sweep", "tolerance", "isp_rounds", "isp_copies",
-               "isp_subset", "isp_epochs", "isp_lr", "isp_vote", "issp_offsets", "finetune_mask", "finetune_epochs",
-               "finetune_lr", "timing_rounds")
+               "keep_ratio", "sink", "policies", "mix_top", "compare_keeps", "overlay_images", "layout", "block_size",
+               "block_score", "select_fraction", "sweep", "tolerance", "compare_sparsities", "isp_rounds",
+               "isp_copies", "isp_subset", "isp_epochs", "isp_lr", "isp_vote", "isp_recipe", "instant_soup",
+               "instant_copies", "instant_subset", "seeds", "arms", "finetune_epochs", "finetune_lr", "timing_rounds")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,22 +189,25 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", required=True, help="new (or empty) run directory")
     _add_run_options(pt)
     for name, text in (("score", "attention tickets: score every training image, keep the top patches"),
-                       ("prune", "one-shot sweep, essential sparsity, ISP and ISSP masks"),
-                       ("finetune", "fine-tune the pruned model: tickets / random PatchDropout / full data (DDP via torchrun)"),
+                       ("prune", "one-shot sweeps, essential sparsity, ISP / ISSP / control / Instant Soup per layout"),
+                       ("finetune", "fine-tune every arm and seed: dense / pruned starts, full data or ticket "
+                                    "policies (DDP via torchrun)"),
                        ("report", "write report.md, results.json and plots")):
         s = sub.add_parser(name, help=text, description=text + ". Uses the options saved in RUN_DIR.")
         s.add_argument("run_dir", metavar="RUN_DIR")
         s.add_argument("--redo", action="store_true", help="redo the stage even if it has finished")
         if name == "finetune":
-            s.add_argument("--only", nargs="+", metavar="NAME",
-                           help="only these configurations (full, ticket_0.9, random_0.5, ...)")
+            s.add_argument("--only", nargs="+", metavar="ARM",
+                           help="only these arms (dense/full, block-isp/fixed, ...)")
     e = sub.add_parser("evaluate", help="accuracy of every final model of a run on another data file",
-                       description="Evaluate dense, one-shot 30%%, essential, ISP, ISSP and the ticket-fine-tuned "
-                       "model of RUN_DIR on --data (all patches).")
+                       description="Evaluate every fine-tuned model (each arm and seed) of RUN_DIR on --data "
+                       "(all patches).")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--data", required=True, help="FILE.npz, cifar10 (its test split) or an ImageFolder with the "
                    "run's classes; images go through the run's data config (resized to its input size)")
-    e.add_argument("--json", action="store_true", help='print one JSON object: name -> {"accuracy", "n"}')
+    e.add_argument("--json", action="store_true",
+                   help='print one JSON object: "<arm>#s<seed>" -> {"accuracy" (fraction), "n", "layout", '
+                        '"sparsity", "keep", "step_ratio", "finetune_seconds"}')
     return p
 
 
@@ -195,6 +234,8 @@ def _create(args):
     from . import data as data_mod
     from . import model as model_mod
     from . import recipe
+    from .pipeline import split_data
+    from .prune import check_layout
     from .rundir import RunDir
 
     if not args.data:
@@ -208,22 +249,66 @@ def _create(args):
     cfg = recipe.resolve(_config(args))
     sources = data_mod.open_sources(cfg)
     cfg["num_classes"] = sources[0].num_classes
-    keeps = cfg["compare_keeps"]
-    if not keeps or any(not 0 < k <= 1 for k in keeps):
-        raise LotusError(f"--compare-keeps: expected keep ratios in (0, 1], got {keeps}")
-    if any(not 0 <= s < 1 for s in cfg["sweep"]):
-        raise LotusError(f"--sweep: expected sparsities in [0, 1), got {cfg['sweep']}")
-    if cfg["isp_rounds"] < 1 or cfg["isp_copies"] < 1:
-        raise LotusError("--isp-rounds / --isp-copies: expected at least 1")
+    _check_options(cfg)
     size = cfg["img_size"]
     if size is None and cfg["model"] == model_mod.DEFAULT_MODEL:
         size = sources[0].native_size or 32
     model = model_mod.build(cfg, cfg["num_classes"], size)  # fails here on a bad --model / --checkpoint
+    check_layout(model, cfg["layout"], cfg["block_size"])  # a block size that does not divide a layer
     cfg["img_size"] = int(model.patch_embed.img_size[0])
     cfg["data_config"] = model_mod.data_config(model, cfg)
     del model
-    data_mod.load_split(cfg, sources)  # fails here on a bad --limit / --val-fraction
+    # fails here on a bad --limit / --val-fraction / --select-fraction
+    split_data(cfg, data_mod.load_split(cfg, sources))
     return RunDir.create(out, cfg)
+
+
+def _check_options(cfg: dict) -> None:
+    """Every option that can be wrong without looking at the model, as one-line LotusErrors."""
+    from .finetune import parse_arm
+    from .prune import LAYOUTS, SCORES
+    from .tickets import POLICIES, SINKS
+
+    keeps = cfg["compare_keeps"]
+    if any(not 0 < k <= 1 for k in keeps):
+        raise LotusError(f"--compare-keeps: expected keep ratios in (0, 1], got {keeps}")
+    if any(not 0 <= s < 1 for s in cfg["sweep"]) or not any(s > 0 for s in cfg["sweep"]):
+        raise LotusError(f"--sweep: expected sparsities in [0, 1), at least one above 0, got {cfg['sweep']}")
+    if any(not 0 < s < 1 for s in cfg["compare_sparsities"]):
+        raise LotusError(f"--compare-sparsities: expected sparsities in (0, 1), got {cfg['compare_sparsities']}")
+    if cfg["isp_rounds"] < 1 or cfg["isp_copies"] < 1 or cfg["instant_copies"] < 1:
+        raise LotusError("--isp-rounds / --isp-copies / --instant-copies: expected at least 1")
+    if cfg["layout"] not in LAYOUTS:
+        raise LotusError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {cfg['layout']!r}")
+    if cfg["block_score"] not in ("auto", *SCORES):
+        raise LotusError(f"--block-score: expected auto, {', '.join(SCORES)}, got {cfg['block_score']!r}")
+    if cfg["sink"] not in (*SINKS, "auto"):
+        raise LotusError(f"--sink: expected one of {', '.join(SINKS)}, auto; got {cfg['sink']!r}")
+    bad = [p for p in cfg["policies"] if p not in POLICIES]
+    if bad:
+        raise LotusError(f"--policies: unknown {', '.join(bad)}; expected some of {', '.join(POLICIES)}")
+    if cfg["isp_recipe"] not in ("ours", "instant-soup"):
+        raise LotusError(f"--isp-recipe: expected ours or instant-soup, got {cfg['isp_recipe']!r}")
+    if cfg["isp_recipe"] == "instant-soup" and not cfg["instant_soup"]:
+        raise LotusError("--isp-recipe instant-soup: not with --no-instant-soup")
+    if not 0 <= cfg["select_fraction"] < 1:
+        raise LotusError(f"--select-fraction: expected a fraction in [0, 1), got {cfg['select_fraction']}")
+    if cfg["seeds"] < 1:
+        raise LotusError(f"--seeds: expected at least 1, got {cfg['seeds']}")
+    if not 0 <= cfg["mix_top"] <= 1:
+        raise LotusError(f"--mix-top: expected a fraction in [0, 1], got {cfg['mix_top']}")
+    for arm in cfg["arms"] or ():
+        try:
+            spec = parse_arm(arm)
+        except ValueError as e:
+            raise LotusError(f"--arms: {e}")
+        if spec["layout"] not in ("dense", "unstructured", cfg["layout"]):
+            raise LotusError(f"--arms: {arm} prunes in layout {spec['layout']}, but this run prunes "
+                             f"unstructured and --layout {cfg['layout']}")
+        if spec["method"] == "instant" and not cfg["instant_soup"]:
+            raise LotusError(f"--arms: {arm} starts from Instant Soup, which --no-instant-soup skips")
+        if spec["method"] == "instant" and spec["layout"] != "unstructured" and cfg["isp_recipe"] != "instant-soup":
+            raise LotusError(f"--arms: {arm}: Instant Soup prunes {spec['layout']} only with --isp-recipe instant-soup")
 
 
 def _create_once(args):
@@ -248,28 +333,28 @@ def _evaluate(args) -> None:
     cfg = run.config()
     pipeline.setup(cfg)
     images = data_mod.load_eval(args.data, cfg)  # through the run's data config (resized as in the run)
-    ticket = f"finetune_ticket_{cfg['keep_ratio']:g}"
-    candidates = {"dense": "models/dense.pt", "oneshot_30": "masks/oneshot_30.pt", "essential": "masks/essential.pt",
-                  "isp": "models/isp.pt", "issp": "models/issp.pt", "ticket_finetuned": f"models/{ticket}.pt"}
+    ratios = run.result("timing")["ratio_to_dense"] if run.done("timing") else {}
     out = {}
-    for name, path in candidates.items():
-        if not run.exists(path):
-            continue
-        if path.startswith("masks/"):
-            model = pipeline.load_model(run, cfg, "models/dense.pt")
-            from .model import with_masks
-            model = with_masks(model, run.load_torch(path))
-        else:
-            model = pipeline.load_model(run, cfg, path)
-        with torch.no_grad():
-            out[name] = {"accuracy": evaluate(model, images, batch_size=cfg["eval_batch_size"]), "n": len(images)}
+    for k in range(cfg["seeds"]):
+        for arm in pipeline.arms(cfg):
+            stage = f"finetune/{arm}/s{k}"
+            if not run.done(stage):
+                continue
+            r = run.result(stage)
+            model = pipeline.load_model(run, cfg, f"models/finetune/{arm}/s{k}.pt")
+            with torch.no_grad():
+                acc = evaluate(model, images, batch_size=cfg["eval_batch_size"]) / 100.0
+            out[f"{arm}#s{k}"] = {"accuracy": acc, "n": len(images), "layout": r["layout"], "sparsity": r["sparsity"],
+                                  "keep": r["keep"], "step_ratio": ratios.get(arm), "finetune_seconds": r["finetune_s"]}
     if not out:
-        raise LotusError(f"run directory: {args.run_dir} holds no trained model yet")
+        raise LotusError(f"run directory: {args.run_dir} holds no fine-tuned model yet (run `lotus finetune` first)")
     if args.json:
         print(json.dumps(out))
     else:
         for name, r in out.items():
-            print(f"{name:18s} {r['accuracy']:6.2f}%  (n={r['n']})")
+            ratio = "—" if r["step_ratio"] is None else f"{r['step_ratio']:.2f}x"
+            print(f"{name:36s} {100 * r['accuracy']:6.2f}%  (n={r['n']}, {r['layout']} sparsity {r['sparsity']:.3f}, "
+                  f"keep {r['keep']:g}, step {ratio}, {r['finetune_seconds']:.1f} s)")
 
 
 def _main(argv) -> None:
@@ -295,7 +380,7 @@ def _main(argv) -> None:
     elif args.command in ("score", "report"):
         pipeline.run_all(RunDir.open(args.run_dir), stages=(args.command,), redo=args.redo)
     elif args.command == "prune":
-        pipeline.run_all(RunDir.open(args.run_dir), stages=("prune/sweep", "prune/isp", "prune/issp"), redo=args.redo)
+        pipeline.run_all(RunDir.open(args.run_dir), stages=("prune",), redo=args.redo)
     elif args.command == "finetune":
         pipeline.run_all(RunDir.open(args.run_dir), stages=("finetune",), redo=args.redo, only=args.only)
     elif args.command == "evaluate":

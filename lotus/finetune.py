@@ -1,41 +1,80 @@
-"""Stage 5, fine-tuning the pruned model: on the attention tickets, on random patches, on full images.
+"""Stage 5, fine-tuning arms: a start model (dense or pruned), the layers it trains on, and what each
+step sees (every patch, or a ticket policy's patches).
 
-Every configuration starts from the same pruned model (``--finetune-mask``, default the ISP model at
-the essential sparsity) with the same seed, so the data order is the same and only the patches seen
-differ:
-  full          every patch of every image
-  ticket_<k>    each image's top-k attention patches (``model(images, keep_idx=...)``: dropped
-                patches are never embedded)
-  random_<k>    timm's ``PatchDropout`` keeping a random fraction k (timm embeds every patch first
-                and rounds the count down, e.g. 44 of 64 at 0.7 where a ticket keeps 45)
+An arm is named ``<start>/<data>``:
+  start  ``dense`` or ``<layout>-<method>``: ``unstructured-oneshot``, ``unstructured-isp``,
+         ``block-isp``, ``unstructured-control``, ... (the prune stage's models). Unstructured
+         starts fine-tune on ``MaskedLinear`` (pruned weights stay zero, no FLOPs saved), block
+         starts on ``BlockSparseLinear`` for qkv, proj, fc1 and fc2 (the head stays dense), 2:4 on
+         ``MaskedLinear`` with the 2:4 mask (no 2:4 kernel on CPU)
+  data   ``full`` (every patch) or a ticket policy (``lotus.tickets.POLICIES``) at the run's keep
+         ratio, or ``<policy>@<keep>`` at another one
+
+Every arm runs ``--seeds`` times; seed s is the same for every arm (same data order, same
+initial state), so arms sharing a start model differ only in the patches they see and are paired
+image by image and seed by seed.
 """
 from __future__ import annotations
 
-from .data import Images
+from .data import ImageSet
+from .tickets import POLICIES
 from .train import epochs_to_within, train
 
-MASK_SOURCES = ("dense", "essential", "isp", "issp")
+METHODS = ("oneshot", "isp", "issp", "control", "instant")
 
 
-def configurations(keeps) -> list[tuple[str, str, float]]:
-    """(name, kind, keep ratio) of every comparison run."""
-    out = [("full", "full", 1.0)]
-    out += [(f"ticket_{k:g}", "ticket", float(k)) for k in keeps]
-    out += [(f"random_{k:g}", "random", float(k)) for k in keeps]
+def parse_arm(name: str) -> dict:
+    """{"start", "layout", "method", "policy", "keep"} of an arm name; keep None = the run's."""
+    if name.count("/") != 1:
+        raise ValueError(f"arm: expected <start>/<data>, got {name!r}")
+    start, data = name.split("/")
+    if start == "dense":
+        layout, method = "dense", None
+    else:
+        layout, _, method = start.rpartition("-")
+        if layout not in ("unstructured", "block", "2:4") or method not in METHODS:
+            raise ValueError(f"arm {name!r}: start must be 'dense' or <layout>-<method> with layout in "
+                             f"unstructured/block/2:4 and method in {', '.join(METHODS)}")
+    policy, _, keep = data.partition("@")
+    if policy != "full" and policy not in POLICIES:
+        raise ValueError(f"arm {name!r}: data must be 'full' or one of {', '.join(POLICIES)}")
+    if keep and policy == "full":
+        raise ValueError(f"arm {name!r}: 'full' takes no keep ratio")
+    try:
+        k = float(keep) if keep else None
+    except ValueError:
+        raise ValueError(f"arm {name!r}: keep ratio {keep!r} is not a number")
+    if k is not None and not 0 < k <= 1:
+        raise ValueError(f"arm {name!r}: keep ratio must be in (0, 1], got {k}")
+    return {"start": start, "layout": layout, "method": method, "policy": policy, "keep": k}
+
+
+def default_arms(layout: str, policies, extra_keeps=(), isp="isp") -> list[str]:
+    """The cost table's arms: dense full; unstructured one-shot and ISP; ``layout`` ISP full; dense
+    tickets; ``layout`` ISP with every policy; extra keeps for fixed tickets vs random."""
+    arms = ["dense/full", "unstructured-oneshot/full", f"unstructured-{isp}/full"]
+    if layout != "unstructured":
+        arms.append(f"{layout}-{isp}/full")
+    arms.append("dense/fixed")
+    arms += [f"{layout}-{isp}/{p}" for p in policies]
+    for k in extra_keeps:
+        arms += [f"{layout}-{isp}/fixed@{k:g}", f"{layout}-{isp}/random@{k:g}"]
+    out = []
+    for a in arms:  # keep order, drop repeats
+        if a not in out:
+            out.append(a)
     return out
 
 
-def finetune(model, train_data: Images, val_data: Images, cfg: dict, *, kind: str, keep: float, seed: int,
-             keep_idx=None, desc: str = "finetune") -> dict:
-    """Fine-tune ``model`` in place as one configuration; returns its history plus
-    ``epochs_to_within_1``: the first epoch within 1 point of the final accuracy."""
-    hist = train(model, train_data, val_data, epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"],
-                 batch_size=cfg["batch_size"], seed=seed, optimizer=cfg["optimizer"],
-                 weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-                 keep_idx=keep_idx if kind == "ticket" else None,
-                 patch_drop_keep=keep if kind == "random" else None,
-                 eval_batch_size=cfg["eval_batch_size"], desc=desc)
-    hist["kind"], hist["keep"] = kind, keep
+def finetune(model, train_data: ImageSet, val_data: ImageSet, cfg: dict, *, seed: int, keep_fn=None,
+             augment: bool = False, desc: str = "finetune", evaluate_each_epoch: bool = True) -> dict:
+    """Fine-tune ``model`` in place; returns its history plus ``epochs_to_within_1`` (first epoch
+    within 1 point of the final accuracy) and ``train_s`` (training seconds, evaluation excluded)."""
+    hist = train(model, train_data, val_data if evaluate_each_epoch else None, epochs=cfg["finetune_epochs"],
+                 lr=cfg["finetune_lr"], batch_size=cfg["batch_size"], seed=seed, optimizer=cfg["optimizer"],
+                 weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"], keep_fn=keep_fn,
+                 augment=augment, eval_batch_size=cfg["eval_batch_size"], clip_grad=cfg.get("clip_grad") or None,
+                 desc=desc)
     hist["final_acc"] = hist["val_acc"][-1] if hist["val_acc"] else None
     hist["epochs_to_within_1"] = epochs_to_within(hist["val_acc"], 1.0)
     return hist

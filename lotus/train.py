@@ -60,9 +60,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0):
-    """This rank's batches of ``data`` (uint8 images, labels, ids); see ``data.loader``."""
-    rank, size = world()
+def _batches(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+             whole: bool = False):
+    """This rank's batches of ``data`` (uint8 images, labels, ids); see ``data.loader``. ``whole``:
+    every image on this process (a per-image record made by one rank)."""
+    rank, size = (0, 1) if whole else world()
     return loader(data, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=size,
                   pin_memory=torch.cuda.is_available())
 
@@ -86,6 +88,23 @@ def evaluate(model, data: ImageSet, *, batch_size: int = 256, bf16: bool = False
         dist.all_reduce(correct)
     model.train(was_training)
     return 100.0 * float(correct[0]) / max(float(correct[1]), 1.0)
+
+
+@torch.no_grad()
+def predict(model, data: ImageSet, *, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+    """Predicted class of every image of ``data`` in image order (int64 [N], all patches, one
+    process: every image, no rank shares, no collective calls): the per-image record that paired
+    tests between two models need (``lotus.stats``)."""
+    dev = device()
+    was_training = model.training
+    model.eval()
+    out = []
+    for xb, _, _ in _batches(data, batch_size, shuffle=False, whole=True):
+        x = data.prepare(xb, dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(x).argmax(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- training
@@ -128,11 +147,18 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
     return create_optimizer_v2(model, opt=OPTIMIZERS[name], lr=lr, weight_decay=weight_decay, momentum=0.9)
 
 
+def optimizer_params(model, weight_decay: float) -> list:
+    """The parameters in the order ``make_optimizer``'s state_dict numbers them: timm's factory puts
+    undecayed then decayed parameters in two groups when weight_decay > 0, so this is not
+    ``model.parameters()``'s order."""
+    return [p for g in make_optimizer(model, "sgd", 0.0, weight_decay).param_groups for p in g["params"]]
+
+
 def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int, lr: float, batch_size: int,
           seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
           bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
           eval_batch_size: int = 256, augment: bool = False, clip_grad: float | None = None,
-          desc: str = "train") -> dict:
+          desc: str = "train", keep_fn=None, optimizer_state: dict | None = None) -> dict:
     """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
@@ -140,9 +166,20 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
     augment          random flips and shifts by 1/8 of the image side (``augment_batch``); not with
                      keep_idx, whose patch indices refer to the unaugmented images
     clip_grad        clip the global gradient norm to this value (None: no clipping)
+    keep_fn          ``keep_fn(x, ids)`` -> keep_idx [B, K] (or None: all patches) per step, from the
+                     batch as the model sees it (normalised, augmented if ``augment``) and the images'
+                     ids in ``train_data`` (this rank's share of the batch): a ticket policy decided
+                     on the fly (``lotus.tickets``). If it has a ``new_epoch(model, epoch)`` method,
+                     that runs before each epoch (its time counts in ``hist["train_s"]``, e.g.
+                     re-scoring every image)
+    optimizer_state  a dict carried between calls: loaded into the new optimizer when non-empty,
+                     replaced by the optimizer's state at the end (Instant Soup's weak copies start
+                     from the main model's optimizer state)
+
+    ``hist["train_s"]``: seconds spent training (steps + ``keep_fn.new_epoch``), evaluation excluded.
     """
-    if keep_idx is not None and patch_drop_keep is not None:
-        raise ValueError("keep_idx / patch_drop_keep: choose one way of dropping patches")
+    if sum(v is not None for v in (keep_idx, patch_drop_keep, keep_fn)) > 1:
+        raise ValueError("keep_idx / patch_drop_keep / keep_fn: choose one way of dropping patches")
     if keep_idx is not None and augment:
         raise ValueError("augment: not with keep_idx (a ticket's patch indices refer to the unaugmented image)")
     if keep_idx is not None and keep_idx.shape[0] != len(train_data):
@@ -160,15 +197,22 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
     if size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
+    if optimizer_state:
+        opt.load_state_dict(optimizer_state)
     n = len(train_data)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     warm = round(warmup * total)
     hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None}
-    times, step = [], 0
+    times, step, hook_s = [], 0, 0.0
     seen = torch.zeros(size, dtype=torch.float64)  # images each rank trained on (its shard of every batch)
     try:
         for epoch in range(epochs):
+            if hasattr(keep_fn, "new_epoch"):
+                t0 = time.perf_counter()
+                keep_fn.new_epoch(model, epoch)
+                model.train()
+                hook_s += time.perf_counter() - t0
             batches = _batches(train_data, batch_size, shuffle=True, seed=seed, epoch=epoch)
             bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None if rank == 0 else True)
             loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -184,6 +228,9 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                                       total=n_global)
                 y = yb.to(dev, non_blocking=True)
                 kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[ids].to(dev)}
+                if keep_fn is not None:  # tickets are indexed by image id
+                    k = keep_fn(x, ids)
+                    kwargs = {} if k is None else {"keep_idx": k.to(dev)}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = net(x, **kwargs)
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / n_global)
@@ -213,6 +260,10 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
     if size > 1:
         dist.all_reduce(seen)
     hist["world_size"], hist["images_per_rank"] = size, [int(v) for v in seen]
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(opt.state_dict())
+    hist["train_s"] = sum(times) + hook_s
     steady = times[1:] if len(times) > 1 else times
     if steady:
         hist["step_time_s"] = statistics.median(steady)
@@ -233,10 +284,13 @@ def time_steps(setups: dict, data: ImageSet, *, batch_size: int, rounds: int, se
     fixed batch so that a busy machine slows every configuration alike.
 
     setups: name -> (model or a function building it, {"keep_idx": [N, K] | None, "patch_drop_keep":
-    float | None}). A function is called afresh in every round and its model dropped after its
-    steps, so only one model and optimizer are alive at a time (a ViT-B with AdamW state is ~1 GB);
-    a model given as such is trained in place (pass a copy). Each turn runs one untimed warm-up step
-    (optimizer state, allocator) and one timed step."""
+    float | None, "keep_fn": callable | None, "make_keep_fn": model -> keep_fn | None}), where
+    ``make_keep_fn`` builds a policy for the model of this turn (one that scores with the model it
+    trains). A function is called afresh in every round and its model dropped after its steps, so
+    only one model and optimizer are alive at a time (a ViT-B with AdamW state is ~1 GB); a model
+    given as such is trained in place (pass a copy). Each turn runs one untimed warm-up step
+    (optimizer state, allocator) and one timed step; a ``keep_fn`` policy decides inside the step,
+    so its time is part of the step's."""
     dev = device()
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:batch_size]
     xb, yb, ids = data.__getitems__(idx.tolist())
@@ -252,12 +306,16 @@ def time_steps(setups: dict, data: ImageSet, *, batch_size: int, rounds: int, se
                 opt = held_opts.setdefault(name, make_optimizer(model, optimizer, lr, 0.0))
             else:
                 opt = make_optimizer(model, optimizer, lr, 0.0)
+            keep_fn = kw["make_keep_fn"](model) if kw.get("make_keep_fn") is not None else kw.get("keep_fn")
             saved = model.patch_drop
             if kw.get("patch_drop_keep") is not None and kw["patch_drop_keep"] < 1:
                 model.patch_drop = PatchDropout(1.0 - kw["patch_drop_keep"], num_prefix_tokens=model.num_prefix_tokens)
             kwargs = {} if kw.get("keep_idx") is None else {"keep_idx": kw["keep_idx"][ids].to(dev)}
             for timed in (False, True):
                 t0 = time.perf_counter()
+                if keep_fn is not None:  # a policy deciding per step: its time is part of the step
+                    k = keep_fn(x, ids)
+                    kwargs = {} if k is None else {"keep_idx": k.to(dev)}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = F.cross_entropy(model(x, **kwargs).float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -268,5 +326,5 @@ def time_steps(setups: dict, data: ImageSet, *, batch_size: int, rounds: int, se
                 if timed:
                     times[name].append(time.perf_counter() - t0)
             model.patch_drop = saved
-            del model, opt, loss
+            del model, opt, loss, keep_fn
     return {n: statistics.median(t) for n, t in times.items()}

@@ -50,9 +50,10 @@ class KeptPatchesMixin:
         keep_idx = self.keep_indices(x, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         return self.forward_head(self.forward_features_kept(x, keep_idx))
 
-    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, N] patch scores from the last block's class-token attention (see ``vit_scores``)."""
-        return vit_patch_scores(self, images)
+    def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
+        """[B, N] patch scores from the last block's class-token attention, with the attention-sink
+        rule ``sink`` (None / "first" / "outlier" / "norm", see ``vit_scores``)."""
+        return vit_patch_scores(self, images, sink, return_flagged=return_flagged)
 
     def keep_indices(self, images, *, keep_idx=None, keep_ratio=None, scores=None) -> torch.Tensor:
         """The [B, K] patch indices the kept-patch path will use."""

@@ -41,17 +41,66 @@ def _check_scorable(model) -> None:
                          f"{type(last).__name__} / {type(getattr(last, 'attn', None)).__name__}")
 
 
+SINK_RULES = (None, "first", "outlier", "norm")
+OUTLIER_Z = 5.0       # token norms: roughly symmetric, a clear gap for artifact tokens
+OUTLIER_Z_LOG = 3.5   # attention shares are heavy-tailed (near log-normal): judged on log scale
+
+
+def outliers(values: torch.Tensor, z: float = OUTLIER_Z) -> torch.Tensor:
+    """Bool [B, N]: entries of each row more than ``z`` robust standard deviations above the row's
+    median (robust SD = 1.4826 * median absolute deviation, floored at 1e-3 of the median so a
+    near-constant row flags nothing by rounding). At most half a row can be flagged."""
+    v = values.float()
+    med = v.median(dim=1, keepdim=True).values
+    mad = (v - med).abs().median(dim=1, keepdim=True).values * 1.4826
+    mad = torch.maximum(mad, 1e-3 * med.abs() + 1e-12)
+    return (v - med) > z * mad
+
+
+def apply_patch_sink(scores: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """``scores`` [B, N] with every flagged patch replaced by the mean score of the image's unflagged
+    patches (a row with every patch flagged is left as it is)."""
+    keep = ~flagged
+    mean = (scores * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(flagged & keep.any(1, keepdim=True), mean.to(scores.dtype), scores)
+
+
 @torch.no_grad()
-def vit_patch_scores(model, images: torch.Tensor) -> torch.Tensor:
+def vit_patch_scores(model, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
     """[B, num_patches] float scores: class-token attention of the last block, averaged over heads,
-    with the sink rule applied to the full row (scores[:, 0], the class token itself, replaced by the
-    mean of the others), then prefix tokens dropped. Higher = more attended. Every patch is scored
-    (timm's PatchDropout is skipped even in train mode)."""
+    prefix tokens dropped. Higher = more attended. Every patch is scored (timm's PatchDropout is
+    skipped even in train mode). ``sink`` decides which tokens count as attention sinks:
+
+      None       raw scores
+      "first"    LOTUS's literal rule: the first token's own score (the class token's attention to
+                 itself) becomes the mean of the rest. It never touches a patch, so the patch scores
+                 equal ``None``'s: kept for comparison with the paper
+      "outlier"  patches whose attention share is an outlier get the mean score of the other patches:
+                 log(share) more than 3.5 robust SDs above the image's median (``outliers``; on a
+                 linear scale the heavy tail would flag every well-attended patch). These are the
+                 single patches that take most of the class token's attention, like the high-norm
+                 artifact tokens of "Vision Transformers Need Registers" (Darcet et al., 2024)
+      "norm"     the same, flagging patches whose token norm entering the last block is more than 5
+                 robust SDs above the median (the registers paper's own criterion)
+
+    ``return_flagged``: also return the bool [B, num_patches] mask of patches the rule changed."""
     _checks.tensor("images", images, ndim=4)
+    if sink not in SINK_RULES:
+        raise ValueError(f"sink: expected one of {', '.join(map(repr, SINK_RULES))}, got {sink!r}")
     _check_scorable(model)
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     for blk in model.blocks[:-1]:
         x = blk(x)
     last = model.blocks[-1]
-    _, scores = attention_forward_with_scores(last.attn, last.norm1(x), "cls", "mean")
-    return scores[:, model.num_prefix_tokens:]
+    p = model.num_prefix_tokens
+    _, scores = attention_forward_with_scores(last.attn, last.norm1(x), "cls", "mean" if sink == "first" else None)
+    scores = scores[:, p:]
+    if sink == "outlier":
+        flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
+    elif sink == "norm":
+        flagged = outliers(x[:, p:].float().norm(dim=-1))
+    else:
+        flagged = torch.zeros_like(scores, dtype=torch.bool)
+    if sink in ("outlier", "norm"):
+        scores = apply_patch_sink(scores, flagged)
+    return (scores, flagged) if return_flagged else scores

@@ -10,11 +10,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A 2-block ViT on 16x16 images, one epoch per stage, three sweep points, one keep ratio.
+# A 2-block ViT on 16x16 images (16x16 blocks divide its 32-wide layers), two epochs per stage, three
+# sweep points, one keep ratio, two fine-tuning seeds, every default arm.
 TINY = ["--embed-dim", "32", "--depth", "2", "--heads", "2", "--mlp-ratio", "2", "--pretrain-epochs", "2",
         "--finetune-epochs", "2", "--batch-size", "16", "--eval-batch-size", "32", "--isp-copies", "2",
-        "--isp-rounds", "2", "--threads", "1", "--sweep", "0,0.3,0.6", "--compare-keeps", "0.5",
-        "--keep-ratio", "0.5", "--overlay-images", "2", "--lr", "3e-3", "--timing-rounds", "1"]
+        "--isp-rounds", "2", "--threads", "1", "--sweep", "0,0.3,0.6", "--keep-ratio", "0.5",
+        "--overlay-images", "2", "--lr", "3e-3", "--timing-rounds", "1", "--seeds", "2", "--instant-copies", "2",
+        "--select-fraction", "0.15"]
 
 
 def make_npz(path, n: int = 64, size: int = 16, classes: int = 4, seed: int = 0, **override) -> Path:

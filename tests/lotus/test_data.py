@@ -192,3 +192,39 @@ def test_an_image_that_breaks_mid_run_is_named(tmp_path, workers):
     with pytest.raises(LotusError, match=r"^--data: cannot decode image .*img_001\.png"):
         for _ in loader(ds, 2, shuffle=False):
             pass
+
+
+@pytest.mark.parametrize("source", ["npz", "cifar10", "folder"])
+def test_selection_split_on_every_source(tmp_path, monkeypatch, source):
+    """LOTUS's selection split is a seeded share of the (stratified, --limit) train split, by image id,
+    for in-memory and file sources alike; predictions and patch scores come back in image order."""
+    from lotus.model import build
+    from lotus.pipeline import split_data
+    from lotus.tickets import score
+    from lotus.train import predict
+
+    if source == "npz":
+        cfg = _cfg(make_npz(tmp_path / "d.npz", n=40, classes=4))
+    elif source == "cifar10":
+        patch_cifar_md5(monkeypatch, make_fake_cifar10(tmp_path, n_train=60, n_test=20))
+        cfg = _cfg("cifar10", data_root=str(tmp_path))
+    else:
+        cfg = _cfg(make_image_folder(tmp_path / "imgs", per_class=(10, 10, 10, 10), size=(20, 20)))
+    cfg = dict(cfg, limit=32, select_fraction=0.25, seed=3)
+    tr0, va0 = load_split(cfg)
+    tr, sel, va = split_data(cfg)
+    assert len(sel) == round(0.25 * len(tr0)) and len(tr) + len(sel) == len(tr0) and torch.equal(va.index, va0.index)
+    assert not set(tr.index.tolist()) & set(sel.index.tolist())  # held out of training
+    assert set(tr.index.tolist()) | set(sel.index.tolist()) == set(tr0.index.tolist())
+    assert sel.source.name == tr0.source.name
+    if source == "cifar10":  # selection from the official training split, validation its test split
+        assert sel.source.name == "cifar10-train" and va.source.name == "cifar10-test"
+    assert torch.equal(split_data(cfg)[1].index, sel.index)  # seeded: every stage sees the same split
+    assert split_data(dict(cfg, select_fraction=0.0))[1] is not None  # 0: the validation split chooses
+    model = build(dict(model="lotus_vit", pretrained=False, checkpoint=None, patch_size=4, embed_dim=16, depth=1,
+                       heads=1, mlp_ratio=2.0), 10, 16)
+    pred = predict(model, sel, batch_size=3)
+    x = sel.prepare(sel.__getitems__(list(range(len(sel))))[0], "cpu")
+    with torch.no_grad():
+        assert torch.equal(pred, model.eval()(x).argmax(1))  # one prediction per image, in image order
+        torch.testing.assert_close(score(model, sel, batch_size=3, sink="none"), model.patch_scores(x, None))

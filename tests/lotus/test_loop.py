@@ -41,6 +41,55 @@ def test_tickets_follow_image_ids_through_shuffled_batches():
         train(m, data, None, epochs=1, lr=1e-3, batch_size=5, seed=3, keep_idx=keep[:10])
 
 
+def test_keep_fn_gets_the_image_ids_of_the_batch_it_sees():
+    """A per-step policy is called with the batch as the model sees it and that batch's image ids
+    (shuffled, uneven last batch), and its choice reaches the model (issue 10's hook on issue 11's loop)."""
+    data = _numbered()
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    calls, given = [], []
+
+    def keep_fn(x, ids):
+        shown = (x[:, 0, 0, 0] * data.std[0] + data.mean[0]) * 255  # undo the normalisation
+        calls.append((shown.round().long(), ids.clone()))
+        return torch.stack([torch.tensor([int(i) % 16, (int(i) + 3) % 16]) for i in ids])
+
+    m.register_forward_pre_hook(lambda mod, args, kwargs: given.append(kwargs["keep_idx"].cpu()), with_kwargs=True)
+    train(m, data, None, epochs=2, lr=1e-3, batch_size=5, seed=3, keep_fn=keep_fn)
+    assert [len(ids) for _, ids in calls] == [5, 5, 5, 5, 4] * 2
+    order = torch.cat([ids for _, ids in calls])
+    assert sorted(order.tolist()) == sorted(list(range(24)) * 2) and order[:24].tolist() != list(range(24))
+    for (shown, ids), k in zip(calls, given):
+        assert torch.equal(shown, ids)  # ids name the images in x
+        assert torch.equal(k[:, 0], ids % 16)  # the policy's patches are what the model got
+
+
+def test_clip_grad_reaches_every_stage_that_trains(tmp_path, monkeypatch):
+    """--clip-grad (the pretrained recipe's 1.0) applies to pretraining, the weak copies of ISP / ISSP /
+    control / Instant Soup, Instant Soup's main-model epochs and every fine-tuning arm."""
+    from lotus import finetune, pipeline
+    from lotus.cli import main
+
+    from ._tiny import TINY, make_npz
+
+    seen = []
+
+    def recording(real):
+        def wrapper(*args, **kw):
+            seen.append((kw.get("desc"), kw.get("clip_grad")))
+            return real(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "train", recording(pipeline.train))
+    monkeypatch.setattr(finetune, "train", recording(finetune.train))
+    main(["run", "--data", str(make_npz(tmp_path / "d.npz", n=40)), "--out", str(tmp_path / "run"), *TINY,
+          "--seeds", "1", "--arms", "dense/full,block-isp/fixed", "--timing-rounds", "0", "--compare-sparsities", "",
+          "--clip-grad", "0.7", "--overlay-images", "0"])
+    kinds = {d.split()[0] for d, _ in seen}
+    assert {"pretrain", "isp", "issp", "control", "instant", "instant-soup", "finetune"} <= kinds, kinds
+    assert all(c == 0.7 for _, c in seen), seen
+
+
 def test_augmentation_is_drawn_for_the_global_batch():
     x = torch.randn(7, 3, 8, 8)
     whole = augment_batch(x, torch.Generator().manual_seed(4), shift=2)

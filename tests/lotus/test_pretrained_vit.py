@@ -11,10 +11,12 @@ import torch
 from lotus import data as data_mod
 from lotus import model as model_mod
 from lotus.cli import main
+from lotus.pipeline import split_data
 from lotus.train import evaluate
 
 from ._tiny import REPO, env, make_image_folder
 
+ARMS = ["dense/full", "block-isp/full", "block-isp/fixed", "block-isp/random"]
 CUSTOM = {"mean": [0.2, 0.3, 0.4], "std": [0.6, 0.5, 0.4], "interpolation": "bilinear", "crop_pct": 0.8}
 
 
@@ -66,8 +68,9 @@ def test_vit_tiny_checkpoint_end_to_end_at_224(tmp_path, checkpoints):
     main(["run", "--data", str(folder), "--model", "vit_tiny_patch16_224", "--checkpoint",
           str(checkpoints / "custom.pt"), "--out", str(out), "--limit", "20", "--val-fraction", "0.25",
           "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--eval-batch-size", "16",
-          "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5", "--compare-keeps", "0.9", "--keep-ratio",
-          "0.9", "--overlay-images", "2", "--timing-rounds", "1", "--threads", "1", "--workers", "1"])
+          "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5", "--keep-ratio", "0.9", "--overlay-images",
+          "2", "--timing-rounds", "1", "--threads", "1", "--workers", "1", "--seeds", "1", "--block-score", "l2",
+          "--compare-sparsities", "", "--no-instant-soup", "--arms", ",".join(ARMS)])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data_config"]["input_size"] == [3, 224, 224] and cfg["img_size"] == 224
     assert cfg["data_config"]["mean"] == CUSTOM["mean"] and cfg["data_config"]["std"] == CUSTOM["std"]
@@ -75,15 +78,21 @@ def test_vit_tiny_checkpoint_end_to_end_at_224(tmp_path, checkpoints):
     assert cfg["recipe"] == "pretrained" and cfg["optimizer"] == "sgd" and cfg["pretrain_epochs"] == 1
     assert cfg["lr"] == pytest.approx(0.03 * 8 / 512) and cfg["clip_grad"] == 1.0 and cfg["weight_decay"] == 0
     score = json.loads((out / "stages" / "score.json").read_text())
-    assert score["num_patches"] == 196 and score["keeps"] == {"0.9": 177}
-    tickets = torch.load(out / "tickets.pt", weights_only=True)
-    assert tickets["scores"].shape == (15, 196) and tickets["keep"]["0.9"].shape == (15, 177)
+    assert score["num_patches"] == 196 and score["kept"] == 177
+    # 15 training images (--limit 20, --val-fraction 0.25), 2 of them the selection split
+    for start in ("dense", "block-isp"):  # tickets scored by each start model that fine-tunes on them
+        tickets = torch.load(out / "tickets" / f"{start}.pt", weights_only=True)
+        assert tickets["scores"].shape == (13, 196)
+    tr, sel, va = split_data(cfg)
+    assert (len(tr), len(sel), len(va)) == (13, 2, 5)
     tr, va = data_mod.load_split(cfg)  # --limit 20 of a class-sorted folder: 5 images of each class
     assert torch.bincount(torch.cat([tr.y, va.y]), minlength=4).tolist() == [5, 5, 5, 5]
     dense = torch.load(out / "models" / "dense.pt", weights_only=True)
     assert dense["head.weight"].shape == (4, 192)  # the 1000-class head was replaced
     res = json.loads((out / "results.json").read_text())
-    assert {"full", "ticket_0.9", "random_0.9"} <= set(res["finetune"])
+    assert set(res["finetune"]) == set(ARMS)
+    arm = res["finetune"]["block-isp/fixed"][0]  # tickets + block-sparse layers at 224 px
+    assert arm["layout"] == "block" and arm["keep"] == 0.9 and arm["sparsity"] > 0
 
 
 _PEAK = """
@@ -105,8 +114,9 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
                             "--img-size", "224", "--patch-size", "16", "--embed-dim", "16", "--depth", "1", "--heads",
                             "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8",
                             "--eval-batch-size", "8", "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5",
-                            "--compare-keeps", "0.9", "--keep-ratio", "0.9", "--overlay-images", "0",
-                            "--timing-rounds", "1", "--workers", "0"],
+                            "--keep-ratio", "0.9", "--overlay-images", "0", "--timing-rounds", "1", "--workers", "0",
+                            "--seeds", "1", "--block-score", "l2", "--compare-sparsities", "", "--no-instant-soup",
+                            "--arms", "dense/full,block-isp/fixed"],
                            env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         peaks[n] = int(r.stdout.split("MAXRSS_KB")[1].split()[0]) / 1024

@@ -1,30 +1,110 @@
+import math
+
 import pytest
 import torch
 
+from lotus.data import normalize
 from lotus.model import build
-from lotus.prune import essential_sparsity, magnitude_masks, masks_of, soup_prune, sparsity_of, sweep, vote
-from lotus.tickets import keep_indices, overlay_figure, score
+from lotus.prune import (Pruner, block_counts, check_layout, disagreement, essential_sparsity, instant_soup_prune,
+                         magnitude_masks, masks_of, soup_prune, sparsity_of, sweep, vote)
+from lotus.tickets import POLICIES, keep_indices, make_policy, overlay_figure, score, ticket_predict
 from lotus.train import train
+from lotus_kernels import sparsify_
+from lotus_kernels.nn import BlockSparseLinear
+from lotus_kernels.vit_scores import apply_patch_sink, outliers
 
 from .test_model import CFG
 from .test_train import _data
 
 
+# ---------------------------------------------------------------- tickets and sink rules
 def test_score_and_keep():
     data = _data(n=20)
     m = build(CFG, 3, 16)
     s = score(m, data, batch_size=8)
     assert s.shape == (20, 16) and torch.isfinite(s).all()
-    assert torch.allclose(s, m.patch_scores(__import__("lotus.data").data.normalize(data.x)), atol=1e-5)
+    assert torch.allclose(s, m.patch_scores(normalize(data.x)), atol=1e-5)
     k = keep_indices(s, 0.5)
     assert k.shape == (20, 8) and k.dtype == torch.int64
     top = s.gather(1, k).min(1).values
     dropped = s.masked_fill(torch.zeros_like(s, dtype=torch.bool).scatter_(1, k, True), float("-inf")).max(1).values
     assert (top >= dropped).all()
-    fig = overlay_figure(data, s, 0.5, patch_size=4, n_images=3)
+    s2, flagged = score(m, data, batch_size=8, sink="outlier", return_flagged=True)
+    fig = overlay_figure(data, s2, 0.5, patch_size=4, n_images=3, flagged=flagged, rule="outlier")
     assert len(fig.axes) == 9
 
 
+def test_outlier_rule_replaces_only_outliers_by_the_mean():
+    s = torch.tensor([[1.0, 1.1, 0.9, 1.0, 9.0, 1.05, 0.95, 1.0],
+                      [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    f = outliers(s)
+    assert f.tolist() == [[False] * 4 + [True] + [False] * 3, [False] * 8]  # a flat row flags nothing
+    out = apply_patch_sink(s, f)
+    assert out[0, 4] == pytest.approx(float(s[0, [0, 1, 2, 3, 5, 6, 7]].mean()))
+    assert torch.equal(out[:, [0, 1, 2, 3, 5, 6, 7]], s[:, [0, 1, 2, 3, 5, 6, 7]]) and torch.equal(out[1], s[1])
+
+
+def test_sink_rules_on_a_vit():
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16).eval()
+    x = torch.randn(4, 3, 16, 16)
+    raw = m.patch_scores(x, None)
+    # LOTUS's literal rule only rewrites the class token's own score, which is dropped: no patch changes
+    assert torch.equal(m.patch_scores(x, "first"), raw)
+    out, f = m.patch_scores(x, "outlier", return_flagged=True)
+    assert torch.equal(f, outliers(raw.log(), 3.5)) and torch.allclose(out, apply_patch_sink(raw, f))
+    # the norm rule flags by the tokens entering the last block, computed here independently
+    seen = []
+    h = m.blocks[-1].register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, 1:].norm(dim=-1)))
+    m(x)
+    h.remove()
+    out, f = m.patch_scores(x, "norm", return_flagged=True)
+    assert torch.equal(f, outliers(seen[0])) and torch.allclose(out, apply_patch_sink(raw, f))
+    with pytest.raises(ValueError, match="sink"):
+        m.patch_scores(x, "mean")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policies_keep_the_same_token_count(policy):
+    data = _data(n=12)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    s = score(m, data)
+    fn, augment = make_policy(policy, model=m, train_data=data, scores=s, keep=0.6, seed=1, sink="norm")
+    assert augment == (policy == "aug_rescore")
+    idx = torch.tensor([3, 0, 7])
+    x = normalize(data.x[idx])
+    k = fn(x, idx)
+    want = math.ceil(0.6 * 16)
+    assert k.shape == (3, want) and k.dtype == torch.int64
+    assert (k.diff(dim=1) > 0).all() and k.min() >= 0 and k.max() < 16  # sorted, distinct, in range
+    if policy == "fixed":
+        assert torch.equal(k, keep_indices(s, 0.6)[idx])
+    if policy == "mix":  # the top half of the kept patches by the fixed scores are always there
+        top = torch.sort(s[idx], dim=1, descending=True, stable=True).indices[:, :round(0.5 * want)]
+        assert all(set(t.tolist()) <= set(r.tolist()) for t, r in zip(top, k))
+    if policy in ("random", "mix"):
+        assert not torch.equal(fn(x, idx), fn(x, idx))  # redrawn every step
+    if policy in ("fixed", "fixed_random"):
+        assert torch.equal(fn(x, idx), k)
+    if policy == "rescore_epoch":
+        fn.new_epoch(m, 0)
+        assert torch.equal(fn(x, idx), k)  # the first epoch uses the start model's tickets
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        fn.new_epoch(m, 1)
+        assert torch.equal(fn.table, keep_indices(score(m, data, sink="norm"), 0.6))
+    if policy in ("rescore_step", "aug_rescore"):
+        assert torch.equal(k, keep_indices(m.patch_scores(x, "norm"), 0.6))
+    with pytest.raises(ValueError):
+        make_policy("best", model=m, train_data=data, scores=s, keep=0.6, seed=1)
+    p = ticket_predict(m, data, keep_indices(s, 0.5))
+    assert p.shape == (12,) and p.dtype == torch.int64
+    assert torch.equal(p, m.eval()(normalize(data.x), keep_idx=keep_indices(s, 0.5)).argmax(1))
+
+
+# ---------------------------------------------------------------- masks per layout
 def test_essential_sparsity_rule():
     pts = [{"sparsity": s, "accuracy": a} for s, a in [(0, 80), (0.1, 79.5), (0.2, 79.2), (0.3, 78.5), (0.4, 80)]]
     assert essential_sparsity(pts, 1.0) == 0.2  # 0.4 is back in tolerance but 0.3 broke the chain
@@ -44,44 +124,189 @@ def test_vote():
     assert vote([a, b, c], "all")["l"].tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="vote"):
         vote([a], "some")
+    d = disagreement([a, b, c])
+    assert d["jaccard"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3) and d["single_copy_share"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("score_name", ["l1", "l2", "grad"])
+def test_block_masks_exact_counts_and_pruned_blocks_stay_zero(score_name):
+    torch.manual_seed(0)
+    data = _data(n=24)
+    m = build(CFG, 3, 16)  # qkv [96, 32], proj [32, 32], fc1 [64, 32], fc2 [32, 64] x 2 blocks: 64 blocks of 16x16
+    pr = Pruner(layout="block", block_size=16, score=score_name, grad_data=data, grad_images=16)
+    masks = pr.masks(m, 0.3)
+    counts = block_counts(masks, 16)  # raises unless every mask is constant on 16x16 blocks
+    assert sum(t for _, t in counts.values()) == 64
+    assert sum(t - k for k, t in counts.values()) == round(0.3 * 64)
+    assert sparsity_of(masks) == pytest.approx(round(0.3 * 64) / 64)
+    # the pruned blocks are those of lowest score, over all layers together
+    sc = pr.scores(m)
+    kept = torch.cat([sc[n].flatten()[masks[n][::16, ::16].flatten()] for n in sc])
+    pruned = torch.cat([sc[n].flatten()[~masks[n][::16, ::16].flatten()] for n in sc])
+    assert pruned.max() <= kept.min()
+    # fine-tune on BlockSparseLinear: only the kept blocks are stored and train; pruned blocks stay zero
+    sparsify_(m, masks=masks, layout="block", block_size=16)
+    assert sum(isinstance(x, BlockSparseLinear) for x in m.modules()) == 8 and not isinstance(m.head, BlockSparseLinear)
+    before = {n: x.weight.clone() for n, x in m.named_modules() if isinstance(x, BlockSparseLinear)}
+    train(m, data, None, epochs=1, lr=1e-2, batch_size=8, seed=0)
+    for n, x in m.named_modules():
+        if isinstance(x, BlockSparseLinear):
+            w = x.weight
+            assert (w[~masks[n]] == 0).all() and not torch.equal(w, before[n])
+    assert masks_of(m).keys() == masks.keys() and all(torch.equal(masks_of(m)[n], masks[n]) for n in masks)
+
+
+def test_unstructured_and_24_masks():
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    u = magnitude_masks(m, 0.4)
+    total = sum(x.numel() for x in u.values())
+    assert sum(int((~x).sum()) for x in u.values()) == round(0.4 * total)
+    s = Pruner(layout="2:4").masks(m, 0.5)
+    for n, x in s.items():
+        assert (x.reshape(x.shape[0], -1, 4).sum(-1) == 2).all()
+    with pytest.raises(ValueError, match="2:4"):
+        Pruner(layout="2:4").masks(m, 0.3)
+
+
+def test_check_layout_names_the_layer():
+    from lotus import LotusError
+    m = build(CFG, 3, 16)
+    check_layout(m, "block", 16)
+    check_layout(m, "2:4", 16)
+    with pytest.raises(LotusError, match=r"--block-size: 64 does not divide blocks\.0\.attn\.qkv\.weight \[96, 32\]"):
+        check_layout(m, "block", 64)
+    with pytest.raises(LotusError, match="--layout"):
+        check_layout(m, "rows", 16)
 
 
 def test_sweep_matches_sparsity():
     m = build(CFG, 3, 16)
-    data = _data(n=16)
-    pts = sweep(m, [0.0, 0.5], lambda x: sparsity_of(masks_of(x)))
+    pts = sweep(m, [0.0, 0.5], lambda x: sparsity_of(masks_of(x)) if masks_of(x) else 0.0)
     assert [p["accuracy"] for p in pts] == pytest.approx([0.0, 0.5], abs=1e-3)
+    pts = sweep(m, [0.0, 0.25], lambda x: sparsity_of(masks_of(x)) if masks_of(x) else 0.0,
+                Pruner(layout="block", block_size=16))
+    assert [p["accuracy"] for p in pts] == pytest.approx([0.0, 16 / 64])
 
 
-@pytest.mark.parametrize("merge, offsets", [("majority", (0.0,)), ("any", (0.0, 0.2))])
-def test_soup_prune(merge, offsets):
+# ---------------------------------------------------------------- ISP / ISSP / control / Instant Soup
+def _copy_trainer(calls, lr=1e-2):
+    def train_copy(model, d, seed, desc, opt_state=None):
+        calls.append((len(d), seed, bool(opt_state)))
+        train(model, d, None, epochs=1, lr=lr, batch_size=8, seed=seed, optimizer_state=opt_state)
+    return train_copy
+
+
+@pytest.mark.parametrize("layout", ["unstructured", "block"])
+def test_soup_prune_isp_issp_control(layout):
     data = _data(n=32)
     torch.manual_seed(0)
     m = build(CFG, 3, 16)
-    calls = []
-
-    def train_copy(model, d, seed, desc):
-        calls.append((len(d), seed))
-        train(model, d, None, epochs=1, lr=1e-3, batch_size=8, seed=seed)
-
-    cache = {}
-    soup, masks, log = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5, train_copy=train_copy,
-                                  merge=merge, seed=1, offsets=offsets, weak_cache=cache)
-    assert len(calls) == 6 and all(n == 16 for n, _ in calls) and len({s for _, s in calls}) == 6
+    pr = Pruner(layout=layout, block_size=16)
+    calls, cache = [], {}
+    isp, masks, log = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5, train_copy=_copy_trainer(calls),
+                                 merge="majority", seed=1, pruner=pr, weak_cache=cache)
+    assert len(calls) == 6 and all(n == 16 for n, _, _ in calls) and len({s for _, s, _ in calls}) == 6
     assert [r["round_target"] for r in log] == pytest.approx([0.2, 0.4])
-    assert masks_of(soup).keys() == masks.keys()
-    actual = sparsity_of(masks)
-    assert actual == pytest.approx(log[-1]["merged_sparsity"])
-    if merge == "majority":
-        assert abs(actual - 0.4) < 0.05
-    else:  # a union of masks at 0.4 and 0.6 keeps more than either
-        assert 0.2 < actual <= 0.4 + 1e-6
-    for n, layer in soup.named_modules():
+    assert masks_of(isp).keys() == masks.keys() and sparsity_of(masks) == pytest.approx(log[-1]["merged_sparsity"])
+    for n, layer in isp.named_modules():
         if n in masks:
             assert (layer.weight[~masks[n]] == 0).all()
-    # round-1 copies are cached, so a second run (e.g. ISSP after ISP) trains only round 2
+    if layout == "block":
+        block_counts(masks, 16)  # block-constant
+    # ISSP: a union calibrated to the target: its sparsity is the target (to one pruning unit), each copy
+    # prunes harder, and the union keeps weights that a single copy alone would not
     calls.clear()
-    soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5, train_copy=train_copy, merge="any", seed=1,
-               offsets=(0.0, 0.1), weak_cache=cache)
-    assert len(calls) == 3
-    assert magnitude_masks(m, 0.0).keys() == masks.keys()
+    issp, umasks, ulog = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5,
+                                    train_copy=_copy_trainer(calls), merge="union", seed=1, pruner=pr,
+                                    weak_cache=cache)
+    assert len(calls) == 3  # round-1 copies shared with ISP (same start, same seeds)
+    unit = 1 / sum(x.numel() for x in umasks.values()) * pr.granule()
+    assert abs(sparsity_of(umasks) - 0.4) <= 3 * unit * 3 + 1e-9
+    assert all(r["copy_sparsity"] >= r["round_target"] - 1e-9 for r in ulog)
+    assert ulog[-1]["single_copy_share"] > 0 and ulog[-1]["jaccard"] < 1  # not one copy's mask
+    # control: the one-shot mask throughout, with the same extra training (same copies' count and seeds)
+    calls.clear()
+    fixed = pr.masks(m, 0.4)
+    ctrl, cmasks, clog = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5,
+                                    train_copy=_copy_trainer(calls), merge="majority", seed=1, pruner=pr,
+                                    fixed_masks=fixed, weak_cache=cache)
+    assert len(calls) == 6 and [s for _, s, _ in calls] == [s for _, s, _ in calls]
+    assert all(torch.equal(cmasks[n], fixed[n]) and torch.equal(masks_of(ctrl)[n], fixed[n]) for n in fixed)
+    dense_w = dict(m.named_parameters())
+    assert any(not torch.equal(p, dense_w[n]) for n, p in ctrl.named_parameters() if n.endswith("bias"))
+
+
+def test_instant_soup_prune_as_published():
+    data = _data(n=40)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    opt = {}
+    train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, optimizer_state=opt)  # the "pretraining" state
+    calls, mains = [], []
+
+    def train_main(model, state):
+        mains.append(int(next(iter(state["state"].values()))["step"]))
+        train(model, data, None, epochs=1, lr=1e-3, batch_size=8, seed=5, optimizer_state=state)
+
+    main, masks, log = instant_soup_prune(m, data, target=0.5, iterations=2, copies=5, subset=0.1,
+                                          train_copy=_copy_trainer(calls), train_main=train_main, seed=3,
+                                          optimizer_state=opt)
+    assert len(calls) == 10 and all(n == 4 and had for n, _, had in calls)  # 10% of 40, with the optimizer state
+    assert mains == [5]  # main model trained once, between the two iterations, continuing the state
+    # merged by union: at most the iteration's sparsity, at least as much as the union of the last copies'
+    assert all(r["merged_sparsity"] <= r["round_target"] + 1e-9 for r in log)
+    assert log[-1]["merged_sparsity"] > 0.3
+    for n, layer in main.named_modules():
+        if n in masks:
+            assert (layer.weight[~masks[n]] == 0).all()
+
+
+def test_arm_names():
+    from lotus.finetune import default_arms, parse_arm
+    assert parse_arm("dense/full") == {"start": "dense", "layout": "dense", "method": None, "policy": "full",
+                                       "keep": None}
+    assert parse_arm("block-isp/random@0.7") == {"start": "block-isp", "layout": "block", "method": "isp",
+                                                 "policy": "random", "keep": 0.7}
+    assert parse_arm("2:4-control/mix")["layout"] == "2:4"
+    for bad in ("dense", "block-isp/full@0.5", "rows-isp/full", "block-soup/full", "dense/best", "dense/fixed@1.5",
+                "dense/fixed@x"):
+        with pytest.raises(ValueError, match="arm"):
+            parse_arm(bad)
+    arms = default_arms("block", ["fixed", "random"], extra_keeps=[0.7])
+    assert arms == ["dense/full", "unstructured-oneshot/full", "unstructured-isp/full", "block-isp/full",
+                    "dense/fixed", "block-isp/fixed", "block-isp/random", "block-isp/fixed@0.7", "block-isp/random@0.7"]
+    assert default_arms("unstructured", ["fixed"])[:3] == ["dense/full", "unstructured-oneshot/full",
+                                                            "unstructured-isp/full"]
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+def test_pruned_moments_zeroed_in_the_optimizers_own_order(weight_decay):
+    """timm's optimizer factory numbers parameters by group (undecayed, then decayed) when weight
+    decay is on: the moments zeroed must be those of the pruned layer's own weight."""
+    from lotus.prune import _mask_optimizer_state
+    from lotus.train import make_optimizer
+
+    data = _data(n=16)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    sparsify_(m, sparsity=0.0)
+    state = {}
+    train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, weight_decay=weight_decay, optimizer_state=state)
+    masks = magnitude_masks(m, 0.5)
+    before = make_optimizer(m, "adamw", 1e-3, weight_decay)
+    before.load_state_dict(state)
+    old = {id(p): {k: v.clone() for k, v in st.items()} for p, st in before.state.items()}
+    _mask_optimizer_state(m, state, masks)
+    after = make_optimizer(m, "adamw", 1e-3, weight_decay)
+    after.load_state_dict(state)
+    layers = dict(m.named_modules())
+    pruned = {id(layers[n].weight): mk for n, mk in masks.items()}
+    for p, st in after.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            if id(p) in pruned:
+                mk = pruned[id(p)]
+                assert (st[k][~mk] == 0).all() and torch.equal(st[k][mk], old[id(p)][k][mk])
+                assert (old[id(p)][k][~mk] != 0).any()  # there was something to zero
+            else:
+                assert torch.equal(st[k], old[id(p)][k])  # other parameters untouched

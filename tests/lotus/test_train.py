@@ -97,3 +97,47 @@ def test_train_with_augmentation_learns_and_refuses_tickets():
     with pytest.raises(ValueError, match="augment: not with keep_idx"):
         train(m, data, None, epochs=1, lr=1e-3, batch_size=16, seed=0, augment=True,
               keep_idx=torch.arange(4).repeat(len(data), 1))
+
+
+def test_keep_fn_sees_each_batch_and_decides_its_patches():
+    data = _data(n=32)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    seen, epochs, tokens = [], [], []
+
+    class Policy:
+        def __call__(self, x, idx):
+            seen.append(idx.clone())
+            assert x.shape == (len(idx), 3, 16, 16) and x.dtype == torch.float32
+            return torch.arange(5).repeat(len(idx), 1)
+
+        def new_epoch(self, model, epoch):
+            epochs.append(epoch)
+
+    m.blocks[0].register_forward_hook(lambda mod, i, o: tokens.append(o.shape[1]))
+    h = train(m, data, None, epochs=2, lr=1e-3, batch_size=8, seed=0, keep_fn=Policy())
+    assert epochs == [0, 1] and h["train_s"] > 0
+    assert len(seen) == 8 and sorted(torch.cat(seen[:4]).tolist()) == list(range(32))  # every image once per epoch
+    assert set(tokens) == {1 + 5}  # class token + the 5 patches the policy kept
+    with pytest.raises(ValueError, match="choose one"):
+        train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, keep_fn=Policy(), patch_drop_keep=0.5)
+
+
+def test_optimizer_state_is_carried_between_calls():
+    data = _data(n=16)
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    state = {}
+    train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, optimizer_state=state)
+    assert state["state"] and all(int(s["step"]) == 2 for s in state["state"].values())
+    train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, optimizer_state=state)
+    assert all(int(s["step"]) == 4 for s in state["state"].values())  # continued, not restarted
+
+
+def test_predict_matches_evaluate():
+    from lotus.train import predict
+    data = _data(n=20)
+    m = build(CFG, 3, 16)
+    p = predict(m, data, batch_size=7)
+    assert p.shape == (20,) and p.dtype == torch.int64
+    assert 100.0 * float((p == data.y).double().mean()) == pytest.approx(evaluate(m, data, batch_size=8))
