@@ -1,0 +1,71 @@
+// ISA probe and cap (see isa.h), and the op that tells Python about them.
+#include "isa.h"
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+namespace lotus {
+namespace {
+
+constexpr const char* kEnv = "LOTUS_KERNELS_CPU_ISA";
+constexpr const char* kNames[bsr::kNumIsa] = {"default", "avx2", "avx512", "avx512_bf16"};
+
+Isa probe() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // __builtin_cpu_supports also checks that the OS saves the ymm / zmm state (XGETBV).
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Isa::kDefault;
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+    return Isa::kAvx2;
+  if (!__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512;
+  return Isa::kAvx512Bf16;
+#else
+  return Isa::kDefault;
+#endif
+}
+
+Isa parse_cap(const char* value) {
+  for (int i = 0; i < bsr::kNumIsa; ++i)
+    if (std::string(value) == kNames[i]) return static_cast<Isa>(i);
+  TORCH_CHECK(false, kEnv, ": expected one of default, avx2, avx512, avx512_bf16 (or unset for the CPU's best), got '",
+              value, "'");
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) { return kNames[static_cast<int>(isa)]; }
+
+Isa cpu_isa_supported() {
+  static const Isa best = probe();
+  return best;
+}
+
+Isa cpu_isa() {
+  const char* env = std::getenv(kEnv);
+  if (env == nullptr || *env == '\0') return cpu_isa_supported();
+  static std::mutex mu;
+  static std::string cached_value;
+  static Isa cached_cap = Isa::kDefault;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cached_value != env) {
+    cached_cap = parse_cap(env);  // throws on a bad value, leaving the cache as it was
+    cached_value = env;
+  }
+  return static_cast<int>(cached_cap) < static_cast<int>(cpu_isa_supported()) ? cached_cap : cpu_isa_supported();
+}
+
+namespace {
+// capped: the level kernels use now (after LOTUS_KERNELS_CPU_ISA); else the CPU's own.
+std::string cpu_isa_op(bool capped) { return isa_name(capped ? cpu_isa() : cpu_isa_supported()); }
+}  // namespace
+
+}  // namespace lotus
+
+TORCH_LIBRARY_FRAGMENT(lotus_kernels_C, m) {
+  m.def("cpu_isa(bool capped=True) -> str", &lotus::cpu_isa_op);
+}
