@@ -10,7 +10,7 @@
 // first entry within the ISA cap (isa.h: the CPU's best, capped by LOTUS_KERNELS_CPU_ISA) whose
 // dtype matches, or an fp32 entry for bf16 / fp16 inputs (converted to fp32 copies; rounded once on
 // the way out), else the plain loops below (fp64, CPUs without AVX2, cap "default").
-// `lotus_kernels_C::bsr_kernel_path(op, dtype, block_size)` reports the choice.
+// `lotus_kernels_C::cpu_kernel_path("block_sparse_linear.fwd", dtype, block_size)` (isa.h) reports the choice.
 //
 // Parallel decomposition:
 // - fwd / bwd_input: M is cut into chunks (packed A of a chunk ~256 KiB, an L2 share; at least two
@@ -373,18 +373,13 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
   });
 }
 
-// Which kernel a call of `op` (fwd | bwd_input | bwd_weight) with this dtype and block size takes now.
-std::string bsr_kernel_path(const std::string& op, at::ScalarType dtype, int64_t block_size) {
-  if (op == "fwd" || op == "bwd_input") return path_name(choose(kPanelTable, dtype, block_size));
-  TORCH_CHECK(op == "bwd_weight", "bsr_kernel_path: op: expected fwd, bwd_input or bwd_weight, got '", op, "'");
-  return path_name(choose(kWeightTable, dtype, block_size));
-}
+std::string fwd_path(at::ScalarType dtype, int64_t bs) { return path_name(choose(kPanelTable, dtype, bs)); }
+std::string weight_path(at::ScalarType dtype, int64_t bs) { return path_name(choose(kWeightTable, dtype, bs)); }
+const lotus::KernelPathRegistrar kFwdPath("block_sparse_linear.fwd", fwd_path);
+const lotus::KernelPathRegistrar kBwdInputPath("block_sparse_linear.bwd_input", fwd_path);
+const lotus::KernelPathRegistrar kBwdWeightPath("block_sparse_linear.bwd_weight", weight_path);
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lotus_kernels_C, m) {
-  m.def("bsr_kernel_path(str op, ScalarType dtype, int block_size) -> str", &bsr_kernel_path);
-}
 
 TORCH_LIBRARY_IMPL(lotus_kernels_C, CPU, m) {
   m.impl("bsr_linear_fwd", &bsr_linear_fwd_cpu);

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -60,12 +61,33 @@ Isa cpu_isa() {
 }
 
 namespace {
+
+std::map<std::string, KernelPathFn>& path_registry() {
+  static std::map<std::string, KernelPathFn> registry;  // filled by static initialisers, read after
+  return registry;
+}
+
 // capped: the level kernels use now (after LOTUS_KERNELS_CPU_ISA); else the CPU's own.
 std::string cpu_isa_op(bool capped) { return isa_name(capped ? cpu_isa() : cpu_isa_supported()); }
+
+std::string cpu_kernel_path_op(const std::string& op, c10::ScalarType dtype, int64_t block_size) {
+  const auto& registry = path_registry();
+  const auto it = registry.find(op);
+  if (it == registry.end()) {
+    std::string known;
+    for (const auto& [name, fn] : registry) known += (known.empty() ? "" : ", ") + name;
+    TORCH_CHECK(false, "cpu_kernel_path: op: expected one of ", known, ", got '", op, "'");
+  }
+  return it->second(dtype, block_size);
+}
+
 }  // namespace
+
+KernelPathRegistrar::KernelPathRegistrar(const char* op, KernelPathFn fn) { path_registry()[op] = fn; }
 
 }  // namespace lotus
 
 TORCH_LIBRARY_FRAGMENT(lotus_kernels_C, m) {
   m.def("cpu_isa(bool capped=True) -> str", &lotus::cpu_isa_op);
+  m.def("cpu_kernel_path(str op, ScalarType dtype, int block_size=32) -> str", &lotus::cpu_kernel_path_op);
 }

@@ -5,7 +5,10 @@
 // test can force each kernel path in one process. An unknown value is an error naming the variable.
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include <cstdint>
+#include <string>
 
 #include "bsr/kernels.h"
 
@@ -16,5 +19,13 @@ using Isa = bsr::Isa;
 Isa cpu_isa_supported();  // the CPU's best level (probed once)
 Isa cpu_isa();            // min(supported, cap): what kernels may use now
 const char* isa_name(Isa isa);
+
+// Each op file registers, per op name (e.g. "block_sparse_linear.fwd"), a function saying which
+// kernel a call with this dtype / block size takes now; `lotus_kernels_C::cpu_kernel_path` answers
+// from it (tests and benchmark records).
+using KernelPathFn = std::string (*)(c10::ScalarType dtype, int64_t block_size);
+struct KernelPathRegistrar {
+  KernelPathRegistrar(const char* op, KernelPathFn fn);
+};
 
 }  // namespace lotus
