@@ -13,12 +13,13 @@
 // `lotus_kernels_C::cpu_kernel_path("block_sparse_linear.fwd", dtype, block_size)` (isa.h) reports the choice.
 //
 // Parallel decomposition:
-// - fwd / bwd_input: M is cut into chunks (packed A of a chunk ~256 KiB, an L2 share; at least two
-//   chunks per thread when M allows), one task per chunk: it packs its rows and writes every output
-//   tile of them. Output elements have one owner: no atomics, no zero-fill, one barrier (after the
-//   weight repack). Chunks are equal in work (every row meets the same blocks), so a static split
-//   balances up to one chunk. When K is long (a chunk of 96 rows of it would not fit), K is cut
-//   into ranges (BLIS's kc) and a chunk's tiles accumulate over them.
+// - fwd / bwd_input: M is cut into chunks (packed A of a chunk <= ~256 KiB, an L2 share; a multiple
+//   of the thread count, at least two per thread when M allows, boundaries spread evenly on panel
+//   multiples), one task per chunk: it packs its rows and writes every output tile of them. Work
+//   per row is the same (every row meets every stored block), so the static split is balanced to
+//   within a panel per chunk. Output elements have one owner: no atomics, no zero-fill, one
+//   barrier (after the weight repack). When K is long (a chunk of 96 rows of it would not fit),
+//   K is cut into ranges (BLIS's kc) and a chunk's tiles accumulate over them.
 // - bwd_weight: the used column blocks of dy and x are packed once, [block][M chunk] panels (one
 //   barrier), then each thread takes a contiguous range of block rows holding ~nnzb / threads stored
 //   blocks and reduces over all M chunks itself: no per-chunk barrier, each dvalues block has one
@@ -91,9 +92,10 @@ std::string path_name(const Choice<Kernel>& c) {
 constexpr int64_t kChunkBytes = 256 * 1024;  // packed A per chunk: about half of a 512 KiB - 2 MiB L2
 
 // Working memory (packed operands, partial sums) comes from grow-only per-thread buffers that live
-// as long as the thread: a fresh multi-megabyte allocation per call is a fresh mmap under glibc's
-// defaults, and page-faulting it in cost as much as a bf16 product here (a 24 ms ViT-S layer step
-// fell to 16 ms with them reused). A buffer over kScratchCacheBytes is allocated for the call only.
+// as long as the thread: a fresh multi-megabyte allocation per call can be a fresh mmap under
+// glibc's defaults, page-faulted in again on every call (~1 us per 4 KiB page: ~1.5 ms for the
+// 6 MB of bwd_weight panels of a ViT-S layer, a bf16 product's whole time at d = 0.3). A buffer
+// over kScratchCacheBytes is allocated for the call only.
 constexpr int64_t kScratchCacheBytes = int64_t(64) << 20;
 enum ScratchSlot { kPanels, kAcc, kPackedWeight, kPackedRows, kNumSlots };
 
@@ -129,16 +131,23 @@ void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::
   int64_t kcb = Kb;  // K blocks per range
   if (96 * g.K * elem > kChunkBytes) kcb = std::max<int64_t>(1, kChunkBytes / (128 * elem * bs));
   const int64_t kc = kcb * bs, nranges = (Kb + kcb - 1) / kcb;
-  int64_t mc = std::max(mr, kChunkBytes / (kc * elem) / mr * mr);
+  // Chunks: as many as it takes to keep each within the L2 share, rounded up to a multiple of the
+  // threads (at least two each when M allows); boundaries on panel multiples spread M evenly, so
+  // the static split of chunks over threads is balanced to within one panel per chunk.
+  const int64_t mc_max = std::max(mr, kChunkBytes / (kc * elem) / mr * mr);
   const int64_t T = at::get_num_threads();
-  if (T > 1) mc = std::min(mc, std::max(mr, ((M + 2 * T - 1) / (2 * T) + mr - 1) / mr * mr));
-  const int64_t chunks = (M + mc - 1) / mc;
+  int64_t chunks = (M + mc_max - 1) / mc_max;
+  if (T > 1) chunks = std::min((M + mr - 1) / mr, std::max(chunks, 2 * T) + (T - std::max(chunks, 2 * T) % T) % T);
+  auto begin = [&](int64_t c) { return c >= chunks ? M : (c * M / chunks) / mr * mr; };
+  int64_t mc = 0;
+  for (int64_t c = 0; c < chunks; ++c) mc = std::max(mc, begin(c + 1) - begin(c));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const Scratch panels(kPanels, ((mc + mr - 1) / mr * mr) * kc * elem + bsr::kPanelSlack);
     // bf16 partial sums (touched only when a tile needs more than one pass)
     const Scratch acc(kAcc, elem != 4 ? mc * ldo * 4 : 0);
     for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t m0 = ch * mc, rows = std::min(mc, M - m0);
+      const int64_t m0 = begin(ch), rows = begin(ch + 1) - m0;
+      if (rows == 0) continue;
       for (int64_t r = 0; r < nranges; ++r) {
         const int64_t kb0 = r * kcb, kb1 = std::min(Kb, kb0 + kcb);
         k.pack_a(static_cast<const char*>(a) + m0 * g.K * elem, g.K, rows, kb0 * bs, kb1 * bs, panels.get());
