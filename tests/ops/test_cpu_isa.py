@@ -168,3 +168,21 @@ def test_attention_matches_the_reference(isa, n, mode, dtype):
     torch.testing.assert_close(scores.double(), want_scores.detach(), **tol)
     for got, w in zip(grads, want_grads):
         torch.testing.assert_close(got.double(), w, **tol)
+
+
+# ---------------------------------------------------------------- masked weight-gradient pass per ISA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_masked_fill_grad_zeroes_exactly_the_pruned_entries(isa, dtype):
+    assert lk.cpu_kernel_path("masked_weight_grad", dtype) == ("avx512" if isa == "avx512_bf16" else isa)
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(67, 131, generator=g).to(dtype)  # odd sizes: vector loop + tail
+    grad[3, :5] = float("nan")
+    grad[5, :5] = float("inf")
+    mask = torch.rand(67, 131, generator=g) > 0.3
+    want = torch.where(mask, grad, torch.zeros((), dtype=dtype))
+    got = grad.clone()
+    lk.backends()
+    torch.ops.lotus_kernels_C.masked_fill_grad_(got, mask)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    assert not torch.signbit(got[~mask]).any()  # +0.0, not -0.0
