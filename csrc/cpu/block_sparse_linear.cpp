@@ -21,9 +21,9 @@
 //   barrier (after the weight repack). When K is long (a chunk of 96 rows of it would not fit),
 //   K is cut into ranges (BLIS's kc) and a chunk's tiles accumulate over them.
 // - bwd_weight: the used column blocks of dy and x are packed once, [block][M chunk] panels (one
-//   barrier), then each thread takes a contiguous range of block rows holding ~nnzb / threads stored
-//   blocks and reduces over all M chunks itself: no per-chunk barrier, each dvalues block has one
-//   owner.
+//   barrier), then each thread takes a contiguous range of ~nnzb / threads stored blocks (equal
+//   work per block) and reduces over all M chunks itself: no per-chunk barrier, each dvalues block
+//   has one owner.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -216,17 +216,19 @@ void run_bwd_weight(const bsr::WeightKernel& k, const at::Tensor& dy, const at::
       k.pack((is_dy ? dyp : xp) + (m0 * ld + blk * bs) * elem, ld, std::min(mc, M - m0), bs, panel(s, c));
     }
   });
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
-  auto first_row = [&](int64_t t) {  // thread t's block rows start where ~t / T of the stored blocks lie before
-    return t >= T ? R : std::lower_bound(cr, cr + R, nnzb * t / T) - cr;
-  };
+  // Each thread owns a contiguous range of ~nnzb / T stored blocks (block rows may straddle two
+  // threads: a block-row split left up to a row's worth of blocks, ~1 / (R / 2) of the work, on one
+  // thread, 30% more on one of two threads for the ViT-S fc2 in a profile).
+  std::vector<int64_t> brow(static_cast<size_t>(nnzb));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t e = cr[r]; e < cr[r + 1]; ++e) brow[e] = r;
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnzb));
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t r0 = first_row(t0), r1 = first_row(t1);
+    const int64_t e0 = nnzb * t0 / T, e1 = nnzb * t1 / T;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t rows = std::min(mc, M - c * mc);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t e = cr[r]; e < cr[r + 1]; ++e)
-          k.block(panel(slot[r], c), panel(slot[R + cl[e]], c), rows, bs, dv + e * bs * bs, c > 0);
+      for (int64_t e = e0; e < e1; ++e)
+        k.block(panel(slot[brow[e]], c), panel(slot[R + cl[e]], c), rows, bs, dv + e * bs * bs, c > 0);
     }
   });
 }
