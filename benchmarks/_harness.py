@@ -70,6 +70,8 @@ def add_run_args(p) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="keep glibc's default of returning big blocks to the OS (see tune_malloc)")
+    p.add_argument("--note", default="",
+                   help="a line about the run written into the results, e.g. 'loaded machine, indicative'")
 
 
 def prepare(args):
@@ -82,6 +84,7 @@ def prepare(args):
     torch.manual_seed(0)
     meta = env_meta(args, device)
     meta["malloc_tuned"] = malloc_tuned
+    meta["note"] = getattr(args, "note", "")
     return device, sync, meta
 
 
@@ -249,6 +252,8 @@ def write_results(name: str, meta: dict, rows: list[dict], table_columns: list[t
            f"lotus CPU ISA {meta.get('lotus_cpu_isa', '-')}, "
            f"device {meta.get('gpu', meta.get('device'))}, malloc tuned: {meta.get('malloc_tuned', False)}, "
            f"{meta.get('date')}")
+    if meta.get("note"):
+        env += f"\n\n**{meta['note']}**"
     md = "\n\n".join(part for part in [f"# {title or name}", env, markdown_table(rows, table_columns),
                                        "\n".join(f"- {n}" for n in notes)] if part) + "\n"
     _atomic_write(base.with_suffix(".md"), lambda p: p.write_text(md))
