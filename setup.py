@@ -42,7 +42,9 @@ cxx_flags = ["-O3", "-fopenmp"]  # torch adds -std=c++20, which its headers need
 ext_modules = [
     CppExtension(
         "lotus_kernels._C",
-        ["csrc/module.cpp", "csrc/bindings.cpp", *_sources("csrc/cpu/*.cpp")],
+        # The per-ISA micro-kernel files last (ATen's rule for ISA-specific objects); they set their
+        # ISA per function (`target` attributes), so one flag list serves every file.
+        ["csrc/module.cpp", "csrc/bindings.cpp", *_sources("csrc/cpu/*.cpp"), *_sources("csrc/cpu/bsr/*.cpp")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )

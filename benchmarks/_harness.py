@@ -70,6 +70,8 @@ def add_run_args(p) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="keep glibc's default of returning big blocks to the OS (see tune_malloc)")
+    p.add_argument("--note", default="",
+                   help="a line about the run written into the results, e.g. 'loaded machine, indicative'")
 
 
 def prepare(args):
@@ -82,6 +84,7 @@ def prepare(args):
     torch.manual_seed(0)
     meta = env_meta(args, device)
     meta["malloc_tuned"] = malloc_tuned
+    meta["note"] = getattr(args, "note", "")
     return device, sync, meta
 
 
@@ -134,14 +137,66 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> list[str]:
+    """The x86 feature flags the kernels (ours, MKL's, oneDNN's) choose between."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def blas_versions() -> dict[str, str]:
+    """MKL and oneDNN versions as torch reports them (``torch.__config__.show()``)."""
+    import re
+    text = torch.__config__.show()
+    out = {}
+    m = re.search(r"Math Kernel Library Version ([\d.]+)", text)
+    if m:
+        out["mkl"] = m.group(1)
+    m = re.search(r"MKL-DNN v([\d.]+)", text)
+    if m:
+        out["onednn"] = m.group(1)
+    m = re.search(r"BLAS_INFO=(\w+)", text)
+    if m:
+        out["blas"] = m.group(1)
+    return out
+
+
+def cpu_kernel_meta() -> dict:
+    """Which ISA our C++ kernels run here and which kernel each block-sparse product takes (bs 32)."""
+    try:
+        import lotus_kernels as lk
+        if not lk.backends()["cpu"]:
+            return {}
+        paths = {f"{op}[{str(dt).replace('torch.', '')}]": lk.cpu_kernel_path(op, dt, 32)
+                 for op in ("block_sparse_linear.fwd", "block_sparse_linear.bwd_input",
+                            "block_sparse_linear.bwd_weight")
+                 for dt in (torch.float32, torch.bfloat16)}
+        return {"lotus_cpu_isa": lk.cpu_isa(), "lotus_cpu_isa_supported": lk.cpu_isa(capped=False),
+                "lotus_cpu_isa_cap": os.environ.get("LOTUS_KERNELS_CPU_ISA") or None, "lotus_kernel_paths": paths}
+    except (ImportError, RuntimeError, AttributeError):
+        return {}
+
+
 def env_meta(args, device: torch.device) -> dict:
-    """What the numbers depend on besides the code: versions, threads, hardware, date, arguments."""
+    """What the numbers depend on besides the code: versions, threads, hardware (CPU model and ISA
+    flags, the ISA torch's kernels use, MKL / oneDNN versions, our kernels' ISA and paths), date,
+    arguments. A result from one machine is not a result for another: read these first."""
     meta = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **blas_versions(),
         "device": str(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args),
@@ -154,6 +209,7 @@ def env_meta(args, device: torch.device) -> dict:
         meta["lotus_backends"] = lotus_kernels.backends()
     except ImportError:
         pass
+    meta.update(cpu_kernel_meta())
     return meta
 
 
@@ -190,9 +246,14 @@ def write_results(name: str, meta: dict, rows: list[dict], table_columns: list[t
     _atomic_write(base.with_suffix(".json"),
                   lambda p: p.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n"))
 
-    env = (f"torch {meta.get('torch')}, {meta.get('threads')} threads, {meta.get('cpu_model')}, "
+    env = (f"torch {meta.get('torch')}, {meta.get('threads')} threads, {meta.get('cpu_model')} "
+           f"({', '.join(meta.get('cpu_flags', [])) or 'no flags read'}), torch CPU capability "
+           f"{meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN {meta.get('onednn', '?')}, "
+           f"lotus CPU ISA {meta.get('lotus_cpu_isa', '-')}, "
            f"device {meta.get('gpu', meta.get('device'))}, malloc tuned: {meta.get('malloc_tuned', False)}, "
            f"{meta.get('date')}")
+    if meta.get("note"):
+        env += f"\n\n**{meta['note']}**"
     md = "\n\n".join(part for part in [f"# {title or name}", env, markdown_table(rows, table_columns),
                                        "\n".join(f"- {n}" for n in notes)] if part) + "\n"
     _atomic_write(base.with_suffix(".md"), lambda p: p.write_text(md))

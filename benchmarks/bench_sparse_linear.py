@@ -10,13 +10,17 @@ tokens, 384 -> 1536 and 1536 -> 384); (b) a timm ViT train step (forward, backwa
 config of a section starts from the same weights and prunes the same fraction of the same layers by
 magnitude; the configs of a section are timed interleaved.
 
-Block sections (block size 32): (c) one layer at the ViT-S and ViT-B MLP shapes (384 <-> 1536,
-768 <-> 3072), densities 0.5 / 0.3 / 0.1 of blocks kept by L2 norm, all densities of a shape timed
-interleaved: dense fwd+bwd, dense fwd only, prune (the same block mask through
-torch.nn.utils.prune.custom_from_mask), torch BSR (``to_sparse_bsr``; forward only: it has no
-autograd for a BSR weight, so its ratio is to the dense forward) and lotus BlockSparseLinear
-fwd+bwd; (d) the ViT-S train step: dense, block-sparse MLP 50%, token keep 0.7 (``patch_vit``), and
-both together.
+Block sections (block size 32), per dtype (fp32; bf16 = ``torch.autocast("cpu", torch.bfloat16)``
+around dense and ours alike) and per thread count (``--threads-list 1,2``): (c) one layer at the
+ViT-S and ViT-B MLP shapes (384 <-> 1536, 768 <-> 3072), densities 0.5 / 0.3 / 0.1 of blocks kept by
+L2 norm, all densities of a (shape, dtype, threads) group timed interleaved: dense fwd+bwd, dense fwd
+only, and in fp32 prune (the same block mask through torch.nn.utils.prune.custom_from_mask) and torch
+BSR (``to_sparse_bsr``; forward only: it has no autograd for a BSR weight, so its ratio is to the
+dense forward), then lotus BlockSparseLinear fwd+bwd; (d) the ViT-S train step: dense, block-sparse
+MLP 50%, token keep 0.7 (``patch_vit``), both, block-sparse 50% on every linear (qkv, proj, fc1,
+fc2; head dense), and keep 0.7 with that. Every row records its threads, dtype, achieved GFLOP/s
+(useful FLOPs / median time) and which of our CPU kernel variants ran (``lk.cpu_kernel_path``);
+the metadata records the CPU, its ISA flags, torch's CPU capability and MKL / oneDNN versions.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ METHODS = ("dense", "torch_prune", "lotus")
 BLOCK_TARGETS = {0.5: 0.60, 0.3: 0.40, 0.1: 0.20}  # wanted BlockSparseLinear fwd+bwd time / dense
 BLOCK_TRAIN_TARGET = 0.45  # keep 0.7 + 50% block-sparse MLP train step / dense
 SECTIONS = ("unstructured", "block")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BSR_OPS = ("fwd", "bwd_input", "bwd_weight")
 
 
 def parse_args(argv=None):
@@ -62,6 +68,9 @@ def parse_args(argv=None):
                    help="in x out of the block layer section (ViT-S and ViT-B MLP)")
     p.add_argument("--block-model", default="vit_small_patch16_224")
     p.add_argument("--block-keep", type=float, default=0.7)
+    p.add_argument("--dtypes", default="fp32,bf16", help="block sections: fp32 and/or bf16 (autocast)")
+    p.add_argument("--threads-list", default=None,
+                   help="block sections: comma-separated thread counts, each a group of its own (default: --threads)")
     p.add_argument("--short", action="store_true",
                    help="the version `make bench` runs: ViT-S shapes only, 5 / 3 rounds; writes results/<name>_short.*")
     _harness.add_run_args(p)
@@ -73,11 +82,17 @@ def parse_args(argv=None):
         args.warmup = 1
     elif args.short:
         args.block_shapes, args.layer_repeats, args.step_repeats = "384x1536,1536x384", 5, 3
+        args.dtypes = "fp32"
     args.sections = [x for x in args.sections.split(",") if x]
     bad = [x for x in args.sections if x not in SECTIONS]
     if bad:
         p.error(f"--sections: unknown {bad}; expected some of {SECTIONS}")
     args.densities = [float(d) for d in args.densities.split(",")]
+    args.dtypes = [x for x in args.dtypes.split(",") if x]
+    if set(args.dtypes) - set(DTYPES):
+        p.error(f"--dtypes: expected some of {tuple(DTYPES)}, got {args.dtypes}")
+    args.threads_list = ([int(t) for t in args.threads_list.split(",")] if args.threads_list
+                         else [args.threads if args.threads > 0 else torch.get_num_threads()])
     args.block_shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.block_shapes.split(",")]
     return args
 
@@ -212,16 +227,28 @@ def notes(rows):
 
 
 # ---------------------------------------------------------------- (c) block-sparse layer
-def block_layer_configs(in_f, out_f, m, densities, bs, device):
+def kernel_paths(dtype, bs) -> str:
+    """Our CPU kernel variant per product, e.g. 'avx512_bf16' or 'fwd avx2, bwd_input avx2, ...'."""
+    if not lotus_kernels.backends()["cpu"]:
+        return "-"
+    paths = [lotus_kernels.cpu_kernel_path(f"block_sparse_linear.{op}", dtype, bs) for op in BSR_OPS]
+    return paths[0] if len(set(paths)) == 1 else ", ".join(f"{op} {p}" for op, p in zip(BSR_OPS, paths))
+
+
+def block_layer_configs(in_f, out_f, m, densities, bs, device, dtype):
     """name -> fn for one shape: dense (fwd+bwd and fwd only), and per density the same block mask
-    (largest-L2 blocks) through prune, torch BSR (forward) and BlockSparseLinear."""
+    (largest-L2 blocks) through BlockSparseLinear (and in fp32 prune and torch BSR). bf16 runs every
+    forward under torch.autocast, as a bf16 training step would."""
     base = nn.Linear(in_f, out_f, device=device)
     x = torch.randn(m, in_f, device=device, requires_grad=True)
-    g = torch.randn(m, out_f, device=device)
+    amp = dtype != torch.float32
+    g = torch.randn(m, out_f, device=device, dtype=dtype)
 
     def train(layer):
         def fn():
-            layer(x).backward(g)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                y = layer(x)
+            y.backward(g)
             layer.zero_grad(set_to_none=True)
             x.grad = None
         return fn
@@ -230,45 +257,53 @@ def block_layer_configs(in_f, out_f, m, densities, bs, device):
     configs = {"dense": train(dense)}
 
     def dense_fwd():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             dense(x)
     configs["dense_fwd"] = dense_fwd
     kept = {}
     for d in densities:
         ours = BlockSparseLinear.from_linear(base, density=d, block_size=bs)
         kept[d] = ours.density
-        bm = ours.block_mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-        pruned = copy.deepcopy(base)
-        prune.custom_from_mask(pruned, "weight", bm)
-        w_bsr = ours.weight.detach().to_sparse_bsr((bs, bs))
-        b = base.bias.detach()
+        if not amp:
+            bm = ours.block_mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+            pruned = copy.deepcopy(base)
+            prune.custom_from_mask(pruned, "weight", bm)
+            w_bsr = ours.weight.detach().to_sparse_bsr((bs, bs))
+            b = base.bias.detach()
 
-        def bsr_fwd(w_bsr=w_bsr, b=b):
-            with torch.no_grad():
-                torch.addmm(b[:, None], w_bsr, x.detach().t()).t()
-        configs[f"torch_prune@{d:g}"] = train(pruned)
-        configs[f"torch_bsr_fwd@{d:g}"] = bsr_fwd
+            def bsr_fwd(w_bsr=w_bsr, b=b):
+                with torch.no_grad():
+                    torch.addmm(b[:, None], w_bsr, x.detach().t()).t()
+            configs[f"torch_prune@{d:g}"] = train(pruned)
+            configs[f"torch_bsr_fwd@{d:g}"] = bsr_fwd
         configs[f"lotus_block@{d:g}"] = train(ours)
     return configs, kept
 
 
-def run_block_layers(args, device, sync):
+def run_block_layers(args, device, sync, dtype_name, threads):
     rows = []
+    dtype = DTYPES[dtype_name]
     m = args.batch * args.tokens
     for in_f, out_f in args.block_shapes:
         shape = f"{m}x{in_f}->{out_f}"
-        configs, kept = block_layer_configs(in_f, out_f, m, args.densities, args.block_size, device)
-        print(f"[block layer {shape}] timing {len(configs)} configs x {args.layer_repeats} rounds ...", flush=True)
+        configs, kept = block_layer_configs(in_f, out_f, m, args.densities, args.block_size, device, dtype)
+        print(f"[block layer {shape} {dtype_name} {threads} threads] timing {len(configs)} configs x "
+              f"{args.layer_repeats} rounds ...", flush=True)
         times = _harness.interleaved(configs, args.warmup, args.layer_repeats, progress=not args.no_progress, sync=sync)
         stats = _harness.summarize(times, "dense")
         fwd = _harness.summarize(times, "dense_fwd")
         for name in configs:
             method, _, d = name.partition("@")
             d = float(d) if d else 1.0
+            density = kept.get(d, 1.0)
+            fwd_only = method in ("torch_bsr_fwd", "dense_fwd")
+            flops = (2 if fwd_only else 6) * m * in_f * out_f * (density if method != "dense_fwd" else 1.0)
             row = stat_row(stats, times, name, section="block layer fwd+bwd", shape=shape, method=method,
-                           density=kept.get(d, 1.0), ideal=kept.get(d, 1.0),
+                           threads=threads, dtype=dtype_name, density=density, ideal=density,
+                           gflops=flops / stats[name]["median_s"] / 1e9,
+                           kernel=kernel_paths(dtype, args.block_size) if method == "lotus_block" else None,
                            target=BLOCK_TARGETS.get(d) if method == "lotus_block" else None)
-            if method in ("torch_bsr_fwd", "dense_fwd"):  # forward only: compare with the dense forward
+            if fwd_only:  # forward only: compare with the dense forward
                 row.update(section="block layer fwd only", ratio=fwd[name]["ratio"],
                            ratio_paired=fwd[name]["ratio_paired"])
             rows.append(row)
@@ -276,38 +311,50 @@ def run_block_layers(args, device, sync):
 
 
 # ---------------------------------------------------------------- (d) block-sparse train step
-def run_block_train(args, device, sync):
+def run_block_train(args, device, sync, dtype_name, threads):
     torch.manual_seed(0)
+    dtype = DTYPES[dtype_name]
+    amp = dtype != torch.float32
     base = timm.create_model(args.block_model, pretrained=False).to(device)
     images = torch.randn(args.batch, 3, *base.patch_embed.img_size, device=device)
     labels = torch.randint(base.num_classes, (args.batch,), device=device)
     dense = lotus_kernels.patch_vit(copy.deepcopy(base)).train()
-    sparse = lotus_kernels.sparsify_(copy.deepcopy(base), sparsity=0.5, layout="block", block_size=args.block_size,
-                                     include=["blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])
-    sparse = lotus_kernels.patch_vit(sparse).train()
+
+    def sparse_model(include):
+        model = lotus_kernels.sparsify_(copy.deepcopy(base), sparsity=0.5, layout="block",
+                                        block_size=args.block_size, include=include)
+        return lotus_kernels.patch_vit(model).train()
+    mlp = sparse_model(["blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])
+    every = sparse_model(["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])
     keep = args.block_keep
 
     def make(model, **kw):
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
         def fn():
-            F.cross_entropy(model(images, **kw), labels).backward()
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                loss = F.cross_entropy(model(images, **kw), labels)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return fn
     # Two optimizers per model share its parameters: harmless for timing (SGD on the same tensors).
-    configs = {"dense": make(dense), "block-sparse MLP 50%": make(sparse),
-               f"keep {keep:g}": make(dense, keep_ratio=keep),
-               f"keep {keep:g} + block-sparse MLP 50%": make(sparse, keep_ratio=keep)}
-    print(f"[block train {args.block_model}] timing {len(configs)} configs x {args.step_repeats} rounds ...", flush=True)
+    configs = {"dense": make(dense), "block-sparse MLP 50%": make(mlp), f"keep {keep:g}": make(dense, keep_ratio=keep),
+               f"keep {keep:g} + block-sparse MLP 50%": make(mlp, keep_ratio=keep),
+               "block-sparse every linear 50%": make(every),
+               f"keep {keep:g} + block-sparse every linear 50%": make(every, keep_ratio=keep)}
+    print(f"[block train {args.block_model} {dtype_name} {threads} threads] timing {len(configs)} configs x "
+          f"{args.step_repeats} rounds ...", flush=True)
     times = _harness.interleaved(configs, args.warmup, args.step_repeats, progress=not args.no_progress, sync=sync)
     stats = _harness.summarize(times, "dense")
     shape = f"{args.block_model} b{args.batch}"
     rows = []
     for name in configs:
-        both = "+" in name
-        rows.append(stat_row(stats, times, name, section="train step", shape=shape, method=name, density=None,
-                             ideal=None, target=BLOCK_TRAIN_TARGET if both else None))
+        target = BLOCK_TRAIN_TARGET if name.startswith("keep") and "every linear" in name else None
+        rows.append(stat_row(stats, times, name, section="train step", shape=shape, method=name, threads=threads,
+                             dtype=dtype_name, density=None, ideal=None, gflops=None,
+                             kernel=kernel_paths(dtype, args.block_size) if "block" in name else None,
+                             target=target))
     return rows
 
 
@@ -318,56 +365,67 @@ def plot_block(rows):
 
     layer = [r for r in rows if r["section"].startswith("block layer") and "@" in r["config"]]
     train = [r for r in rows if r["section"] == "train step"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
-    shapes = list(dict.fromkeys(r["shape"] for r in layer))
+    series = list(dict.fromkeys((r["shape"], r["dtype"], r["threads"]) for r in layer))
     styles = {"lotus_block": "o-", "torch_prune": "s--", "torch_bsr_fwd": "^:"}
-    for j, sh in enumerate(shapes):
+    for j, (sh, dt, th) in enumerate(series):
         for method, style in styles.items():
-            pts = sorted((r["density"], r["ratio"]) for r in layer if r["shape"] == sh and r["method"] == method)
+            pts = sorted((r["density"], r["ratio"]) for r in layer
+                         if (r["shape"], r["dtype"], r["threads"], r["method"]) == (sh, dt, th, method))
             if pts:
-                ax.plot(*zip(*pts), style, color=f"C{j}", label=f"{method} {sh}", ms=4)
+                ax.plot(*zip(*pts), style, color=f"C{j % 10}", label=f"{method} {sh} {dt} {th}t", ms=4)
     ds = sorted({r["density"] for r in layer} | {0.0, 1.0})
     ax.plot(ds, ds, "k-", lw=1, label="ideal (ratio = density)")
     for d, t in BLOCK_TARGETS.items():
         ax.plot(d, t, "r*", ms=10, label="target" if d == 0.5 else None)
     ax.axhline(1.0, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("density (fraction of 32x32 blocks kept)")
-    ax.set_ylabel("median time / dense (fwd+bwd; torch_bsr: fwd / dense fwd)")
+    ax.set_ylabel("median time / dense of the same dtype and threads")
     ax.set_ylim(0, max(1.2, 1.1 * max((r["ratio"] for r in layer), default=1)))
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("block-sparse layer vs dense")
+    ax.legend(fontsize=5, ncol=2)
+    ax.set_title("block-sparse layer vs dense (fwd+bwd; torch_bsr: fwd / dense fwd)")
     ax = axes[1]
     for i, r in enumerate(train):
-        ax.bar(i, r["ratio"], color=f"C{i}")
-        ax.text(i, r["ratio"] + 0.02, f"{r['ratio']:.2f}", ha="center", fontsize=8)
+        ax.bar(i, r["ratio"], color=f"C{i % 10}")
+        ax.text(i, r["ratio"] + 0.02, f"{r['ratio']:.2f}", ha="center", fontsize=6)
         if r["target"] is not None:
             ax.plot(i, r["target"], "r*", ms=10)
-    ax.set_xticks(range(len(train)), [r["config"].replace(" + ", "\n+ ") for r in train], fontsize=7)
+    ax.set_xticks(range(len(train)), [f"{r['config']} [{r['dtype']} {r['threads']}t]".replace(" + ", "\n+ ")
+                                      for r in train], fontsize=5, rotation=90)
     ax.axhline(1.0, color="gray", ls="--", lw=0.8)
     ax.set_title(f"train step {train[0]['shape'] if train else ''}")
     return fig
 
 
-BLOCK_COLUMNS = [("section", "section", ""), ("shape", "shape", ""), ("config", "config", ""),
-                 ("density", "density", ".3f"), ("median ms", "median_ms", ".2f"), ("p25 ms", "p25_ms", ".2f"),
-                 ("p75 ms", "p75_ms", ".2f"), ("ratio", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"),
-                 ("ideal", "ideal", ".2f"), ("target", "target", ".2f")]
+BLOCK_COLUMNS = [("section", "section", ""), ("threads", "threads", "d"), ("dtype", "dtype", ""),
+                 ("shape", "shape", ""), ("config", "config", ""), ("density", "density", ".3f"),
+                 ("median ms", "median_ms", ".2f"), ("p25 ms", "p25_ms", ".2f"), ("p75 ms", "p75_ms", ".2f"),
+                 ("GFLOP/s", "gflops", ".1f"), ("ratio", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"),
+                 ("ideal", "ideal", ".2f"), ("target", "target", ".2f"), ("our kernel", "kernel", "")]
 
 
-def block_notes(rows):
-    out = ["ratio = median / dense median of the same shape (fwd+bwd); for the fwd-only rows (dense_fwd, "
-           "torch_bsr_fwd) the ratio is to the dense forward. ideal = density (FLOPs / dense FLOPs).",
+def block_notes(rows, meta):
+    out = [f"Machine: {meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs; {', '.join(meta.get('cpu_flags', []))}); "
+           f"torch's CPU capability {meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN "
+           f"{meta.get('onednn', '?')}; our kernels' ISA {meta.get('lotus_cpu_isa', '-')}. Dense GEMM speed, and "
+           "so every ratio, depends on the CPU: on a CPU with two 512-bit FMA pipes MKL's fp32 GEMM runs AVX-512 "
+           "at twice this machine's per-cycle rate, so numbers from one machine are not numbers for another.",
+           "ratio = median / dense median of the same shape, dtype and thread count (fwd+bwd); for the fwd-only "
+           "rows (dense_fwd, torch_bsr_fwd) the ratio is to the dense forward. ideal = density (FLOPs / dense "
+           "FLOPs). GFLOP/s = useful FLOPs (2 per multiply-add of the stored blocks, 3 products fwd+bwd) / median.",
+           "bf16 = torch.autocast('cpu', torch.bfloat16) around the forward of dense nn.Linear (oneDNN bf16 GEMM) "
+           "and of BlockSparseLinear alike; the backward runs in bf16 for both.",
            "torch_prune = the same block mask through torch.nn.utils.prune.custom_from_mask (a dense GEMM on "
            "weight_orig * mask). torch_bsr_fwd = addmm(bias, W.to_sparse_bsr((32, 32)), x.T): torch has no "
            "autograd for a BSR weight, so only its forward is timed.",
-           "lotus_block = BlockSparseLinear (CPU kernels: packed 6x16 AVX2 micro-kernel over the stored blocks "
-           "for y and dx, 4x16 tiles over M for dvalues of the stored blocks only).",
-           "train step: block-sparse MLP = sparsify_(layout='block', sparsity=0.5, blocks.*.mlp.fc1/fc2); "
-           "keep = patch_vit token dropping (keep_ratio)."]
+           "lotus_block = BlockSparseLinear; 'our kernel' = the variant lk.cpu_kernel_path reports (avx2: 6x16 "
+           "fp32 tiles; avx512: 12x32 fp32 tiles; avx512_bf16: 12x32 vdpbf16ps tiles on bf16 operands, fp32 sums).",
+           "train step: block-sparse = sparsify_(layout='block', sparsity=0.5) on blocks.*.mlp.fc1/fc2 (MLP) or "
+           "on qkv, proj, fc1, fc2 (every linear; the head stays dense); keep = patch_vit token dropping."]
     for r in rows:
         if r["target"] is not None:
-            out.append(_harness.verdict(f"{r['section']} {r['shape']} {r['config']}", r))
+            out.append(_harness.verdict(f"{r['section']} {r['threads']}t {r['dtype']} {r['shape']} {r['config']}", r))
     return out
 
 
@@ -384,11 +442,19 @@ def main(argv=None):
                  f"{meta['threads']} threads, {device}")
         print(_harness.write_results(f"sparse_linear{quick}", meta, rows, COLUMNS, plot, title=title, notes=notes(rows)))
     if "block" in args.sections:
-        block = run_block_layers(args, device, sync) + run_block_train(args, device, sync)
+        block = []
+        for threads in args.threads_list:
+            torch.set_num_threads(threads)
+            for dtype_name in args.dtypes:
+                block += run_block_layers(args, device, sync, dtype_name, threads)
+            for dtype_name in args.dtypes:
+                block += run_block_train(args, device, sync, dtype_name, threads)
+        meta["threads"] = args.threads_list if len(args.threads_list) > 1 else args.threads_list[0]
         title = (f"Block-sparse linear (block {args.block_size}): M = {args.batch}x{args.tokens}, "
-                 f"{args.block_model}, {meta['threads']} threads, {device}")
+                 f"{args.block_model}, {'/'.join(map(str, args.threads_list))} threads, {', '.join(args.dtypes)}, "
+                 f"{meta['cpu_model']}, {device}")
         print(_harness.write_results(f"block_sparse_linear{quick}", meta, block, BLOCK_COLUMNS, plot_block,
-                                     title=title, notes=block_notes(block)))
+                                     title=title, notes=block_notes(block, meta)))
         rows += block
     return rows
 

@@ -1,14 +1,16 @@
 """lotus-kernels: kernels that make pruned / token-dropped ViT training cheaper.
 
 Public API: ``ops`` (registered torch ops), ``nn`` (modules), ``select_keep``, ``patch_vit``,
-``sparsify_`` / ``densify_``, ``backends``, ``use_backend``.
+``sparsify_`` / ``densify_``, ``backends``, ``use_backend``, ``cpu_isa`` / ``cpu_isas`` /
+``cpu_kernel_path`` (which x86 ISA the CPU kernels use).
 """
 from . import nn, ops
 from ._backend import backend_errors, backends, use_backend
+from .isa import cpu_isa, cpu_isas, cpu_kernel_path
 from .select import select_keep
 from .sparsify import densify_, sparsify_
 from .vit import patch_vit
 
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "select_keep", "patch_vit", "sparsify_", "densify_", "backends", "backend_errors",
-           "use_backend", "__version__"]
+           "use_backend", "cpu_isa", "cpu_isas", "cpu_kernel_path", "__version__"]

@@ -17,13 +17,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <iterator>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "isa.h"
 
 namespace {
 
@@ -94,65 +98,117 @@ inline std::pair<const acc_t*, int64_t> rows_acc(const scalar_t* src, int64_t ld
 // relative, i.e. ~1 ulp). Inputs here are <= ~0 (scores minus a row max or lse) or -inf; below
 // -87 the result is flushed to exactly 0, which also keeps -inf from turning into NaN.
 // no-trapping-math lets GCC if-convert the selects (else: "control flow in loop", not vectorised);
-// target_clones adds an AVX2 copy picked at load time by CPU feature (not "arch=", which matches CPU models and skips AMD), the default copy keeps SSE2 machines working.
-__attribute__((optimize("no-trapping-math"), target_clones("avx2", "default")))
-void exp_sub(float* __restrict x, int64_t n, float sub) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = x[j] - sub;
-    const float c = v > -87.0f ? v : -87.0f;
-    const float t = c * 1.44269504088896341f;
-    const float r = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick), |t| < 2^22
-    const float f = (c - r * 0.693145751953125f) - r * 1.428606765330187e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
-    float two_n;
-    std::memcpy(&two_n, &bits, sizeof two_n);  // not std::bit_cast: under optimize() it is not inlined
-    const float y = p * two_n;
-    x[j] = v < -87.0f ? 0.0f : y;
+// std::memcpy, not std::bit_cast: under optimize() the latter is not inlined.
+//
+// The fp32 softmax passes (this exp, row max, row sum) are built once per ISA level from one body
+// (function-level `target`, as the block-sparse kernels: default = SSE2, avx2, avx512 with 512-bit
+// vectors) and chosen per op call by lotus::cpu_isa(), so LOTUS_KERNELS_CPU_ISA caps them too. (They
+// were `target_clones("avx2", "default")`, resolved once at load time by CPU feature, not "arch=",
+// whose resolver matches CPU models and picked the SSE2 copy on this AMD EPYC.)
+#define LOTUS_EXP_SUB(NAME, ...)                                                              \
+  __attribute__((__VA_ARGS__)) void NAME(float* __restrict x, int64_t n, float sub) {        \
+    for (int64_t j = 0; j < n; ++j) {                                                         \
+      const float v = x[j] - sub;                                                             \
+      const float c = v > -87.0f ? v : -87.0f;                                                \
+      const float t = c * 1.44269504088896341f;                                               \
+      const float r = (t + 12582912.0f) - 12582912.0f; /* round to nearest, |t| < 2^22 */     \
+      const float f = (c - r * 0.693145751953125f) - r * 1.428606765330187e-06f;              \
+      float p = 1.0f / 720.0f;                                                                \
+      p = p * f + 1.0f / 120.0f;                                                              \
+      p = p * f + 1.0f / 24.0f;                                                               \
+      p = p * f + 1.0f / 6.0f;                                                                \
+      p = p * f + 0.5f;                                                                       \
+      p = p * f + 1.0f;                                                                       \
+      p = p * f + 1.0f;                                                                       \
+      const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;                             \
+      float two_n;                                                                            \
+      std::memcpy(&two_n, &bits, sizeof two_n);                                               \
+      const float y = p * two_n;                                                              \
+      x[j] = v < -87.0f ? 0.0f : y;                                                           \
+    }                                                                                         \
   }
-}
-
-inline void exp_sub(double* x, int64_t n, double sub) {
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
-}
 
 // Row max / sum of a score row. Reassociation is allowed here (the order of a sum over one key
 // block does not matter at the tolerance of an fp32 softmax), so the reductions vectorise instead
 // of running as a 4-cycle-per-element dependency chain.
-#define LOTUS_VEC_REDUCE \
-  __attribute__((optimize("no-trapping-math", "associative-math", "no-signed-zeros"), \
-                 target_clones("avx2", "default")))
 // The max is written on GCC vector types: GCC does not vectorise a float max reduction without
 // finite-math-only (which the -inf of padded keys rules out), and the scalar vmaxss chain it made
-// instead cost more than exp_sub. Two 8-lane accumulators; vector ?: is a compare + blend.
-typedef float f32x8 __attribute__((vector_size(32)));
-LOTUS_VEC_REDUCE float row_max(const float* x, int64_t n) {
-  constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-  f32x8 m0 = {NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF}, m1 = m0;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    f32x8 a, b;
-    std::memcpy(&a, x + j, sizeof a);
-    std::memcpy(&b, x + j + 8, sizeof b);
-    m0 = a > m0 ? a : m0;
-    m1 = b > m1 ? b : m1;
+// instead cost more than exp_sub. Two W-lane accumulators; vector ?: is a compare + blend.
+#define LOTUS_ROW_MAX(NAME, VEC, W, ...)                                                      \
+  __attribute__((__VA_ARGS__)) float NAME(const float* x, int64_t n) {                        \
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();                        \
+    VEC m0, m1;                                                                               \
+    for (int w = 0; w < W; ++w) m0[w] = m1[w] = NEG_INF;                                      \
+    int64_t j = 0;                                                                            \
+    for (; j + 2 * W <= n; j += 2 * W) {                                                      \
+      VEC a, b;                                                                               \
+      std::memcpy(&a, x + j, sizeof a);                                                       \
+      std::memcpy(&b, x + j + W, sizeof b);                                                   \
+      m0 = a > m0 ? a : m0;                                                                   \
+      m1 = b > m1 ? b : m1;                                                                   \
+    }                                                                                         \
+    m0 = m1 > m0 ? m1 : m0;                                                                   \
+    float m = NEG_INF;                                                                        \
+    for (int w = 0; w < W; ++w) m = m0[w] > m ? m0[w] : m;                                    \
+    for (; j < n; ++j) m = x[j] > m ? x[j] : m;                                               \
+    return m;                                                                                 \
   }
-  m0 = m1 > m0 ? m1 : m0;
-  float m = NEG_INF;
-  for (int w = 0; w < 8; ++w) m = m0[w] > m ? m0[w] : m;
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
+#define LOTUS_ROW_SUM(NAME, ...)                                                              \
+  __attribute__((__VA_ARGS__)) float NAME(const float* x, int64_t n) {                        \
+    float s = 0.0f;                                                                           \
+    for (int64_t j = 0; j < n; ++j) s += x[j];                                                \
+    return s;                                                                                 \
+  }
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+#define LOTUS_EXP_OPT optimize("no-trapping-math")
+#define LOTUS_REDUCE_OPT optimize("no-trapping-math", "associative-math", "no-signed-zeros")
+LOTUS_EXP_SUB(exp_sub_default, LOTUS_EXP_OPT)
+LOTUS_ROW_MAX(row_max_default, f32x8, 8, LOTUS_REDUCE_OPT)
+LOTUS_ROW_SUM(row_sum_default, LOTUS_REDUCE_OPT)
+#if defined(__x86_64__) || defined(_M_X64)
+#define LOTUS_AVX2_T target("avx2,fma")
+#define LOTUS_AVX512_T target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+LOTUS_EXP_SUB(exp_sub_avx2, LOTUS_EXP_OPT, LOTUS_AVX2_T)
+LOTUS_ROW_MAX(row_max_avx2, f32x8, 8, LOTUS_REDUCE_OPT, LOTUS_AVX2_T)
+LOTUS_ROW_SUM(row_sum_avx2, LOTUS_REDUCE_OPT, LOTUS_AVX2_T)
+LOTUS_EXP_SUB(exp_sub_avx512, LOTUS_EXP_OPT, LOTUS_AVX512_T)
+LOTUS_ROW_MAX(row_max_avx512, f32x16, 16, LOTUS_REDUCE_OPT, LOTUS_AVX512_T)
+LOTUS_ROW_SUM(row_sum_avx512, LOTUS_REDUCE_OPT, LOTUS_AVX512_T)
+#endif
+
+struct SoftmaxFns {
+  lotus::Isa isa;
+  void (*exp_sub)(float* __restrict, int64_t, float);
+  float (*row_max)(const float*, int64_t);
+  float (*row_sum)(const float*, int64_t);
+};
+// Best first; avx512_bf16 adds nothing for fp32 passes.
+const SoftmaxFns kSoftmaxTable[] = {
+#if defined(__x86_64__) || defined(_M_X64)
+    {lotus::Isa::kAvx512, exp_sub_avx512, row_max_avx512, row_sum_avx512},
+    {lotus::Isa::kAvx2, exp_sub_avx2, row_max_avx2, row_sum_avx2},
+#endif
+    {lotus::Isa::kDefault, exp_sub_default, row_max_default, row_sum_default},
+};
+
+const SoftmaxFns& softmax_fns() {
+  const int cap = static_cast<int>(lotus::cpu_isa());
+  for (const auto& f : kSoftmaxTable)
+    if (static_cast<int>(f.isa) <= cap) return f;
+  return kSoftmaxTable[std::size(kSoftmaxTable) - 1];
 }
-LOTUS_VEC_REDUCE float row_sum(const float* x, int64_t n) {
-  float s = 0.0f;
-  for (int64_t j = 0; j < n; ++j) s += x[j];
-  return s;
+
+// Set by each op call (from softmax_fns()) before any kernel loop runs; read by the wrappers below.
+std::atomic<const SoftmaxFns*> g_softmax{&kSoftmaxTable[std::size(kSoftmaxTable) - 1]};
+
+inline void exp_sub(float* x, int64_t n, float sub) { g_softmax.load(std::memory_order_relaxed)->exp_sub(x, n, sub); }
+inline float row_max(const float* x, int64_t n) { return g_softmax.load(std::memory_order_relaxed)->row_max(x, n); }
+inline float row_sum(const float* x, int64_t n) { return g_softmax.load(std::memory_order_relaxed)->row_sum(x, n); }
+
+inline void exp_sub(double* x, int64_t n, double sub) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
 }
 inline double row_max(const double* x, int64_t n) {  // fp64 is the accuracy reference: keep the order
   double m = -std::numeric_limits<double>::infinity();
@@ -523,6 +579,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
                        int64_t max_seqlen, double scale, int64_t scores_mode, at::Tensor& out, at::Tensor& lse,
                        at::Tensor& scores) {
+  g_softmax.store(&softmax_fns(), std::memory_order_relaxed);
   const bool* mp;
   const Seqs sq = layout(q, mask, cu_seqlens, max_seqlen, &mp);
   check(k, "k", q);
@@ -547,6 +604,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                        const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale, at::Tensor& dq,
                        at::Tensor& dk, at::Tensor& dv) {
+  g_softmax.store(&softmax_fns(), std::memory_order_relaxed);
   const bool* mp;
   const Seqs sq = layout(q, mask, cu_seqlens, max_seqlen, &mp);
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}) check(*t, name, q);
@@ -562,6 +620,13 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                        dv.mutable_data_ptr<scalar_t>(), sq, scale);
   });
 }
+
+// The softmax / score passes' variant (fp32 math for fp32 / bf16 / fp16; fp64 stays scalar). The
+// block products go to the BLAS inside torch (MKL's own dispatch).
+std::string attention_path(at::ScalarType dtype, int64_t) {
+  return dtype == at::kDouble ? "default" : lotus::isa_name(softmax_fns().isa);
+}
+const lotus::KernelPathRegistrar kAttentionPath("attention", attention_path);
 
 }  // namespace
 

@@ -4,21 +4,26 @@
 //   bwd_input  dx[M, in]   = dy @ W               (blocks of a block column, BSC order via perm)
 //   bwd_weight dvalues[k]  = dy[:, r_k]^T @ x[:, c_k]  (SDD: only stored blocks)
 //
-// fp32 on an AVX2+FMA CPU runs register-blocked micro-kernels (BLIS-style):
-// - fwd / bwd_input: the activation (x or dy) is packed per M-chunk into 6-row panels [K][6]
-//   (contiguous broadcasts, no 4 KiB-aliasing strided rows), the weight block rows are the B
-//   operand (W^T or W per block, repacked per call into contiguous [bs][16] slivers); a 6x16 output
-//   tile lives in 12 ymm accumulators across a K group of <= 256 reduction rows (the group's B
-//   slivers stay in L1 while the chunk's panels stream from L2) and is written once per group
-//   (+ bias with the first): each output element is owned by one tile, so no atomics and no
-//   zero-fill pass; an empty block row/column is written as bias/zero by the same loop.
-// - bwd_weight: the reduction runs over M; per M-chunk of 64 rows dy and x are repacked block by
-//   block into [m][bs] panels (strided rows of a 1536/6144-byte pitch would map onto 2-8 L1 sets),
-//   then every stored block is 4x16 tiles (8 accumulators = 2 FMA pipes x 4-cycle latency on Zen 3)
-//   accumulated into dvalues in place. (A 4x24 tile over 8-column segments of a block row's blocks,
-//   12 accumulators, did not measure faster on the shared machine; not kept.)
-// bf16 / fp16 convert to fp32 and take the fp32 path (accumulation in fp32); fp64 and CPUs without
-// AVX2 take plain loops (correct, not tuned).
+// This file holds the tensor code, the threads and the choice of kernel; the micro-kernels are raw-
+// pointer code, one file per ISA (bsr/avx2.cpp, bsr/avx512.cpp, bsr/avx512_bf16.cpp, interface in
+// bsr/kernels.h). Each product has one best-first table of (ISA, dtype, kernel); a call takes the
+// first entry within the ISA cap (isa.h: the CPU's best, capped by LOTUS_KERNELS_CPU_ISA) whose
+// dtype matches, or an fp32 entry for bf16 / fp16 inputs (converted to fp32 copies; rounded once on
+// the way out), else the plain loops below (fp64, CPUs without AVX2, cap "default").
+// `lotus_kernels_C::cpu_kernel_path("block_sparse_linear.fwd", dtype, block_size)` (isa.h) reports the choice.
+//
+// Parallel decomposition:
+// - fwd / bwd_input: M is cut into chunks (packed A of a chunk <= ~256 KiB, an L2 share; a multiple
+//   of the thread count, at least two per thread when M allows, boundaries spread evenly on panel
+//   multiples), one task per chunk: it packs its rows and writes every output tile of them. Work
+//   per row is the same (every row meets every stored block), so the static split is balanced to
+//   within a panel per chunk. Output elements have one owner: no atomics, no zero-fill, one
+//   barrier (after the weight repack). When K is long (a chunk of 96 rows of it would not fit),
+//   K is cut into ranges (BLIS's kc) and a chunk's tiles accumulate over them.
+// - bwd_weight: each thread owns a run of ~nnzb / threads stored blocks (equal work per block; BSR
+//   order, or column order when x is the wider operand) and walks all M chunks itself, packing per
+//   chunk the dy / x column blocks its blocks use: no barrier at all, each dvalues block has one
+//   owner; the narrower operand's panels are packed by each thread that needs them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,207 +31,217 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define LOTUS_X86 1
-#endif
+#include "bsr/kernels.h"
+#include "isa.h"
 
 namespace {
 
-constexpr int64_t MR = 6;    // rows of an fwd / bwd_input tile
-constexpr int64_t NR = 16;   // columns of a tile (two ymm)
-constexpr int64_t WMC = 64;  // M rows per bwd_weight chunk
+namespace bsr = lotus::bsr;
+using lotus::Isa;
 
-struct Operands {
-  const float* a;          // packed A panels of one M-chunk: panel p at a + p * K * MR, [K][MR]
-  int64_t K;               // reduction length of the dense A (in for fwd, out for bwd_input)
-  const int64_t* ptr;      // block list per output block column: ptr[o]..ptr[o+1]
-  const int64_t* a_blk;    // per list entry: which bs-block of K it reads from A
-  const int64_t* b_blk;    // per list entry: which stored block is B (index into b)
-  const float* b;          // B blocks packed [nb][bs / NR][bs][NR]: row kk = reduction index, NR outputs
-  const float* bias;       // [n_out * bs] or null
-  int64_t bs;
+// ---------------------------------------------------------------- dispatch tables (best first)
+template <typename Kernel>
+struct Entry {
+  Isa isa;
+  at::ScalarType dtype;            // what the kernel reads and writes
+  const Kernel* const* kernel;     // null where this build has no such kernel
 };
 
-bool have_avx2() {
-#ifdef LOTUS_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
+const Entry<bsr::PanelKernel> kPanelTable[] = {  // fwd and bwd_input
+    {Isa::kAvx512Bf16, at::kBFloat16, &bsr::kAvx512Bf16Panel},
+    {Isa::kAvx512, at::kFloat, &bsr::kAvx512Fp32Panel},
+    {Isa::kAvx2, at::kFloat, &bsr::kAvx2Fp32Panel},
+};
+const Entry<bsr::WeightKernel> kWeightTable[] = {  // bwd_weight
+    {Isa::kAvx512Bf16, at::kBFloat16, &bsr::kAvx512Bf16Weight},
+    {Isa::kAvx512, at::kFloat, &bsr::kAvx512Fp32Weight},
+    {Isa::kAvx2, at::kFloat, &bsr::kAvx2Fp32Weight},
+};
+
+template <typename Kernel>
+struct Choice {
+  const Entry<Kernel>* entry;  // null: the plain loops
+  bool convert;                // run on fp32 copies of bf16 / fp16 inputs
+};
+
+bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+template <typename Kernel, size_t N>
+Choice<Kernel> choose(const Entry<Kernel> (&table)[N], at::ScalarType dtype, int64_t bs) {
+  const int cap = static_cast<int>(lotus::cpu_isa());
+  for (const auto& e : table) {
+    if (static_cast<int>(e.isa) > cap || *e.kernel == nullptr || bs % 16 != 0) continue;
+    if (e.dtype == dtype) return {&e, false};
+    if (e.dtype == at::kFloat && low_precision(dtype)) return {&e, true};
+  }
+  return {nullptr, low_precision(dtype)};
 }
 
-// A panels: rows 0..rows of src [*, K] (row stride K) into [ceil(rows/MR)][K][MR], zero-padded.
-// dst needs 2 floats of slack past the last panel (the 8-wide stores below overrun by 2).
-#ifdef LOTUS_X86
-__attribute__((target("avx2,fma"))) void pack_panels(const float* src, int64_t K, int64_t rows, float* dst) {
-  for (int64_t p = 0; p * MR < rows; ++p) {
-    const int64_t mv = std::min(MR, rows - p * MR);
-    float* d = dst + p * K * MR;
-    const float* s = src + p * MR * K;
-    int64_t k = 0;
-    if (mv == MR) {
-      // 8 columns at a time: a 6(+2 zero)x8 transpose in registers, each column stored 8 wide at
-      // d + k * 6 (the next store overwrites the 2 extra floats). The scalar loop took ~4 cycles
-      // per float.
-      const __m256 z = _mm256_setzero_ps();
-      for (; k + 8 <= K; k += 8) {
-        const __m256 r0 = _mm256_loadu_ps(s + k), r1 = _mm256_loadu_ps(s + K + k), r2 = _mm256_loadu_ps(s + 2 * K + k),
-                     r3 = _mm256_loadu_ps(s + 3 * K + k), r4 = _mm256_loadu_ps(s + 4 * K + k),
-                     r5 = _mm256_loadu_ps(s + 5 * K + k);
-        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        const __m256 u4 = _mm256_shuffle_ps(t4, z, 0x44), u5 = _mm256_shuffle_ps(t4, z, 0xEE);
-        const __m256 u6 = _mm256_shuffle_ps(t5, z, 0x44), u7 = _mm256_shuffle_ps(t5, z, 0xEE);
-        float* o = d + k * MR;
-        _mm256_storeu_ps(o + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
-        _mm256_storeu_ps(o + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
-        _mm256_storeu_ps(o + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
-        _mm256_storeu_ps(o + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
-        _mm256_storeu_ps(o + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
-        _mm256_storeu_ps(o + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
-        _mm256_storeu_ps(o + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
-        _mm256_storeu_ps(o + 7 * MR, _mm256_permute2f128_ps(u3, u7, 0x31));
+template <typename Kernel>
+std::string path_name(const Choice<Kernel>& c) {
+  std::string s = c.entry ? lotus::isa_name(c.entry->isa) : "default";
+  return c.convert ? s + " (fp32 copies)" : s;
+}
+
+// ---------------------------------------------------------------- drivers of the ISA kernels
+constexpr int64_t kChunkBytes = 256 * 1024;  // packed A per chunk: about half of a 512 KiB - 2 MiB L2
+
+// Working memory (packed operands, partial sums) comes from grow-only per-thread buffers that live
+// as long as the thread: a fresh multi-megabyte allocation per call can be a fresh mmap under
+// glibc's defaults, page-faulted in again on every call (~1 us per 4 KiB page: ~1.5 ms for the
+// 6 MB of bwd_weight panels of a ViT-S layer, a bf16 product's whole time at d = 0.3). A buffer
+// over kScratchCacheBytes is allocated for the call only.
+constexpr int64_t kScratchCacheBytes = int64_t(64) << 20;
+enum ScratchSlot { kPanels, kAcc, kPackedWeight, kPackedRows, kNumSlots };
+
+class Scratch {
+ public:
+  Scratch(ScratchSlot slot, int64_t bytes) {
+    bytes = std::max<int64_t>(bytes, 64);
+    if (bytes > kScratchCacheBytes) {
+      own_.reset(new char[bytes]);
+      ptr_ = own_.get();
+      return;
+    }
+    thread_local std::unique_ptr<char[]> bufs[kNumSlots];
+    thread_local int64_t sizes[kNumSlots] = {};
+    if (sizes[slot] < bytes) {
+      bufs[slot].reset();
+      bufs[slot].reset(new char[bytes]);
+      sizes[slot] = bytes;
+    }
+    ptr_ = bufs[slot].get();
+  }
+  char* get() const { return ptr_; }
+  template <typename T>
+  T* as() const { return reinterpret_cast<T*>(ptr_); }
+
+ private:
+  std::unique_ptr<char[]> own_;
+  char* ptr_ = nullptr;
+};
+
+void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::PanelGemm& g, void* out) {
+  const int64_t elem = k.elem, mr = k.mr, bs = g.bs, Kb = g.K / bs, ldo = g.n_out * bs;
+  int64_t kcb = Kb;  // K blocks per range
+  if (96 * g.K * elem > kChunkBytes) kcb = std::max<int64_t>(1, kChunkBytes / (128 * elem * bs));
+  const int64_t kc = kcb * bs, nranges = (Kb + kcb - 1) / kcb;
+  // Chunks: as many as it takes to keep each within the L2 share, rounded up to a multiple of the
+  // threads (at least two each when M allows); boundaries on panel multiples spread M evenly, so
+  // the static split of chunks over threads is balanced to within one panel per chunk.
+  const int64_t mc_max = std::max(mr, kChunkBytes / (kc * elem) / mr * mr);
+  const int64_t T = at::get_num_threads();
+  int64_t chunks = (M + mc_max - 1) / mc_max;
+  if (T > 1) chunks = std::min((M + mr - 1) / mr, std::max(chunks, 2 * T) + (T - std::max(chunks, 2 * T) % T) % T);
+  auto begin = [&](int64_t c) { return c >= chunks ? M : (c * M / chunks) / mr * mr; };
+  int64_t mc = 0;
+  for (int64_t c = 0; c < chunks; ++c) mc = std::max(mc, begin(c + 1) - begin(c));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const Scratch panels(kPanels, ((mc + mr - 1) / mr * mr) * kc * elem + bsr::kPanelSlack);
+    // bf16 partial sums (touched only when a tile needs more than one pass)
+    const Scratch acc(kAcc, elem != 4 ? mc * ldo * 4 : 0);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t m0 = begin(ch), rows = begin(ch + 1) - m0;
+      if (rows == 0) continue;
+      for (int64_t r = 0; r < nranges; ++r) {
+        const int64_t kb0 = r * kcb, kb1 = std::min(Kb, kb0 + kcb);
+        k.pack_a(static_cast<const char*>(a) + m0 * g.K * elem, g.K, rows, kb0 * bs, kb1 * bs, panels.get());
+        k.compute(g, panels.get(), rows, kb0, kb1, static_cast<char*>(out) + m0 * ldo * elem, ldo, acc.as<float>());
       }
     }
-    for (; k < K; ++k)
-      for (int64_t m = 0; m < MR; ++m) d[k * MR + m] = m < mv ? s[m * K + k] : 0.f;
-  }
-}
-#endif
-
-#ifdef LOTUS_X86
-// out tile [mv x 16] (row stride ldo) = bias + sum over the list of A panel slice [bs][6] x B slice
-// [bs][16] (row stride bs).
-// Entries e0..e1 of the list of output block column o; `first`: the tile starts from zero and gets the
-// bias, else it adds to what `out` holds (a later K group).
-__attribute__((target("avx2,fma"))) void tile_6x16(const Operands& op, const float* apanel, int64_t o, int64_t h,
-                                                    int64_t e0, int64_t e1, bool first, float* out, int64_t ldo,
-                                                    int64_t mv) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
-         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  if (!first) {  // rows >= mv stay 0: their A rows are zero padding and they are never stored
-#define LOTUS_LOAD_ROW(m, a, b) \
-  if (mv > m) { a = _mm256_loadu_ps(out + m * ldo); b = _mm256_loadu_ps(out + m * ldo + 8); }
-    LOTUS_LOAD_ROW(0, c00, c01) LOTUS_LOAD_ROW(1, c10, c11) LOTUS_LOAD_ROW(2, c20, c21)
-    LOTUS_LOAD_ROW(3, c30, c31) LOTUS_LOAD_ROW(4, c40, c41) LOTUS_LOAD_ROW(5, c50, c51)
-#undef LOTUS_LOAD_ROW
-  }
-  const int64_t bs = op.bs;
-  for (int64_t e = e0; e < e1; ++e) {
-    const float* a = apanel + op.a_blk[e] * bs * MR;
-    // Contiguous 2-4 KiB slivers: with the [bs][bs] rows of a block (128-256 B pitch) a 16-column
-    // slice used only every other L1 set, and the B sliver of a K group thrashed against A.
-    const float* b = op.b + (op.b_blk[e] * (bs / NR) + h) * bs * NR;
-    for (int64_t kk = 0; kk < bs; ++kk, a += MR, b += NR) {
-      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-      __m256 av = _mm256_broadcast_ss(a + 0);
-      c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01);
-      av = _mm256_broadcast_ss(a + 1);
-      c10 = _mm256_fmadd_ps(av, b0, c10); c11 = _mm256_fmadd_ps(av, b1, c11);
-      av = _mm256_broadcast_ss(a + 2);
-      c20 = _mm256_fmadd_ps(av, b0, c20); c21 = _mm256_fmadd_ps(av, b1, c21);
-      av = _mm256_broadcast_ss(a + 3);
-      c30 = _mm256_fmadd_ps(av, b0, c30); c31 = _mm256_fmadd_ps(av, b1, c31);
-      av = _mm256_broadcast_ss(a + 4);
-      c40 = _mm256_fmadd_ps(av, b0, c40); c41 = _mm256_fmadd_ps(av, b1, c41);
-      av = _mm256_broadcast_ss(a + 5);
-      c50 = _mm256_fmadd_ps(av, b0, c50); c51 = _mm256_fmadd_ps(av, b1, c51);
-    }
-  }
-  __m256 z0 = _mm256_setzero_ps(), z1 = z0;
-  if (first && op.bias) {
-    z0 = _mm256_loadu_ps(op.bias + o * bs + h * NR);
-    z1 = _mm256_loadu_ps(op.bias + o * bs + h * NR + 8);
-  }
-  const __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int64_t m = 0; m < mv; ++m) {
-    _mm256_storeu_ps(out + m * ldo, _mm256_add_ps(rows[m][0], z0));
-    _mm256_storeu_ps(out + m * ldo + 8, _mm256_add_ps(rows[m][1], z1));
-  }
+  });
 }
 
-// dv tile [4 x 16] (row stride bs) (+)= sum_m a[m][0..4]^T b[m][0..16], a/b rows of stride bs.
-__attribute__((target("avx2,fma"))) void tile_4x16_t(const float* a, const float* b, int64_t bs, int64_t rows,
-                                                      float* dv, bool accumulate) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-  if (accumulate) {
-    c00 = _mm256_loadu_ps(dv); c01 = _mm256_loadu_ps(dv + 8);
-    c10 = _mm256_loadu_ps(dv + bs); c11 = _mm256_loadu_ps(dv + bs + 8);
-    c20 = _mm256_loadu_ps(dv + 2 * bs); c21 = _mm256_loadu_ps(dv + 2 * bs + 8);
-    c30 = _mm256_loadu_ps(dv + 3 * bs); c31 = _mm256_loadu_ps(dv + 3 * bs + 8);
-  }
-  for (int64_t m = 0; m < rows; ++m, a += bs, b += bs) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a + 0);
-    c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a + 1);
-    c10 = _mm256_fmadd_ps(av, b0, c10); c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a + 2);
-    c20 = _mm256_fmadd_ps(av, b0, c20); c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a + 3);
-    c30 = _mm256_fmadd_ps(av, b0, c30); c31 = _mm256_fmadd_ps(av, b1, c31);
-  }
-  _mm256_storeu_ps(dv, c00); _mm256_storeu_ps(dv + 8, c01);
-  _mm256_storeu_ps(dv + bs, c10); _mm256_storeu_ps(dv + bs + 8, c11);
-  _mm256_storeu_ps(dv + 2 * bs, c20); _mm256_storeu_ps(dv + 2 * bs + 8, c21);
-  _mm256_storeu_ps(dv + 3 * bs, c30); _mm256_storeu_ps(dv + 3 * bs + 8, c31);
+// values [nnzb][bs][bs] -> B slivers (transpose: W_k^T for fwd).
+Scratch pack_weight(const bsr::PanelKernel& k, const at::Tensor& values, bool transpose) {
+  const int64_t nnzb = values.size(0), bs = values.size(1);
+  Scratch bp(kPackedWeight, nnzb * bs * bs * k.elem + bsr::kPanelSlack);
+  at::parallel_for(0, nnzb, 16, [&](int64_t b, int64_t e) { k.pack_b(values.const_data_ptr(), bs, b, e, transpose, bp.get()); });
+  return bp;
 }
 
-// d [rows][n] = rows of s (pitch ld), n a multiple of 16. Explicit vectors: the plain loop (and a
-// memcpy per row) ran at ~4 cycles per float, ~8 ms of packing per ViT-S bwd_weight.
-__attribute__((target("avx2,fma"))) void copy_rows(const float* s, int64_t ld, int64_t rows, int64_t n, float* d) {
-  for (int64_t m = 0; m < rows; ++m, s += ld, d += n)
-    for (int64_t j = 0; j < n; j += 16) {
-      const __m256 a = _mm256_loadu_ps(s + j), b = _mm256_loadu_ps(s + j + 8);
-      _mm256_storeu_ps(d + j, a);
-      _mm256_storeu_ps(d + j + 8, b);
-    }
+void run_fwd(const bsr::PanelKernel& k, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+             const at::Tensor& col, const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  const int64_t nnzb = values.size(0);
+  const Scratch bp = pack_weight(k, values, true);
+  std::vector<int64_t> ident(static_cast<size_t>(nnzb));
+  std::iota(ident.begin(), ident.end(), int64_t(0));
+  const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  bsr::PanelGemm g;
+  g.K = x.size(1), g.bs = values.size(1), g.n_out = crow.numel() - 1;
+  g.ptr = crow.const_data_ptr<int64_t>(), g.a_blk = col.const_data_ptr<int64_t>(), g.b_blk = ident.data();
+  g.b = bp.get(), g.bias = bias ? b32.const_data_ptr<float>() : nullptr;
+  panel_gemm(k, x.const_data_ptr(), x.size(0), g, out.mutable_data_ptr());
 }
-#endif
 
-// out [M, n_out * bs] from A [M, K] (fp32, AVX2). M is cut into chunks whose packed panels fit in
-// ~half the L2; per chunk the output block columns are walked in order so one B slice is reused
-// by every panel of the chunk.
-void sparse_panel_gemm(const float* A, int64_t M, Operands op, int64_t n_out, float* out) {
-#ifdef LOTUS_X86
-  const int64_t ldo = n_out * op.bs;
-  const int64_t mc = std::max<int64_t>(MR, (256 * 1024 / 4 / std::max<int64_t>(op.K, 1)) / MR * MR);
-  const int64_t chunks = (M + mc - 1) / mc;
-  const int64_t kb = std::max<int64_t>(1, 256 / op.bs);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> panels(static_cast<size_t>(mc * op.K + 8));
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t m0 = ch * mc, rows = std::min(mc, M - m0);
-      pack_panels(A + m0 * op.K, op.K, rows, panels.data());
-      const int64_t np = (rows + MR - 1) / MR;
-      for (int64_t o = 0; o < n_out; ++o)
-        for (int64_t h = 0; h < op.bs / NR; ++h) {
-          // K groups of <= KB blocks: their [KB*bs][16] B sliver (16 KiB) stays in L1 while every
-          // panel of the chunk streams past it (a whole 1536-long list was 96 KiB: 1.35x slower).
-          const int64_t end = op.ptr[o + 1];
-          int64_t e0 = op.ptr[o];
-          do {
-            const int64_t e1 = std::min(end, e0 + kb);
-            for (int64_t p = 0; p < np; ++p)
-              tile_6x16(op, panels.data() + p * op.K * MR, o, h, e0, e1, e0 == op.ptr[o],
-                        out + (m0 + p * MR) * ldo + o * op.bs + h * NR, ldo, std::min(MR, rows - p * MR));
-            e0 = e1;
-          } while (e0 < end);
-        }
+void run_bwd_input(const bsr::PanelKernel& k, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol,
+                   const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx) {
+  const Scratch bp = pack_weight(k, values, false);
+  bsr::PanelGemm g;
+  g.K = dy.size(1), g.bs = values.size(1), g.n_out = ccol.numel() - 1;
+  g.ptr = ccol.const_data_ptr<int64_t>(), g.a_blk = row.const_data_ptr<int64_t>(),
+  g.b_blk = perm.const_data_ptr<int64_t>(), g.b = bp.get();
+  panel_gemm(k, dy.const_data_ptr(), dy.size(0), g, dx.mutable_data_ptr());
+}
+
+// dv (fp32 [nnzb][bs][bs]) of the stored blocks.
+void run_bwd_weight(const bsr::WeightKernel& k, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
+                    const at::Tensor& col, int64_t bs, float* dv) {
+  const int64_t M = dy.size(0), out_f = dy.size(1), in = x.size(1), R = crow.numel() - 1, Cb = in / bs;
+  const int64_t nnzb = col.numel(), elem = k.elem, mc = k.mc, chunks = (M + mc - 1) / mc;
+  const int64_t slot_bytes = k.panel_elems(mc, bs) * elem;
+  const int64_t* cr = crow.const_data_ptr<int64_t>();
+  const int64_t* cl = col.const_data_ptr<int64_t>();
+  std::vector<int64_t> brow(static_cast<size_t>(nnzb));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t e = cr[r]; e < cr[r + 1]; ++e) brow[e] = r;
+  // Threads own equal runs of stored blocks, in BSR order when dy is the wider operand (their dy
+  // block rows are then disjoint and only the narrower x panels are packed by more than one
+  // thread), else in column order.
+  std::vector<int64_t> order(static_cast<size_t>(nnzb));
+  if (out_f >= in) {
+    std::iota(order.begin(), order.end(), int64_t(0));
+  } else {  // counting sort by block column (stable: rows ascending inside a column)
+    std::vector<int64_t> start(static_cast<size_t>(Cb + 1), 0);
+    for (int64_t e = 0; e < nnzb; ++e) ++start[cl[e] + 1];
+    for (int64_t c = 0; c < Cb; ++c) start[c + 1] += start[c];
+    for (int64_t e = 0; e < nnzb; ++e) order[start[cl[e]]++] = e;
+  }
+  const char* dyp = static_cast<const char*>(dy.const_data_ptr());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnzb));
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t i0 = nnzb * t0 / T, i1 = nnzb * t1 / T;
+    // This thread's dy block rows (slots first) and x block columns, packed chunk by chunk into its
+    // own buffer: one chunk's panels stay in L2 between packing and use (packing all of M first
+    // sent ~12 MB through DRAM and made the ViT-S fp32 product 10-40% slower at density 0.1).
+    std::vector<int64_t> slot(static_cast<size_t>(R + Cb), -1), used;
+    for (int64_t i = i0; i < i1; ++i)
+      for (const int64_t t : {brow[order[i]], R + cl[order[i]]})
+        if (slot[t] < 0) slot[t] = static_cast<int64_t>(used.size()), used.push_back(t);
+    const Scratch buf(kPackedRows, static_cast<int64_t>(used.size()) * slot_bytes + bsr::kPanelSlack);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t m0 = c * mc, rows = std::min(mc, M - m0);
+      for (size_t s = 0; s < used.size(); ++s) {
+        const bool is_dy = used[s] < R;
+        const int64_t blk = is_dy ? used[s] : used[s] - R, ld = is_dy ? out_f : in;
+        k.pack((is_dy ? dyp : xp) + (m0 * ld + blk * bs) * elem, ld, rows, bs, buf.get() + s * slot_bytes);
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t e = order[i];
+        k.block(buf.get() + slot[brow[e]] * slot_bytes, buf.get() + slot[R + cl[e]] * slot_bytes, rows, bs,
+                dv + e * bs * bs, c > 0);
+      }
     }
   });
-#endif
 }
 
-// ---------------------------------------------------------------- plain loops (fp64, no AVX2)
+// ---------------------------------------------------------------- plain loops (fp64, no AVX2, cap "default")
 template <typename T>
 void fwd_plain(const T* x, int64_t M, int64_t in, const T* v, const int64_t* crow, const int64_t* col, const T* bias,
                int64_t R, int64_t bs, T* out) {
@@ -287,57 +302,6 @@ void bwd_weight_plain(const T* dy, const T* x, int64_t M, int64_t out_f, int64_t
   });
 }
 
-// ---------------------------------------------------------------- fp32 AVX2 drivers
-void fwd_avx2(const float* x, int64_t M, int64_t in, const float* v, const int64_t* crow, const int64_t* col,
-              const float* bias, int64_t R, int64_t bs, int64_t nnzb, float* out) {
-  // B of the forward is W^T per block, packed: wt[k][h][j][i'] = v[k][h * NR + i'][j] (one pass over
-  // the weight per call, nnzb * bs^2 floats, ~1/(2M) of the FLOPs).
-  std::vector<float> wt(static_cast<size_t>(nnzb * bs * bs));
-  at::parallel_for(0, nnzb, 16, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k)
-      for (int64_t h = 0; h < bs / NR; ++h)
-        for (int64_t j = 0; j < bs; ++j)
-          for (int64_t i = 0; i < NR; ++i)
-            wt[((k * (bs / NR) + h) * bs + j) * NR + i] = v[(k * bs + h * NR + i) * bs + j];
-  });
-  std::vector<int64_t> kidx(static_cast<size_t>(nnzb));
-  for (int64_t k = 0; k < nnzb; ++k) kidx[k] = k;
-  Operands op{nullptr, in, crow, col, kidx.data(), wt.data(), bias, bs};
-  sparse_panel_gemm(x, M, op, R, out);
-}
-
-void bwd_weight_avx2(const float* dy, const float* x, int64_t M, int64_t out_f, int64_t in, const int64_t* crow,
-                     const int64_t* col, int64_t R, int64_t nnzb, int64_t bs, float* dv) {
-#ifdef LOTUS_X86
-  const int64_t Cb = in / bs;
-  std::vector<float> dyp(static_cast<size_t>(WMC * out_f)), xp(static_cast<size_t>(WMC * in));
-  std::vector<char> used(static_cast<size_t>(R + Cb), 0);  // block rows, then block columns, with a stored block
-  for (int64_t r = 0; r < R; ++r) used[r] = crow[r + 1] > crow[r];
-  for (int64_t k = 0; k < nnzb; ++k) used[R + col[k]] = 1;
-  for (int64_t m0 = 0; m0 < M; m0 += WMC) {
-    const int64_t rows = std::min(WMC, M - m0);
-    // [block][m][bs] panels: the tiles below read them with a bs-float pitch.
-    at::parallel_for(0, R + Cb, 8, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const bool is_dy = t < R;
-        const int64_t blk = is_dy ? t : t - R, ld = is_dy ? out_f : in;
-        const float* s = (is_dy ? dy : x) + m0 * ld + blk * bs;
-        float* d = (is_dy ? dyp.data() : xp.data()) + blk * WMC * bs;
-        if (used[t]) copy_rows(s, ld, rows, bs, d);
-      }
-    });
-    const bool accumulate = m0 > 0;
-    at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
-      for (int64_t r = rb; r < re; ++r)
-        for (int64_t k = crow[r]; k < crow[r + 1]; ++k)
-          for (int64_t i = 0; i < bs; i += 4)
-            for (int64_t j = 0; j < bs; j += NR)
-              tile_4x16_t(dyp.data() + r * WMC * bs + i, xp.data() + col[k] * WMC * bs + j, bs, rows,
-                          dv + (k * bs + i) * bs + j, accumulate);
-    });
-  }
-#endif
-}
 
 // ---------------------------------------------------------------- entry points
 void check_common(const at::Tensor& a, const at::Tensor& values, const at::Tensor& out, const char* name) {
@@ -347,32 +311,33 @@ void check_common(const at::Tensor& a, const at::Tensor& values, const at::Tenso
               ": expected one float dtype");
 }
 
-bool low_precision(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
-
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
+}
 
 void bsr_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                         const std::optional<at::Tensor>& bias, at::Tensor& out) {
   check_common(x, values, out, "bsr_linear_fwd");
   TORCH_CHECK(crow.is_contiguous() && col.is_contiguous(), "bsr_linear_fwd: expected contiguous index tensors");
-  if (low_precision(x)) {
+  const int64_t M = x.size(0), in = x.size(1), bs = values.size(1), R = crow.numel() - 1;
+  if (M == 0 || R == 0) return;
+  const auto c = choose(kPanelTable, x.scalar_type(), bs);
+  if (c.entry && in > 0) {
+    const bsr::PanelKernel& k = **c.entry->kernel;
+    if (!c.convert) return run_fwd(k, x, values, crow, col, bias, out);
     at::Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    std::optional<at::Tensor> b32 = bias ? std::optional<at::Tensor>(f32(*bias)) : std::nullopt;
-    bsr_linear_fwd_cpu(f32(x), f32(values), crow, col, b32, tmp);
+    run_fwd(k, f32(x), f32(values), crow, col, f32(bias), tmp);
     out.copy_(tmp);
     return;
   }
-  const int64_t M = x.size(0), in = x.size(1), bs = values.size(1), R = crow.numel() - 1, nnzb = values.size(0);
-  if (M == 0) return;
-  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
-  if (x.scalar_type() == at::kFloat && have_avx2() && bs % NR == 0) {
-    fwd_avx2(x.const_data_ptr<float>(), M, in, values.const_data_ptr<float>(), crow.const_data_ptr<int64_t>(),
-             col.const_data_ptr<int64_t>(), bias ? b.const_data_ptr<float>() : nullptr, R, bs, nnzb,
-             out.mutable_data_ptr<float>());
+  if (low_precision(x.scalar_type())) {
+    at::Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    bsr_linear_fwd_cpu(f32(x), f32(values), crow, col, f32(bias), tmp);
+    out.copy_(tmp);
     return;
   }
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsr_linear_fwd_cpu", [&] {
     fwd_plain<scalar_t>(x.const_data_ptr<scalar_t>(), M, in, values.const_data_ptr<scalar_t>(),
                         crow.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
@@ -385,29 +350,21 @@ void bsr_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   check_common(dy, values, dx, "bsr_linear_bwd_input");
   TORCH_CHECK(ccol.is_contiguous() && row.is_contiguous() && perm.is_contiguous(),
               "bsr_linear_bwd_input: expected contiguous index tensors");
-  if (low_precision(dy)) {
+  const int64_t M = dy.size(0), out_f = dy.size(1), bs = values.size(1), Cb = ccol.numel() - 1;
+  if (M == 0 || Cb == 0) return;
+  const auto c = choose(kPanelTable, dy.scalar_type(), bs);
+  if (c.entry && out_f > 0) {
+    const bsr::PanelKernel& k = **c.entry->kernel;
+    if (!c.convert) return run_bwd_input(k, dy, values, ccol, row, perm, dx);
     at::Tensor tmp = at::empty(dx.sizes(), dx.options().dtype(at::kFloat));
-    bsr_linear_bwd_input_cpu(f32(dy), f32(values), ccol, row, perm, tmp);
+    run_bwd_input(k, f32(dy), f32(values), ccol, row, perm, tmp);
     dx.copy_(tmp);
     return;
   }
-  const int64_t M = dy.size(0), out_f = dy.size(1), bs = values.size(1), Cb = ccol.numel() - 1;
-  if (M == 0) return;
-  if (dy.scalar_type() == at::kFloat && have_avx2() && bs % NR == 0) {
-    // B is W itself per block, packed [k][h][i][j'] = v[k][i][h * NR + j'].
-    const int64_t nnzb = values.size(0);
-    const float* v = values.const_data_ptr<float>();
-    std::vector<float> vp(static_cast<size_t>(nnzb * bs * bs));
-    at::parallel_for(0, nnzb, 16, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k)
-        for (int64_t h = 0; h < bs / NR; ++h)
-          for (int64_t i = 0; i < bs; ++i)
-            for (int64_t j = 0; j < NR; ++j)
-              vp[((k * (bs / NR) + h) * bs + i) * NR + j] = v[(k * bs + i) * bs + h * NR + j];
-    });
-    Operands op{nullptr, out_f, ccol.const_data_ptr<int64_t>(), row.const_data_ptr<int64_t>(),
-                perm.const_data_ptr<int64_t>(), vp.data(), nullptr, bs};
-    sparse_panel_gemm(dy.const_data_ptr<float>(), M, op, Cb, dx.mutable_data_ptr<float>());
+  if (low_precision(dy.scalar_type())) {
+    at::Tensor tmp = at::empty(dx.sizes(), dx.options().dtype(at::kFloat));
+    bsr_linear_bwd_input_cpu(f32(dy), f32(values), ccol, row, perm, tmp);
+    dx.copy_(tmp);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "bsr_linear_bwd_input_cpu", [&] {
@@ -425,12 +382,6 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
               "bsr_linear_bwd_weight: expected contiguous tensors");
   TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.scalar_type() == dvalues.scalar_type(),
               "bsr_linear_bwd_weight: expected one float dtype");
-  if (low_precision(dy)) {
-    at::Tensor tmp = at::empty(dvalues.sizes(), dvalues.options().dtype(at::kFloat));
-    bsr_linear_bwd_weight_cpu(f32(dy), f32(x), crow, col, tmp);
-    dvalues.copy_(tmp);
-    return;
-  }
   const int64_t M = dy.size(0), out_f = dy.size(1), in = x.size(1), bs = dvalues.size(1), nnzb = dvalues.size(0),
                 R = crow.numel() - 1;
   if (nnzb == 0) return;
@@ -438,12 +389,28 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
     dvalues.zero_();
     return;
   }
-  const int64_t* cr = crow.const_data_ptr<int64_t>();
-  if (dy.scalar_type() == at::kFloat && have_avx2() && bs % NR == 0) {
-    bwd_weight_avx2(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), M, out_f, in, cr,
-                    col.const_data_ptr<int64_t>(), R, nnzb, bs, dvalues.mutable_data_ptr<float>());
+  const auto c = choose(kWeightTable, dy.scalar_type(), bs);
+  if (c.entry) {
+    const bsr::WeightKernel& k = **c.entry->kernel;
+    if (dvalues.scalar_type() == at::kFloat) {
+      run_bwd_weight(k, dy, x, crow, col, bs, dvalues.mutable_data_ptr<float>());
+    } else {  // fp32 sums, rounded once
+      at::Tensor tmp = at::empty(dvalues.sizes(), dvalues.options().dtype(at::kFloat));
+      if (c.convert)
+        run_bwd_weight(k, f32(dy), f32(x), crow, col, bs, tmp.mutable_data_ptr<float>());
+      else
+        run_bwd_weight(k, dy, x, crow, col, bs, tmp.mutable_data_ptr<float>());
+      dvalues.copy_(tmp);
+    }
     return;
   }
+  if (low_precision(dy.scalar_type())) {
+    at::Tensor tmp = at::empty(dvalues.sizes(), dvalues.options().dtype(at::kFloat));
+    bsr_linear_bwd_weight_cpu(f32(dy), f32(x), crow, col, tmp);
+    dvalues.copy_(tmp);
+    return;
+  }
+  const int64_t* cr = crow.const_data_ptr<int64_t>();
   std::vector<int64_t> blk_row(static_cast<size_t>(nnzb));
   for (int64_t r = 0; r < R; ++r)
     for (int64_t k = cr[r]; k < cr[r + 1]; ++k) blk_row[k] = r;
@@ -453,6 +420,12 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
                                dvalues.mutable_data_ptr<scalar_t>());
   });
 }
+
+std::string fwd_path(at::ScalarType dtype, int64_t bs) { return path_name(choose(kPanelTable, dtype, bs)); }
+std::string weight_path(at::ScalarType dtype, int64_t bs) { return path_name(choose(kWeightTable, dtype, bs)); }
+const lotus::KernelPathRegistrar kFwdPath("block_sparse_linear.fwd", fwd_path);
+const lotus::KernelPathRegistrar kBwdInputPath("block_sparse_linear.bwd_input", fwd_path);
+const lotus::KernelPathRegistrar kBwdWeightPath("block_sparse_linear.bwd_weight", weight_path);
 
 }  // namespace
 

@@ -1,0 +1,252 @@
+// bf16 block-sparse micro-kernels for AVX512_BF16 (vdpbf16ps: 16 fp32 lanes, each += the dot
+// product of a pair of bf16; interface: kernels.h). Operands stay bf16 (half the bytes of fp32 and
+// twice the products per instruction), accumulation is fp32, each output is rounded to bf16 once
+// (round to nearest even), like oneDNN's bf16 GEMM that torch uses for a dense bf16 nn.Linear.
+// The reduction index is packed in pairs: a 32-bit word holds elements (2p, 2p + 1) of one row of
+// A or one column of B, so everything below moves 32-bit words, the fp32 kernels' layouts with
+// half the reduction length.
+// - PanelKernel: 12-row A panels [K/2][12] words, B slivers [bs/2][nr] words, a 12 x 32 tile in
+//   24 zmm accumulators (12 x 16 for bs = 16), A word broadcast from memory.
+// - WeightKernel: the reduction is over M, so dy and x panels hold row pairs: [rows/2][bs] words
+//   (an odd last row paired with zero); 8 x 32 tiles.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+#include "panel_loop.h"
+
+namespace lotus::bsr {
+namespace {
+
+#define LOTUS_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int64_t MR = 12;
+
+inline int64_t nr_of(int64_t bs) { return bs % 32 == 0 ? 32 : 16; }
+
+LOTUS_BF16 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// 16 words (lo[j], hi[j]) from 16 bf16 of each of two rows: one vpermt2w (upper halves unused).
+LOTUS_BF16 inline __m512i interleave16(const uint16_t* lo, const uint16_t* hi) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                       5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+  const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
+  return _mm512_permutex2var_epi16(a, idx, b);
+}
+
+// B slivers [k][h][bs/2][nr] words: transpose (fwd, B = W_k^T): word (p, n) = W_k[h*nr + n][2p, 2p+1],
+// i.e. a word transpose of the slice's rows; else (bwd_input, B = W_k): (W_k[2p][h*nr + n], W_k[2p+1][..]).
+LOTUS_BF16 void pack_b(const void* values, int64_t bs, int64_t k0, int64_t k1, bool transpose, void* dst) {
+  const int64_t nr = nr_of(bs), bw = bs / 2;
+  const uint16_t* v = static_cast<const uint16_t*>(values);
+  uint32_t* d = static_cast<uint32_t*>(dst);
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint16_t* vk = v + k * bs * bs;
+    for (int64_t h = 0; h < bs / nr; ++h) {
+      uint32_t* s = d + (k * (bs / nr) + h) * bw * nr;
+      if (transpose) {
+        const float* w = reinterpret_cast<const float*>(vk);  // row i = bw words
+        for (int64_t n0 = 0; n0 < nr; n0 += 8)
+          for (int64_t p0 = 0; p0 < bw; p0 += 8) {
+            __m256 r[8];
+            for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(w + (h * nr + n0 + t) * bw + p0);
+            transpose8(r);
+            for (int t = 0; t < 8; ++t) _mm256_storeu_ps(reinterpret_cast<float*>(s + (p0 + t) * nr + n0), r[t]);
+          }
+      } else {
+        for (int64_t p = 0; p < bw; ++p)
+          for (int64_t n = 0; n < nr; n += 16)
+            _mm512_storeu_si512(s + p * nr + n,
+                                interleave16(vk + 2 * p * bs + h * nr + n, vk + (2 * p + 1) * bs + h * nr + n));
+      }
+    }
+  }
+}
+
+// Panels [(c1 - c0)/2][12] words (the fp32 packer of avx512.cpp on words).
+LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst) {
+  const int64_t K = (c1 - c0) / 2, ld = lda / 2;
+  for (int64_t p = 0; p * MR < rows; ++p) {
+    const int64_t mv = std::min(MR, rows - p * MR);
+    float* d = reinterpret_cast<float*>(static_cast<uint32_t*>(dst) + p * K * MR);
+    const float* s = reinterpret_cast<const float*>(static_cast<const uint16_t*>(a) + c0) + p * MR * ld;
+    int64_t k = 0;
+    if (mv == MR) {
+      for (; k + 8 <= K; k += 8) {
+        __m256 r[8], q[8];
+        for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(s + t * ld + k);
+        for (int t = 0; t < 4; ++t) q[t] = _mm256_loadu_ps(s + (8 + t) * ld + k);
+        q[4] = q[5] = q[6] = q[7] = _mm256_setzero_ps();
+        transpose8(r);
+        transpose8(q);
+        for (int t = 0; t < 8; ++t) {
+          _mm256_storeu_ps(d + (k + t) * MR, r[t]);
+          _mm_storeu_ps(d + (k + t) * MR + 8, _mm256_castps256_ps128(q[t]));
+        }
+      }
+    }
+    const uint32_t* sw = reinterpret_cast<const uint32_t*>(s);
+    uint32_t* dw = reinterpret_cast<uint32_t*>(d);
+    for (; k < K; ++k)
+      for (int64_t m = 0; m < MR; ++m) dw[k * MR + m] = m < mv ? sw[m * ld + k] : 0u;
+  }
+}
+
+LOTUS_BF16 inline void store_bf16(uint16_t* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Output tile: complete in one call (first and last) -> straight to bf16 out; otherwise partial
+// sums live in the fp32 `acc` (same row / column indices as out) until the last call.
+template <int NB>
+LOTUS_BF16 void tile(const TileCall& t, uint16_t* out, float* acc, int64_t ldo) {
+  constexpr int64_t NR = 16 * NB;
+  const PanelGemm& g = *t.g;
+  const int64_t bs = g.bs, mv = t.mv, bw = bs / 2;
+  const int64_t off = t.row * ldo + t.o * bs + t.h * NR;
+  __m512 c[MR][NB];
+#pragma GCC unroll 12
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+    for (int n = 0; n < NB; ++n)
+      c[m][n] = (!t.first && m < mv) ? _mm512_loadu_ps(acc + off + m * ldo + 16 * n) : _mm512_setzero_ps();
+  const uint32_t* bpk = static_cast<const uint32_t*>(g.b);
+  for (int64_t e = t.e0; e < t.e1; ++e) {
+    const uint32_t* a = static_cast<const uint32_t*>(t.apanel) + (g.a_blk[e] - t.kb0) * bw * MR;
+    const uint32_t* b = bpk + (g.b_blk[e] * (bs / NR) + t.h) * bw * NR;
+    for (int64_t p = 0; p < bw; ++p, a += MR, b += NR) {
+      __m512bh bv[NB];
+#pragma GCC unroll 2
+      for (int n = 0; n < NB; ++n) bv[n] = (__m512bh)_mm512_loadu_si512(b + 16 * n);
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m]));
+#pragma GCC unroll 2
+        for (int n = 0; n < NB; ++n) c[m][n] = _mm512_dpbf16_ps(c[m][n], av, bv[n]);
+      }
+    }
+  }
+  if (t.last) {
+    __m512 z[NB];
+#pragma GCC unroll 2
+    for (int n = 0; n < NB; ++n)
+      z[n] = g.bias ? _mm512_loadu_ps(g.bias + t.o * bs + t.h * NR + 16 * n) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m)
+      if (m < mv)
+#pragma GCC unroll 2
+        for (int n = 0; n < NB; ++n) store_bf16(out + off + m * ldo + 16 * n, _mm512_add_ps(c[m][n], z[n]));
+  } else {
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m)
+      if (m < mv)
+#pragma GCC unroll 2
+        for (int n = 0; n < NB; ++n) _mm512_storeu_ps(acc + off + m * ldo + 16 * n, c[m][n]);
+  }
+}
+
+void compute(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out, int64_t ldo,
+             float* acc) {
+  const int64_t K = (kb1 - kb0) * g.bs, nr = nr_of(g.bs);
+  uint16_t* o = static_cast<uint16_t*>(out);
+  const char* pn = static_cast<const char*>(panels);
+  if (nr == 32)
+    panel_loop(g, pn, rows, kb0, kb1, MR, nr, group_blocks(g.bs, nr, 2), K * MR * 2,
+               [&](const TileCall& t) { tile<2>(t, o, acc, ldo); });
+  else
+    panel_loop(g, pn, rows, kb0, kb1, MR, nr, group_blocks(g.bs, nr, 2), K * MR * 2,
+               [&](const TileCall& t) { tile<1>(t, o, acc, ldo); });
+}
+
+// ---------------------------------------------------------------- bwd_weight
+// Panel [ceil(rows/2)][bs] words: word (p, j) = (src[2p][j], src[2p+1][j]), a missing odd row = 0.
+LOTUS_BF16 void pack_pairs(const void* src, int64_t ld, int64_t rows, int64_t bs, void* dst) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  uint32_t* d = static_cast<uint32_t*>(dst);
+  alignas(64) static constexpr uint16_t kZeros[64] = {};
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const uint16_t* r0 = s + 2 * p * ld;
+    const bool odd_tail = 2 * p + 1 >= rows;
+    for (int64_t j = 0; j < bs; j += 16)
+      _mm512_storeu_si512(d + p * bs + j, interleave16(r0 + j, odd_tail ? kZeros : r0 + ld + j));
+  }
+}
+
+int64_t pair_panel_elems(int64_t rows, int64_t bs) { return (rows + 1) / 2 * bs * 2; }
+
+// dv tile [8 x 16 NB] (row stride bs) (+)= sum over row pairs p of a words (p, 0..8) x b words (p, 0..16 NB).
+template <int NB>
+LOTUS_BF16 void wtile(const uint32_t* a, const uint32_t* b, int64_t bs, int64_t pairs, float* dv, bool accumulate) {
+  __m512 c[8][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 2
+    for (int n = 0; n < NB; ++n) c[i][n] = accumulate ? _mm512_loadu_ps(dv + i * bs + 16 * n) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p, a += bs, b += bs) {
+    __m512bh bv[NB];
+#pragma GCC unroll 2
+    for (int n = 0; n < NB; ++n) bv[n] = (__m512bh)_mm512_loadu_si512(b + 16 * n);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i]));
+#pragma GCC unroll 2
+      for (int n = 0; n < NB; ++n) c[i][n] = _mm512_dpbf16_ps(c[i][n], av, bv[n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 2
+    for (int n = 0; n < NB; ++n) _mm512_storeu_ps(dv + i * bs + 16 * n, c[i][n]);
+}
+
+void weight_block(const void* a_panel, const void* b_panel, int64_t rows, int64_t bs, float* dv, bool accumulate) {
+  const uint32_t* a = static_cast<const uint32_t*>(a_panel);
+  const uint32_t* b = static_cast<const uint32_t*>(b_panel);
+  const int64_t nr = nr_of(bs), pairs = (rows + 1) / 2;
+  for (int64_t i = 0; i < bs; i += 8)
+    for (int64_t j = 0; j < bs; j += nr) {
+      if (nr == 32)
+        wtile<2>(a + i, b + j, bs, pairs, dv + i * bs + j, accumulate);
+      else
+        wtile<1>(a + i, b + j, bs, pairs, dv + i * bs + j, accumulate);
+    }
+}
+
+const PanelKernel kPanel{"avx512_bf16 12x32", MR, 2, pack_b, pack_a, compute};
+const WeightKernel kWeight{"avx512_bf16 8x32", 128, 2, pack_pairs, pair_panel_elems, weight_block};
+
+}  // namespace
+
+const PanelKernel* const kAvx512Bf16Panel = &kPanel;
+const WeightKernel* const kAvx512Bf16Weight = &kWeight;
+
+}  // namespace lotus::bsr
+
+#else  // not x86: no such kernels (the dispatch tables skip null entries)
+#include "kernels.h"
+namespace lotus::bsr {
+const PanelKernel* const kAvx512Bf16Panel = nullptr;
+const WeightKernel* const kAvx512Bf16Weight = nullptr;
+}  // namespace lotus::bsr
+#endif

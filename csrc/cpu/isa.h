@@ -1,0 +1,31 @@
+// Which x86 ISA the CPU kernels may use: what the CPU (and OS) supports, capped by the environment
+// variable LOTUS_KERNELS_CPU_ISA (default | avx2 | avx512 | avx512_bf16; unset or empty = no cap),
+// like ATen's ATEN_CPU_CAPABILITY and oneDNN's ONEDNN_MAX_CPU_ISA. The CPU is probed once; the
+// variable is re-read on every call (a getenv and a string compare against the cached value), so a
+// test can force each kernel path in one process. An unknown value is an error naming the variable.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bsr/kernels.h"
+
+namespace lotus {
+
+using Isa = bsr::Isa;
+
+Isa cpu_isa_supported();  // the CPU's best level (probed once)
+Isa cpu_isa();            // min(supported, cap): what kernels may use now
+const char* isa_name(Isa isa);
+
+// Each op file registers, per op name (e.g. "block_sparse_linear.fwd"), a function saying which
+// kernel a call with this dtype / block size takes now; `lotus_kernels_C::cpu_kernel_path` answers
+// from it (tests and benchmark records).
+using KernelPathFn = std::string (*)(c10::ScalarType dtype, int64_t block_size);
+struct KernelPathRegistrar {
+  KernelPathRegistrar(const char* op, KernelPathFn fn);
+};
+
+}  // namespace lotus
