@@ -63,9 +63,17 @@ def device_assert(ok: torch.Tensor, message: str) -> None:
     torch._assert_async(ok, message[:250])
 
 
+def version(t: torch.Tensor) -> int | None:
+    """``t._version`` (bumped by every in-place write), or None for an inference tensor: tensors made
+    under ``torch.inference_mode`` keep no version counter, so nothing may be cached against them."""
+    return None if t.is_inference() else t._version
+
+
 def _stamp(t: torch.Tensor):
-    """(version, data pointer, shape) of ``t``: changes with any in-place write or new storage."""
-    return (t._version, t.data_ptr(), tuple(t.shape))
+    """(version, data pointer, shape) of ``t``: changes with any in-place write or new storage; None
+    where ``t`` has no version counter (checked on every call instead)."""
+    v = version(t)
+    return None if v is None else (v, t.data_ptr(), tuple(t.shape))
 
 
 def index_range(name: str, idx: torch.Tensor, n: int) -> None:
@@ -81,7 +89,7 @@ def index_range(name: str, idx: torch.Tensor, n: int) -> None:
         return
     stamp = _stamp(idx)
     seen = getattr(idx, "_lotus_range", None)
-    if seen is not None and seen[0] == stamp and n >= seen[1]:
+    if stamp is not None and seen is not None and seen[0] == stamp and n >= seen[1]:
         return  # this exact tensor already passed a check with a bound <= n
     if host_reads_are_free(idx.device):
         lo, hi = torch.aminmax(idx)
@@ -95,6 +103,8 @@ def index_range(name: str, idx: torch.Tensor, n: int) -> None:
         device_assert((lo >= 0) & (hi < n), f"{name}: an index is out of range; expected values in [0, {n}) "
                                             f"(set {ENV_SYNC_CHECKS}=1 to have the bad value named)")
         ok_n = n
+    if stamp is None:
+        return
     try:
         idx._lotus_range = (stamp, ok_n)
     except (AttributeError, RuntimeError):  # a tensor subclass without a __dict__: check every time

@@ -155,3 +155,25 @@ def test_positional_gradient_by_token_reads_nothing_back(gpu_checks):
         got = table_grad(rows, idx, 16, by_token=True)
     assert reads == []
     torch.testing.assert_close(got, torch.zeros(16, 8).index_add_(0, idx, rows))
+
+
+def test_remembered_checks_work_under_inference_mode():
+    """Tensors made under ``torch.inference_mode`` have no version counter: the remembered checks must
+    neither crash on them (they did: "Inference tensors do not track version counter") nor trust a
+    memory they cannot keep. A model built in inference mode (every buffer an inference tensor) runs
+    too, and a bad index is still refused on every call."""
+    model = tiny_vit("cpu").eval()
+    images, keep, _ = batch("cpu", 3)
+    expected = model(images, keep_idx=keep).detach()
+    with torch.inference_mode():
+        keep_inf = keep.clone()  # an inference tensor
+        assert torch.equal(model(images, keep_idx=keep_inf), expected)
+        assert torch.equal(model(images, keep_idx=keep_inf), expected)  # second call: no stale memory
+        bad = keep_inf.clone()
+        bad[0, 0] = 16
+        with pytest.raises(IndexError, match="out of range"):
+            model(images, keep_idx=bad)
+        built_inside = copy.deepcopy(tiny_vit("cpu")).eval()
+    with torch.inference_mode():
+        fresh = tiny_vit("cpu").eval()  # parameters and pattern buffers are inference tensors
+        assert torch.equal(fresh(images, keep_idx=keep_inf), built_inside(images, keep_idx=keep))

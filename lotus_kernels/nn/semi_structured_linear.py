@@ -92,8 +92,8 @@ class SemiStructuredLinear(MaskedWeightLinear):
 
     def mask_is_transposable(self) -> bool:
         """Whether ``mask`` is 2:4 along both axes (remembered until the mask is written)."""
-        key = (self.mask._version, self.mask.data_ptr())
-        if self._transposable is None or self._transposable[0] != key:
+        key = (_checks.version(self.mask), self.mask.data_ptr())
+        if key[0] is None or self._transposable is None or self._transposable[0] != key:
             self._transposable = (key, is_transposable(self.mask))
         return self._transposable[1]
 
@@ -103,8 +103,9 @@ class SemiStructuredLinear(MaskedWeightLinear):
         optimizer step (or any in-place write) bumps ``weight._version`` and the next forward
         compresses again; within a step the forward and backward reuse them."""
         w = self.weight
-        key = (w._version, w.data_ptr(), dtype, self.mask._version)
-        if self._compressed is None or self._compressed[0] != key:
+        key = (_checks.version(w), w.data_ptr(), dtype, _checks.version(self.mask))
+        # An inference tensor has no version (None): compress on every call rather than trust a cache.
+        if None in (key[0], key[3]) or self._compressed is None or self._compressed[0] != key:
             wd = w.detach().to(dtype).contiguous()
             wt_c = None
             if self.mask_is_transposable() and kernel_unsupported(w.device, dtype, self.in_features,

@@ -135,8 +135,11 @@ def check_format(values, crow, col, ccol, row, perm) -> None:
     _checks.same_device(values=values, crow=crow, col=col, ccol=ccol, row=row, perm=perm)
 
 
-def _pattern_stamp(tensors) -> tuple:
-    return tuple((weakref.ref(t), t._version) for t in tensors)
+def _pattern_stamp(tensors) -> tuple | None:
+    versions = [_checks.version(t) for t in tensors]
+    if any(v is None for v in versions):  # inference tensors: no version counter, so no memory
+        return None
+    return tuple((weakref.ref(t), v) for t, v in zip(tensors, versions))
 
 
 def _checked_before(tensors) -> bool:
@@ -146,7 +149,7 @@ def _checked_before(tensors) -> bool:
     stamp = getattr(tensors[0], "_lotus_bsr_checked", None)
     if stamp is None or len(stamp) != len(tensors):
         return False
-    return all(ref() is t and version == t._version for (ref, version), t in zip(stamp, tensors))
+    return all(ref() is t and version == _checks.version(t) for (ref, version), t in zip(stamp, tensors))
 
 
 def check_pattern(crow, col, ccol, row, perm) -> None:
