@@ -135,15 +135,22 @@ def test_whole_train_step_compiles_fullgraph_and_matches_eager(device):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_varlen_attention_checks_cu_seqlens_on_the_device_when_max_seqlen_is_given(gpu_checks):
+@pytest.mark.parametrize("backend", [None, "triton"])  # PyTorch ops, or the Triton path's one check kernel
+def test_varlen_attention_checks_cu_seqlens_on_the_device_when_max_seqlen_is_given(gpu_checks, backend):
+    import lotus_kernels
     from lotus_kernels.ops import attention
+    if backend is not None and not lotus_kernels.backends()[backend]:
+        pytest.skip(f"no {backend} backend here")
     q = torch.randn(5, 2, 8)
-    with host_reads() as reads:
-        out = attention(q, q, q, cu_seqlens=torch.tensor([0, 2, 5]), max_seqlen=3)
-    assert reads == [] and out.shape == q.shape
-    for cu, max_seqlen in (([0, 3, 5], 2), ([0, 4, 3], 4), ([1, 2, 5], 4), ([0, 2, 4], 4)):
-        with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets from 0 to T = 5"):
-            attention(q, q, q, cu_seqlens=torch.tensor(cu), max_seqlen=max_seqlen)
+    with lotus_kernels.use_backend(backend):
+        with host_reads() as reads:
+            out, sc = attention(q, q, q, cu_seqlens=torch.tensor([0, 2, 5]), max_seqlen=3, return_scores="cls")
+        assert reads == [] and out.shape == q.shape and sc.shape == (5,)
+        for cu, max_seqlen in (([0, 3, 5], 2), ([0, 4, 3], 4), ([1, 2, 5], 4), ([0, 2, 4], 4), ([0, 2, 6], 4),
+                               ([0, 6, 5], 6), ([5], 4)):
+            for offsets in (torch.tensor(cu), torch.tensor(cu, dtype=torch.int32)):
+                with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets from 0 to T = 5"):
+                    attention(q, q, q, cu_seqlens=offsets, max_seqlen=max_seqlen)
 
 
 def test_positional_gradient_by_token_reads_nothing_back(gpu_checks):

@@ -28,8 +28,9 @@ Conventions:
     float64 backward at ~1e-7 relative accuracy).
 
 The backward is flash-style: P is recomputed from q, k and lse, dS = P * (dP - rowsum(dO * O)).
-Backends: reference (PyTorch; varlen by a loop over sequences), cpu (C++ forward + backward),
-triton (forward + backward kernels; scores run in PyTorch from the saved lse). Padded and packed
+Backends: reference (PyTorch; varlen by a loop over sequences), cpu (C++ forward + backward; the sink
+rule in PyTorch after it), triton (forward + backward kernels; "cls" scores, sink included, from one
+small kernel after the forward; "received" in PyTorch from the saved lse). Padded and packed
 inputs go through the same kernels, which walk (sequence, head) pairs at per-sequence offsets and
 row strides. There is no CUDA C++ kernel yet: CUDA tensors default to triton (else the reference),
 and forcing the cuda backend raises NotImplementedError.
@@ -171,15 +172,14 @@ def attention_reference_varlen(q, k, v, cu_seqlens, *, scale=None, return_scores
 
 def apply_sink_varlen(scores: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``apply_sink`` per packed sequence: scores[cu[b]] := mean of the rest of sequence b (0 if it has
-    one token); empty sequences have no tokens to touch."""
+    one token); empty sequences have no tokens to touch. Per token, so nothing is read back to the host."""
     lens = cu_seqlens.diff()
-    seg = torch.repeat_interleave(torch.arange(len(lens), device=scores.device), lens)
+    T = scores.shape[0]
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=scores.device), lens, output_size=T)
     sums = scores.new_zeros(len(lens)).index_add_(0, seg, scores)
-    nonempty = lens > 0
-    first = cu_seqlens[:-1][nonempty]
-    out = scores.clone()
-    out[first] = (sums[nonempty] - scores[first]) / (lens[nonempty] - 1).clamp_min(1).to(scores.dtype)
-    return out
+    first = torch.arange(T, device=scores.device) == cu_seqlens[:-1][seg]  # each sequence's first token
+    sink = (sums[seg] - scores) / (lens[seg] - 1).clamp_min(1).to(scores.dtype)
+    return torch.where(first, sink, scores)
 
 
 def _fwd_reference_varlen(q, k, v, cu_seqlens, scale, mode):
@@ -272,10 +272,13 @@ def _check_cu_seqlens(cu, q, max_seqlen) -> int:
         raise ValueError(f"max_seqlen: expected a non-negative int (the longest sequence), got {max_seqlen!r}")
     T = q.shape[0]
     if max_seqlen is not None and not _checks.host_reads_are_free(cu.device):
-        lens = cu.diff()
-        ok = (cu[0] == 0) & (cu[-1] == T)
-        if lens.numel():
-            ok = ok & (lens.min() >= 0) & (lens.max() <= max_seqlen)
+        if _kernel_backend(cu.device) == "triton":  # one small kernel instead of ~10 PyTorch launches
+            ok = _backend.triton_kernels("attention").cu_seqlens_ok(_contig(cu), T, max_seqlen)
+        else:
+            lens = cu.diff()
+            ok = (cu[0] == 0) & (cu[-1] == T)
+            if lens.numel():
+                ok = ok & (lens.min() >= 0) & (lens.max() <= max_seqlen)
         _checks.device_assert(ok, f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T} with no sequence "
                                   f"longer than max_seqlen = {max_seqlen} (set {_checks.ENV_SYNC_CHECKS}=1 for the "
                                   "offending value)")
@@ -313,16 +316,25 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
+def _apply_sink_any(scores, key_padding_mask, cu_seqlens):
+    return apply_sink(scores, key_padding_mask) if cu_seqlens is None else apply_sink_varlen(scores, cu_seqlens)
+
+
 @torch.library.custom_op("lotus_kernels::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float,
-                   scores_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   scores_mode: int, sink: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, scores): scores final (the sink rule applied when ``sink``)."""
     backend = _kernel_backend(q.device)
     packed = cu_seqlens is not None
     if backend == "reference":
         if packed:
-            return _fwd_reference_varlen(q, k, v, cu_seqlens, scale, scores_mode)
-        return _fwd_reference(q, k, v, key_padding_mask, scale, scores_mode)
+            out, lse, scores = _fwd_reference_varlen(q, k, v, cu_seqlens, scale, scores_mode)
+        else:
+            out, lse, scores = _fwd_reference(q, k, v, key_padding_mask, scale, scores_mode)
+        if sink and scores_mode:
+            scores = _apply_sink_any(scores, key_padding_mask, cu_seqlens)
+        return out, lse, scores
     acc = _acc_dtype(q.dtype)
     lse_shape, scores_shape = _shapes(q, packed, scores_mode)
     out = _backend.new_output(q.shape, q)
@@ -330,13 +342,22 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
     scores = _backend.new_output(scores_shape, q, acc)
     if q.numel() == 0:  # no tokens at all (packed, every sequence empty): nothing to launch
         return out, lse, scores
-    _backend.launch(backend, "attention", "attention_fwd", q.contiguous(), k.contiguous(), v.contiguous(),
-                    _contig(key_padding_mask), _contig(cu_seqlens), max_seqlen, scale, scores_mode, out, lse, scores)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), _contig(key_padding_mask))
+    if backend == "triton":  # cls scores come out of its score kernel final (sink included); int32 offsets read as is
+        _backend.triton_kernels("attention").attention_fwd(*args, _contig(cu_seqlens), max_seqlen, scale, scores_mode,
+                                                          out, lse, scores, sink=sink)
+        if sink and scores_mode == 2:
+            scores = _apply_sink_any(scores, key_padding_mask, cu_seqlens)
+        return out, lse, scores
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()  # the C++ kernels read int64
+    _backend.launch(backend, "attention", "attention_fwd", *args, cu, max_seqlen, scale, scores_mode, out, lse, scores)
+    if sink and scores_mode:
+        scores = _apply_sink_any(scores, key_padding_mask, cu)
     return out, lse, scores
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scores_mode):
+def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scores_mode, sink):
     lse_shape, scores_shape = _shapes(q, cu_seqlens is not None, scores_mode)
     acc = _acc_dtype(q.dtype)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=acc), q.new_empty(scores_shape, dtype=acc)
@@ -354,6 +375,8 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     dq, dk, dv = (_backend.new_output(q.shape, q) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
+    if backend != "triton" and cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int64)  # the C++ kernels read int64 (Triton's either)
     _backend.launch(backend, "attention", "attention_bwd", dout.contiguous(), q.contiguous(), k.contiguous(),
                     v.contiguous(), out.contiguous(), lse.contiguous(), _contig(key_padding_mask),
                     _contig(cu_seqlens), max_seqlen, scale, dq, dk, dv)
@@ -366,18 +389,19 @@ def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, mask, cu_seqlens, max_seqlen, scale, _ = inputs
-    out, lse, _ = output
+    q, k, v, mask, cu_seqlens, max_seqlen, scale, _, _ = inputs
+    out, lse, scores = output
     ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens)
     ctx.scale, ctx.max_seqlen = scale, max_seqlen
+    ctx.mark_non_differentiable(lse, scores)  # so the caller needs no detach
 
 
 def _fwd_backward(ctx, dout, _dlse, _dscores):  # lse and scores are not differentiable
     q, k, v, out, lse, mask, cu_seqlens = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -399,13 +423,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q, k, v = _checks.autocast_inputs(q, k, v)
     longest = _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens, max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
     out, _, scores = _attention_fwd(q, k, v, key_padding_mask, cu_seqlens, longest, scale,
-                                    SCORE_MODES[return_scores])
-    if return_scores is None:
-        return out
-    scores = scores.detach()
-    if sink == "mean":
-        scores = apply_sink(scores, key_padding_mask) if cu_seqlens is None else apply_sink_varlen(scores, cu_seqlens)
-    return out, scores
+                                    SCORE_MODES[return_scores], sink == "mean")
+    return out if return_scores is None else (out, scores)

@@ -12,9 +12,11 @@ atomics): P is recomputed from q, k and lse; one kernel per key block accumulate
 query blocks, another per query block accumulates dQ over all key blocks; delta = rowsum(dO * O) is
 recomputed in each from the loaded tiles. The head dim is padded to a power of two >= 16
 (``tl.dot``'s minimum) with masked loads. Under the interpreter bf16/fp16 tiles are upcast to fp32
-before ``tl.dot`` (its numpy dot mishandles bf16 operands: errors of 1e8 otherwise). Scores are
-computed from lse in PyTorch (``scores_from_lse``), O(B*H*N*D) for "cls" and in query chunks for
-"received".
+before ``tl.dot`` (its numpy dot mishandles bf16 operands: errors of 1e8 otherwise).
+
+Scores: "cls" is the forward kernel (which stores query 0's raw scores as it computes them) plus ONE
+small kernel (``_cls_scores_kernel``: mean over heads and the sink rule), no PyTorch op in between;
+"received" is computed from lse in PyTorch, in query chunks (``scores_from_lse``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from . import _configs
 
 
@@ -31,8 +34,8 @@ from . import _configs
 def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
     """(length, q/k/v row-0 offset, row stride, lse offset) of sequence b, head h."""
     if VARLEN:
-        start = tl.load(cu_ptr + b)
-        n = tl.load(cu_ptr + b + 1) - start
+        start = tl.load(cu_ptr + b).to(tl.int64)  # int64 or int32 offsets (as flash-attn's)
+        n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
         base = (start * H + h) * D
         ld = H * D + 0 * b
         lbase = h * T + start
@@ -111,38 +114,61 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
 
 
 @triton.jit
-def _cls_scores_kernel(s0_ptr, lse_ptr, cu_ptr, out_ptr, B, H, N, T, VARLEN: tl.constexpr,
-                       SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """Class-token scores from the forward's first-query raw scores s0 and lse (same layout):
-    padded, program (key block, b): out[b, j] = mean over h of exp(s0[b, h, j] - lse[b, h, 0]);
-    varlen, program (token block): out[t] = mean over h of exp(s0[h, t] - lse[h, start of t's
-    sequence]) (the sequence found by binary search over cu_seqlens). Heads summed in order."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    if VARLEN:
-        omask = offs < T
-        lo = tl.zeros([BLOCK], dtype=tl.int64)  # sequence of token t: the last b with cu[b] <= t
-        hi = lo + B - 1
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi + 1) // 2
-            go_up = tl.load(cu_ptr + mid, mask=omask, other=0) <= offs
-            lo = tl.where(go_up, mid, lo)
-            hi = tl.where(go_up, hi, mid - 1)
-        first = tl.load(cu_ptr + lo, mask=omask, other=0)
+def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_MASK: tl.constexpr,
+                       VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr):
+    """Class-token scores of sequence b = program_id(0) from the forward's first-query raw scores s0 and
+    lse (same layout): out[j] = mean over h of exp(s0[h, j] - lse[h, 0]) over b's keys j (padded keys
+    have s0 = -inf: 0), heads summed in order. SINK: out[0] := the mean of out[1:] over unpadded keys
+    (0 with none; 0 if key 0 is padded), the sum kept along the same pass, so the scores are final
+    here with no PyTorch ops after. One program walks its whole sequence: B programs (64 for ViT-B,
+    one key block each at N = 197), every sequence's sink in one place."""
+    b = tl.program_id(0).to(tl.int64)
+    if VARLEN:  # s0 / lse [H, T], scores [T]
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+        row, head_stride, obase = start, T, start
+    else:  # s0 / lse [B, H, N], scores [B, N]
+        n = N + 0 * b
+        row, head_stride, obase = b * H * N, N + 0 * b, b * N
+    total = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)  # the sink's sum and count, per lane
+    count = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
+    for j0 in range(0, n, BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        cmask = cols < n
         acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
         for h in range(H):
-            sc = tl.load(s0_ptr + h * T + offs, mask=omask, other=float("-inf"))
-            l0 = tl.load(lse_ptr + h * T + first, mask=omask, other=float("inf"))
-            acc += tl.exp(sc - l0)
-        tl.store(out_ptr + offs, acc / H, mask=omask)
-    else:
-        b = tl.program_id(1).to(tl.int64)
-        omask = offs < N
-        acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
-        for h in range(H):
-            row = (b * H + h) * N
-            sc = tl.load(s0_ptr + row + offs, mask=omask, other=float("-inf"))
-            acc += tl.exp(sc - tl.load(lse_ptr + row))
-        tl.store(out_ptr + b * N + offs, acc / H, mask=omask)
+            sc = tl.load(s0_ptr + row + h * head_stride + cols, mask=cmask, other=float("-inf"))
+            acc += tl.exp(sc - tl.load(lse_ptr + row + h * head_stride))
+        acc = acc / H
+        if SINK:  # key 0 is written after the loop
+            rest = cmask & (cols > 0)
+            tl.store(out_ptr + obase + cols, acc, mask=rest)
+            if HAS_MASK:
+                rest = rest & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
+            total += tl.where(rest, acc, 0.0)
+            count += rest.to(lse_ptr.dtype.element_ty)
+        else:
+            tl.store(out_ptr + obase + cols, acc, mask=cmask)
+    if SINK:
+        sink = tl.sum(total, 0) / tl.maximum(tl.sum(count, 0), 1.0)
+        if HAS_MASK:
+            sink = tl.where(tl.load(mask_ptr + b * N) == 0, sink, 0.0)
+        tl.store(out_ptr + obase, sink, mask=n > 0)  # an empty packed sequence owns no token
+
+
+@triton.jit
+def _cu_seqlens_ok_kernel(cu_ptr, ok_ptr, B, T, MAX_SEQLEN, BLOCK: tl.constexpr):
+    """ok = cu[0] == 0, cu[B] == T and 0 <= cu[b + 1] - cu[b] <= MAX_SEQLEN for every b: the whole
+    device-side check of the packed offsets in one program (PyTorch ops: ~10 launches)."""
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        m = b < B
+        lo = tl.load(cu_ptr + b, mask=m, other=0).to(tl.int64)
+        hi = tl.load(cu_ptr + b + 1, mask=m, other=0).to(tl.int64)
+        bad += (m & ((hi < lo) | (hi - lo > MAX_SEQLEN))).to(tl.int32)
+    ends = (tl.load(cu_ptr).to(tl.int64) == 0) & (tl.load(cu_ptr + B).to(tl.int64) == T)
+    tl.store(ok_ptr, (ends & (tl.sum(bad, 0) == 0)).to(tl.int32))
 
 
 @triton.jit
@@ -240,6 +266,8 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
 
 # None: fp64 products by hand on a GPU only; tests set True to run that path under the interpreter.
 FP64_BY_HAND: bool | None = None
+# The score kernel's key block cap (None: 256 on a GPU, 1024 interpreted); tests set 16 to walk several blocks.
+CLS_BLOCK: int | None = None
 # Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
 AUTOTUNE_WORK = 1 << 26
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -289,33 +317,42 @@ def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
         kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
 
 
-def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores) -> None:
-    """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp)."""
+def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores, sink=False) -> None:
+    """Same contract as ``torch.ops.lotus_kernels_C.attention_fwd`` (see csrc/bindings.cpp), plus ``sink``:
+    "cls" scores come out with the sink rule applied (in the score kernel), and ``cu_seqlens`` may be
+    int32 as well as int64 (read as is: no cast)."""
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous()
     B, H, N, T, D, tiles, kw = _config(q, cu_seqlens, max_seqlen)
-    cls = scores_mode == 1 and N > 0 and B > 0
+    if N == 0 or B == 0:
+        return
+    cls = scores_mode == 1
     # "cls": the forward stores the first query's raw scores (s0, laid out like lse), one small kernel
-    # turns them into scores; "received" is computed from lse in PyTorch, in query chunks.
-    s0 = torch.empty_like(lse) if cls else lse
-    if N > 0 and B > 0:
-        args = (q, k, v, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q, out, lse, s0,
-                N, T, D, scale)
-        _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
-                dict(HAS_MASK=mask is not None, CLS=cls, **kw))
+    # turns them into final scores (sink included); "received" is computed from lse in PyTorch, in
+    # query chunks, and its sink applied by the caller.
+    s0 = _backend.new_output(lse.shape, lse) if cls else lse
+    cu = cu_seqlens if cu_seqlens is not None else q  # placeholders for pointers a variant never reads
+    args = (q, k, v, mask if mask is not None else q, cu, out, lse, s0, N, T, D, scale)
+    _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
+            dict(HAS_MASK=mask is not None, CLS=cls, **kw))
     if cls:
-        block = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256
-        if cu_seqlens is None:
-            grid = (triton.cdiv(N, block), B)
-        else:
-            grid = (triton.cdiv(T, block), 1)
-        if (T if cu_seqlens is not None else N) > 0:
-            _cls_scores_kernel[grid](s0, lse, cu_seqlens if cu_seqlens is not None else lse, scores, B, H, N, T,
-                                     VARLEN=cu_seqlens is not None, SEARCH_STEPS=max(1, B.bit_length()), BLOCK=block)
+        cap = CLS_BLOCK or (1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256)
+        _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else q, cu, scores, N, T, H,
+                                 HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, SINK=bool(sink),
+                                 BLOCK=max(16, min(cap, triton.next_power_of_2(N))))
     elif scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
         else:
             scores.copy_(scores_from_lse_varlen(q, k, lse, cu_seqlens, scale, scores_mode))
+
+
+def cu_seqlens_ok(cu_seqlens, T, max_seqlen) -> torch.Tensor:
+    """A 0-d int32 tensor, 1 iff ``cu_seqlens`` is valid for T tokens and ``max_seqlen`` (see
+    ``_cu_seqlens_ok_kernel``); for ``torch._assert_async``, without reading it back."""
+    ok = torch.empty((), dtype=torch.int32, device=cu_seqlens.device)
+    block = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256
+    _cu_seqlens_ok_kernel[(1,)](cu_seqlens, ok, cu_seqlens.numel() - 1, T, max_seqlen, BLOCK=block)
+    return ok
 
 
 def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dq, dk, dv) -> None:

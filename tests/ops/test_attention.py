@@ -393,3 +393,119 @@ def test_triton_fp64_products_by_hand(backend, device, varlen, monkeypatch):
     ref = ref_fn(*ref_in)
     for got, want in zip((out, *grads), (ref, *torch.autograd.grad(ref, ref_in, g))):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- Triton class-token scores: the sink in the kernel
+# The score kernel applies the sink rule itself (no PyTorch op after it). Against the reference
+# definition (explicit softmax + apply_sink / apply_sink_varlen): every dtype, sink "mean" and None,
+# padded keys incl. a padded key 0, a fully padded image and an image whose only key is key 0; packed
+# with empty, lone-token and longer sequences, int64 and int32 offsets; CLS_BLOCK = 16 so one program
+# walks several key blocks (the sink's sum crosses blocks). Outputs are poisoned (conftest).
+def cls_mask(kind, n):
+    m = torch.zeros(B, n, dtype=torch.bool)
+    if kind == "empty":  # image 1 fully padded, image 0 with a hole
+        m[1] = True
+        m[0, 5:11] = True
+    elif kind == "key0":  # image 0: key 0 and a tail padded; image 1: key 0 its only key
+        m[0, 0] = True
+        m[0, 2 * n // 3:] = True
+        m[1, 1:] = True
+    return None if kind is None else m
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", [None, "empty", "key0"])
+def test_triton_cls_scores_fold_the_sink(backend, device, dtype, mask, monkeypatch):
+    from lotus_kernels.triton import attention as triton_attention
+    monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
+    n = 37
+    q, k, v = qkv(n, 16, dtype, device)
+    m = cls_mask(mask, n)
+    m = None if m is None else m.to(device)
+    ref_in = [t.detach().float() for t in (q, k, v)]
+    for sink in ("mean", None):
+        with lotus_kernels.use_backend(backend):
+            out, sc = attention(q, k, v, key_padding_mask=m, return_scores="cls", sink=sink)
+        want_out, want = attention_reference(*ref_in, key_padding_mask=m, return_scores="cls", sink=sink)
+        assert sc.dtype == torch.float32 and sc.shape == (B, n) and not sc.requires_grad and out.requires_grad
+        torch.testing.assert_close(sc, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.float(), want_out, **TOL[dtype])
+        if m is not None:
+            assert (sc[m] == 0).all()
+    if mask == "key0":  # the lone key 0 scores 1 raw, 0 after the sink rule (no other key to average)
+        assert sc[1, 0] == 1 and (sc[1, 1:] == 0).all()
+
+
+TRITON_CLS_VARLEN = [(0, 37, 1, 0, 20), (1,), (40, 0)]
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lens", TRITON_CLS_VARLEN, ids=["-".join(map(str, x)) for x in TRITON_CLS_VARLEN])
+def test_triton_varlen_cls_scores_fold_the_sink(backend, device, dtype, lens, monkeypatch):
+    from lotus_kernels.triton import attention as triton_attention
+    monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
+    (q, k, v), cu = packed(lens, H, 16, dtype, device)
+    ref_in = [t.detach().float() for t in (q, k, v)]
+    for sink, offsets in (("mean", cu), (None, cu), ("mean", cu.int())):
+        with lotus_kernels.use_backend(backend):
+            out, sc = attention(q, k, v, cu_seqlens=offsets, return_scores="cls", sink=sink)
+        want_out, want = attention_reference_varlen(*ref_in, cu, return_scores="cls", sink=sink)
+        assert sc.dtype == torch.float32 and sc.shape == (q.shape[0],) and not sc.requires_grad
+        torch.testing.assert_close(sc, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.float(), want_out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+def test_triton_received_scores_keep_the_sink_and_int32_offsets_backward(backend, device):
+    # "received" applies the sink in PyTorch after the kernel; int32 offsets also reach the Triton
+    # backward as they are.
+    q, k, v = qkv(20, 16, torch.float32, device, grad=False)
+    m = make_mask("lengths", 20, device)
+    (pq, pk, pv), cu = packed((7, 0, 12), H, 16, torch.float32, device)
+    g = torch.randn_like(pq)
+    with lotus_kernels.use_backend(backend):
+        _, sc = attention(q, k, v, key_padding_mask=m, return_scores="received")
+        out = attention(pq, pk, pv, cu_seqlens=cu.int())
+        grads = torch.autograd.grad(out, (pq, pk, pv), g)
+    torch.testing.assert_close(sc, attention_reference(q, k, v, key_padding_mask=m, return_scores="received")[1],
+                               rtol=1e-5, atol=1e-6)
+    ref_in = [t.detach().requires_grad_() for t in (pq, pk, pv)]
+    ref = attention_reference_varlen(*ref_in, cu)
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_in, g)):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+LAUNCH_CASES = [("padded", None), ("padded", "lengths"), ("padded-sink-None", None), ("varlen", None),
+                ("varlen-int32", None), ("varlen-device-checks", None)]
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("case,mask", LAUNCH_CASES, ids=[f"{c}-{m}" for c, m in LAUNCH_CASES])
+def test_triton_cls_forward_is_two_kernels_and_no_pytorch_launch(backend, device, case, mask, monkeypatch):
+    """The Triton path of attention(return_scores="cls") launches the forward kernel and the score kernel
+    and nothing else: no PyTorch op that would be a GPU kernel (sink, casts, copies), only its four
+    output allocations. The varlen device-side offset check adds one kernel and the assert."""
+    from lotus_kernels import _checks
+
+    from .._launches import launches
+    monkeypatch.setenv("LOTUS_KERNELS_POISON", "0")  # the poison fills are test-only launches
+    kw = dict(return_scores="cls", sink=None if "None" in case else "mean")
+    if case.startswith("padded"):
+        q, k, v = qkv(20, 16, torch.bfloat16, device)
+        kw["key_padding_mask"] = make_mask(mask, 20, device)
+    else:
+        (q, k, v), cu = packed((7, 0, 12), H, 16, torch.bfloat16, device)
+        kw.update(cu_seqlens=cu.int() if "int32" in case else cu, max_seqlen=12)
+    if case == "varlen-device-checks":  # the GPU path of the offset check, forced on the CPU
+        monkeypatch.setattr(_checks, "host_reads_are_free", lambda d: False)
+    with lotus_kernels.use_backend(backend):
+        attention(q, k, v, **kw)  # warm-up (compilation on a GPU)
+        with launches() as rec:
+            out, sc = attention(q, k, v, **kw)
+    checks = ["_cu_seqlens_ok_kernel"] if case == "varlen-device-checks" else []
+    assert rec.triton == [*checks, "_attention_fwd_kernel", "_cls_scores_kernel"]
+    assert rec.kernels == (["aten._assert_async"] if checks else [])
+    assert len(rec.allocations) == 4 + len(checks)  # out, lse, scores, s0 (+ the check's flag); views are free
+    assert out.requires_grad and not sc.requires_grad

@@ -6,6 +6,7 @@ full run takes minutes on 2 cores):
 
     PYTHONPATH=. python tests/triton/compile_sm90.py            # default configs, every dtype
     PYTHONPATH=. python tests/triton/compile_sm90.py --autotune # also every autotune config (slow)
+    PYTHONPATH=. python tests/triton/compile_sm90.py --only attention   # one module's kernels
 """
 from __future__ import annotations
 
@@ -80,15 +81,25 @@ def cases(autotune: bool):
                     qkv = dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt])
                     tail = dict(N=I, T=I, D=I, scale="fp32", H=I, N_KEY=I)
                     bwd = dict(**qkv, do_ptr=PTR[dt], o_ptr=PTR[dt], lse_ptr=lse, mask_ptr="*i1", cu_ptr="*i64")
-                    for cls in (False, True):
-                        yield (att._attention_fwd_kernel, dict(**qkv, mask_ptr="*i1", cu_ptr="*i64", out_ptr=PTR[dt],
-                                                               lse_ptr=lse, s0_ptr=lse, **tail), {**common, "CLS": cls},
+                    for cu in ("*i64", "*i32") if varlen else ("*i64",):  # packed offsets are read as given
+                        for cls in (False, True):
+                            yield (att._attention_fwd_kernel, dict(**qkv, mask_ptr="*i1", cu_ptr=cu, out_ptr=PTR[dt],
+                                                                   lse_ptr=lse, s0_ptr=lse, **tail),
+                                   {**common, "CLS": cls}, w, s)
+                        bwd = {**bwd, "cu_ptr": cu}
+                        yield (att._attention_bwd_dkdv_kernel, dict(**bwd, dk_ptr=PTR[dt], dv_ptr=PTR[dt], **tail), common,
                                w, s)
-                    yield (att._attention_bwd_dkdv_kernel, dict(**bwd, dk_ptr=PTR[dt], dv_ptr=PTR[dt], **tail), common, w, s)
-                    yield (att._attention_bwd_dq_kernel, dict(**bwd, dq_ptr=PTR[dt], **tail), common, w, s)
-        for varlen in (False, True):
-            yield (att._cls_scores_kernel, dict(s0_ptr=lse, lse_ptr=lse, cu_ptr="*i64", out_ptr=lse, B=I, H=I, N=I, T=I),
-                   dict(VARLEN=varlen, SEARCH_STEPS=7, BLOCK=256), 4, 3)
+                        yield (att._attention_bwd_dq_kernel, dict(**bwd, dq_ptr=PTR[dt], **tail), common, w, s)
+        if dt != "bf16" and dt != "fp16":  # the score kernel reads lse-typed buffers only
+            for varlen, cu in ((False, "*i64"), (True, "*i64"), (True, "*i32")):
+                for sink in (False, True):
+                    yield (att._cls_scores_kernel, dict(s0_ptr=lse, lse_ptr=lse, mask_ptr="*i1", cu_ptr=cu, out_ptr=lse,
+                                                        N=I, T=I, H=I),
+                           dict(HAS_MASK=not varlen, VARLEN=varlen, SINK=sink, BLOCK=256), 4, 3)
+        if dt == "fp32":
+            for cu in ("*i64", "*i32"):
+                yield (att._cu_seqlens_ok_kernel, dict(cu_ptr=cu, ok_ptr="*i32", B=I, T=I, MAX_SEQLEN=I),
+                       dict(BLOCK=256), 4, 3)
         yield (tg._scatter_tokens_kernel, dict(src_ptr=PTR[dt], idx_ptr="*i64", out_ptr=PTR[dt], B=I, K=I, N=I, C=I, G=I),
                dict(ACC_DTYPE=acc, BF16_BY_HAND=False, BLOCK_R=16, BLOCK_K=32, BLOCK_C=128), 4, 1)
         yield (pe._col2im_scatter_kernel, dict(cols_ptr=PTR[dt], idx_ptr="*i64", out_ptr=PTR[dt], B=I, K=I, L=I, NP=I,
@@ -108,10 +119,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autotune", action="store_true", help="every autotune config too")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--only", default="", help="only kernels whose module.name contains this, e.g. attention")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     t0, n, failed, too_big = time.time(), 0, 0, 0
     for kernel, sig, consts, warps, stages in cases(args.autotune):
+        if args.only not in f"{kernel.fn.__module__}.{kernel.fn.__name__}":
+            continue
         n += 1
         err = compile_one(kernel, sig, consts, warps, stages, target)
         if err and err.startswith("too big") and args.autotune:
