@@ -28,5 +28,8 @@ TORCH_LIBRARY(lotus_kernels_C, m) {
   // BSC ccol/row/perm. out [M,out] = x @ W^T + bias; dx [M,in] = dy @ W; dvalues[k] = dy[:,r_k]^T @ x[:,c_k]
   m.def("bsr_linear_fwd(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("bsr_linear_bwd_input(Tensor dy, Tensor values, Tensor ccol, Tensor row, Tensor perm, Tensor(a!) dx) -> ()");
+  // bwd_input and dbias = dy.sum(0) from one pass over dy (CPU only: the GPU backends sum dy separately)
+  m.def("bsr_linear_bwd_input_bias(Tensor dy, Tensor values, Tensor ccol, Tensor row, Tensor perm, Tensor(a!) dx, "
+        "Tensor(b!) dbias) -> ()");
   m.def("bsr_linear_bwd_weight(Tensor dy, Tensor x, Tensor crow, Tensor col, Tensor(a!) dvalues) -> ()");
 }

@@ -126,7 +126,11 @@ class Scratch {
   char* ptr_ = nullptr;
 };
 
-void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::PanelGemm& g, void* out) {
+// colsum: null, or fp32 [K] set to the column sums of A (bwd_input: dbias = sum of dy over M), added
+// up while packing. Each parallel_for task sums into its own vector; the partials are added in
+// chunk order afterwards (deterministic for a given thread count).
+void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::PanelGemm& g, void* out,
+                float* colsum = nullptr) {
   const int64_t elem = k.elem, mr = k.mr, bs = g.bs, Kb = g.K / bs, ldo = g.n_out * bs;
   int64_t kcb = Kb;  // K blocks per range
   if (96 * g.K * elem > kChunkBytes) kcb = std::max<int64_t>(1, kChunkBytes / (128 * elem * bs));
@@ -141,20 +145,31 @@ void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::
   auto begin = [&](int64_t c) { return c >= chunks ? M : (c * M / chunks) / mr * mr; };
   int64_t mc = 0;
   for (int64_t c = 0; c < chunks; ++c) mc = std::max(mc, begin(c + 1) - begin(c));
+  std::vector<std::vector<float>> partial(colsum ? static_cast<size_t>(chunks) : 0);  // by a task's first chunk
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const Scratch panels(kPanels, ((mc + mr - 1) / mr * mr) * kc * elem + bsr::kPanelSlack);
     // bf16 partial sums (touched only when a tile needs more than one pass)
     const Scratch acc(kAcc, elem != 4 ? mc * ldo * 4 : 0);
+    float* sums = nullptr;
+    if (colsum) {
+      partial[c0].assign(static_cast<size_t>(g.K), 0.f);
+      sums = partial[c0].data();
+    }
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t m0 = begin(ch), rows = begin(ch + 1) - m0;
       if (rows == 0) continue;
       for (int64_t r = 0; r < nranges; ++r) {
         const int64_t kb0 = r * kcb, kb1 = std::min(Kb, kb0 + kcb);
-        k.pack_a(static_cast<const char*>(a) + m0 * g.K * elem, g.K, rows, kb0 * bs, kb1 * bs, panels.get());
+        k.pack_a(static_cast<const char*>(a) + m0 * g.K * elem, g.K, rows, kb0 * bs, kb1 * bs, panels.get(),
+                 sums ? sums + kb0 * bs : nullptr);
         k.compute(g, panels.get(), rows, kb0, kb1, static_cast<char*>(out) + m0 * ldo * elem, ldo, acc.as<float>());
       }
     }
   });
+  if (!colsum) return;
+  std::fill(colsum, colsum + g.K, 0.f);
+  for (const auto& p : partial)
+    for (size_t j = 0; j < p.size(); ++j) colsum[j] += p[j];
 }
 
 // values [nnzb][bs][bs] -> B slivers (transpose: W_k^T for fwd).
@@ -179,14 +194,15 @@ void run_fwd(const bsr::PanelKernel& k, const at::Tensor& x, const at::Tensor& v
   panel_gemm(k, x.const_data_ptr(), x.size(0), g, out.mutable_data_ptr());
 }
 
+// dbias: null, or fp32 [out] set to the sum of dy over M (from the dy packing pass).
 void run_bwd_input(const bsr::PanelKernel& k, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol,
-                   const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx) {
+                   const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx, float* dbias = nullptr) {
   const Scratch bp = pack_weight(k, values, false);
   bsr::PanelGemm g;
   g.K = dy.size(1), g.bs = values.size(1), g.n_out = ccol.numel() - 1;
   g.ptr = ccol.const_data_ptr<int64_t>(), g.a_blk = row.const_data_ptr<int64_t>(),
   g.b_blk = perm.const_data_ptr<int64_t>(), g.b = bp.get();
-  panel_gemm(k, dy.const_data_ptr(), dy.size(0), g, dx.mutable_data_ptr());
+  panel_gemm(k, dy.const_data_ptr(), dy.size(0), g, dx.mutable_data_ptr(), dbias);
 }
 
 // dv (fp32 [nnzb][bs][bs]) of the stored blocks.
@@ -374,6 +390,35 @@ void bsr_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
   });
 }
 
+// bwd_input and dbias = dy.sum(0) in one call: the ISA kernels add dy's columns up while packing
+// dy (the one pass that reads all of it), instead of a separate reduction over dy afterwards.
+void bsr_linear_bwd_input_bias_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol,
+                                   const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx, at::Tensor& dbias) {
+  check_common(dy, values, dx, "bsr_linear_bwd_input_bias");
+  TORCH_CHECK(ccol.is_contiguous() && row.is_contiguous() && perm.is_contiguous(),
+              "bsr_linear_bwd_input_bias: expected contiguous index tensors");
+  TORCH_CHECK(dbias.dim() == 1 && dbias.size(0) == dy.size(1) && dbias.is_contiguous() &&
+                  dbias.scalar_type() == dy.scalar_type(),
+              "bsr_linear_bwd_input_bias: dbias: expected a contiguous [out] tensor of dy's dtype");
+  const int64_t M = dy.size(0), out_f = dy.size(1), bs = values.size(1), Cb = ccol.numel() - 1;
+  const auto c = choose(kPanelTable, dy.scalar_type(), bs);
+  if (!c.entry || M == 0 || Cb == 0 || out_f == 0) {  // nothing to fuse with
+    bsr_linear_bwd_input_cpu(dy, values, ccol, row, perm, dx);
+    at::sum_out(dbias, dy, {0});
+    return;
+  }
+  const bsr::PanelKernel& k = **c.entry->kernel;
+  at::Tensor db = dbias.scalar_type() == at::kFloat ? dbias : at::empty({out_f}, dbias.options().dtype(at::kFloat));
+  if (!c.convert) {
+    run_bwd_input(k, dy, values, ccol, row, perm, dx, db.mutable_data_ptr<float>());
+  } else {
+    at::Tensor tmp = at::empty(dx.sizes(), dx.options().dtype(at::kFloat));
+    run_bwd_input(k, f32(dy), f32(values), ccol, row, perm, tmp, db.mutable_data_ptr<float>());
+    dx.copy_(tmp);
+  }
+  if (!db.is_same(dbias)) dbias.copy_(db);
+}
+
 void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                                at::Tensor& dvalues) {
   TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dvalues.dim() == 3, "bsr_linear_bwd_weight: bad ranks");
@@ -432,5 +477,6 @@ const lotus::KernelPathRegistrar kBwdWeightPath("block_sparse_linear.bwd_weight"
 TORCH_LIBRARY_IMPL(lotus_kernels_C, CPU, m) {
   m.impl("bsr_linear_fwd", &bsr_linear_fwd_cpu);
   m.impl("bsr_linear_bwd_input", &bsr_linear_bwd_input_cpu);
+  m.impl("bsr_linear_bwd_input_bias", &bsr_linear_bwd_input_bias_cpu);
   m.impl("bsr_linear_bwd_weight", &bsr_linear_bwd_weight_cpu);
 }

@@ -15,8 +15,8 @@ A block row / column may be empty; nnzb may be 0. ``bsr_from_dense`` builds all 
 weight and a block mask, ``bsr_to_dense`` reverses it.
 
 Backward: dx = dy @ W over the stored blocks (BSC walk), dvalues only for the stored blocks (SDD),
-dbias = sum of dy. The three products are ops of their own whose backwards are each other, so the
-op has gradients of any order.
+dbias = sum of dy (with dx in one op: the CPU kernels sum dy while packing it). The products are
+ops of their own whose backwards are each other, so the op has gradients of any order.
 """
 from __future__ import annotations
 
@@ -232,11 +232,7 @@ def _(x, values, crow, col, ccol, row, perm, bias):
     return x.new_empty(*x.shape[:-1], (crow.shape[0] - 1) * values.shape[-1])
 
 
-@torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input", mutates_args=())
-def _bsl_bwd_input(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                   ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """dx [M, in] = dy [M, out] @ W."""
-    backend = _kernel_backend(dy)
+def _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm):
     if backend == "reference":
         return _bwd_input_reference(dy, values, crow, col, ccol)
     dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy)
@@ -245,9 +241,36 @@ def _bsl_bwd_input(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, c
     return dx
 
 
+@torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input", mutates_args=())
+def _bsl_bwd_input(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                   ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """dx [M, in] = dy [M, out] @ W."""
+    return _bwd_input_kernel(_kernel_backend(dy), dy, values, crow, col, ccol, row, perm)
+
+
 @_bsl_bwd_input.register_fake
 def _(dy, values, crow, col, ccol, row, perm):
     return dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1])
+
+
+@torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input_bias", mutates_args=())
+def _bsl_bwd_input_bias(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                        ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias) = (dy @ W, dy.sum(0)). The CPU kernels add dy's columns up while packing dy for dx
+    (a bias layer's backward then reads dy once, not twice); the other backends sum separately."""
+    backend = _kernel_backend(dy)
+    if backend != "cpu":
+        return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm), dy.sum(0)
+    dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy)
+    db = _backend.new_output((dy.shape[1],), dy)
+    _backend.launch(backend, _MODULE, "bsr_linear_bwd_input_bias", dy.contiguous(), values.contiguous(),
+                    ccol.contiguous(), row.contiguous(), perm.contiguous(), dx, db)
+    return dx, db
+
+
+@_bsl_bwd_input_bias.register_fake
+def _(dy, values, crow, col, ccol, row, perm):
+    return dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1]), dy.new_empty(dy.shape[1])
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_weight", mutates_args=())
@@ -278,14 +301,18 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, grad):
     x, values, crow, col, ccol, row, perm = ctx.saved_tensors
     need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.needs_input_grad[7] and ctx.has_bias
     g2 = grad.reshape(-1, grad.shape[-1])
     dx = dv = db = None
-    if need_x:
+    if need_x and need_b:  # one pass over the gradient for both
+        dx, db = _bsl_bwd_input_bias(g2, values, crow, col, ccol, row, perm)
+        dx = dx.reshape(x.shape)
+    elif need_x:
         dx = _bsl_bwd_input(g2, values, crow, col, ccol, row, perm).reshape(x.shape)
+    elif need_b:
+        db = g2.sum(0)
     if need_v:
         dv = _bsl_bwd_weight(g2, x.reshape(-1, x.shape[-1]), crow, col, ccol, row, perm, values.shape[-1])
-    if ctx.needs_input_grad[7] and ctx.has_bias:
-        db = g2.sum(0)
     return dx, dv, None, None, None, None, None, db
 
 
@@ -309,6 +336,23 @@ def _bwd_input_backward(ctx, g):
 
 
 _bsl_bwd_input.register_autograd(_bwd_input_backward, setup_context=_bwd_input_setup)
+
+
+def _bwd_input_bias_backward(ctx, g, g_db):
+    # (dx, db) = (dy @ W, dy.sum(0)): d(dy) = g @ W^T + g_db (the forward with g_db as its bias),
+    # d(values) = stored blocks of dy^T g.
+    dy, values, crow, col, ccol, row, perm = ctx.saved_tensors
+    if g is None:
+        g = dy.new_zeros(dy.shape[0], (ccol.numel() - 1) * values.shape[-1])
+    d_dy = d_v = None
+    if ctx.needs_input_grad[0]:
+        d_dy = _bsl_fwd(g, values, crow, col, ccol, row, perm, g_db)
+    if ctx.needs_input_grad[1]:
+        d_v = _bsl_bwd_weight(dy, g, crow, col, ccol, row, perm, values.shape[-1])
+    return d_dy, d_v, None, None, None, None, None
+
+
+_bsl_bwd_input_bias.register_autograd(_bwd_input_bias_backward, setup_context=_bwd_input_setup)
 
 
 def _bwd_weight_setup(ctx, inputs, output):

@@ -156,6 +156,25 @@ def test_opcheck():
     x = torch.randn(5, 64, requires_grad=True)
     values = fmt[0].clone().requires_grad_()
     torch.library.opcheck(torch.ops.lotus_kernels.block_sparse_linear.default, (x, values, *fmt[1:], bias))
+    dy = torch.randn(5, 32, requires_grad=True)
+    torch.library.opcheck(torch.ops.lotus_kernels.block_sparse_linear_bwd_input_bias.default, (dy, values, *fmt[1:]))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bwd_input_bias_op_matches_its_parts(backend, device, dtype):
+    """The fused (dx, dbias) op against the separate bwd_input op and dy.sum(0) in float64 (the CPU
+    kernels sum dy while packing it: odd M leaves a partial panel, K = 1536 two ranges in bf16)."""
+    fmt, _ = make(1536, 64, 32, 0.5, dtype, device, empty_row=True)
+    dy = torch.randn(37, 1536, dtype=dtype, device=device)
+    with use_backend(backend):
+        dx, db = torch.ops.lotus_kernels.block_sparse_linear_bwd_input_bias(dy, *fmt)
+        dx_alone = torch.ops.lotus_kernels.block_sparse_linear_bwd_input(dy, *fmt)
+    assert dx.dtype == db.dtype == dtype and db.shape == (1536,)
+    torch.testing.assert_close(dx, dx_alone, rtol=0, atol=0)  # the same kernel and summation order
+    want = dy.double().sum(0)
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(db.double(), want, rtol=rtol, atol=rtol * (1 + float(want.abs().max())))
 
 
 # ---------------------------------------------------------------- bad input

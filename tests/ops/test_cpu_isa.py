@@ -95,10 +95,11 @@ def _scale(t):
 def _run(fmt, x, dy, bias, dtype, backend):
     xs = x.to(dtype).requires_grad_()
     vs = fmt[0].to(dtype).requires_grad_()
+    bs = bias.to(dtype).requires_grad_()
     with use_backend(backend):
-        y = block_sparse_linear(xs, vs, *fmt[1:], bias.to(dtype))
+        y = block_sparse_linear(xs, vs, *fmt[1:], bs)
         y.backward(dy.to(dtype))
-    return y.detach(), xs.grad, vs.grad
+    return y.detach(), xs.grad, vs.grad, bs.grad  # dbias: summed while bwd_input packs dy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -110,10 +111,10 @@ def test_block_sparse_linear_matches_the_reference(isa, dtype, M, out_f, in_f, b
     xd, dyd, bd = x.to(dtype).double(), dy.to(dtype).double(), bias.to(dtype).double()
     w = bsr_to_dense(fmt[0].to(dtype).double(), fmt[1], fmt[2], in_f)
     want_dw = dyd.t() @ xd
-    want = (xd @ w.t() + bd, dyd @ w, bsr_from_dense(want_dw, mask, bs)[0])
+    want = (xd @ w.t() + bd, dyd @ w, bsr_from_dense(want_dw, mask, bs)[0], dyd.sum(0))
     # fp32 sums; bf16 / fp16 round each output once (2^-9 / 2^-12 relative).
     rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
-    for g, w_, name in zip(got, want, ("y", "dx", "dvalues")):
+    for g, w_, name in zip(got, want, ("y", "dx", "dvalues", "dbias")):
         assert g.dtype == dtype and g.shape == w_.shape, name
         assert not g.isnan().any(), f"{name}: an output element was never written (poisoned NaN left)"
         torch.testing.assert_close(g.double(), w_, rtol=rtol, atol=rtol * 0.1 * (1 + _scale(w_)),

@@ -72,8 +72,9 @@ LOTUS_AVX2 void pack_b(const void* values, int64_t bs, int64_t k0, int64_t k1, b
 
 // Panels [c1 - c0][6], zero rows past `rows`. Full panels: 8 columns at a time, a 6(+2 zero)x8
 // transpose in registers, each column stored 8 wide at d + k * 6 (the next store overwrites the 2
-// extra floats; the last one lands in the slack). The scalar loop took ~4 cycles per float.
-LOTUS_AVX2 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst) {
+// extra floats; the last one lands in the slack). The scalar loop took ~4 cycles per float. With
+// colsum, the 6 loaded rows are also added up before the transpose.
+LOTUS_AVX2 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
   const int64_t K = c1 - c0;
   for (int64_t p = 0; p * MR < rows; ++p) {
     const int64_t mv = std::min(MR, rows - p * MR);
@@ -85,12 +86,19 @@ LOTUS_AVX2 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
         __m256 r[8];
         for (int t = 0; t < 6; ++t) r[t] = _mm256_loadu_ps(s + t * lda + k);
         r[6] = r[7] = _mm256_setzero_ps();
+        if (colsum) {
+          const __m256 s0 = _mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3]));
+          _mm256_storeu_ps(colsum + k, _mm256_add_ps(_mm256_loadu_ps(colsum + k), _mm256_add_ps(s0, _mm256_add_ps(r[4], r[5]))));
+        }
         transpose8(r);
         for (int t = 0; t < 8; ++t) _mm256_storeu_ps(d + (k + t) * MR, r[t]);
       }
     }
-    for (; k < K; ++k)
-      for (int64_t m = 0; m < MR; ++m) d[k * MR + m] = m < mv ? s[m * lda + k] : 0.f;
+    for (; k < K; ++k) {
+      float cs = 0.f;
+      for (int64_t m = 0; m < MR; ++m) cs += d[k * MR + m] = m < mv ? s[m * lda + k] : 0.f;
+      if (colsum) colsum[k] += cs;
+    }
   }
 }
 

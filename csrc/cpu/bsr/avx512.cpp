@@ -68,8 +68,9 @@ LOTUS_AVX512 void pack_b(const void* values, int64_t bs, int64_t k0, int64_t k1,
   }
 }
 
-// Panels [c1 - c0][12]: per 8 columns, rows 0-7 and rows 8-11 (+4 zero) transposed in registers.
-LOTUS_AVX512 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst) {
+// Panels [c1 - c0][12]: per 8 columns, rows 0-7 and rows 8-11 (+4 zero) transposed in registers;
+// with colsum, the 12 loaded rows are also added up before the transpose.
+LOTUS_AVX512 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
   const int64_t K = c1 - c0;
   for (int64_t p = 0; p * MR < rows; ++p) {
     const int64_t mv = std::min(MR, rows - p * MR);
@@ -82,6 +83,12 @@ LOTUS_AVX512 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, i
         for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(s + t * lda + k);
         for (int t = 0; t < 4; ++t) q[t] = _mm256_loadu_ps(s + (8 + t) * lda + k);
         q[4] = q[5] = q[6] = q[7] = _mm256_setzero_ps();
+        if (colsum) {
+          const __m256 s0 = _mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3]));
+          const __m256 s1 = _mm256_add_ps(_mm256_add_ps(r[4], r[5]), _mm256_add_ps(r[6], r[7]));
+          const __m256 s2 = _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3]));
+          _mm256_storeu_ps(colsum + k, _mm256_add_ps(_mm256_loadu_ps(colsum + k), _mm256_add_ps(_mm256_add_ps(s0, s1), s2)));
+        }
         transpose8(r);
         transpose8(q);
         for (int t = 0; t < 8; ++t) {
@@ -90,8 +97,11 @@ LOTUS_AVX512 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, i
         }
       }
     }
-    for (; k < K; ++k)
-      for (int64_t m = 0; m < MR; ++m) d[k * MR + m] = m < mv ? s[m * lda + k] : 0.f;
+    for (; k < K; ++k) {
+      float cs = 0.f;
+      for (int64_t m = 0; m < MR; ++m) cs += d[k * MR + m] = m < mv ? s[m * lda + k] : 0.f;
+      if (colsum) colsum[k] += cs;
+    }
   }
 }
 

@@ -84,8 +84,29 @@ LOTUS_BF16 void pack_b(const void* values, int64_t bs, int64_t k0, int64_t k1, b
   }
 }
 
-// Panels [(c1 - c0)/2][12] words (the fp32 packer of avx512.cpp on words).
-LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst) {
+// 16 bf16 (8 words) widened to fp32 (exact: a bf16 is the top half of an fp32). The maskz forms:
+// GCC 12 warns about the unmasked ones' undefined pass-through operand.
+LOTUS_BF16 inline __m512 widen16(__m256 words) {
+  const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_castps_si256(words));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16));
+}
+
+inline float bf16_lo(uint32_t w) {
+  const uint32_t b = w << 16;
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
+}
+inline float bf16_hi(uint32_t w) {
+  const uint32_t b = w & 0xFFFF0000u;
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
+}
+
+// Panels [(c1 - c0)/2][12] words (the fp32 packer of avx512.cpp on words). With colsum, the 12
+// loaded rows are also widened to fp32 and added up (fp32 sums of 16 columns per step).
+LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
   const int64_t K = (c1 - c0) / 2, ld = lda / 2;
   for (int64_t p = 0; p * MR < rows; ++p) {
     const int64_t mv = std::min(MR, rows - p * MR);
@@ -98,6 +119,14 @@ LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
         for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(s + t * ld + k);
         for (int t = 0; t < 4; ++t) q[t] = _mm256_loadu_ps(s + (8 + t) * ld + k);
         q[4] = q[5] = q[6] = q[7] = _mm256_setzero_ps();
+        if (colsum) {
+          __m512 s0 = _mm512_add_ps(widen16(r[0]), widen16(r[1])), s1 = _mm512_add_ps(widen16(r[2]), widen16(r[3]));
+          s0 = _mm512_add_ps(s0, _mm512_add_ps(widen16(r[4]), widen16(r[5])));
+          s1 = _mm512_add_ps(s1, _mm512_add_ps(widen16(r[6]), widen16(r[7])));
+          s0 = _mm512_add_ps(s0, _mm512_add_ps(widen16(q[0]), widen16(q[1])));
+          s1 = _mm512_add_ps(s1, _mm512_add_ps(widen16(q[2]), widen16(q[3])));
+          _mm512_storeu_ps(colsum + 2 * k, _mm512_add_ps(_mm512_loadu_ps(colsum + 2 * k), _mm512_add_ps(s0, s1)));
+        }
         transpose8(r);
         transpose8(q);
         for (int t = 0; t < 8; ++t) {
@@ -108,8 +137,16 @@ LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
     }
     const uint32_t* sw = reinterpret_cast<const uint32_t*>(s);
     uint32_t* dw = reinterpret_cast<uint32_t*>(d);
-    for (; k < K; ++k)
-      for (int64_t m = 0; m < MR; ++m) dw[k * MR + m] = m < mv ? sw[m * ld + k] : 0u;
+    for (; k < K; ++k) {
+      float lo = 0.f, hi = 0.f;
+      for (int64_t m = 0; m < MR; ++m) {
+        const uint32_t w = m < mv ? sw[m * ld + k] : 0u;
+        dw[k * MR + m] = w;
+        lo += bf16_lo(w);
+        hi += bf16_hi(w);
+      }
+      if (colsum) colsum[2 * k] += lo, colsum[2 * k + 1] += hi;
+    }
   }
 }
 

@@ -42,8 +42,10 @@ struct PanelKernel {
   void (*pack_b)(const void* values, int64_t bs, int64_t k0, int64_t k1, bool transpose, void* dst);
   // Rows [0, rows) and reduction columns [c0, c1) of A (row stride lda elements) into panels at dst
   // (ceil(rows / mr) panels of (c1 - c0) * mr elements, zero rows past `rows`; dst needs
-  // kPanelSlack bytes past the end).
-  void (*pack_a)(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst);
+  // kPanelSlack bytes past the end). colsum: null, or fp32 [c1 - c0] to which the column sums of
+  // those rows are added (bwd_input's bias gradient, sum of dy over M, from the one pass that
+  // already reads every dy element: no separate reduction over dy).
+  void (*pack_a)(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum);
   // Every output tile of one packed chunk for the entries whose K-block lies in [kb0, kb1) (the
   // panels' range). An output block column's first contribution overwrites `out`, its last adds the
   // bias (and converts to the output dtype); one without any entry is written as bias / zero in the
