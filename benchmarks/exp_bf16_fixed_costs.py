@@ -2,6 +2,7 @@
 layer, and where the bf16 ViT-S train step's time goes beyond our kernels.
 
     PYTHONPATH=. python benchmarks/exp_bf16_fixed_costs.py layers --threads 1 --dtype bf16
+    PYTHONPATH=. python benchmarks/exp_bf16_fixed_costs.py layers --threads 2 --x-dtype bf16   # input already bf16
     PYTHONPATH=. python benchmarks/exp_bf16_fixed_costs.py step --threads 1
 
 ``layers``: BlockSparseLinear fwd+bwd (x fp32 [1576, in], forward under autocast, as the benchmark)
@@ -69,7 +70,10 @@ def layers(args):
             in_f, out_f = map(int, shape.split("x"))
             torch.manual_seed(0)
             base = torch.nn.Linear(in_f, out_f)
-            x = torch.randn(args.m, in_f, requires_grad=True)
+            # fp32 x: as the benchmark and as qkv / fc1 see it (LayerNorm runs fp32 under CPU autocast);
+            # bf16 x: as fc2 / proj see it (GELU / attention output already bf16): no cast either way.
+            x = torch.randn(args.m, in_f, dtype=torch.bfloat16 if args.x_dtype == "bf16" else torch.float32,
+                            requires_grad=True)
             g = torch.randn(args.m, out_f, dtype=dtype)
 
             def train(layer):
@@ -87,7 +91,7 @@ def layers(args):
                 configs[f"fused@{d:g}"] = (train(ours), FUSED)
             cpu, wall = interleaved(configs, args.rounds, set_variant)
             dc, dw = min(cpu["dense"]), min(wall["dense"])
-            print(f"{args.dtype} {args.threads} thread(s) {args.m}x{in_f}->{out_f}: dense CPU {dc * 1e3:.2f} ms, "
+            print(f"{args.dtype} (x {args.x_dtype}) {args.threads} thread(s) {args.m}x{in_f}->{out_f}: dense CPU {dc * 1e3:.2f} ms, "
                   f"wall {dw * 1e3:.2f} ms (min of {args.rounds})")
             for d in map(float, args.densities.split(",")):
                 s, f = min(cpu[f"separate@{d:g}"]), min(cpu[f"fused@{d:g}"])
@@ -155,6 +159,7 @@ def main():
     p.add_argument("--shapes", default="384x1536,1536x384")
     p.add_argument("--densities", default="0.1,0.3,0.5")
     p.add_argument("--m", type=int, default=1576)
+    p.add_argument("--x-dtype", default="fp32", choices=("fp32", "bf16"), help="layers: the input's dtype")
     p.add_argument("--rounds", type=int, default=None, help="default: 15 (layers), 5 (step)")
     args = p.parse_args()
     args.rounds = args.rounds or (15 if args.what == "layers" else 5)
