@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -41,8 +42,10 @@ def separate(dy, *fmt):
     return _ops._bsl_bwd_input(dy, *fmt), dy.sum(0)
 
 
-def interleaved(configs: dict, rounds: int, setup):
-    """configs: name -> (fn, variant); setup(variant) switches before each call."""
+def interleaved(configs: dict, rounds: int, setup, gc_per_call: bool = False):
+    """configs: name -> (fn, variant); setup(variant) switches before each call. gc_per_call: a full
+    ``gc.collect()`` before every timed call, as benchmarks/_harness.interleaved does (a cold start:
+    the collection walks the heap, evicting caches, and the OpenMP pool falls asleep)."""
     for fn, variant in configs.values():
         setup(variant)
         fn(), fn()
@@ -51,6 +54,8 @@ def interleaved(configs: dict, rounds: int, setup):
     for _ in range(rounds):
         for name, (fn, variant) in configs.items():
             setup(variant)
+            if gc_per_call:
+                gc.collect()
             t, w = time.process_time(), time.perf_counter()
             fn()
             cpu[name].append(time.process_time() - t)
@@ -89,14 +94,15 @@ def layers(args):
                 ours = BlockSparseLinear.from_linear(base, density=d, block_size=32)
                 configs[f"separate@{d:g}"] = (train(ours), separate)
                 configs[f"fused@{d:g}"] = (train(ours), FUSED)
-            cpu, wall = interleaved(configs, args.rounds, set_variant)
+            cpu, wall = interleaved(configs, args.rounds, set_variant, args.gc_per_call)
             dc, dw = min(cpu["dense"]), min(wall["dense"])
             print(f"{args.dtype} (x {args.x_dtype}) {args.threads} thread(s) {args.m}x{in_f}->{out_f}: dense CPU {dc * 1e3:.2f} ms, "
                   f"wall {dw * 1e3:.2f} ms (min of {args.rounds})")
             for d in map(float, args.densities.split(",")):
                 s, f = min(cpu[f"separate@{d:g}"]), min(cpu[f"fused@{d:g}"])
                 print(f"  d = {d:g}: separate {s * 1e3:6.2f} ms ({s / dc:.3f}), fused {f * 1e3:6.2f} ms ({f / dc:.3f}) "
-                      f"CPU time; saved {(s - f) * 1e3:+.3f} ms")
+                      f"CPU time; saved {(s - f) * 1e3:+.3f} ms; wall median fused / dense "
+                      f"{statistics.median(wall[f'fused@{d:g}']) / statistics.median(wall['dense']):.3f}")
     finally:
         set_variant(FUSED)
 
@@ -159,6 +165,7 @@ def main():
     p.add_argument("--shapes", default="384x1536,1536x384")
     p.add_argument("--densities", default="0.1,0.3,0.5")
     p.add_argument("--m", type=int, default=1576)
+    p.add_argument("--gc-per-call", action="store_true", help="layers: gc.collect() before every call (as the benchmark)")
     p.add_argument("--x-dtype", default="fp32", choices=("fp32", "bf16"), help="layers: the input's dtype")
     p.add_argument("--rounds", type=int, default=None, help="default: 15 (layers), 5 (step)")
     args = p.parse_args()
