@@ -178,6 +178,33 @@ def test_fp32_input_under_autocast_per_isa(isa, dtype, M, out_f, in_f, bs, densi
         assert torch.equal(got[1], cast[1]), f"{isa} dx: differs from the cast-then-kernel dx"
 
 
+def test_fp32_input_under_autocast_two_threads(isa):
+    """The mixed call's fp32 packers / fp32 dx stores with several M chunks per thread."""
+    fmt, mask, x, dy, bias = _case(301, 192, 160, 32, 0.5, True, seed=1)
+
+    def run(backend, cast_first):
+        xs = x.clone().requires_grad_()
+        vs = fmt[0].bfloat16().requires_grad_()
+        b = bias.bfloat16().requires_grad_()
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block_sparse_linear(xs.bfloat16() if cast_first else xs, vs, *fmt[1:], b)
+        y.backward(dy.bfloat16())
+        return y.detach(), xs.grad, vs.grad, b.grad
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, cast = run("cpu", False), run("cpu", True)
+    finally:
+        torch.set_num_threads(prev)
+    assert got[1].dtype == torch.float32
+    for i in (0, 2, 3):
+        assert torch.equal(got[i], cast[i])
+    ref = run("reference", False)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r.double(), rtol=2 ** -6, atol=2 ** -6 * (1 + _scale(r)))
+
+
 # ---------------------------------------------------------------- attention's softmax / score passes per ISA
 @pytest.mark.parametrize("n,mode,dtype", [(37, "cls", torch.float32), (70, "received", torch.float32),
                                           (45, "cls", torch.bfloat16)])
