@@ -7,7 +7,8 @@ layer, and where the bf16 ViT-S train step's time goes beyond our kernels.
 
 ``layers``: BlockSparseLinear fwd+bwd (x fp32 [1576, in], forward under autocast, as the benchmark)
 with the bias gradient fused into bwd_input (the default) vs the previous separate ``dy.sum(0)``,
-beside dense ``nn.Linear``; interleaved rounds in one process, per-process CPU time (min over
+beside dense ``nn.Linear``; with x fp32 under bf16 autocast also "cast": x cast to bf16 before the
+layer, as autocast did before the mixed call (an fp32 x now goes into the kernels as it is: "fused"); interleaved rounds in one process, per-process CPU time (min over
 rounds: a descheduled process does not accumulate it) and wall clock.
 ``step``: ViT-S batch 8 train step under bf16 autocast, dense vs keep 0.7 + 50% blocks on every
 linear, with SDPA as autocast runs it (bf16) and with SDPA run in fp32 (inputs upcast, output
@@ -81,19 +82,22 @@ def layers(args):
                             requires_grad=True)
             g = torch.randn(args.m, out_f, dtype=dtype)
 
-            def train(layer):
+            def train(layer, cast_x=False):
                 def fn():
                     with torch.autocast("cpu", dtype=dtype, enabled=amp):
-                        y = layer(x)
+                        y = layer(x.to(dtype) if cast_x else x)
                     y.backward(g)
                     layer.zero_grad(set_to_none=True)
                     x.grad = None
                 return fn
             configs = {"dense": (train(copy.deepcopy(base)), FUSED)}
+            cast = amp and x.dtype == torch.float32
             for d in map(float, args.densities.split(",")):
                 ours = BlockSparseLinear.from_linear(base, density=d, block_size=32)
                 configs[f"separate@{d:g}"] = (train(ours), separate)
                 configs[f"fused@{d:g}"] = (train(ours), FUSED)
+                if cast:  # before the mixed call: autocast's cast of x, ToCopyBackward's of dx
+                    configs[f"cast@{d:g}"] = (train(ours, cast_x=True), FUSED)
             cpu, wall = interleaved(configs, args.rounds, set_variant, args.gc_per_call)
             dc, dw = min(cpu["dense"]), min(wall["dense"])
             print(f"{args.dtype} (x {args.x_dtype}) {args.threads} thread(s) {args.m}x{in_f}->{out_f}: dense CPU {dc * 1e3:.2f} ms, "
@@ -103,6 +107,11 @@ def layers(args):
                 print(f"  d = {d:g}: separate {s * 1e3:6.2f} ms ({s / dc:.3f}), fused {f * 1e3:6.2f} ms ({f / dc:.3f}) "
                       f"CPU time; saved {(s - f) * 1e3:+.3f} ms; wall median fused / dense "
                       f"{statistics.median(wall[f'fused@{d:g}']) / statistics.median(wall['dense']):.3f}")
+                if cast:
+                    c = min(cpu[f"cast@{d:g}"])
+                    print(f"          x cast first (before) {c * 1e3:6.2f} ms ({c / dc:.3f}) CPU time; fused saves "
+                          f"{(c - f) * 1e3:+.3f} ms; wall median cast / dense "
+                          f"{statistics.median(wall[f'cast@{d:g}']) / statistics.median(wall['dense']):.3f}")
     finally:
         set_variant(FUSED)
 

@@ -36,3 +36,21 @@ def test_attention_follows_autocast_and_leaves_float64_alone():
         out64 = attention(q.double(), k.double(), v.double())
     assert out.dtype == torch.bfloat16 and out64.dtype == torch.float64
     torch.testing.assert_close(out.float(), attention(q, k, v), rtol=2e-2, atol=2e-2)
+
+
+def test_block_sparse_fp32_input_needs_no_cast_nodes():
+    """An fp32 input (a LayerNorm output under CPU bf16 autocast) goes into the block-sparse op as it is:
+    no cast of x in the graph, dx comes back fp32 (from the kernels' fp32 sums on avx512_bf16) and
+    matches the gradient of the same input cast first."""
+    layer = _layers()["block"]
+    x = torch.randn(7, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_cast = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_cast)
+    x_edge = y.grad_fn.next_functions[0][0]  # the op's first input: x itself, not a cast of it
+    assert type(x_edge).__name__ == "AccumulateGrad" and x_edge.variable is x
+    (dx,) = torch.autograd.grad(y.float().sum(), x)
+    (dx_cast,) = torch.autograd.grad(y_cast.float().sum(), x)
+    assert dx.dtype == torch.float32
+    torch.testing.assert_close(dx, dx_cast, rtol=2 ** -7, atol=2 ** -7)

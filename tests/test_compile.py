@@ -32,3 +32,21 @@ def test_opcheck_registrations():
                               (torch.randn(6, 5, requires_grad=True), idx.reshape(-1), 4, by_token))
     torch.library.opcheck(torch.ops.lotus_kernels.patch_embed_gather.default,
                           (images, idx, torch.randn(6, 3, 4, 4, requires_grad=True), torch.randn(6), None))
+
+
+def test_block_sparse_mixed_call_under_autocast_compiles():
+    """fp32 x into a bf16 block-sparse op under autocast (the mixed call: fake impls give y bf16, dx
+    fp32) compiles with fullgraph and matches eager."""
+    from lotus_kernels.nn import BlockSparseLinear
+    torch.manual_seed(0)
+    layer = BlockSparseLinear.from_linear(torch.nn.Linear(64, 32), density=0.5, block_size=16)
+    x = torch.randn(5, 64, requires_grad=True)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        return y.float().square().sum()
+
+    (dx,) = assert_compiled_matches_eager(step, (x,), (x,), rtol=1e-2, atol=1e-2)
+    assert dx.dtype == torch.float32

@@ -129,9 +129,14 @@ class Scratch {
 // colsum: null, or fp32 [K] set to the column sums of A (bwd_input: dbias = sum of dy over M), added
 // up while packing. Each parallel_for task sums into its own vector; the partials are added in
 // chunk order afterwards (deterministic for a given thread count).
+// a_f32 / out_f32 (mixed calls, kernels with pack_a_f32 / compute_f32_out only): A is fp32, rounded
+// to the kernel's element while packing / out is fp32 (not rounded to the kernel's element).
 void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::PanelGemm& g, void* out,
-                float* colsum = nullptr) {
+                float* colsum = nullptr, bool a_f32 = false, bool out_f32 = false) {
   const int64_t elem = k.elem, mr = k.mr, bs = g.bs, Kb = g.K / bs, ldo = g.n_out * bs;
+  const int64_t a_elem = a_f32 ? 4 : elem, out_elem = out_f32 ? 4 : elem;
+  const auto pack_a = a_f32 ? k.pack_a_f32 : k.pack_a;
+  const auto compute = out_f32 ? k.compute_f32_out : k.compute;
   int64_t kcb = Kb;  // K blocks per range
   if (96 * g.K * elem > kChunkBytes) kcb = std::max<int64_t>(1, kChunkBytes / (128 * elem * bs));
   const int64_t kc = kcb * bs, nranges = (Kb + kcb - 1) / kcb;
@@ -160,9 +165,9 @@ void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::
       if (rows == 0) continue;
       for (int64_t r = 0; r < nranges; ++r) {
         const int64_t kb0 = r * kcb, kb1 = std::min(Kb, kb0 + kcb);
-        k.pack_a(static_cast<const char*>(a) + m0 * g.K * elem, g.K, rows, kb0 * bs, kb1 * bs, panels.get(),
-                 sums ? sums + kb0 * bs : nullptr);
-        k.compute(g, panels.get(), rows, kb0, kb1, static_cast<char*>(out) + m0 * ldo * elem, ldo, acc.as<float>());
+        pack_a(static_cast<const char*>(a) + m0 * g.K * a_elem, g.K, rows, kb0 * bs, kb1 * bs, panels.get(),
+               sums ? sums + kb0 * bs : nullptr);
+        compute(g, panels.get(), rows, kb0, kb1, static_cast<char*>(out) + m0 * ldo * out_elem, ldo, acc.as<float>());
       }
     }
   });
@@ -181,7 +186,7 @@ Scratch pack_weight(const bsr::PanelKernel& k, const at::Tensor& values, bool tr
 }
 
 void run_fwd(const bsr::PanelKernel& k, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
-             const at::Tensor& col, const std::optional<at::Tensor>& bias, at::Tensor& out) {
+             const at::Tensor& col, const std::optional<at::Tensor>& bias, at::Tensor& out, bool x_f32 = false) {
   const int64_t nnzb = values.size(0);
   const Scratch bp = pack_weight(k, values, true);
   std::vector<int64_t> ident(static_cast<size_t>(nnzb));
@@ -191,23 +196,24 @@ void run_fwd(const bsr::PanelKernel& k, const at::Tensor& x, const at::Tensor& v
   g.K = x.size(1), g.bs = values.size(1), g.n_out = crow.numel() - 1;
   g.ptr = crow.const_data_ptr<int64_t>(), g.a_blk = col.const_data_ptr<int64_t>(), g.b_blk = ident.data();
   g.b = bp.get(), g.bias = bias ? b32.const_data_ptr<float>() : nullptr;
-  panel_gemm(k, x.const_data_ptr(), x.size(0), g, out.mutable_data_ptr());
+  panel_gemm(k, x.const_data_ptr(), x.size(0), g, out.mutable_data_ptr(), nullptr, x_f32);
 }
 
 // dbias: null, or fp32 [out] set to the sum of dy over M (from the dy packing pass).
 void run_bwd_input(const bsr::PanelKernel& k, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol,
-                   const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx, float* dbias = nullptr) {
+                   const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx, float* dbias = nullptr,
+                   bool dx_f32 = false) {
   const Scratch bp = pack_weight(k, values, false);
   bsr::PanelGemm g;
   g.K = dy.size(1), g.bs = values.size(1), g.n_out = ccol.numel() - 1;
   g.ptr = ccol.const_data_ptr<int64_t>(), g.a_blk = row.const_data_ptr<int64_t>(),
   g.b_blk = perm.const_data_ptr<int64_t>(), g.b = bp.get();
-  panel_gemm(k, dy.const_data_ptr(), dy.size(0), g, dx.mutable_data_ptr(), dbias);
+  panel_gemm(k, dy.const_data_ptr(), dy.size(0), g, dx.mutable_data_ptr(), dbias, false, dx_f32);
 }
 
 // dv (fp32 [nnzb][bs][bs]) of the stored blocks.
 void run_bwd_weight(const bsr::WeightKernel& k, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
-                    const at::Tensor& col, int64_t bs, float* dv) {
+                    const at::Tensor& col, int64_t bs, float* dv, bool x_f32 = false) {
   const int64_t M = dy.size(0), out_f = dy.size(1), in = x.size(1), R = crow.numel() - 1, Cb = in / bs;
   const int64_t nnzb = col.numel(), elem = k.elem, mc = k.mc, chunks = (M + mc - 1) / mc;
   const int64_t slot_bytes = k.panel_elems(mc, bs) * elem;
@@ -246,7 +252,10 @@ void run_bwd_weight(const bsr::WeightKernel& k, const at::Tensor& dy, const at::
       for (size_t s = 0; s < used.size(); ++s) {
         const bool is_dy = used[s] < R;
         const int64_t blk = is_dy ? used[s] : used[s] - R, ld = is_dy ? out_f : in;
-        k.pack((is_dy ? dyp : xp) + (m0 * ld + blk * bs) * elem, ld, rows, bs, buf.get() + s * slot_bytes);
+        if (is_dy || !x_f32)
+          k.pack((is_dy ? dyp : xp) + (m0 * ld + blk * bs) * elem, ld, rows, bs, buf.get() + s * slot_bytes);
+        else
+          k.pack_f32(xp + (m0 * ld + blk * bs) * 4, ld, rows, bs, buf.get() + s * slot_bytes);
       }
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t e = order[i];
@@ -320,11 +329,32 @@ void bwd_weight_plain(const T* dy, const T* x, int64_t M, int64_t out_f, int64_t
 
 
 // ---------------------------------------------------------------- entry points
-void check_common(const at::Tensor& a, const at::Tensor& values, const at::Tensor& out, const char* name) {
+// Mixed calls (autocast with an fp32 activation, see the op's Python wrapper): x (fwd, bwd_weight) or
+// dx (bwd_input) fp32 while values and the rest are bf16 / fp16. The native bf16 kernels convert while
+// packing / write fp32 directly; every other path casts (x.to(values' dtype), dx from a result in
+// dy's dtype), so all paths agree with a cast-then-kernel call.
+bool mixed_ok(const at::Tensor& act, const at::Tensor& values) {
+  return act.scalar_type() == values.scalar_type() ||
+         (act.scalar_type() == at::kFloat && low_precision(values.scalar_type()));
+}
+
+// act: the fp32-or-values-dtype activation (fwd: x, bwd_input: dx); other: values' dtype (out / dy).
+void check_common(const at::Tensor& a, const at::Tensor& values, const at::Tensor& out, const char* name,
+                  bool fwd) {
   TORCH_CHECK(a.dim() == 2 && values.dim() == 3 && out.dim() == 2, name, ": expected 2-D activations, 3-D values");
   TORCH_CHECK(a.is_contiguous() && values.is_contiguous() && out.is_contiguous(), name, ": expected contiguous tensors");
-  TORCH_CHECK(a.scalar_type() == values.scalar_type() && a.scalar_type() == out.scalar_type(), name,
-              ": expected one float dtype");
+  const at::Tensor& act = fwd ? a : out;
+  const at::Tensor& other = fwd ? out : a;
+  TORCH_CHECK(other.scalar_type() == values.scalar_type() && mixed_ok(act, values), name,
+              ": expected one float dtype (or an fp32 ", fwd ? "x" : "dx", " with bf16 / fp16 values)");
+}
+
+// The panel kernel for a mixed call when it converts natively, else null.
+const bsr::PanelKernel* native_mixed(at::ScalarType dtype, int64_t bs, bool for_out) {
+  const auto c = choose(kPanelTable, dtype, bs);
+  if (!c.entry || c.convert) return nullptr;
+  const bsr::PanelKernel* k = *c.entry->kernel;
+  return (for_out ? k->compute_f32_out != nullptr : k->pack_a_f32 != nullptr) ? k : nullptr;
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -334,10 +364,15 @@ std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
 
 void bsr_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
                         const std::optional<at::Tensor>& bias, at::Tensor& out) {
-  check_common(x, values, out, "bsr_linear_fwd");
+  check_common(x, values, out, "bsr_linear_fwd", true);
   TORCH_CHECK(crow.is_contiguous() && col.is_contiguous(), "bsr_linear_fwd: expected contiguous index tensors");
   const int64_t M = x.size(0), in = x.size(1), bs = values.size(1), R = crow.numel() - 1;
   if (M == 0 || R == 0) return;
+  if (x.scalar_type() != values.scalar_type()) {  // mixed: x fp32
+    if (const auto* k = native_mixed(values.scalar_type(), bs, false); k && in > 0)
+      return run_fwd(*k, x, values, crow, col, bias, out, true);
+    return bsr_linear_fwd_cpu(x.to(values.scalar_type()), values, crow, col, bias, out);
+  }
   const auto c = choose(kPanelTable, x.scalar_type(), bs);
   if (c.entry && in > 0) {
     const bsr::PanelKernel& k = **c.entry->kernel;
@@ -363,11 +398,19 @@ void bsr_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& values, const at:
 
 void bsr_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol,
                               const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx) {
-  check_common(dy, values, dx, "bsr_linear_bwd_input");
+  check_common(dy, values, dx, "bsr_linear_bwd_input", false);
   TORCH_CHECK(ccol.is_contiguous() && row.is_contiguous() && perm.is_contiguous(),
               "bsr_linear_bwd_input: expected contiguous index tensors");
   const int64_t M = dy.size(0), out_f = dy.size(1), bs = values.size(1), Cb = ccol.numel() - 1;
   if (M == 0 || Cb == 0) return;
+  if (dx.scalar_type() != dy.scalar_type()) {  // mixed: dx fp32
+    if (const auto* k = native_mixed(dy.scalar_type(), bs, true); k && out_f > 0)
+      return run_bwd_input(*k, dy, values, ccol, row, perm, dx, nullptr, true);
+    at::Tensor tmp = at::empty(dx.sizes(), dx.options().dtype(dy.scalar_type()));
+    bsr_linear_bwd_input_cpu(dy, values, ccol, row, perm, tmp);
+    dx.copy_(tmp);
+    return;
+  }
   const auto c = choose(kPanelTable, dy.scalar_type(), bs);
   if (c.entry && out_f > 0) {
     const bsr::PanelKernel& k = **c.entry->kernel;
@@ -394,13 +437,20 @@ void bsr_linear_bwd_input_cpu(const at::Tensor& dy, const at::Tensor& values, co
 // dy (the one pass that reads all of it), instead of a separate reduction over dy afterwards.
 void bsr_linear_bwd_input_bias_cpu(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& ccol,
                                    const at::Tensor& row, const at::Tensor& perm, at::Tensor& dx, at::Tensor& dbias) {
-  check_common(dy, values, dx, "bsr_linear_bwd_input_bias");
+  check_common(dy, values, dx, "bsr_linear_bwd_input_bias", false);
   TORCH_CHECK(ccol.is_contiguous() && row.is_contiguous() && perm.is_contiguous(),
               "bsr_linear_bwd_input_bias: expected contiguous index tensors");
   TORCH_CHECK(dbias.dim() == 1 && dbias.size(0) == dy.size(1) && dbias.is_contiguous() &&
                   dbias.scalar_type() == dy.scalar_type(),
               "bsr_linear_bwd_input_bias: dbias: expected a contiguous [out] tensor of dy's dtype");
   const int64_t M = dy.size(0), out_f = dy.size(1), bs = values.size(1), Cb = ccol.numel() - 1;
+  const bool dx_f32 = dx.scalar_type() != dy.scalar_type();  // mixed: dx fp32
+  if (dx_f32 && !(native_mixed(dy.scalar_type(), bs, true) && M > 0 && Cb > 0 && out_f > 0)) {
+    at::Tensor tmp = at::empty(dx.sizes(), dx.options().dtype(dy.scalar_type()));
+    bsr_linear_bwd_input_bias_cpu(dy, values, ccol, row, perm, tmp, dbias);
+    dx.copy_(tmp);
+    return;
+  }
   const auto c = choose(kPanelTable, dy.scalar_type(), bs);
   if (!c.entry || M == 0 || Cb == 0 || out_f == 0) {  // nothing to fuse with
     bsr_linear_bwd_input_cpu(dy, values, ccol, row, perm, dx);
@@ -410,7 +460,7 @@ void bsr_linear_bwd_input_bias_cpu(const at::Tensor& dy, const at::Tensor& value
   const bsr::PanelKernel& k = **c.entry->kernel;
   at::Tensor db = dbias.scalar_type() == at::kFloat ? dbias : at::empty({out_f}, dbias.options().dtype(at::kFloat));
   if (!c.convert) {
-    run_bwd_input(k, dy, values, ccol, row, perm, dx, db.mutable_data_ptr<float>());
+    run_bwd_input(k, dy, values, ccol, row, perm, dx, db.mutable_data_ptr<float>(), dx_f32);
   } else {
     at::Tensor tmp = at::empty(dx.sizes(), dx.options().dtype(at::kFloat));
     run_bwd_input(k, f32(dy), f32(values), ccol, row, perm, tmp, db.mutable_data_ptr<float>());
@@ -425,8 +475,8 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
   TORCH_CHECK(dy.is_contiguous() && x.is_contiguous() && dvalues.is_contiguous() && crow.is_contiguous() &&
                   col.is_contiguous(),
               "bsr_linear_bwd_weight: expected contiguous tensors");
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.scalar_type() == dvalues.scalar_type(),
-              "bsr_linear_bwd_weight: expected one float dtype");
+  TORCH_CHECK(dy.scalar_type() == dvalues.scalar_type() && mixed_ok(x, dvalues), "bsr_linear_bwd_weight: ",
+              "expected one float dtype (or an fp32 x with bf16 / fp16 dy)");
   const int64_t M = dy.size(0), out_f = dy.size(1), in = x.size(1), bs = dvalues.size(1), nnzb = dvalues.size(0),
                 R = crow.numel() - 1;
   if (nnzb == 0) return;
@@ -435,6 +485,14 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
     return;
   }
   const auto c = choose(kWeightTable, dy.scalar_type(), bs);
+  if (x.scalar_type() != dy.scalar_type()) {  // mixed: x fp32
+    if (!(c.entry && !c.convert && (*c.entry->kernel)->pack_f32))
+      return bsr_linear_bwd_weight_cpu(dy, x.to(dy.scalar_type()), crow, col, dvalues);
+    at::Tensor tmp = at::empty(dvalues.sizes(), dvalues.options().dtype(at::kFloat));
+    run_bwd_weight(**c.entry->kernel, dy, x, crow, col, bs, tmp.mutable_data_ptr<float>(), true);
+    dvalues.copy_(tmp);
+    return;
+  }
   if (c.entry) {
     const bsr::WeightKernel& k = **c.entry->kernel;
     if (dvalues.scalar_type() == at::kFloat) {

@@ -17,6 +17,15 @@ weight and a block mask, ``bsr_to_dense`` reverses it.
 Backward: dx = dy @ W over the stored blocks (BSC walk), dvalues only for the stored blocks (SDD),
 dbias = sum of dy (with dx in one op: the CPU kernels sum dy while packing it). The products are
 ops of their own whose backwards are each other, so the op has gradients of any order.
+
+Mixed dtypes (autocast with an fp32 activation, e.g. a LayerNorm output under CPU bf16 autocast): x
+stays fp32 while values / bias run in bf16 or fp16; the output and dvalues take values' dtype, dx
+is fp32 like x. Every backend computes exactly x.to(values.dtype) through the kernel (the same
+result as a cast before the op), without an autograd cast node: the CPU avx512_bf16 kernels round x
+to bf16 while packing it and write dx in fp32 straight from their fp32 sums (one rounding fewer
+than a bf16 dx cast back, so dx is *more* accurate: within the fp32 sums' error of the float64 dx,
+not bf16's); every other path casts inside the op (x.to(values.dtype), dx computed in dy's dtype
+then .to(float32)).
 """
 from __future__ import annotations
 
@@ -190,7 +199,15 @@ def _check_pattern(crow, col, ccol, row, perm) -> None:
                          "(build all five with bsr_indices or bsr_from_dense)")
 
 
-def _check(x, values, crow, col, ccol, row, perm, bias) -> None:
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _mixed(x, values) -> bool:
+    """x fp32 with bf16 / fp16 values: computed as x.to(values.dtype) (see the module docstring)."""
+    return x.dtype == torch.float32 and values.dtype in _LOW
+
+
+def _check(x, values, crow, col, ccol, row, perm, bias, allow_mixed: bool = False) -> None:
     check_format(values, crow, col, ccol, row, perm)
     bs = values.shape[-1]
     out_f, in_f = (crow.numel() - 1) * bs, (ccol.numel() - 1) * bs
@@ -204,7 +221,10 @@ def _check(x, values, crow, col, ccol, row, perm, bias) -> None:
             raise ValueError(f"bias: expected shape ({out_f},) (out_features = (crow.numel() - 1) * block size), "
                              f"got {tuple(bias.shape)}")
     _checks.same_device(x=x, values=values, crow=crow, bias=bias)
-    _checks.same_dtype(x=x, values=values, bias=bias)
+    if not (allow_mixed and _mixed(x, values)):
+        _checks.same_dtype(x=x, values=values, bias=bias)
+    else:
+        _checks.same_dtype(values=values, bias=bias)
 
 
 # ---------------------------------------------------------------- the three products as ops
@@ -217,11 +237,13 @@ def _bsl_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: tor
              row: torch.Tensor, perm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     check_pattern(crow, col, ccol, row, perm)
     backend = _kernel_backend(x)
+    if backend != "cpu" and x.dtype != values.dtype:  # mixed: only the CPU kernels convert while packing
+        x = x.to(values.dtype)
     if backend == "reference":
         return block_sparse_linear_reference(x, values, crow, col, ccol, bias)
     out_f = (crow.numel() - 1) * values.shape[-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = _backend.new_output((x2.shape[0], out_f), x)
+    out = _backend.new_output((x2.shape[0], out_f), x, values.dtype)
     _backend.launch(backend, _MODULE, "bsr_linear_fwd", x2, values.contiguous(), crow.contiguous(),
                     col.contiguous(), None if bias is None else bias.contiguous(), out)
     return out.reshape(*x.shape[:-1], out_f)
@@ -229,13 +251,19 @@ def _bsl_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: tor
 
 @_bsl_fwd.register_fake
 def _(x, values, crow, col, ccol, row, perm, bias):
-    return x.new_empty(*x.shape[:-1], (crow.shape[0] - 1) * values.shape[-1])
+    return x.new_empty(*x.shape[:-1], (crow.shape[0] - 1) * values.shape[-1], dtype=values.dtype)
 
 
-def _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm):
+def _dx_dtype(dy, dx_fp32: bool):
+    return torch.float32 if dx_fp32 else dy.dtype
+
+
+def _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm, dx_fp32=False):
+    if backend != "cpu" and dx_fp32 and dy.dtype != torch.float32:  # cast inside (see the module docstring)
+        return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm).to(torch.float32)
     if backend == "reference":
         return _bwd_input_reference(dy, values, crow, col, ccol)
-    dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy)
+    dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy, _dx_dtype(dy, dx_fp32))
     _backend.launch(backend, _MODULE, "bsr_linear_bwd_input", dy.contiguous(), values.contiguous(),
                     ccol.contiguous(), row.contiguous(), perm.contiguous(), dx)
     return dx
@@ -243,25 +271,26 @@ def _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm):
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input", mutates_args=())
 def _bsl_bwd_input(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                   ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """dx [M, in] = dy [M, out] @ W."""
-    return _bwd_input_kernel(_kernel_backend(dy), dy, values, crow, col, ccol, row, perm)
+                   ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor, dx_fp32: bool = False) -> torch.Tensor:
+    """dx [M, in] = dy [M, out] @ W (dx_fp32: dx in fp32 for an fp32 x of a mixed call)."""
+    return _bwd_input_kernel(_kernel_backend(dy), dy, values, crow, col, ccol, row, perm, dx_fp32)
 
 
 @_bsl_bwd_input.register_fake
-def _(dy, values, crow, col, ccol, row, perm):
-    return dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1])
+def _(dy, values, crow, col, ccol, row, perm, dx_fp32=False):
+    return dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1], dtype=_dx_dtype(dy, dx_fp32))
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input_bias", mutates_args=())
 def _bsl_bwd_input_bias(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                        ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor,
+                        dx_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) = (dy @ W, dy.sum(0)). The CPU kernels add dy's columns up while packing dy for dx
     (a bias layer's backward then reads dy once, not twice); the other backends sum separately."""
     backend = _kernel_backend(dy)
     if backend != "cpu":
-        return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm), dy.sum(0)
-    dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy)
+        return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm, dx_fp32), dy.sum(0)
+    dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy, _dx_dtype(dy, dx_fp32))
     db = _backend.new_output((dy.shape[1],), dy)
     _backend.launch(backend, _MODULE, "bsr_linear_bwd_input_bias", dy.contiguous(), values.contiguous(),
                     ccol.contiguous(), row.contiguous(), perm.contiguous(), dx, db)
@@ -269,18 +298,22 @@ def _bsl_bwd_input_bias(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tens
 
 
 @_bsl_bwd_input_bias.register_fake
-def _(dy, values, crow, col, ccol, row, perm):
-    return dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1]), dy.new_empty(dy.shape[1])
+def _(dy, values, crow, col, ccol, row, perm, dx_fp32=False):
+    return (dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1], dtype=_dx_dtype(dy, dx_fp32)),
+            dy.new_empty(dy.shape[1]))
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_weight", mutates_args=())
 def _bsl_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor,
                     row: torch.Tensor, perm: torch.Tensor, block_size: int) -> torch.Tensor:
-    """dvalues [nnzb, bs, bs]: the stored blocks of dy [M, out]^T @ x [M, in]."""
+    """dvalues [nnzb, bs, bs]: the stored blocks of dy [M, out]^T @ x [M, in] (x may be fp32 with a bf16 /
+    fp16 dy: a mixed call, computed as x.to(dy.dtype))."""
     backend = _kernel_backend(dy)
+    if backend != "cpu" and x.dtype != dy.dtype:
+        x = x.to(dy.dtype)
     if backend == "reference":
         return _bwd_weight_reference(dy, x, crow, col, block_size)
-    dv = _backend.new_output((col.numel(), block_size, block_size), x)
+    dv = _backend.new_output((col.numel(), block_size, block_size), dy)
     _backend.launch(backend, _MODULE, "bsr_linear_bwd_weight", dy.contiguous(), x.contiguous(), crow.contiguous(),
                     col.contiguous(), dv)
     return dv
@@ -288,7 +321,7 @@ def _bsl_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
 
 @_bsl_bwd_weight.register_fake
 def _(dy, x, crow, col, ccol, row, perm, block_size):
-    return x.new_empty(col.shape[0], block_size, block_size)
+    return dy.new_empty(col.shape[0], block_size, block_size)
 
 
 # ---------------------------------------------------------------- autograd (each product's backward uses the others)
@@ -303,12 +336,13 @@ def _fwd_backward(ctx, grad):
     need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.needs_input_grad[7] and ctx.has_bias
     g2 = grad.reshape(-1, grad.shape[-1])
+    dx_fp32 = x.dtype != values.dtype  # mixed: dx fp32 like x
     dx = dv = db = None
     if need_x and need_b:  # one pass over the gradient for both
-        dx, db = _bsl_bwd_input_bias(g2, values, crow, col, ccol, row, perm)
+        dx, db = _bsl_bwd_input_bias(g2, values, crow, col, ccol, row, perm, dx_fp32)
         dx = dx.reshape(x.shape)
     elif need_x:
-        dx = _bsl_bwd_input(g2, values, crow, col, ccol, row, perm).reshape(x.shape)
+        dx = _bsl_bwd_input(g2, values, crow, col, ccol, row, perm, dx_fp32).reshape(x.shape)
     elif need_b:
         db = g2.sum(0)
     if need_v:
@@ -320,8 +354,9 @@ _bsl_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 def _bwd_input_setup(ctx, inputs, output):
-    dy, values, crow, col, ccol, row, perm = inputs
+    dy, values, crow, col, ccol, row, perm, dx_fp32 = inputs
     ctx.save_for_backward(dy, values, crow, col, ccol, row, perm)
+    ctx.dx_fp32 = dx_fp32
 
 
 def _bwd_input_backward(ctx, g):
@@ -332,7 +367,7 @@ def _bwd_input_backward(ctx, g):
         d_dy = _bsl_fwd(g, values, crow, col, ccol, row, perm, None)
     if ctx.needs_input_grad[1]:
         d_v = _bsl_bwd_weight(dy, g, crow, col, ccol, row, perm, values.shape[-1])
-    return d_dy, d_v, None, None, None, None, None
+    return d_dy, d_v, None, None, None, None, None, None
 
 
 _bsl_bwd_input.register_autograd(_bwd_input_backward, setup_context=_bwd_input_setup)
@@ -343,13 +378,13 @@ def _bwd_input_bias_backward(ctx, g, g_db):
     # d(values) = stored blocks of dy^T g.
     dy, values, crow, col, ccol, row, perm = ctx.saved_tensors
     if g is None:
-        g = dy.new_zeros(dy.shape[0], (ccol.numel() - 1) * values.shape[-1])
+        g = dy.new_zeros(dy.shape[0], (ccol.numel() - 1) * values.shape[-1], dtype=_dx_dtype(dy, ctx.dx_fp32))
     d_dy = d_v = None
     if ctx.needs_input_grad[0]:
         d_dy = _bsl_fwd(g, values, crow, col, ccol, row, perm, g_db)
     if ctx.needs_input_grad[1]:
         d_v = _bsl_bwd_weight(dy, g, crow, col, ccol, row, perm, values.shape[-1])
-    return d_dy, d_v, None, None, None, None, None
+    return d_dy, d_v, None, None, None, None, None, None
 
 
 _bsl_bwd_input_bias.register_autograd(_bwd_input_bias_backward, setup_context=_bwd_input_setup)
@@ -368,7 +403,7 @@ def _bwd_weight_backward(ctx, g):
     if ctx.needs_input_grad[0]:
         d_dy = _bsl_fwd(x, g, crow, col, ccol, row, perm, None)
     if ctx.needs_input_grad[1]:
-        d_x = _bsl_bwd_input(dy, g, crow, col, ccol, row, perm)
+        d_x = _bsl_bwd_input(dy, g, crow, col, ccol, row, perm, x.dtype != dy.dtype)
     return d_dy, d_x, None, None, None, None, None, None
 
 
@@ -381,7 +416,15 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tenso
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for the block-sparse weight W stored as (values, crow, col, ccol, row,
     perm) (see the module docstring; ``bsr_from_dense`` builds them). Gradients flow to ``x``,
-    ``values`` (stored blocks only) and ``bias``."""
-    x, values, bias = _checks.autocast_inputs(x, values, bias)
-    _check(x, values, crow, col, ccol, row, perm, bias)
+    ``values`` (stored blocks only) and ``bias``.
+
+    Under ``torch.autocast`` to bf16 / fp16, an fp32 ``x`` is not cast: the op takes it as it is (a
+    mixed call, see the module docstring; dx comes back fp32 without a cast node)."""
+    mixed = (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
+             and torch.get_autocast_dtype(x.device.type) in _LOW)
+    if mixed:
+        values, bias = _checks.autocast_inputs(values, bias)
+    else:
+        x, values, bias = _checks.autocast_inputs(x, values, bias)
+    _check(x, values, crow, col, ccol, row, perm, bias, allow_mixed=mixed)
     return _bsl_fwd(x, values, crow, col, ccol, row, perm, bias)

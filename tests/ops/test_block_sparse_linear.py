@@ -177,6 +177,85 @@ def test_bwd_input_bias_op_matches_its_parts(backend, device, dtype):
     torch.testing.assert_close(db.double(), want, rtol=rtol, atol=rtol * (1 + float(want.abs().max())))
 
 
+# ---------------------------------------------------------------- mixed dtypes: fp32 x under autocast
+def _mixed_run(backend, x, fmt, bias, dy, dtype, device_type, cast_first):
+    """Under autocast to ``dtype``: x fp32 passed as it is (the mixed call) or cast first (the
+    cast-then-kernel path an fp32 x took before)."""
+    xs = x.clone().requires_grad_()
+    vs = fmt[0].clone().requires_grad_()
+    bb = None if bias is None else bias.clone().requires_grad_()
+    with use_backend(backend), torch.autocast(device_type, dtype=dtype):
+        y = block_sparse_linear(xs.to(dtype) if cast_first else xs, vs, *fmt[1:], bb)
+    y.backward(dy)
+    return y, xs.grad, vs.grad, None if bb is None else bb.grad
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("lead,out_f,in_f,bs,density", [((37,), 160, 96, 32, 0.5), ((2, 7), 64, 128, 16, 0.6),
+                                                        ((5,), 64, 64, 32, 0.0)])
+def test_fp32_input_under_autocast(backend, device, dtype, with_bias, lead, out_f, in_f, bs, density):
+    """x fp32 under autocast stays fp32 (no cast node): y / dvalues / dbias in the autocast dtype, dx
+    fp32; y, dvalues and dbias equal the cast-then-kernel call's bit for bit (x is rounded exactly as
+    Tensor.to rounds it); dx is at least as close to float64 truth (the CPU bf16 kernels write it
+    from their fp32 sums, one rounding fewer); all of it agrees with the reference backend."""
+    fmt, bias = make(out_f, in_f, bs, density, torch.float32, device, bias=with_bias)
+    fmt = [fmt[0].to(dtype)] + list(fmt[1:])
+    bias = None if bias is None else bias.to(dtype)
+    x = torch.randn(*lead, in_f, device=device)
+    dy = torch.randn(*lead, out_f, device=device).to(dtype)
+    dt = "cuda" if device == "cuda" else "cpu"
+    got = _mixed_run(backend, x, fmt, bias, dy, dtype, dt, cast_first=False)
+    cast = _mixed_run(backend, x, fmt, bias, dy, dtype, dt, cast_first=True)
+    y, dx, dv, db = got
+    assert y.dtype == dv.dtype == dtype and dx.dtype == torch.float32 and dx.shape == x.shape
+    assert (db is None) == (bias is None) and (db is None or db.dtype == dtype)
+    nodes = {type(n[0]).__name__ for n in y.grad_fn.next_functions if n[0] is not None}
+    assert not any("ToCopy" in n for n in nodes), nodes  # x reaches the op without a cast node
+    for g, c, name in zip(got, cast, ("y", "dx", "dvalues", "dbias")):
+        if name != "dx" and g is not None:
+            assert torch.equal(g, c), f"{name}: differs from cast-then-kernel"
+    w = dense_weight([fmt[0].double()] + list(fmt[1:]), in_f)
+    want_dx = dy.double() @ w
+    err, err_cast = (float((d.double() - want_dx).abs().max()) if d.numel() else 0.0 for d in (dx, cast[1]))
+    assert err <= err_cast, (err, err_cast)
+    torch.testing.assert_close(dx.double(), want_dx, rtol=2 ** -7, atol=2 ** -7 * (1 + float(want_dx.abs().max())))
+    ref = _mixed_run("reference", x, fmt, bias, dy, dtype, dt, cast_first=False)
+    tol = dict(rtol=3e-2, atol=6e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=1e-2)
+    for g, r, name in zip(got, ref, ("y", "dx", "dvalues", "dbias")):
+        if g is not None:
+            assert g.dtype == r.dtype, name
+            torch.testing.assert_close(g, r, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_mixed_dtypes_outside_autocast_are_still_an_error():
+    fmt, bias = make(32, 64, 16, 0.5)
+    with pytest.raises(TypeError, match="values: expected dtype torch.float32 \\(like x\\)"):
+        block_sparse_linear(torch.randn(4, 64), fmt[0].bfloat16(), *fmt[1:], bias.bfloat16())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b, d in KERNELS if d == "cpu"])
+def test_mixed_call_double_backward(backend):
+    """Second-order gradients through a mixed call (fp32 x, bf16 values): the backward ops take mixed
+    dtypes too (dx fp32, dvalues bf16) and agree with the reference backend."""
+    fmt, bias = make(64, 64, 16, 0.6)
+    values = fmt[0].bfloat16().requires_grad_()
+    b = bias.bfloat16().requires_grad_()
+    x = torch.randn(9, 64, requires_grad=True)
+
+    def run(be):
+        with use_backend(be), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block_sparse_linear(x, values, *fmt[1:], b)
+        gx, gv = torch.autograd.grad(y.float().square().sum(), (x, values), create_graph=True)
+        assert gx.dtype == torch.float32 and gv.dtype == torch.bfloat16
+        return torch.autograd.grad(gx.square().sum() + gv.float().square().sum(), (x, values, b))
+
+    for g, r in zip(run(backend), run("reference")):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g.float(), r.float(), rtol=5e-2, atol=5e-2 * (1 + float(r.float().abs().max())))
+
+
 # ---------------------------------------------------------------- bad input
 def _fmt():
     return make(32, 64, 16, 0.5)

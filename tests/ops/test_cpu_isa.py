@@ -142,6 +142,69 @@ def test_block_sparse_linear_two_threads(isa, dtype):
 
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,out_f,in_f,bs,density,empty", CASES)
+def test_fp32_input_under_autocast_per_isa(isa, dtype, M, out_f, in_f, bs, density, empty):
+    """A mixed call (x fp32, values bf16 / fp16 under autocast) per ISA level: the avx512_bf16 kernels
+    round x while packing it (fwd, bwd_weight) and write dx in fp32; every other path casts inside.
+    y, dvalues, dbias equal the cast-then-kernel call bit for bit; dx is fp32, within fp32-sum
+    tolerance of float64 truth where the kernel writes it natively, else equal to the cast one."""
+    fmt, mask, x, dy, bias = _case(M, out_f, in_f, bs, density, empty)
+    dyl = dy.to(dtype)
+
+    def run(cast_first):
+        xs = x.clone().requires_grad_()
+        vs = fmt[0].to(dtype).requires_grad_()
+        b = bias.to(dtype).requires_grad_()
+        with use_backend("cpu"), torch.autocast("cpu", dtype=dtype):
+            y = block_sparse_linear(xs.to(dtype) if cast_first else xs, vs, *fmt[1:], b)
+        y.backward(dyl)
+        return y.detach(), xs.grad, vs.grad, b.grad
+
+    got, cast = run(False), run(True)
+    assert got[1].dtype == torch.float32 and got[0].dtype == got[2].dtype == got[3].dtype == dtype
+    for g, c, name in zip(got, cast, ("y", "dx", "dvalues", "dbias")):
+        assert not g.isnan().any(), f"{name}: an output element was never written (poisoned NaN left)"
+        if name != "dx":
+            assert torch.equal(g, c), f"{isa} {name}: differs from cast-then-kernel"
+    native = isa == "avx512_bf16" and dtype == torch.bfloat16
+    want_dx = dyl.double() @ bsr_to_dense(fmt[0].to(dtype).double(), fmt[1], fmt[2], in_f)
+    if native:  # fp32 sums, not rounded to bf16
+        torch.testing.assert_close(got[1].double(), want_dx, rtol=1e-5, atol=1e-6 * (1 + _scale(want_dx)),
+                                   msg=lambda m: f"{isa} dx: {m}")
+        if fmt[0].numel():  # the fp32 dx really came from the kernel, not from a bf16 result cast back
+            assert not torch.equal(got[1], cast[1])
+    else:
+        assert torch.equal(got[1], cast[1]), f"{isa} dx: differs from the cast-then-kernel dx"
+
+
+def test_fp32_input_under_autocast_two_threads(isa):
+    """The mixed call's fp32 packers / fp32 dx stores with several M chunks per thread."""
+    fmt, mask, x, dy, bias = _case(301, 192, 160, 32, 0.5, True, seed=1)
+
+    def run(backend, cast_first):
+        xs = x.clone().requires_grad_()
+        vs = fmt[0].bfloat16().requires_grad_()
+        b = bias.bfloat16().requires_grad_()
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block_sparse_linear(xs.bfloat16() if cast_first else xs, vs, *fmt[1:], b)
+        y.backward(dy.bfloat16())
+        return y.detach(), xs.grad, vs.grad, b.grad
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, cast = run("cpu", False), run("cpu", True)
+    finally:
+        torch.set_num_threads(prev)
+    assert got[1].dtype == torch.float32
+    for i in (0, 2, 3):
+        assert torch.equal(got[i], cast[i])
+    ref = run("reference", False)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r.double(), rtol=2 ** -6, atol=2 ** -6 * (1 + _scale(r)))
+
+
 # ---------------------------------------------------------------- attention's softmax / score passes per ISA
 @pytest.mark.parametrize("n,mode,dtype", [(37, "cls", torch.float32), (70, "received", torch.float32),
                                           (45, "cls", torch.bfloat16)])

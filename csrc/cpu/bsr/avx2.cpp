@@ -202,8 +202,8 @@ void weight_block(const void* a_panel, const void* b_panel, int64_t rows, int64_
     for (int64_t j = 0; j < bs; j += NR) tile_4x16_t(a + i, b + j, bs, rows, dv + i * bs + j, accumulate);
 }
 
-const PanelKernel kPanel{"avx2 fp32 6x16", MR, 4, pack_b, pack_a, compute};
-const WeightKernel kWeight{"avx2 fp32 4x16", 64, 4, pack_rows, row_panel_elems, weight_block};
+const PanelKernel kPanel{"avx2 fp32 6x16", MR, 4, pack_b, pack_a, compute, nullptr, nullptr};
+const WeightKernel kWeight{"avx2 fp32 4x16", 64, 4, pack_rows, row_panel_elems, weight_block, nullptr};
 
 }  // namespace
 

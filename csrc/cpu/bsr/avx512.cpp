@@ -204,8 +204,8 @@ void weight_block(const void* a_panel, const void* b_panel, int64_t rows, int64_
     }
 }
 
-const PanelKernel kPanel{"avx512 fp32 12x32", MR, 4, pack_b, pack_a, compute};
-const WeightKernel kWeight{"avx512 fp32 8x32", 64, 4, pack_rows, row_panel_elems, weight_block};
+const PanelKernel kPanel{"avx512 fp32 12x32", MR, 4, pack_b, pack_a, compute, nullptr, nullptr};
+const WeightKernel kWeight{"avx512 fp32 8x32", 64, 4, pack_rows, row_panel_elems, weight_block, nullptr};
 
 }  // namespace
 

@@ -104,20 +104,47 @@ inline float bf16_hi(uint32_t w) {
   return f;
 }
 
-// Panels [(c1 - c0)/2][12] words (the fp32 packer of avx512.cpp on words). With colsum, the 12
-// loaded rows are also widened to fp32 and added up (fp32 sums of 16 columns per step).
-LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
-  const int64_t K = (c1 - c0) / 2, ld = lda / 2;
+// 8 words (16 reduction elements, pairs (2k, 2k + 1) ..) of a row from word k on: bf16 rows as they
+// are; fp32 rows rounded to bf16 (vcvtneps2bf16: round to nearest even, like Tensor.to(bfloat16);
+// it also flushes fp32 denormals to zero, which Tensor.to keeps, but vdpbf16ps reads bf16 denormals
+// as zero anyway, so the products are the same).
+LOTUS_BF16 inline __m256 load_words(const uint16_t* row, int64_t k) {
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+}
+LOTUS_BF16 inline __m256 load_words(const float* row, int64_t k) {
+  return (__m256)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * k));
+}
+
+// Tensor.to(bfloat16) of one fp32 (c10::BFloat16's round to nearest even; NaN -> quiet NaN).
+inline uint32_t to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+inline uint32_t word_at(const uint16_t* row, int64_t k) {
+  uint32_t w;
+  __builtin_memcpy(&w, row + 2 * k, 4);
+  return w;
+}
+inline uint32_t word_at(const float* row, int64_t k) { return to_bf16(row[2 * k]) | to_bf16(row[2 * k + 1]) << 16; }
+
+// Panels [(c1 - c0)/2][12] words (the fp32 packer of avx512.cpp on words) from bf16 or fp32 A (T).
+// With colsum, the 12 loaded rows are also widened to fp32 and added up (fp32 sums of 16 columns
+// per step).
+template <typename T>
+LOTUS_BF16 void pack_a_t(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
+  const int64_t K = (c1 - c0) / 2;
   for (int64_t p = 0; p * MR < rows; ++p) {
     const int64_t mv = std::min(MR, rows - p * MR);
     float* d = reinterpret_cast<float*>(static_cast<uint32_t*>(dst) + p * K * MR);
-    const float* s = reinterpret_cast<const float*>(static_cast<const uint16_t*>(a) + c0) + p * MR * ld;
+    const T* s = static_cast<const T*>(a) + c0 + p * MR * lda;
     int64_t k = 0;
     if (mv == MR) {
       for (; k + 8 <= K; k += 8) {
         __m256 r[8], q[8];
-        for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(s + t * ld + k);
-        for (int t = 0; t < 4; ++t) q[t] = _mm256_loadu_ps(s + (8 + t) * ld + k);
+        for (int t = 0; t < 8; ++t) r[t] = load_words(s + t * lda, k);
+        for (int t = 0; t < 4; ++t) q[t] = load_words(s + (8 + t) * lda, k);
         q[4] = q[5] = q[6] = q[7] = _mm256_setzero_ps();
         if (colsum) {
           __m512 s0 = _mm512_add_ps(widen16(r[0]), widen16(r[1])), s1 = _mm512_add_ps(widen16(r[2]), widen16(r[3]));
@@ -135,12 +162,11 @@ LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
         }
       }
     }
-    const uint32_t* sw = reinterpret_cast<const uint32_t*>(s);
     uint32_t* dw = reinterpret_cast<uint32_t*>(d);
     for (; k < K; ++k) {
       float lo = 0.f, hi = 0.f;
       for (int64_t m = 0; m < MR; ++m) {
-        const uint32_t w = m < mv ? sw[m * ld + k] : 0u;
+        const uint32_t w = m < mv ? word_at(s + m * lda, k) : 0u;
         dw[k * MR + m] = w;
         lo += bf16_lo(w);
         hi += bf16_hi(w);
@@ -150,14 +176,21 @@ LOTUS_BF16 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
   }
 }
 
+void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
+  pack_a_t<uint16_t>(a, lda, rows, c0, c1, dst, colsum);
+}
+void pack_a_f32(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum) {
+  pack_a_t<float>(a, lda, rows, c0, c1, dst, colsum);
+}
+
 LOTUS_BF16 inline void store_bf16(uint16_t* dst, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// Output tile: complete in one call (first and last) -> straight to bf16 out; otherwise partial
-// sums live in the fp32 `acc` (same row / column indices as out) until the last call.
-template <int NB>
-LOTUS_BF16 void tile(const TileCall& t, uint16_t* out, float* acc, int64_t ldo) {
+// Output tile: complete in one call (first and last) -> straight to out (bf16, or fp32 for F32Out);
+// otherwise partial sums live in the fp32 `acc` (same row / column indices as out) until the last call.
+template <int NB, bool F32Out>
+LOTUS_BF16 void tile(const TileCall& t, void* out, float* acc, int64_t ldo) {
   constexpr int64_t NR = 16 * NB;
   const PanelGemm& g = *t.g;
   const int64_t bs = g.bs, mv = t.mv, bw = bs / 2;
@@ -193,7 +226,12 @@ LOTUS_BF16 void tile(const TileCall& t, uint16_t* out, float* acc, int64_t ldo) 
     for (int m = 0; m < MR; ++m)
       if (m < mv)
 #pragma GCC unroll 2
-        for (int n = 0; n < NB; ++n) store_bf16(out + off + m * ldo + 16 * n, _mm512_add_ps(c[m][n], z[n]));
+        for (int n = 0; n < NB; ++n) {
+          if constexpr (F32Out)
+            _mm512_storeu_ps(static_cast<float*>(out) + off + m * ldo + 16 * n, _mm512_add_ps(c[m][n], z[n]));
+          else
+            store_bf16(static_cast<uint16_t*>(out) + off + m * ldo + 16 * n, _mm512_add_ps(c[m][n], z[n]));
+        }
   } else {
 #pragma GCC unroll 12
     for (int m = 0; m < MR; ++m)
@@ -203,17 +241,26 @@ LOTUS_BF16 void tile(const TileCall& t, uint16_t* out, float* acc, int64_t ldo) 
   }
 }
 
-void compute(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out, int64_t ldo,
-             float* acc) {
+template <bool F32Out>
+void compute_t(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out, int64_t ldo,
+               float* acc) {
   const int64_t K = (kb1 - kb0) * g.bs, nr = nr_of(g.bs);
-  uint16_t* o = static_cast<uint16_t*>(out);
   const char* pn = static_cast<const char*>(panels);
   if (nr == 32)
     panel_loop(g, pn, rows, kb0, kb1, MR, nr, group_blocks(g.bs, nr, 2), K * MR * 2,
-               [&](const TileCall& t) { tile<2>(t, o, acc, ldo); });
+               [&](const TileCall& t) { tile<2, F32Out>(t, out, acc, ldo); });
   else
     panel_loop(g, pn, rows, kb0, kb1, MR, nr, group_blocks(g.bs, nr, 2), K * MR * 2,
-               [&](const TileCall& t) { tile<1>(t, o, acc, ldo); });
+               [&](const TileCall& t) { tile<1, F32Out>(t, out, acc, ldo); });
+}
+
+void compute(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out, int64_t ldo,
+             float* acc) {
+  compute_t<false>(g, panels, rows, kb0, kb1, out, ldo, acc);
+}
+void compute_f32_out(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out,
+                     int64_t ldo, float* acc) {
+  compute_t<true>(g, panels, rows, kb0, kb1, out, ldo, acc);
 }
 
 // ---------------------------------------------------------------- bwd_weight
@@ -227,6 +274,24 @@ LOTUS_BF16 void pack_pairs(const void* src, int64_t ld, int64_t rows, int64_t bs
     const bool odd_tail = 2 * p + 1 >= rows;
     for (int64_t j = 0; j < bs; j += 16)
       _mm512_storeu_si512(d + p * bs + j, interleave16(r0 + j, odd_tail ? kZeros : r0 + ld + j));
+  }
+}
+
+// pack_pairs from fp32 rows, each rounded to bf16 first (vcvtneps2bf16, as load_words).
+LOTUS_BF16 void pack_pairs_f32(const void* src, int64_t ld, int64_t rows, int64_t bs, void* dst) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                       5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const float* s = static_cast<const float*>(src);
+  uint32_t* d = static_cast<uint32_t*>(dst);
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const float* r0 = s + 2 * p * ld;
+    const bool odd_tail = 2 * p + 1 >= rows;
+    for (int64_t j = 0; j < bs; j += 16) {
+      const __m512i a = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + j)));
+      const __m512i b = odd_tail ? _mm512_setzero_si512()
+                                 : _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + ld + j)));
+      _mm512_storeu_si512(d + p * bs + j, _mm512_permutex2var_epi16(a, idx, b));
+    }
   }
 }
 
@@ -270,8 +335,8 @@ void weight_block(const void* a_panel, const void* b_panel, int64_t rows, int64_
     }
 }
 
-const PanelKernel kPanel{"avx512_bf16 12x32", MR, 2, pack_b, pack_a, compute};
-const WeightKernel kWeight{"avx512_bf16 8x32", 128, 2, pack_pairs, pair_panel_elems, weight_block};
+const PanelKernel kPanel{"avx512_bf16 12x32", MR, 2, pack_b, pack_a, compute, pack_a_f32, compute_f32_out};
+const WeightKernel kWeight{"avx512_bf16 8x32", 128, 2, pack_pairs, pair_panel_elems, weight_block, pack_pairs_f32};
 
 }  // namespace
 

@@ -54,6 +54,13 @@ struct PanelKernel {
   // floats, as many rows as the chunk) unless the output is fp32 itself (then acc may be null).
   void (*compute)(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out,
                   int64_t ldo, float* acc);
+  // Mixed calls (autocast with an fp32 activation; null in the fp32 kernels, which never need them):
+  // pack_a reading fp32 A and rounding it to the kernel's element on the way (round to nearest even,
+  // as Tensor.to does, so the panels equal those of a cast-then-pack), and compute writing an fp32
+  // `out` (the fp32 sums without the final rounding: bwd_input's dx for an fp32 x).
+  void (*pack_a_f32)(const void* a, int64_t lda, int64_t rows, int64_t c0, int64_t c1, void* dst, float* colsum);
+  void (*compute_f32_out)(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, int64_t kb1, void* out,
+                          int64_t ldo, float* acc);
 };
 
 // dvalues of the stored blocks (SDD): dv[k] (+)= dy[:, r_k]^T x[:, c_k], reduction over M, in M
@@ -69,6 +76,8 @@ struct WeightKernel {
   int64_t (*panel_elems)(int64_t rows, int64_t bs);
   // dv [bs][bs] = (accumulate ? dv : 0) + a_panel^T b_panel over `rows` rows.
   void (*block)(const void* a_panel, const void* b_panel, int64_t rows, int64_t bs, float* dv, bool accumulate);
+  // pack from fp32 src, rounded to the kernel's element (RNE, as Tensor.to); null in the fp32 kernels.
+  void (*pack_f32)(const void* src, int64_t ld, int64_t rows, int64_t bs, void* dst);
 };
 
 constexpr int64_t kPanelSlack = 256;
