@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 #include "panel_loop.h"
+#include "x86.h"
 
 namespace lotus::bsr {
 namespace {
@@ -22,26 +23,6 @@ namespace {
 
 constexpr int64_t MR = 6;
 constexpr int64_t NR = 16;
-
-// 8x8 transpose of 32-bit words: rows r[0..8) in, columns out (in place).
-LOTUS_AVX2 inline void transpose8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
 
 // B slivers: transpose (fwd, B = W_k^T): [k][h][j][i'] = v[k][h*16 + i'][j]; else (bwd_input, B = W_k):
 // [k][h][i][j'] = v[k][i][h*16 + j'].
@@ -94,11 +75,7 @@ LOTUS_AVX2 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
         for (int t = 0; t < 8; ++t) _mm256_storeu_ps(d + (k + t) * MR, r[t]);
       }
     }
-    for (; k < K; ++k) {
-      float cs = 0.f;
-      for (int64_t m = 0; m < MR; ++m) cs += d[k * MR + m] = m < mv ? s[m * lda + k] : 0.f;
-      if (colsum) colsum[k] += cs;
-    }
+    pack_a_tail_f32(s, lda, mv, MR, k, K, d, colsum);
   }
 }
 

@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 #include "panel_loop.h"
+#include "x86.h"
 
 namespace lotus::bsr {
 namespace {
@@ -21,28 +22,6 @@ namespace {
 #define LOTUS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 constexpr int64_t MR = 12;
-
-// Output columns per tile: two zmm where the block allows it.
-inline int64_t nr_of(int64_t bs) { return bs % 32 == 0 ? 32 : 16; }
-
-LOTUS_AVX512 inline void transpose8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
 
 LOTUS_AVX512 void pack_b(const void* values, int64_t bs, int64_t k0, int64_t k1, bool transpose, void* dst) {
   const int64_t nr = nr_of(bs);
@@ -97,11 +76,7 @@ LOTUS_AVX512 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, i
         }
       }
     }
-    for (; k < K; ++k) {
-      float cs = 0.f;
-      for (int64_t m = 0; m < MR; ++m) cs += d[k * MR + m] = m < mv ? s[m * lda + k] : 0.f;
-      if (colsum) colsum[k] += cs;
-    }
+    pack_a_tail_f32(s, lda, mv, MR, k, K, d, colsum);
   }
 }
 
