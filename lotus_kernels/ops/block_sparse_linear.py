@@ -359,23 +359,9 @@ def _bwd_input_setup(ctx, inputs, output):
     ctx.dx_fp32 = dx_fp32
 
 
-def _bwd_input_backward(ctx, g):
-    # dx = dy @ W: d(dy) = g @ W^T (the forward), d(values) = stored blocks of dy^T g.
-    dy, values, crow, col, ccol, row, perm = ctx.saved_tensors
-    d_dy = d_v = None
-    if ctx.needs_input_grad[0]:
-        d_dy = _bsl_fwd(g, values, crow, col, ccol, row, perm, None)
-    if ctx.needs_input_grad[1]:
-        d_v = _bsl_bwd_weight(dy, g, crow, col, ccol, row, perm, values.shape[-1])
-    return d_dy, d_v, None, None, None, None, None, None
-
-
-_bsl_bwd_input.register_autograd(_bwd_input_backward, setup_context=_bwd_input_setup)
-
-
 def _bwd_input_bias_backward(ctx, g, g_db):
     # (dx, db) = (dy @ W, dy.sum(0)): d(dy) = g @ W^T + g_db (the forward with g_db as its bias),
-    # d(values) = stored blocks of dy^T g.
+    # d(values) = stored blocks of dy^T g. bwd_input alone is the case g_db = None.
     dy, values, crow, col, ccol, row, perm = ctx.saved_tensors
     if g is None:
         g = dy.new_zeros(dy.shape[0], (ccol.numel() - 1) * values.shape[-1], dtype=_dx_dtype(dy, ctx.dx_fp32))
@@ -388,6 +374,13 @@ def _bwd_input_bias_backward(ctx, g, g_db):
 
 
 _bsl_bwd_input_bias.register_autograd(_bwd_input_bias_backward, setup_context=_bwd_input_setup)
+
+
+def _bwd_input_backward(ctx, g):
+    return _bwd_input_bias_backward(ctx, g, None)
+
+
+_bsl_bwd_input.register_autograd(_bwd_input_backward, setup_context=_bwd_input_setup)
 
 
 def _bwd_weight_setup(ctx, inputs, output):
