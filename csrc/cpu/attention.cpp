@@ -193,12 +193,7 @@ const SoftmaxFns kSoftmaxTable[] = {
     {lotus::Isa::kDefault, exp_sub_default, row_max_default, row_sum_default},
 };
 
-const SoftmaxFns& softmax_fns() {
-  const int cap = static_cast<int>(lotus::cpu_isa());
-  for (const auto& f : kSoftmaxTable)
-    if (static_cast<int>(f.isa) <= cap) return f;
-  return kSoftmaxTable[std::size(kSoftmaxTable) - 1];
-}
+const SoftmaxFns& softmax_fns() { return lotus::best_within_cap(kSoftmaxTable); }
 
 // Set by each op call (from softmax_fns()) before any kernel loop runs; read by the wrappers below.
 std::atomic<const SoftmaxFns*> g_softmax{&kSoftmaxTable[std::size(kSoftmaxTable) - 1]};

@@ -7,6 +7,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -19,6 +20,16 @@ using Isa = bsr::Isa;
 Isa cpu_isa_supported();  // the CPU's best level (probed once)
 Isa cpu_isa();            // min(supported, cap): what kernels may use now
 const char* isa_name(Isa isa);
+
+// The first entry of a best-first table of per-ISA functions (each entry has an `isa` member) whose
+// level is within cpu_isa(); tables end with a kDefault entry, which always is.
+template <typename Entry, size_t N>
+const Entry& best_within_cap(const Entry (&table)[N]) {
+  const int cap = static_cast<int>(cpu_isa());
+  for (const auto& e : table)
+    if (static_cast<int>(e.isa) <= cap) return e;
+  return table[N - 1];
+}
 
 // Each op file registers, per op name (e.g. "block_sparse_linear.fwd"), a function saying which
 // kernel a call with this dtype / block size takes now; `lotus_kernels_C::cpu_kernel_path` answers

@@ -54,12 +54,7 @@ const ZeroFns kZeroTable[] = {  // best first
     {lotus::Isa::kDefault, zero16_default, zero32_default, zero64_default},
 };
 
-const ZeroFns& zero_fns() {
-  const int cap = static_cast<int>(lotus::cpu_isa());
-  for (const auto& f : kZeroTable)
-    if (static_cast<int>(f.isa) <= cap) return f;
-  return kZeroTable[std::size(kZeroTable) - 1];
-}
+const ZeroFns& zero_fns() { return lotus::best_within_cap(kZeroTable); }
 
 template <typename bits_t>
 void zero_where_false(const ZeroFns& fns, bits_t* g, const uint8_t* m, int64_t n) {
