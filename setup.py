@@ -1,12 +1,39 @@
 """Builds lotus_kernels._C (C++ CPU kernels, always) and lotus_kernels._cuda (CUDA C++, when nvcc is
 found or LOTUS_BUILD_CUDA=1; LOTUS_BUILD_CUDA=0 skips it; LOTUS_BUILD_EXT=0 builds none, for an editable
-install over an in-place build). Build with --no-build-isolation so the
-extensions link against the torch that is installed, and with ninja (MAX_JOBS caps its jobs)."""
-import glob
+install over an in-place build), against the torch that is installed: build with
+``pip install --no-build-isolation .`` (an isolated build would compile against another torch than the
+one the package then runs with). The sources and flags come from tools/extensions.py (shared with
+`make gpu-check`), the supported versions from lotus_kernels/_version.py. Ninja; MAX_JOBS caps its jobs.
+"""
 import os
 import shutil
+import sys
 
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(path: str) -> dict:
+    """Execute one of this tree's plain-Python files (no package import: that would need the extensions)."""
+    scope: dict = {"__file__": os.path.join(ROOT, path), "__name__": os.path.splitext(os.path.basename(path))[0]}
+    with open(os.path.join(ROOT, path)) as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    return scope
+
+
+VERSION = _load("lotus_kernels/_version.py")
+EXTENSIONS = _load("tools/extensions.py")
+
+try:
+    import torch
+except ImportError:
+    sys.exit("lotus-kernels builds against the torch that is installed, and none is importable here. Install "
+             f"torch {VERSION['describe'](VERSION['TORCH'])} first, then `pip install --no-build-isolation .` "
+             "(with build isolation pip would compile against a torch of its own choosing)")
+_why = VERSION["problem"]("torch", torch.__version__, VERSION["TORCH"])
+if _why and not VERSION["allowed_anyway"]():
+    sys.exit(_why)
 
 
 def _cuda_home_from_nvcc():
@@ -22,13 +49,7 @@ def _cuda_home_from_nvcc():
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and _cuda_home_from_nvcc():
     os.environ["CUDA_HOME"] = _cuda_home_from_nvcc()
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _want_cuda() -> bool:
@@ -38,30 +59,40 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
 
 
-cxx_flags = ["-O3", "-fopenmp"]  # torch adds -std=c++20, which its headers need
-ext_modules = [
-    CppExtension(
-        "lotus_kernels._C",
-        # The per-ISA micro-kernel files last (ATen's rule for ISA-specific objects); they set their
-        # ISA per function (`target` attributes), so one flag list serves every file.
-        ["csrc/module.cpp", "csrc/bindings.cpp", *_sources("csrc/cpu/*.cpp"), *_sources("csrc/cpu/bsr/*.cpp")],
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
-    )
-]
-if _want_cuda():
-    # Without a visible GPU torch cannot guess the arch: default to Ampere + Hopper (the lent H100/H200).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext_modules.append(
-        CUDAExtension(
-            "lotus_kernels._cuda",
-            ["csrc/module.cpp", *_sources("csrc/cuda/*.cu")],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-        )
-    )
+def _write_build_info(package_dir: str, cuda: bool) -> None:
+    """lotus_kernels/_build_info.py (not tracked): the torch the extensions are compiled against, so
+    that importing them under another torch says so in one line instead of an undefined symbol."""
+    text = (f"# Written by setup.py: what the compiled extensions were built against.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\nTORCH_CUDA = {torch.version.cuda!r}\nCUDA_BUILT = {cuda!r}\n"
+            f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n")
+    os.makedirs(package_dir, exist_ok=True)
+    path = os.path.join(package_dir, "_build_info.py")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # rewriting an unchanged file would make every editable import recompile it
+        with open(path, "w") as f:
+            f.write(text)
 
-if os.environ.get("LOTUS_BUILD_EXT") == "0":
-    # `make install`: the extensions are already built in place; install the package only
-    ext_modules = []
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+class BuildExt(BuildExtension):
+    def run(self):
+        # Written while compiling (not for metadata, nor for an editable install over an in-place build),
+        # beside the extensions: into the tree for --inplace, into the wheel's tree otherwise.
+        where = ROOT if self.inplace else self.build_lib
+        _write_build_info(os.path.join(where, "lotus_kernels"), any(e.name.endswith("._cuda") for e in self.extensions))
+        super().run()
+
+
+ext_modules = []
+if os.environ.get("LOTUS_BUILD_EXT") != "0":  # `make install`: the extensions are already built in place
+    cuda = _want_cuda()
+    if cuda:
+        # Without a visible GPU torch cannot guess the arch: default to Ampere + Hopper (the lent H200).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    for ext in EXTENSIONS["extensions"](cuda):
+        kind = CUDAExtension if ext["cuda"] else CppExtension
+        flags = {"cxx": ext["cxx"], **({"nvcc": ext["nvcc"]} if ext["cuda"] else {})}
+        ext_modules.append(kind(f"lotus_kernels.{ext['name']}", ext["sources"], extra_compile_args=flags,
+                                extra_link_args=ext["ldflags"]))
+
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)})

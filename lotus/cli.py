@@ -387,7 +387,18 @@ def _main(argv) -> None:
         _evaluate(args)
 
 
+def _missing_extras() -> list[str]:
+    """The pipeline's packages beyond the kernels' (pip's ``lotus-kernels[lotus]`` extra) that are absent."""
+    import importlib.util
+    return [m for m in ("timm", "torchvision", "matplotlib") if importlib.util.find_spec(m) is None]
+
+
 def main(argv=None) -> None:
+    missing = _missing_extras()
+    if missing:
+        print(f"lotus: error: the pipeline needs {', '.join(missing)}: install the torchvision that matches your "
+              f"torch, then `pip install --no-build-isolation 'lotus-kernels[lotus]'`", file=sys.stderr)
+        raise SystemExit(2)
     try:
         _main(sys.argv[1:] if argv is None else argv)
     except LotusError as e:

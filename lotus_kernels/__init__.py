@@ -4,13 +4,21 @@ Public API: ``ops`` (registered torch ops), ``nn`` (modules), ``select_keep``, `
 ``sparsify_`` / ``densify_``, ``backends``, ``use_backend``, ``cpu_isa`` / ``cpu_isas`` /
 ``cpu_kernel_path`` (which x86 ISA the CPU kernels use).
 """
-from . import nn, ops
+from . import _version
+
+import torch as _torch
+
+_why = _version.problem("torch", _torch.__version__, _version.TORCH)
+if _why and not _version.allowed_anyway():
+    raise ImportError(_why)
+
+from . import nn, ops  # noqa: E402
 from ._backend import backend_errors, backends, use_backend
 from .isa import cpu_isa, cpu_isas, cpu_kernel_path
 from .select import select_keep
 from .sparsify import densify_, sparsify_
 from .vit import patch_vit
 
-__version__ = "0.1.0"
+__version__ = _version.__version__
 __all__ = ["ops", "nn", "select_keep", "patch_vit", "sparsify_", "densify_", "backends", "backend_errors",
            "use_backend", "cpu_isa", "cpu_isas", "cpu_kernel_path", "__version__"]

@@ -16,9 +16,12 @@ import contextlib
 import functools
 import importlib
 import os
+import warnings
 from typing import Iterator
 
 import torch
+
+from . import _version
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "LOTUS_KERNELS_BACKEND"
@@ -36,22 +39,51 @@ def _import_error(module: str) -> str | None:
     return None
 
 
+def _build_mismatch() -> str | None:
+    """Why the compiled extensions cannot load under this torch, before trying (an extension built
+    against another torch fails with an undefined symbol, or worse); None if they may."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None  # not built: the import below says so
+    built, running = _build_info.TORCH_VERSION, torch.__version__
+    if built.split("+")[0] == running.split("+")[0] and _build_info.TORCH_CUDA == torch.version.cuda:
+        return None
+    return (f"the compiled extensions were built against torch {built} (CUDA {_build_info.TORCH_CUDA}), this is "
+            f"torch {running} (CUDA {torch.version.cuda}): rebuild them (`pip install --no-build-isolation .`, or "
+            f"`make build` in a checkout)")
+
+
+def _triton_problem() -> str | None:
+    err = _import_error("triton")
+    if err is not None:
+        return err
+    import triton
+    why = _version.problem("triton", triton.__version__, _version.TRITON)
+    if why and not _version.allowed_anyway():
+        return why
+    if not (torch.cuda.is_available() or _triton_interpreted()):
+        return "triton is installed, but there is no CUDA device and TRITON_INTERPRET is not 1"
+    return None
+
+
 @functools.cache
 def _load_status() -> dict[str, str | None]:
     """Backend -> None if usable, else why not. Loading ``_C`` registers the C++ ops' schemas, so
     it must precede ``_cuda`` (which only adds CUDA implementations to them)."""
     status: dict[str, str | None] = {"reference": None}
-    status["cpu"] = _import_error("lotus_kernels._C")
+    mismatch = _build_mismatch()
+    if mismatch is not None:
+        # Otherwise every op would quietly run the reference backend: say it once, in one line.
+        warnings.warn(f"lotus_kernels: {mismatch}; using the plain PyTorch reference until then", stacklevel=2)
+    status["cpu"] = mismatch or _import_error("lotus_kernels._C")
     if status["cpu"] is not None:
-        status["cuda"] = "needs the C++ extension lotus_kernels._C, which did not load"
+        status["cuda"] = mismatch or "needs the C++ extension lotus_kernels._C, which did not load"
     else:
         status["cuda"] = _import_error("lotus_kernels._cuda")
         if status["cuda"] is None and not torch.cuda.is_available():
             status["cuda"] = "built, but no CUDA device is visible"
-    err = _import_error("triton")
-    if err is None and not (torch.cuda.is_available() or _triton_interpreted()):
-        err = "triton is installed, but there is no CUDA device and TRITON_INTERPRET is not 1"
-    status["triton"] = err
+    status["triton"] = _triton_problem()
     return status
 
 

@@ -39,7 +39,13 @@ class KeptPatchesMixin:
         if keep_idx is None and keep_ratio is None:
             if scores is not None:
                 raise ValueError("scores: given without keep_ratio; pass keep_ratio=r to keep the top patches")
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            # timm added these arguments in 1.0.16 (attn_mask) and ~1.0.25 (is_causal): pass them only
+            # when given, so that older timm keeps working
+            if is_causal:
+                return super().forward(x, attn_mask=attn_mask, is_causal=True)
+            if attn_mask is not None:
+                return super().forward(x, attn_mask=attn_mask)
+            return super().forward(x)
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal: not supported together with keep_idx / keep_ratio")
         if isinstance(keep_idx, (list, tuple)):
