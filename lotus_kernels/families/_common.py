@@ -107,7 +107,8 @@ def keep_indices(images: torch.Tensor, n: int, *, keep_idx=None, keep_ratio=None
                          "call the model with it instead")
     if keep_idx is not None:
         _checks.index_tensor("keep_idx", keep_idx, batch=images.shape[0], batch_name="images")
-        _checks.index_range("keep_idx", keep_idx, n)
+        if not torch.compiler.is_compiling():  # named here; under compile the op's own check names ``idx``
+            _checks.index_range("keep_idx", keep_idx, n)
         return keep_idx
     if scores is None:
         return random_keep(images.shape[0], n, keep_ratio, device=images.device)

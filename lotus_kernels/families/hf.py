@@ -70,6 +70,10 @@ def _find_embeddings(model) -> tuple[str, nn.Module]:
 
 
 def _info(emb) -> tuple[int, bool]:
+    """(number of prefix tokens, always interpolates), remembered at patch time (no import under compile)."""
+    info = emb.__dict__.get("_lotus_info")
+    if info is not None:
+        return info
     for cls, info in _embedding_classes().items():
         if isinstance(emb, cls):
             return info
@@ -234,6 +238,7 @@ def patch(model):
         raise ValueError(f"model.{name}: expected a Conv2d patch projection")
     emb.__class__ = _common.patched_class(type(emb), _KeptEmbeddingsMixin, globals(), __name__)
     emb._lotus_keep = None
+    emb._lotus_info = _info(emb)
     model.__class__ = _common.patched_class(type(model), KeptPatchesMixin, globals(), __name__)
     model._lotus_embeddings = name
     return model
