@@ -165,14 +165,28 @@ def block_parts(layer) -> _common.BlockParts:
     norm1 = _first(layer, "layernorm_before", "norm1", "layer_norm1")
     norm2 = _first(layer, "layernorm_after", "norm2", "layer_norm2")
     attn = _first(layer, "attention", "self_attn")
-    q, k, v = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj"))
-    out = _first(attn, "o_proj", "out_proj")
+    if hasattr(attn, "q_proj"):  # transformers >= 5.10 (and CLIP / SigLIP in every version)
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        out = _first(attn, "o_proj", "out_proj")
+        heads = _first(attn, "num_attention_heads", "num_heads")
+    else:  # ViT / DeiT / DINOv2 before 5.10: attention.attention.{query,key,value}, attention.output.dense
+        inner = getattr(attn, "attention", None)
+        q, k, v = (getattr(inner, n, None) for n in ("query", "key", "value"))
+        so = getattr(attn, "output", None)
+        out = None if getattr(so, "dense", None) is None else (lambda o: so.dropout(so.dense(o)))
+        heads = getattr(inner, "num_attention_heads", None)
+        attn = inner
     mlp = getattr(layer, "mlp", None)
-    if None in (norm1, norm2, q, k, v, out, mlp):
-        raise NotImplementedError(f"{type(layer).__name__}: this layer layout is not supported by patch_scores "
-                                  "(expected transformers >= 5 names: q_proj/k_proj/v_proj, o_proj/out_proj, mlp)")
-    heads = _first(attn, "num_attention_heads", "num_heads")
+    if mlp is None and hasattr(layer, "intermediate"):  # ViTIntermediate + ViTOutput (which adds the residual)
+        inter, output = layer.intermediate, layer.output
+
+        def mlp(h):
+            return output.dropout(output.dense(inter(h)))
+    if None in (norm1, norm2, q, k, v, out, mlp, heads):
+        raise NotImplementedError(f"{type(layer).__name__}: this layer layout is not supported by patch_scores")
     scale = _first(attn, "scaling", "scale")
+    if scale is None:
+        scale = (q.out_features // heads) ** -0.5
     ls1 = getattr(layer, "layer_scale1", None) or _common._identity
     ls2 = getattr(layer, "layer_scale2", None) or _common._identity
     return _common.BlockParts(norm1=norm1, qkv=_common.separate_qkv(q, k, v, heads), proj=out, norm2=norm2,
