@@ -27,12 +27,13 @@ def _family(model):
         return "timm", None
     if tv.CLASSES and isinstance(model, tv.CLASSES):
         return "torchvision", tv
-    mod = type(model).__module__
-    if mod.startswith("transformers."):
+    # by the defining modules of the class and its bases (a patched model's class is Lotus<Class>)
+    mods = {c.__module__.split(".", 1)[0] for c in type(model).__mro__}
+    if "transformers" in mods:
         from . import hf
         if isinstance(model, hf.classes()):
             return "hf", hf
-    if mod.startswith("open_clip."):
+    if "open_clip" in mods:
         from . import open_clip
         if isinstance(model, open_clip.classes()):
             return "open_clip", open_clip
