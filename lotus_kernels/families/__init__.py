@@ -58,8 +58,15 @@ def patch_vit(model: nn.Module) -> nn.Module:
 
 
 def head_names(model: nn.Module) -> set[str]:
-    """Module names of ``model``'s classifier / projection heads by family (kept dense by sparsify_)."""
-    fam = _family(model)
-    if fam is None or fam[1] is None:
-        return set()
-    return fam[1].head_names(model) if hasattr(fam[1], "head_names") else set(fam[1].HEAD_NAMES)
+    """Module names of the classifier / projection heads of every family model inside ``model`` (itself
+    included), kept dense by sparsify_ by default."""
+    names = set()
+    for prefix, sub in model.named_modules():
+        fam = _family(sub)
+        if fam is None or fam[1] is None:
+            continue
+        own = sub.named_modules()
+        heads = fam[1].head_names(sub) if hasattr(fam[1], "head_names") else \
+            {n for n, _ in own if n.rsplit(".", 1)[-1] in fam[1].HEAD_NAMES}
+        names.update(f"{prefix}.{n}" if prefix else n for n in heads)
+    return names
