@@ -104,6 +104,11 @@ def _cpu_model() -> str:
 def time_layer(case: Case, *, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of one forward + backward (input and weight gradients) of a random layer for
     ``case`` on ``case.tokens`` rows."""
+    with torch.enable_grad():  # sparsify_ runs under no_grad
+        return _time_layer(case, repeats, warmup)
+
+
+def _time_layer(case: Case, repeats: int, warmup: int) -> float:
     from .nn import BlockSparseLinear
 
     device, dtype = torch.device(case.device), getattr(torch, case.dtype)
