@@ -151,21 +151,36 @@ def test_keep_ratio_with_scores_keeps_the_top_patches(family):
     assert torch.equal(model.keep_indices(images, keep_ratio=0.5, scores=scores), idx)
 
 
-@pytest.mark.parametrize("family", ["tv", "oc:tok", "oc:avg"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_ragged_keep_lists_match_each_image_on_its_own(family):
     model = patch_vit(make(family).train())
     images = torch.randn(3, 3, 32, 32)
     lists = [torch.tensor([0, 3, 5, 15]), torch.tensor([7]), torch.arange(N)]
-    got = model(images, keep_idx=lists)
+    out = model(images, keep_idx=lists)
+    got = output(out)
     for i, idx in enumerate(lists):
-        torch.testing.assert_close(got[i], model(images[i:i + 1], keep_idx=idx[None])[0], **TOL)
+        alone = model(images[i:i + 1], keep_idx=idx[None])
+        torch.testing.assert_close(got[i], output(alone)[0], **TOL)
     got.sum().backward()  # differentiable end to end
 
 
-def test_transformers_ragged_keep_lists_are_refused_clearly():
-    model = patch_vit(hf_model("vit"))
-    with pytest.raises(NotImplementedError, match="keep_idx: ragged keep lists are not supported for transformers"):
-        model(torch.randn(2, 3, 32, 32), keep_idx=[torch.tensor([0]), torch.tensor([1, 2])])
+def test_transformers_ragged_hidden_states_are_padded_per_image():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                    image_size=32, patch_size=8)
+    model = patch_vit(transformers.ViTModel(config).eval())  # last_hidden_state + pooler
+    images = torch.randn(2, 3, 32, 32)
+    lists = [torch.tensor([1, 2, 9]), torch.tensor([4])]
+    out = model(images, keep_idx=lists)
+    assert out.last_hidden_state.shape == (2, 1 + 3, 64)
+    for i, idx in enumerate(lists):
+        alone = model(images[i:i + 1], keep_idx=idx[None])
+        k = 1 + len(idx)
+        torch.testing.assert_close(out.last_hidden_state[i, :k], alone.last_hidden_state[0], **TOL)
+        assert not out.last_hidden_state[i, k:].any()
+        torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], **TOL)
+    with pytest.raises(NotImplementedError, match="keep_idx: ragged keep lists take no output_hidden_states"):
+        model(images, keep_idx=lists, output_hidden_states=True)
 
 
 def test_hf_kwargs_pass_through_labels_and_hidden_states():
@@ -275,6 +290,5 @@ def test_bad_keep_idx_and_image_size_name_the_argument(family):
         model(images, keep_idx=torch.tensor([[0], [1]]), keep_ratio=0.5)
     with pytest.raises(ValueError, match="scores: given without keep_ratio"):
         model(images, scores=torch.randn(2, N))
-    if family != "hf:vit":
-        with pytest.raises(IndexError, match=r"keep_idx\[1\]: index -1 is out of range"):
-            model(images, keep_idx=[torch.tensor([0]), torch.tensor([-1])])
+    with pytest.raises(IndexError, match=r"keep_idx\[1\]: index -1 is out of range"):
+        model(images, keep_idx=[torch.tensor([0]), torch.tensor([-1])])

@@ -12,8 +12,10 @@ acts on the kept patches only.
 
 Resolution: the model's own rule. ViT / DeiT / CLIP / SigLIP need ``image_size`` unless called with
 ``interpolate_pos_encoding=True``; DINOv2 always interpolates; the table comes from the embeddings'
-own ``interpolate_pos_encoding``. Ragged keep lists are not supported for transformers models yet
-(their encoders take no packed sequences): a clear error.
+own ``interpolate_pos_encoding``. Ragged keep lists (``forward_ragged``) pack every image's tokens into
+one varlen sequence through the generic block of ``_common`` (the layer's own modules, ``ops.attention``
+with ``cu_seqlens``), then apply the class's own norm, pooling and head per image, for the classes in
+``RAGGED_CLASSES`` (logits / pooled outputs; no labels or hidden-state lists).
 """
 from __future__ import annotations
 
@@ -187,6 +189,10 @@ def block_parts(layer) -> _common.BlockParts:
     scale = _first(attn, "scaling", "scale")
     if scale is None:
         scale = (q.out_features // heads) ** -0.5
+    drop = getattr(layer, "dropout", None)  # ViT / DeiT >= 5.10: after the attention and after the MLP
+    if isinstance(drop, nn.Dropout):
+        out_, mlp_ = out, mlp
+        out, mlp = (lambda o: drop(out_(o))), (lambda h: drop(mlp_(h)))
     ls1 = getattr(layer, "layer_scale1", None) or _common._identity
     ls2 = getattr(layer, "layer_scale2", None) or _common._identity
     return _common.BlockParts(norm1=norm1, qkv=_common.separate_qkv(q, k, v, heads), proj=out, norm2=norm2,
@@ -213,14 +219,13 @@ class KeptPatchesMixin:
         if not _common.check_keep_args(keep_idx, keep_ratio, scores):
             return super().forward(*args, **kwargs)
         images = args[0] if args else kwargs.get("pixel_values")
-        if isinstance(keep_idx, (list, tuple)):
-            raise NotImplementedError("keep_idx: ragged keep lists are not supported for transformers models yet; "
-                                      "pass a [B, K] index tensor (or keep_ratio)")
         if kwargs.get("bool_masked_pos") is not None:
             raise ValueError("bool_masked_pos: not supported together with keep_idx / keep_ratio (dropped patches "
                              "are not masked, they are gone)")
         emb = self.get_submodule(self._lotus_embeddings)
         n, pos = grid(emb, images, bool(kwargs.get("interpolate_pos_encoding")))
+        if isinstance(keep_idx, (list, tuple)):
+            return forward_ragged(self, images, keep_idx, n, pos, kwargs)
         idx = _common.keep_indices(images, n, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         emb._lotus_keep = (idx, pos)
         try:
@@ -244,6 +249,89 @@ class KeptPatchesMixin:
         with torch.no_grad():
             x = pre(embed(emb, images, all_idx, pos))
         return _common.patch_scores(x, [block_parts(b) for b in layers], _info(emb)[0], sink, return_flagged)
+
+
+# ---------------------------------------------------------------- ragged keep lists
+RAGGED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+                  "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
+                  "CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel")
+
+
+def _base_class_name(model) -> str:
+    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, KeptPatchesMixin))
+
+
+def forward_ragged(model, images, keep_idx, n, pos, kwargs):
+    """Each image on its own kept patches, packed into one varlen sequence (no padded token in any
+    layer), then the class's own norm, pooling and head per image. Returns the class's output type
+    with ``last_hidden_state`` padded to the longest image ([B, P + kmax, D], zeros past each image's
+    tokens) and the pooled output / logits per image."""
+    from transformers import modeling_outputs as mo
+
+    name = _base_class_name(model)
+    if name not in RAGGED_CLASSES:
+        raise NotImplementedError(f"keep_idx: ragged keep lists are supported for {', '.join(RAGGED_CLASSES)}; "
+                                  f"got {name} (pass a [B, K] index tensor)")
+    extra = sorted(k for k, v in kwargs.items() if v not in (None, False) and k != "interpolate_pos_encoding")
+    if extra:
+        raise NotImplementedError(f"keep_idx: ragged keep lists take no {', '.join(extra)} (logits / pooled "
+                                  "outputs only)")
+    emb_name = model._lotus_embeddings
+    emb = model.get_submodule(emb_name)
+    owner = model.get_submodule(emb_name.rsplit(".", 1)[0] if "." in emb_name else "")
+    pre, layers = _encoder_parts(model, emb_name)
+    p = _info(emb)[0]
+    x, pk, _ = _common.pack(images, keep_idx, n, lambda idx: embed(emb, images.to(_conv(emb).weight.dtype), idx, pos))
+    x = pre(x)
+    for layer in layers:
+        if model.training and getattr(getattr(layer, "drop_path", None), "drop_prob", 0.0) > 0:
+            raise NotImplementedError("keep_idx: ragged keep lists do not support DINOv2 drop_path in training")
+        x = _common.run_block(block_parts(layer), x, pk)
+    x = x[0]
+    if hasattr(owner, "layernorm"):        # ViT, DeiT, DINOv2: a final norm on every token
+        x = owner.layernorm(x)
+    if name.startswith("Siglip"):
+        x = owner.post_layernorm(x)
+        pooled = _siglip_pool(owner, x, pk) if getattr(owner, "use_head", False) else None
+    elif name.startswith("CLIP"):
+        pooled = owner.post_layernorm(_common.pool_first(x, pk))
+    elif name.startswith("ViT"):
+        pooled = owner.pooler(_common.unpack(x, pk)) if getattr(owner, "pooler", None) is not None else None
+    elif name.startswith("DeiT"):
+        pooled = owner.pooler(_common.unpack(x, pk)) if getattr(owner, "pooler", None) is not None else None
+    else:                                  # Dinov2Model: the class token
+        pooled = _common.pool_first(x, pk)
+    hidden = _common.unpack(x, pk)
+    first = _common.pool_first(x, pk)
+    if name == "ViTForImageClassification" or name == "DeiTForImageClassification":
+        return mo.ImageClassifierOutput(logits=model.classifier(first))
+    if name == "DeiTForImageClassificationWithTeacher":
+        second = x[pk.cu[:-1] + 1]
+        cls_logits, dist_logits = model.cls_classifier(first), model.distillation_classifier(second)
+        return _deit_teacher_output(model, cls_logits, dist_logits)
+    if name == "Dinov2ForImageClassification":
+        return mo.ImageClassifierOutput(logits=model.classifier(torch.cat([first, _common.pool_mean(x, pk, p)], 1)))
+    if name == "CLIPVisionModelWithProjection":
+        from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+        return CLIPVisionModelOutput(image_embeds=model.visual_projection(pooled), last_hidden_state=hidden)
+    return mo.BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def _deit_teacher_output(model, cls_logits, dist_logits):
+    from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
+    return DeiTForImageClassificationWithTeacherOutput(logits=(cls_logits + dist_logits) / 2, cls_logits=cls_logits,
+                                                       distillation_logits=dist_logits)
+
+
+def _siglip_pool(owner, x, pk):
+    """SigLIP's attention-pooling head per image: its probe attends to the image's own tokens only."""
+    head = owner.head
+    h = _common.unpack(x, pk)
+    pad = torch.arange(h.shape[1], device=h.device)[None, :] >= pk.lengths[:, None]
+    probe = head.probe.expand(h.shape[0], -1, -1)
+    out = head.attention(probe, h, h, key_padding_mask=pad, need_weights=False)[0]
+    out = out + head.mlp(head.layernorm(out))
+    return out[:, 0]
 
 
 def patch(model):
