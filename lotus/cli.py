@@ -60,7 +60,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "default model runs 2.6x faster on 1 thread than on 2 on a shared 2-core machine)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lotus_vit",
-                   help="'lotus_vit' (small ViT at the data's resolution, below) or any timm ViT name")
+                   help="'lotus_vit' (small ViT at the data's resolution, below), any timm ViT name, or another "
+                        "family: tv:vit_b_16 (torchvision), hf:DIR (a local transformers directory), "
+                        "open_clip:ViT-B-32 (weights from --checkpoint)")
     g.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights (needs the hub) with the fine-tuning recipe")
     g.add_argument("--checkpoint", default=None,

@@ -14,6 +14,11 @@ config under ``pretrained_cfg``), or a directory in the hub's layout (``config.j
 ``checkpoint_filter_fn`` (position embeddings resampled to the model's grid); a classifier with
 another number of classes is replaced by a fresh head (fine-tuning a pretrained model on new
 labels); any other mismatch is an error.
+
+Other ViT families (``model_families.py``): ``--model tv:vit_b_16`` (torchvision, ``--checkpoint`` a local
+state_dict), ``hf:DIR`` (a transformers model saved in a local directory: config, weights and
+preprocessor config), ``open_clip:ViT-B-32`` (``--checkpoint`` a local open_clip file). Their input
+size and normalisation come from the model's own config.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from lotus_kernels import patch_vit, sparsify_
 
 from . import data as data_mod
+from . import model_families as families
 from .errors import LotusError
 
 DEFAULT_MODEL = "lotus_vit"
@@ -38,6 +44,8 @@ def build(cfg: dict, num_classes: int, img_size: int | None) -> VisionTransforme
 
     ``img_size`` None: the model's own input size (timm models; ``lotus_vit`` needs a size)."""
     name = cfg["model"]
+    if families.is_family_spec(name):
+        return families.build(cfg, num_classes, img_size)
     if name == DEFAULT_MODEL:
         if cfg.get("pretrained"):
             raise LotusError(f"--pretrained: there are no pretrained weights for {DEFAULT_MODEL}; "
@@ -79,6 +87,11 @@ def data_config(model, cfg: dict) -> dict:
     overrides the crop."""
     from timm.data import resolve_model_data_config
 
+    if isinstance(model, families.FamilyViT):
+        conf = dict(model.pretrained_cfg)
+        if cfg.get("crop_pct") is not None:
+            conf["crop_pct"] = cfg["crop_pct"]
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in conf.items() if k in data_mod.CONFIG_KEYS}
     args = {"input_size": (3, *model.patch_embed.img_size)}
     if cfg.get("crop_pct") is not None:
         args["crop_pct"] = cfg["crop_pct"]

@@ -17,7 +17,7 @@ from ._backend import backend_errors, backends, use_backend
 from .isa import cpu_isa, cpu_isas, cpu_kernel_path
 from .select import select_keep
 from .sparsify import densify_, sparsify_
-from .vit import patch_vit
+from .families import patch_vit
 
 __version__ = _version.__version__
 __all__ = ["ops", "nn", "select_keep", "patch_vit", "sparsify_", "densify_", "backends", "backend_errors",

@@ -6,6 +6,8 @@
     sparsify_(model, sparsity=0.5, layout="block",      # 50% of the 32x32 blocks, smallest L2 norm
               block_size=32, include=["*.mlp.*"])       #   -> BlockSparseLinear
     sparsify_(model, layout="2:4")                      # 2 of every 4 weights (SemiStructuredLinear)
+    sparsify_(model, sparsity=0.5, layout="auto")       # block-sparse only where it measures faster
+    print(model.sparsify_report)                        #   (sparse_auto.py), and why
     densify_(model)                                     # any of them -> nn.Linear
 
 Layers are swapped for new modules with new parameters: build the optimizer after ``sparsify_``.
@@ -24,7 +26,7 @@ from .ops.block_sparse_linear import BLOCK_SIZES, check_block_size
 from .ops.masked_linear import check_mask
 from .ops.semi_structured_linear import check_semi_structured_mask, semi_structured_mask
 
-LAYOUTS = ("unstructured", "block", "2:4")
+LAYOUTS = ("unstructured", "block", "2:4", "auto")
 SPARSE_LAYERS = (MaskedLinear, BlockSparseLinear, SemiStructuredLinear)
 SCOPES = ("global", "layer")
 
@@ -43,8 +45,13 @@ def _patterns(name: str, patterns) -> list[str] | None:
 
 def _classifier_names(model: nn.Module) -> set[str]:
     """Names of the classifier head: timm's ``pretrained_cfg['classifier']`` (a name or a tuple of
-    names), the module ``get_classifier()`` returns, and any module called ``head`` (``x.head`` too)."""
+    names), the module ``get_classifier()`` returns, any module called ``head`` (``x.head`` too), and
+    the heads of the other ViT families (torchvision ``heads``; transformers ``classifier``,
+    ``pooler``, ``visual_projection``, SigLIP's ``head``; open_clip's attentional poolers)."""
+    from .families import head_names
+
     names = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "head"}
+    names.update(head_names(model))
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     cls = cfg.get("classifier") if isinstance(cfg, dict) else None
     names.update([cls] if isinstance(cls, str) else (cls or ()))
@@ -161,6 +168,9 @@ def _swap(model: nn.Module, new: dict[int, nn.Module]) -> None:
 def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    if layout == "auto" and masks is not None:
+        raise ValueError("masks: not used with layout 'auto' (it chooses the layers and block sizes; "
+                         "pass sparsity=...)")
     if layout == "block" and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
         raise ValueError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
     if scope not in SCOPES:
@@ -190,7 +200,7 @@ def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) ->
 @torch.no_grad()
 def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[str, torch.Tensor] | None = None,
               layout: str = "unstructured", scope: str = "global", include=None, exclude=None,
-              block_size: int = 32) -> nn.Module:
+              block_size: int = 32, min_speedup: float = 1.0, tokens: int = 1024, measure=None) -> nn.Module:
     """Prune ``model``'s linear layers in place and return ``model``. ``layout="unstructured"``: each
     targeted ``nn.Linear`` becomes a ``MaskedLinear`` (an existing one gets the new mask);
     ``layout="block"``: a ``BlockSparseLinear`` storing only the kept ``block_size`` blocks.
@@ -209,6 +219,11 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
                 weights along in_features kept by magnitude; sparsity None or 0.5, in_features % 4 == 0;
                 PyTorch's 2:4 kernels on CUDA, a dense masked fallback with a warning elsewhere)
     block_size  16, 32 or 64 (block layout); must divide both dimensions of every targeted weight
+    layout="auto"  per layer, a BlockSparseLinear at the block size whose measured forward + backward on
+                ``tokens`` rows is fastest, if it is at least ``min_speedup`` x the dense layer's; else the
+                layer stays dense (``sparse_auto``: timings cached per machine in a JSON file; ``measure``
+                replaces the timer). Layers sharing a block size are pruned together per ``scope``.
+                ``model.sparsify_report`` (also logged at INFO) says what was chosen and why
 
     A layer that is already sparse is re-pruned from its current (masked / block-sparse) weight.
     """
@@ -220,6 +235,8 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
         layers = _targets(model, _patterns("include", include), _patterns("exclude", exclude))
         if not layers:
             raise ValueError("model: has no nn.Linear to sparsify (after the head, include and exclude)")
+        if layout == "auto":
+            return _sparsify_auto(model, layers, float(sparsity), scope, min_speedup, tokens, measure)
         if layout == "block":
             masks = block_masks(layers, float(sparsity), scope, block_size)
         elif layout == "2:4":
@@ -257,6 +274,31 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
         else:
             new[id(layer)] = MaskedLinear.from_linear(dense, mask)
     _swap(model, new)
+    return model
+
+
+def _sparsify_auto(model, layers, sparsity, scope, min_speedup, tokens, measure) -> nn.Module:
+    from . import sparse_auto
+
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not min_speedup > 0:
+        raise ValueError(f"min_speedup: expected a positive number (sparse must be this many times faster "
+                         f"than dense), got {min_speedup!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens: expected a positive int (rows per layer call to measure), got {tokens!r}")
+    dense = {n: (m if isinstance(m, nn.Linear) else m.to_linear()) for n, m in layers.items()}
+    report = sparse_auto.choose(dense, sparsity=sparsity, tokens=tokens, min_speedup=float(min_speedup),
+                                measure=measure)
+    new = {}
+    for bs in sorted({c.block_size for c in report if c.block_size is not None}):
+        group = {c.name: dense[c.name] for c in report if c.block_size == bs}
+        for n, mask in block_masks(group, sparsity, scope, bs).items():
+            new[id(layers[n])] = BlockSparseLinear.from_linear(group[n], mask.to(group[n].weight.device),
+                                                               block_size=bs)
+    # a layer that was sparse and is now chosen dense becomes the nn.Linear of its current weight
+    new.update({id(layers[c.name]): dense[c.name] for c in report
+                if c.block_size is None and dense[c.name] is not layers[c.name]})
+    _swap(model, new)
+    model.sparsify_report = report
     return model
 
 

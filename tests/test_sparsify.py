@@ -226,7 +226,7 @@ BAD = [
     (lambda m: sparsify_(m, sparsity=0.3, layout="2:4"), ValueError, "sparsity: layout '2:4' prunes exactly 0.5 \\(2 of every 4 weights\\); got 0.3"),
     (lambda m: sparsify_(m, layout="2:4", scope="layer"), ValueError, "scope: not used with layout '2:4'"),
     (lambda m: sparsify_(m, layout="2:4", masks={"head": torch.ones(10, 32, dtype=torch.bool)}), ValueError, "masks\\['head'\\]: expected a 2:4 pattern .* row 0, columns 0..3 keep 4"),
-    (lambda m: sparsify_(m, sparsity=0.5, layout="csr"), ValueError, "layout: expected one of 'unstructured', 'block', '2:4', got 'csr'"),
+    (lambda m: sparsify_(m, sparsity=0.5, layout="csr"), ValueError, "layout: expected one of 'unstructured', 'block', '2:4', 'auto', got 'csr'"),
     (lambda m: sparsify_(m, sparsity=1.0), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got 1.0"),
     (lambda m: sparsify_(m, sparsity=-0.1), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got -0.1"),
     (lambda m: sparsify_(m, sparsity="0.5"), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got '0.5'"),

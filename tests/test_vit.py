@@ -136,7 +136,7 @@ def test_wrong_image_size_is_refused():
 
 
 def test_non_vit_is_refused():
-    with pytest.raises(TypeError, match="model: expected a timm VisionTransformer, got Linear"):
+    with pytest.raises(TypeError, match="model: patch_vit does not support torch.nn.modules.linear.Linear; supported"):
         patch_vit(torch.nn.Linear(2, 2))
 
 
