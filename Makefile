@@ -12,7 +12,7 @@ STAMP := .stamps
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: setup build install test test-fast test-oldest bench bench-full clean
+.PHONY: setup build install test test-fast test-oldest gpu-check-dry-run bench bench-full clean
 
 setup: $(STAMP)/venv
 build: $(STAMP)/build
@@ -76,6 +76,36 @@ test-oldest: $(STAMP)/oldest-venv
 	cd $(OLDEST_TREE) && TORCH_CUDA_ARCH_LIST=9.0 $(OLDEST_PY) setup.py -q build_ext --inplace
 	cd $(OLDEST_TREE) && PYTHONPATH=$(CURDIR)/$(OLDEST_TREE) $(OLDEST_PY) -m pytest tests -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test-oldest: pytest collected no tests" >&2; fi; exit $$rc
+
+# `make gpu-check` as the lent GPU host will run it (Python 3.12, torch 2.11, triton 3.6, pytest-xdist:
+# requirements-gpuhost.txt), end to end on the CPU: the same build (C++ and CUDA C++ for sm_90), the same
+# test passes (selecting no test: there is no GPU) and the benchmarks on tiny CPU sizes; then checks
+# that it wrote its six result files and nothing else. The budget is an hour here: 2 cores build for
+# minutes what 16 build in one (the deadlines themselves are tested in tests/test_gpu_check.py). Again in a copy of the tree with its own build.
+GPUHOST_PYTHON ?= python3.12
+GPUHOST_VENV := .venv-gpuhost
+GPUHOST_PY := $(CURDIR)/$(GPUHOST_VENV)/bin/python
+GPUHOST_TREE := build/gpuhost
+
+$(STAMP)/gpuhost-venv: requirements-gpuhost.txt
+	@mkdir -p $(STAMP)
+	test -x $(GPUHOST_PY) || $(GPUHOST_PYTHON) -m venv $(GPUHOST_VENV)
+	$(GPUHOST_PY) -m pip install -q --disable-pip-version-check -r requirements-gpuhost.txt
+	@touch $@
+
+gpu-check-dry-run: $(STAMP)/gpuhost-venv
+	@mkdir -p $(GPUHOST_TREE)
+	find $(GPUHOST_TREE) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+	git ls-files -z --cached --others --exclude-standard | \
+	  while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done | \
+	  tar --null -T - -cf - | tar -xf - -C $(GPUHOST_TREE)
+	cd $(GPUHOST_TREE) && $(GPUHOST_PY) tools/gpu_check.py --dry-run --budget 3600 --out $(CURDIR)/$(GPUHOST_TREE)/results
+	cd $(GPUHOST_TREE) && $(GPUHOST_PY) -c "import json, sys; sys.path.insert(0, 'tools'); import gpu_check as g; \
+	  r = json.load(open('results/gpu_check.json')); got = sorted(__import__('os').listdir('results')); \
+	  assert got == sorted(g.RESULT_FILES), got; assert r['build']['ok'] and r['tests']['ok'], (r['build'], r['tests']); \
+	  assert all(v.startswith('ok') for v in r['bench_status'].values()), r['bench_status']; \
+	  print('gpu-check-dry-run: ok:', r['environment']['python'], 'torch', r['environment']['torch'], \
+	        'triton', r['environment']['triton'], '| build', r['build']['seconds'], 's |', r['tests']['passes'])"
 
 clean:
 	rm -rf build $(STAMP) lotus_kernels/*.so lotus_kernels/_build_info.py

@@ -440,8 +440,9 @@ def main(argv=None) -> int:
     if "cpu_threads" in sections:
         t0 = time.monotonic()
         try:
-            rows += bench_cpu_threads(args.dry_run, deadline, log)
-            status["cpu_threads"] = f"ok in {time.monotonic() - t0:.0f} s"
+            got = bench_cpu_threads(args.dry_run, deadline, log)
+            rows += got
+            status["cpu_threads"] = f"ok in {time.monotonic() - t0:.0f} s" if got else "skipped: out of time"
         except Exception as e:  # noqa: BLE001  (a broken section must not lose the others' results)
             status["cpu_threads"] = f"error: {type(e).__name__}: {e}"
             log(traceback.format_exc())
