@@ -6,9 +6,10 @@ Backends:
   cuda       CUDA C++ kernels in ``lotus_kernels._cuda``; CUDA tensors
   triton     Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 
-The default is the fastest built backend for the tensors' device. ``LOTUS_KERNELS_BACKEND`` or the
-``use_backend`` context manager force one; forcing one that is not built, or that cannot run on the
-tensors' device, raises instead of silently falling back.
+The default is the first usable backend of ``PREFERENCE`` for the tensors' device (on CUDA: triton,
+then cuda, an order not yet measured on a GPU; see docs/design/ops_and_backends.md).
+``LOTUS_KERNELS_BACKEND`` or the ``use_backend`` context manager force one; forcing one that is not
+built, or that cannot run on the tensors' device, raises instead of silently falling back.
 """
 from __future__ import annotations
 

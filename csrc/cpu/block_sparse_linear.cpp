@@ -6,10 +6,11 @@
 //
 // This file holds the tensor code, the threads and the choice of kernel; the micro-kernels are raw-
 // pointer code, one file per ISA (bsr/avx2.cpp, bsr/avx512.cpp, bsr/avx512_bf16.cpp, interface in
-// bsr/kernels.h). Each product has one best-first table of (ISA, dtype, kernel); a call takes the
-// first entry within the ISA cap (isa.h: the CPU's best, capped by LOTUS_KERNELS_CPU_ISA) whose
-// dtype matches, or an fp32 entry for bf16 / fp16 inputs (converted to fp32 copies; rounded once on
-// the way out), else the plain loops below (fp64, CPUs without AVX2, cap "default").
+// bsr/kernels.h). Each product has one best-first table of (ISA, dtype, kernel); a call takes, by
+// isa.h's one picker (best_within_cap: the CPU's best, capped by LOTUS_KERNELS_CPU_ISA), the first
+// entry within the cap whose dtype matches, or an fp32 entry for bf16 / fp16 inputs (converted to
+// fp32 copies; rounded once on the way out), else the plain loops below (fp64, CPUs without AVX2,
+// cap "default").
 // `lotus_kernels_C::cpu_kernel_path("block_sparse_linear.fwd", dtype, block_size)` (isa.h) reports the choice.
 //
 // Parallel decomposition:
@@ -71,15 +72,15 @@ struct Choice {
 
 bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
+// The first entry within the cap that this build has, for this block size, whose dtype is the
+// input's or fp32 for a bf16 / fp16 input (then run on fp32 copies); none: the plain loops.
 template <typename Kernel, size_t N>
 Choice<Kernel> choose(const Entry<Kernel> (&table)[N], at::ScalarType dtype, int64_t bs) {
-  const int cap = static_cast<int>(lotus::cpu_isa());
-  for (const auto& e : table) {
-    if (static_cast<int>(e.isa) > cap || *e.kernel == nullptr || bs % 16 != 0) continue;
-    if (e.dtype == dtype) return {&e, false};
-    if (e.dtype == at::kFloat && low_precision(dtype)) return {&e, true};
-  }
-  return {nullptr, low_precision(dtype)};
+  const Entry<Kernel>* e = lotus::best_within_cap(table, [&](const Entry<Kernel>& c) {
+    const bool dtype_ok = c.dtype == dtype || (c.dtype == at::kFloat && low_precision(dtype));
+    return *c.kernel != nullptr && bs % 16 == 0 && dtype_ok;
+  });
+  return {e, low_precision(dtype) && (e == nullptr || e->dtype != dtype)};
 }
 
 template <typename Kernel>

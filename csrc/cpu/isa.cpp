@@ -13,7 +13,7 @@ namespace lotus {
 namespace {
 
 constexpr const char* kEnv = "LOTUS_KERNELS_CPU_ISA";
-constexpr const char* kNames[bsr::kNumIsa] = {"default", "avx2", "avx512", "avx512_bf16"};
+constexpr const char* kNames[kNumIsa] = {"default", "avx2", "avx512", "avx512_bf16"};
 
 Isa probe() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -31,7 +31,7 @@ Isa probe() {
 }
 
 Isa parse_cap(const char* value) {
-  for (int i = 0; i < bsr::kNumIsa; ++i)
+  for (int i = 0; i < kNumIsa; ++i)
     if (std::string(value) == kNames[i]) return static_cast<Isa>(i);
   TORCH_CHECK(false, kEnv, ": expected one of default, avx2, avx512, avx512_bf16 (or unset for the CPU's best), got '",
               value, "'");

@@ -11,24 +11,34 @@
 #include <cstdint>
 #include <string>
 
-#include "bsr/kernels.h"
-
 namespace lotus {
 
-using Isa = bsr::Isa;
+// ISA levels, nested like oneDNN's (each includes the ones before it). kDefault = plain C++ loops.
+enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr int kNumIsa = 4;
 
 Isa cpu_isa_supported();  // the CPU's best level (probed once)
 Isa cpu_isa();            // min(supported, cap): what kernels may use now
 const char* isa_name(Isa isa);
 
-// The first entry of a best-first table of per-ISA functions (each entry has an `isa` member) whose
-// level is within cpu_isa(); tables end with a kDefault entry, which always is.
-template <typename Entry, size_t N>
-const Entry& best_within_cap(const Entry (&table)[N]) {
+// The one ISA picker of the CPU kernels: the first entry of a best-first table of per-ISA kernels
+// (each entry has an `isa` member) whose level is within cpu_isa() and that `usable` accepts (e.g.
+// built into this binary, right dtype and block size); null if none is. cpu_isa() is read once
+// per pick, so one call sees one cap.
+template <typename Entry, size_t N, typename Usable>
+const Entry* best_within_cap(const Entry (&table)[N], Usable usable) {
   const int cap = static_cast<int>(cpu_isa());
   for (const auto& e : table)
-    if (static_cast<int>(e.isa) <= cap) return e;
-  return table[N - 1];
+    if (static_cast<int>(e.isa) <= cap && usable(e)) return &e;
+  return nullptr;
+}
+
+// The same for tables of interchangeable variants that end with a kDefault entry (always within the
+// cap): the best entry within the cap, never null.
+template <typename Entry, size_t N>
+const Entry& best_within_cap(const Entry (&table)[N]) {
+  const Entry* e = best_within_cap(table, [](const Entry&) { return true; });
+  return e ? *e : table[N - 1];
 }
 
 // Each op file registers, per op name (e.g. "block_sparse_linear.fwd"), a function saying which

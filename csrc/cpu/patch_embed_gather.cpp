@@ -90,7 +90,8 @@ void col2im_scatter_cpu(const at::Tensor& cols, const at::Tensor& idx, int64_t p
 // (pos[idx] + bias) into `out`, then one BLAS GEMM accumulates cols @ W^T on top of it (beta = 1).
 // A per-thread tiled variant that kept each unfolded tile in cache measured 20% slower here: one
 // large GEMM lets BLAS block and thread it better than tile-sized single-threaded calls, and the
-// unfolded matrix is small (M x L x 4 bytes = 2.4 MB for ViT-S/16, batch 8, keep 0.5). See NOTES.md.
+// unfolded matrix is small (M x L x 4 bytes = 2.4 MB for ViT-S/16, batch 8, keep 0.5). See
+// docs/design/token_drop_attention.md.
 void patch_embed_gather_cpu(const at::Tensor& images, const at::Tensor& idx, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pos,
                             at::Tensor& out) {

@@ -454,16 +454,8 @@ LOTUS_BSR_WMMA_INST_T(c10::Half)
 namespace {
 
 using lotus::ceil_div;
+using lotus::check_cuda;
 using lotus::word_bytes;
-
-void check_cuda(const char* op, std::initializer_list<const at::Tensor*> ts) {
-  const at::Tensor& first = **ts.begin();
-  for (const at::Tensor* t : ts) {
-    TORCH_CHECK(t->is_cuda(), op, ": expected CUDA tensors");
-    TORCH_CHECK(t->device() == first.device(), op, ": expected tensors on one device");
-    TORCH_CHECK(t->is_contiguous(), op, ": expected contiguous tensors");
-  }
-}
 
 void check_index(const char* op, const at::Tensor& t, const char* name, int64_t len) {
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == len, op, ": expected ", name,

@@ -2,6 +2,9 @@
 // `#if !defined(__CUDA_ARCH__)` section: nothing here is device code).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <initializer_list>
 
@@ -24,6 +27,17 @@ inline int word_bytes(std::initializer_list<int64_t> sizes, std::initializer_lis
     if (ok) return w;
   }
   return 1;
+}
+
+// The kernels' second line of defence (the Python ops validate first and pass contiguous tensors):
+// every tensor of `ts` is a contiguous CUDA tensor on the first one's device.
+inline void check_cuda(const char* op, std::initializer_list<const at::Tensor*> ts) {
+  const at::Tensor& first = **ts.begin();
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->is_cuda(), op, ": expected CUDA tensors");
+    TORCH_CHECK(t->device() == first.device(), op, ": expected tensors on one device");
+    TORCH_CHECK(t->is_contiguous(), op, ": expected contiguous tensors");
+  }
 }
 
 }  // namespace lotus

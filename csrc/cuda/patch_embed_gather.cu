@@ -141,15 +141,6 @@ unsigned row_grid(int64_t rows, const dim3& block, const char* op) {
   return static_cast<unsigned>(blocks);
 }
 
-void check_cuda(const char* op, std::initializer_list<const at::Tensor*> ts) {
-  const at::Tensor& first = **ts.begin();
-  for (const at::Tensor* t : ts) {
-    TORCH_CHECK(t->is_cuda(), op, ": expected CUDA tensors");
-    TORCH_CHECK(t->device() == first.device(), op, ": expected tensors on one device");
-    TORCH_CHECK(t->is_contiguous(), op, ": expected contiguous tensors");
-  }
-}
-
 void check_geometry(const char* op, int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t Cin) {
   TORCH_CHECK(ph > 0 && pw > 0 && H % ph == 0 && W % pw == 0, op, ": image size (", H, ", ", W,
               ") is not a multiple of the patch size (", ph, ", ", pw, ")");

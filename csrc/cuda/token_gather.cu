@@ -100,13 +100,11 @@ void launch_gather(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out, 
 
 void check_common(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& idx,
                   const at::Tensor& out) {
-  TORCH_CHECK(a.is_cuda() && idx.is_cuda() && out.is_cuda(), op, ": expected CUDA tensors");
-  TORCH_CHECK(a.device() == idx.device() && a.device() == out.device(), op, ": expected tensors on one device");
+  check_cuda(op, {&a, &idx, &out});
   TORCH_CHECK(a.dim() == 3 && idx.dim() == 2 && out.dim() == 3, op, ": expected ", a_name,
               " [B, *, C], idx [B, K] and out [B, *, C]");
   TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": idx must be int64");
   TORCH_CHECK(out.scalar_type() == a.scalar_type(), op, ": out must have the dtype of ", a_name);
-  TORCH_CHECK(a.is_contiguous() && idx.is_contiguous() && out.is_contiguous(), op, ": expected contiguous tensors");
   TORCH_CHECK(a.size(0) == idx.size(0) && out.size(0) == idx.size(0) && out.size(2) == a.size(2), op,
               ": batch or channel sizes disagree");
 }

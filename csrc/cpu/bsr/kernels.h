@@ -2,16 +2,12 @@
 // avx2.cpp, avx512.cpp, avx512_bf16.cpp). No torch / ATen headers here or in those files: each holds
 // intrinsics on plain pointers with function-level `target` attributes, so nothing built for one ISA
 // can leak into code that runs on a CPU without it. The tensor code, the threads and the choice of
-// kernel live in ../block_sparse_linear.cpp and dispatch.cpp.
+// kernel live in ../block_sparse_linear.cpp (ISA levels and the picker: ../isa.h).
 #pragma once
 
 #include <cstdint>
 
 namespace lotus::bsr {
-
-// ISA levels, nested like oneDNN's (each includes the ones before it). kDefault = plain C++ loops.
-enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-constexpr int kNumIsa = 4;
 
 // One "sparse panel GEMM": out[M, n_out * bs] = A[M, K] x B, B block-sparse, listed per output block
 // column o as entries ptr[o] .. ptr[o + 1] - 1, sorted by a_blk. Entry e multiplies A's K-block

@@ -1,13 +1,14 @@
 """Experiment (not part of `make bench`): MKL's sparse BLAS with BSR (inspector-executor
 ``mkl_sparse_s_mm``) vs our block-sparse fwd / bwd_input kernels, 1 thread, CPU time (robust to a
 shared machine), interleaved, min of rounds. It decides whether the library should depend on MKL's
-sparse BLAS (NOTES.md, "CPU kernels per ISA"). MKL has no SDD product, so bwd_weight is not compared.
+sparse BLAS (docs/design/cpu_isa_kernels.md, "MKL sparse BLAS"). MKL has no SDD product, so bwd_weight
+is not compared.
 
 MKL comes from the PyPI ``mkl`` wheel, unpacked (pip's --target drops its shared libraries):
 
     pip download mkl==2024.2.2 intel-openmp --no-deps -d /tmp/mklwhl && cd /tmp/mklwhl && for w in *.whl; do unzip -q -o $w -d x; done
-    LD_LIBRARY_PATH=/tmp/mklwhl/x/mkl-2024.2.2.data/data/lib PYTHONPATH=. python benchmarks/exp_mkl_bsr.py \\
-        --mkl-lib /tmp/mklwhl/x/mkl-2024.2.2.data/data/lib
+    LD_LIBRARY_PATH=/tmp/mklwhl/x/mkl-2024.2.2.data/data/lib PYTHONPATH=. \\
+        python benchmarks/experiments/exp_mkl_bsr.py --mkl-lib /tmp/mklwhl/x/mkl-2024.2.2.data/data/lib
 
 Layouts: ours computes y [M, out] = x W^T with x, y row-major. MKL puts the sparse matrix on the
 left, so y^T = W x^T: either column-major dense operands (x, y as they are) or row-major ones (x^T,

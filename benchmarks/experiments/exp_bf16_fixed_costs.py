@@ -1,9 +1,9 @@
 """Experiment (not part of `make bench`): the fixed per-layer costs of a bf16-autocast block-sparse
 layer, and where the bf16 ViT-S train step's time goes beyond our kernels.
 
-    PYTHONPATH=. python benchmarks/exp_bf16_fixed_costs.py layers --threads 1 --dtype bf16
-    PYTHONPATH=. python benchmarks/exp_bf16_fixed_costs.py layers --threads 2 --x-dtype bf16   # input already bf16
-    PYTHONPATH=. python benchmarks/exp_bf16_fixed_costs.py step --threads 1
+    PYTHONPATH=. python benchmarks/experiments/exp_bf16_fixed_costs.py layers --threads 1 --dtype bf16
+    PYTHONPATH=. python benchmarks/experiments/exp_bf16_fixed_costs.py layers --threads 2 --x-dtype bf16  # x bf16
+    PYTHONPATH=. python benchmarks/experiments/exp_bf16_fixed_costs.py step --threads 1
 
 ``layers``: BlockSparseLinear fwd+bwd (x fp32 [1576, in], forward under autocast, as the benchmark)
 with the bias gradient fused into bwd_input (the default) vs the previous separate ``dy.sum(0)``,
@@ -24,13 +24,15 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 try:
     from benchmarks import _harness
-except ImportError:
+except ImportError:  # run as a script without the repo root on sys.path: _harness.py is one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import _harness
 from lotus_kernels.nn import BlockSparseLinear
 

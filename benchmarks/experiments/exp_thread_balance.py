@@ -7,12 +7,15 @@ ns) with ``OMP_WAIT_POLICY=passive`` (a thread waiting at a barrier sleeps rathe
 is not charged for waiting). The busiest thread's time is what a quiet machine's wall clock would
 show; sum / busiest says how evenly the work is split (= threads when perfectly balanced).
 
-    PYTHONPATH=. python benchmarks/exp_thread_balance.py --threads 2 --shapes 384x1536,1536x384 --dtypes fp32,bf16
+    PYTHONPATH=. python benchmarks/experiments/exp_thread_balance.py --threads 2 --shapes 384x1536,1536x384 \\
+        --dtypes fp32,bf16
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
@@ -20,7 +23,8 @@ import torch  # noqa: E402
 
 try:
     from benchmarks import bench_sparse_linear as bench
-except ImportError:  # run as a script from outside the repo root's sys.path
+except ImportError:  # run as a script without the repo root on sys.path: the benchmark is one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import bench_sparse_linear as bench
 
 
