@@ -56,7 +56,9 @@ def _want_cuda() -> bool:
     flag = os.environ.get("LOTUS_BUILD_CUDA")
     if flag is not None:
         return flag == "1"
-    return CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    # a CPU-only torch (e.g. 2.13.0+cpu) has no CUDA headers to compile CUDA extensions against
+    return torch.version.cuda is not None and CUDA_HOME is not None and \
+        shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
 
 
 def _write_build_info(package_dir: str, cuda: bool) -> None:
