@@ -1,6 +1,7 @@
 """Builds lotus_kernels._C (C++ CPU kernels, always) and lotus_kernels._cuda (CUDA C++, when nvcc is
 found or LOTUS_BUILD_CUDA=1; LOTUS_BUILD_CUDA=0 skips it; LOTUS_BUILD_EXT=0 builds none, for an editable
-install over an in-place build), against the torch that is installed: build with
+install over an in-place build; LOTUS_BUILD_ONLY=_C or _cuda builds that one, so that `make gpu-check` can
+build both at once in two processes), against the torch that is installed: build with
 ``pip install --no-build-isolation .`` (an isolated build would compile against another torch than the
 one the package then runs with). The sources and flags come from tools/extensions.py (shared with
 `make gpu-check`), the supported versions from lotus_kernels/_version.py. Ninja; MAX_JOBS caps its jobs.
@@ -80,7 +81,7 @@ class BuildExt(BuildExtension):
         # Written while compiling (not for metadata, nor for an editable install over an in-place build),
         # beside the extensions: into the tree for --inplace, into the wheel's tree otherwise.
         where = ROOT if self.inplace else self.build_lib
-        _write_build_info(os.path.join(where, "lotus_kernels"), any(e.name.endswith("._cuda") for e in self.extensions))
+        _write_build_info(os.path.join(where, "lotus_kernels"), _want_cuda())
         super().run()
 
 
@@ -90,7 +91,10 @@ if os.environ.get("LOTUS_BUILD_EXT") != "0":  # `make install`: the extensions a
     if cuda:
         # Without a visible GPU torch cannot guess the arch: default to Ampere + Hopper (the lent H200).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    only = os.environ.get("LOTUS_BUILD_ONLY")
     for ext in EXTENSIONS["extensions"](cuda):
+        if only is not None and ext["name"] != only:
+            continue
         kind = CUDAExtension if ext["cuda"] else CppExtension
         flags = {"cxx": ext["cxx"], **({"nvcc": ext["nvcc"]} if ext["cuda"] else {})}
         ext_modules.append(kind(f"lotus_kernels.{ext['name']}", ext["sources"], extra_compile_args=flags,
