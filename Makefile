@@ -56,14 +56,14 @@ bench: $(STAMP)/install
 # copy of the working tree (tracked + untracked-but-not-ignored files) under build/oldest, which keeps
 # its own build/ (tar keeps the sources' times) so ninja recompiles only what changed. CUDA C++ is compiled there too (for sm_90
 # only: the lent GPU's), so a torch 2.11 header incompatibility fails here, not on the GPU.
-OLDEST_PYTHON ?= python3.10
+OLDEST_PYTHON ?= $$(sh tools/find_python.sh 3.10)
 OLDEST_VENV := .venv-oldest
 OLDEST_PY := $(CURDIR)/$(OLDEST_VENV)/bin/python
 OLDEST_TREE := build/oldest
 
 $(STAMP)/oldest-venv: requirements-oldest.txt
 	@mkdir -p $(STAMP)
-	test -x $(OLDEST_PY) || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	test -x $(OLDEST_PY) || { py=$(OLDEST_PYTHON) && $$py -m venv $(OLDEST_VENV); }
 	$(OLDEST_PY) -m pip install -q --disable-pip-version-check -r requirements-oldest.txt
 	@touch $@
 
@@ -82,14 +82,14 @@ test-oldest: $(STAMP)/oldest-venv
 # test passes (selecting no test: there is no GPU) and the benchmarks on tiny CPU sizes; then checks
 # that it wrote its six result files and nothing else. The budget is an hour here: 2 cores build for
 # minutes what 16 build in one (the deadlines themselves are tested in tests/test_gpu_check.py). Again in a copy of the tree with its own build.
-GPUHOST_PYTHON ?= python3.12
+GPUHOST_PYTHON ?= $$(sh tools/find_python.sh 3.12)
 GPUHOST_VENV := .venv-gpuhost
 GPUHOST_PY := $(CURDIR)/$(GPUHOST_VENV)/bin/python
 GPUHOST_TREE := build/gpuhost
 
 $(STAMP)/gpuhost-venv: requirements-gpuhost.txt
 	@mkdir -p $(STAMP)
-	test -x $(GPUHOST_PY) || $(GPUHOST_PYTHON) -m venv $(GPUHOST_VENV)
+	test -x $(GPUHOST_PY) || { py=$(GPUHOST_PYTHON) && $$py -m venv $(GPUHOST_VENV); }
 	$(GPUHOST_PY) -m pip install -q --disable-pip-version-check -r requirements-gpuhost.txt
 	@touch $@
 
