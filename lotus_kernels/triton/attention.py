@@ -20,14 +20,13 @@ small kernel (``_cls_scores_kernel``: mean over heads and the sink rule), no PyT
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
 from . import _configs
+from ._common import _acc_dtype, _dot_precision, _interpreted, _pow2
 
 
 @triton.jit
@@ -49,22 +48,20 @@ def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, BY_HAND: tl.constexpr):
+def _mm(a, b, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr):
     """a @ b accumulated in ACC_DTYPE. BY_HAND (fp64 on a GPU, small tiles): broadcast, multiply and
     sum, because Triton's fp64 MMA lowering rejects the register operands these kernels have
     (Triton 3.8 for sm_90: "fp64 don't support largeK MMA")."""
     if BY_HAND:
         return tl.sum(a.to(ACC_DTYPE)[:, :, None] * b.to(ACC_DTYPE)[None, :, :], axis=1)
-    elif IEEE:
-        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
     else:
-        return tl.dot(a, b, out_dtype=ACC_DTYPE)
+        return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
 
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, s0_ptr, N, T, D, scale,
                           HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, CLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -88,7 +85,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         if UPCAST:
             k = k.to(ACC_DTYPE)
             v = v.to(ACC_DTYPE)
-        s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
+        s = _mm(q, tl.trans(k), ACC_DTYPE, INPUT_PRECISION, BY_HAND) * scale
         valid = cmask
         if HAS_MASK:
             padded = tl.load(mask_ptr + b * N + cols, mask=cmask, other=1)
@@ -102,7 +99,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        pv = _mm(p.to(v.dtype), v, ACC_DTYPE, IEEE, BY_HAND)
+        pv = _mm(p.to(v.dtype), v, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     empty = l_i == 0
@@ -172,11 +169,11 @@ def _cu_seqlens_ok_kernel(cu_ptr, ok_ptr, B, T, MAX_SEQLEN, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BY_HAND: tl.constexpr):
     """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
-    s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
-    dp = _mm(do, tl.trans(v), ACC_DTYPE, IEEE, BY_HAND)
+    s = _mm(q, tl.trans(k), ACC_DTYPE, INPUT_PRECISION, BY_HAND) * scale
+    dp = _mm(do, tl.trans(v), ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no unpadded key) gives 0
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
     return p, p * (dp - delta[:, None]) * scale
@@ -185,7 +182,7 @@ def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: 
 @triton.jit
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
                                N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -218,9 +215,9 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
             q = q.to(ACC_DTYPE)
             do = do.to(ACC_DTYPE)
         lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
-        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
-        dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, IEEE, BY_HAND)
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, IEEE, BY_HAND)
+        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -228,7 +225,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
 @triton.jit
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
                              N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                             ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -259,8 +256,8 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
         valid_k = cmask
         if HAS_MASK:
             valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
-        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
-        dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, IEEE, BY_HAND)
+        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -270,7 +267,7 @@ FP64_BY_HAND: bool | None = None
 CLS_BLOCK: int | None = None
 # Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
 AUTOTUNE_WORK = 1 << 26
-_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                                   (128, 128, 8, 2), (64, 32, 4, 3))]
 _KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
@@ -278,7 +275,7 @@ _KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
 
 def _config(q, cu_seqlens, max_seqlen):
     """(B, H, N, T, D, default tiles, common constexpr kwargs) for padded or packed q."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreted = _interpreted()
     if cu_seqlens is not None:
         T, H, D = q.shape
         B, N = cu_seqlens.numel() - 1, max_seqlen
@@ -288,12 +285,10 @@ def _config(q, cu_seqlens, max_seqlen):
     # Under the interpreter the cost is per program and per op: few, large blocks.
     # fp64 products by hand on a GPU (see _mm), in 16-wide tiles that keep the 3-D product in registers
     by_hand = q.dtype == torch.float64 and (not interpreted if FP64_BY_HAND is None else FP64_BY_HAND)
-    cap = 128 if interpreted else (16 if by_hand else 64)
-    block = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
-    block_d = max(16, triton.next_power_of_2(D))
-    kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
-              IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
-              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand, BLOCK_D=block_d)
+    block = _pow2(N, 16, 128 if interpreted else (16 if by_hand else 64))
+    kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_dot_precision(q.dtype),
+              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand,
+              BLOCK_D=_pow2(D, 16, 1 << 16))
     tiles = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1 if interpreted else 2)
     return B, H, N, T, D, tiles, kw
 
@@ -301,20 +296,14 @@ def _config(q, cu_seqlens, max_seqlen):
 def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
     """Program (query or key block, b*H + h), the block index fastest: the programs of one (b, h),
     which share its K/V (or Q/dO) rows, run next to each other (the grouped order for attention).
-    Config: the committed table, else autotune on a GPU for real sizes, else ``tiles``."""
+    Config: ``_configs.launch`` (table, autotune on a GPU for real sizes, else ``tiles``); fp64 by
+    hand is never tuned (its 16-wide tiles are the only ones that fit registers)."""
     n_key = _configs.bucket(N)[0]
-    bucket = (kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"])
-    grid = lambda meta: (triton.cdiv(N, meta[axis0]), B * H)  # noqa: E731
-    entry = _configs.table_entry(name, q.device, q.dtype, bucket)
-    if entry is not None:
-        meta, launch = _configs.split_config(entry)
-        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
-    elif not kw["BY_HAND"] and _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
-        _configs.autotuned(name, kernel, _CONFIGS, _KEY)[grid](*args, H=H, N_KEY=n_key, **kw)
-        _configs.record(name, q.device, q.dtype, bucket)
-    else:
-        meta, launch = _configs.split_config(tiles)
-        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
+    _configs.launch(name, kernel, lambda meta: (triton.cdiv(N, meta[axis0]), B * H), args,
+                    dict(H=H, N_KEY=n_key, **kw), device=q.device, dtype=q.dtype,
+                    bucket=(kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"]), fallback=tiles,
+                    work=B * H * N * N * q.shape[-1], threshold=AUTOTUNE_WORK,
+                    configs=None if kw["BY_HAND"] else CONFIGS, key=_KEY)
 
 
 def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores, sink=False) -> None:
@@ -335,10 +324,10 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
     _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
             dict(HAS_MASK=mask is not None, CLS=cls, **kw))
     if cls:
-        cap = CLS_BLOCK or (1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256)
+        cap = CLS_BLOCK or (1024 if _interpreted() else 256)
         _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else q, cu, scores, N, T, H,
                                  HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, SINK=bool(sink),
-                                 BLOCK=max(16, min(cap, triton.next_power_of_2(N))))
+                                 BLOCK=_pow2(N, 16, cap))
     elif scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
@@ -350,7 +339,7 @@ def cu_seqlens_ok(cu_seqlens, T, max_seqlen) -> torch.Tensor:
     """A 0-d int32 tensor, 1 iff ``cu_seqlens`` is valid for T tokens and ``max_seqlen`` (see
     ``_cu_seqlens_ok_kernel``); for ``torch._assert_async``, without reading it back."""
     ok = torch.empty((), dtype=torch.int32, device=cu_seqlens.device)
-    block = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256
+    block = 1024 if _interpreted() else 256
     _cu_seqlens_ok_kernel[(1,)](cu_seqlens, ok, cu_seqlens.numel() - 1, T, max_seqlen, BLOCK=block)
     return ok
 
