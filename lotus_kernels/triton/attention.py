@@ -154,6 +154,102 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
 
 
 @triton.jit
+def _cls_row_scores_kernel(q_ptr, k_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, D, scale, HAS_MASK: tl.constexpr,
+                           VARLEN: tl.constexpr, SINK: tl.constexpr, ONE_BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Class-token scores of sequence b = program_id(0) straight from q and k, for when another kernel
+    computes the attention output: out[j] = mean over h of softmax_j(scale * q[b, h, 0] . k[b, h, j]) over
+    b's unpadded keys (0 at padded keys), heads summed in order, then the sink rule as in
+    ``_cls_scores_kernel``. One query row per head: a GEMV over b's keys (reads k once; twice above
+    BLOCK_N keys, the second time from L2). ONE_BLOCK (n <= BLOCK_N): one pass, each head's scores stay
+    in registers; else pass 1 finds each head's log-sum-exp over key blocks, pass 2 sums the
+    probabilities block by block."""
+    b = tl.program_id(0).to(tl.int64)
+    if VARLEN:  # q, k [T, H, D], out [T]
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+        base, ld, head, obase = start * H * D, H * D + 0 * b, D + 0 * b, start
+    else:  # q, k [B, H, N, D], out [B, N]
+        n = N + 0 * b
+        base, ld, head, obase = b * H * N * D, D + 0 * b, N * D + 0 * b, b * N
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < D
+    cols = tl.arange(0, BLOCK_N)
+    total = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)  # the sink's sum and count, per lane
+    count = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
+    if ONE_BLOCK:
+        cmask = cols < n
+        valid = cmask
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
+        acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
+        for h in range(H):
+            q0 = tl.load(q_ptr + base + h * head + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
+            kt = tl.load(k_ptr + base + h * head + cols[:, None] * ld + dims[None, :],
+                         mask=cmask[:, None] & dmask[None, :], other=0).to(ACC_DTYPE)
+            sc = tl.where(valid, tl.sum(kt * q0[None, :], 1) * scale, float("-inf"))
+            m = tl.max(sc, 0)
+            p = tl.exp(sc - tl.where(m == float("-inf"), 0.0, m))  # no unpadded key: all 0, not NaN
+            acc += p / tl.maximum(tl.sum(p, 0), 1e-30)
+        acc = acc / H
+        if SINK:  # key 0 is written after
+            rest = valid & (cols > 0)
+            tl.store(out_ptr + obase + cols, acc, mask=cmask & (cols > 0))
+            total += tl.where(rest, acc, 0.0)
+            count += rest.to(ACC_DTYPE)
+        else:
+            tl.store(out_ptr + obase + cols, acc, mask=cmask)
+    else:
+        hs = tl.arange(0, 128)  # heads' lse, one lane each (H <= 128: checked by the launcher)
+        lse = tl.zeros([128], dtype=ACC_DTYPE)
+        for h in range(H):
+            q0 = tl.load(q_ptr + base + h * head + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
+            m_i = tl.max(tl.full([BLOCK_N], float("-inf"), ACC_DTYPE), 0)
+            l_i = tl.sum(tl.zeros([BLOCK_N], ACC_DTYPE), 0)
+            for j0 in range(0, n, BLOCK_N):
+                cj = j0 + cols
+                cmask = cj < n
+                valid = cmask
+                if HAS_MASK:
+                    valid = valid & (tl.load(mask_ptr + b * N + cj, mask=cmask, other=1) == 0)
+                kt = tl.load(k_ptr + base + h * head + cj[:, None] * ld + dims[None, :],
+                             mask=cmask[:, None] & dmask[None, :], other=0).to(ACC_DTYPE)
+                sc = tl.where(valid, tl.sum(kt * q0[None, :], 1) * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe), 0)
+                m_i = m_new
+            lse = tl.where(hs == h, tl.where(l_i == 0, float("inf"), m_i + tl.log(tl.maximum(l_i, 1e-30))), lse)
+        for j0 in range(0, n, BLOCK_N):
+            cj = j0 + cols
+            cmask = cj < n
+            valid = cmask
+            if HAS_MASK:
+                valid = valid & (tl.load(mask_ptr + b * N + cj, mask=cmask, other=1) == 0)
+            acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
+            for h in range(H):
+                q0 = tl.load(q_ptr + base + h * head + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
+                kt = tl.load(k_ptr + base + h * head + cj[:, None] * ld + dims[None, :],
+                             mask=cmask[:, None] & dmask[None, :], other=0).to(ACC_DTYPE)
+                sc = tl.sum(kt * q0[None, :], 1) * scale
+                lse_h = tl.sum(tl.where(hs == h, lse, 0.0), 0)
+                acc += tl.where(valid, tl.exp(sc - lse_h), 0.0)
+            acc = acc / H
+            if SINK:
+                rest = valid & (cj > 0)
+                tl.store(out_ptr + obase + cj, acc, mask=cmask & (cj > 0))
+                total += tl.where(rest, acc, 0.0)
+                count += rest.to(ACC_DTYPE)
+            else:
+                tl.store(out_ptr + obase + cj, acc, mask=cmask)
+    if SINK:
+        sink = tl.sum(total, 0) / tl.maximum(tl.sum(count, 0), 1.0)
+        if HAS_MASK:
+            sink = tl.where(tl.load(mask_ptr + b * N) == 0, sink, 0.0)
+        tl.store(out_ptr + obase, sink, mask=n > 0)  # an empty packed sequence owns no token
+
+
+@triton.jit
 def _cu_seqlens_ok_kernel(cu_ptr, ok_ptr, B, T, MAX_SEQLEN, BLOCK: tl.constexpr):
     """ok = cu[0] == 0, cu[B] == T and 0 <= cu[b + 1] - cu[b] <= MAX_SEQLEN for every b: the whole
     device-side check of the packed offsets in one program (PyTorch ops: ~10 launches)."""
@@ -267,9 +363,10 @@ FP64_BY_HAND: bool | None = None
 CLS_BLOCK: int | None = None
 # Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
 AUTOTUNE_WORK = 1 << 26
+# Autotune list: BLOCK_M and BLOCK_N >= 64 (every tl.dot of the forward and both backward kernels then has
+# the 64 rows per warpgroup Hopper's wgmma needs; compiled-code table: benchmarks/results/gpu/compiled_sm90.md).
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                                  (128, 128, 8, 2), (64, 32, 4, 3))]
+           for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3))]
 _KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
 
 
@@ -333,6 +430,34 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
         else:
             scores.copy_(scores_from_lse_varlen(q, k, lse, cu_seqlens, scale, scores_mode))
+
+
+# The class-token score kernel's launch: 8 warps keep a [BLOCK_N, 64] key tile in registers without spilling.
+CLS_ROW_LAUNCH = dict(num_warps=8, num_stages=2)
+CLS_ROW_BLOCK: int | None = None  # the key block (None: 256, 1024 interpreted); tests set 16 for the two-pass path
+
+
+def cls_row_scores(q, k, mask, cu_seqlens, max_seqlen, scale, sink, out) -> None:
+    """out = the final "cls" scores ([B, N], or [T] packed; sink rule applied when ``sink``) computed from
+    q's first row per sequence and head and k alone: for when the attention output comes from another
+    kernel (PyTorch's SDPA). q, k [B, H, N, D] or packed [T, H, D] (cu_seqlens int64 or int32, read as is)."""
+    assert q.is_contiguous() and k.is_contiguous() and out.is_contiguous()
+    if cu_seqlens is not None:
+        T, H, D = q.shape
+        B, N = cu_seqlens.numel() - 1, max_seqlen
+    else:
+        B, H, N, D = q.shape
+        T = 0
+    assert H <= 128, "cls_row_scores: at most 128 heads"
+    if B == 0 or q.numel() == 0:
+        return
+    cap = CLS_ROW_BLOCK or (1024 if _interpreted() else 256)
+    block_n = _pow2(N, 16, cap)
+    launch = dict(num_warps=4, num_stages=1) if _interpreted() else CLS_ROW_LAUNCH
+    _cls_row_scores_kernel[(B,)](q, k, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q,
+                                 out, N, T, H, D, scale, HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None,
+                                 SINK=bool(sink), ONE_BLOCK=N <= block_n, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_N=block_n,
+                                 BLOCK_D=_pow2(D, 16, 1 << 16), **launch)
 
 
 def cu_seqlens_ok(cu_seqlens, T, max_seqlen) -> torch.Tensor:

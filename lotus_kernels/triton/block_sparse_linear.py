@@ -43,12 +43,11 @@ AUTOTUNE_WORK = 1 << 26
 # GPU tiles of fwd / bwd_input: (BLOCK_M, K per tl.dot, num_warps, num_stages); KB = K / bs (>= 1).
 # BLOCK_M >= 64 per warpgroup of 4 warps: the shape Hopper's wgmma takes (compiled-code table:
 # benchmarks/results/gpu/compiled_sm90.md).
-PRODUCT_TILES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                 (128, 64, 8, 4), (256, 64, 8, 3))
+PRODUCT_TILES = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3))
 PRODUCT_DEFAULT = (64, 64, 4, 3)
 GROUP_M = 8
 # GPU tiles of bwd_weight: (ROWS = WB * bs output rows, BLOCK_M rows of M per step, num_warps, num_stages).
-WGRAD_TILES = ((64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3))
+WGRAD_TILES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3))
 WGRAD_DEFAULT = (64, 64, 4, 3)
 _SPLIT_ALIGN = 256  # rows per split: a multiple of every BLOCK_M above
 
