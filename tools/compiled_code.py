@@ -216,14 +216,13 @@ def attention_variants(arch: int, dtype: str) -> list[Variant]:
                                    dict(**bwd, dk_ptr=p, dv_ptr=p), ints, common, meta, origin, hot, floats=("scale",)))
                 vs.append(_variant(f"{mod}._attention_bwd_dq_kernel", "attention_bwd_dq", dtype, arch,
                                    dict(**bwd, dq_ptr=p), ints, common, meta, origin, hot, floats=("scale",)))
-    if dtype in ("fp32", "fp64"):  # the score kernels read lse-typed buffers only
-        for varlen, cu in ((False, "*i64"), (True, "*i64"), (True, "*i32")):
-            for sink in (False, True):
-                vs.append(_variant(f"{mod}._cls_scores_kernel", "cls_scores", dtype, arch,
-                                   dict(s0_ptr=acc_ptr, lse_ptr=acc_ptr, mask_ptr="*i1", cu_ptr=cu, out_ptr=acc_ptr),
-                                   dict(N=197, T=6304, H=12), dict(HAS_MASK=not varlen, VARLEN=varlen, SINK=sink,
-                                                                   BLOCK=256), dict(num_warps=4, num_stages=3),
-                                   "default", False))
+    if dtype in ("fp32", "fp64"):  # the score kernel reads lse-typed buffers only
+        for n, (varlen, cu, sink) in enumerate(((False, "*i64", True), (True, "*i64", True), (True, "*i32", True),
+                                                (False, "*i64", False))):
+            vs.append(_variant(f"{mod}._cls_scores_kernel", "cls_scores", dtype, arch,
+                               dict(s0_ptr=acc_ptr, lse_ptr=acc_ptr, mask_ptr="*i1", cu_ptr=cu, out_ptr=acc_ptr),
+                               dict(N=197, T=6304, H=12), dict(HAS_MASK=not varlen, VARLEN=varlen, SINK=sink, BLOCK=256),
+                               dict(num_warps=4, num_stages=3), "layout" if n else "default", False))
     if dtype == "fp32":
         for cu in ("*i64", "*i32"):
             vs.append(_variant(f"{mod}._cu_seqlens_ok_kernel", "cu_seqlens_ok", dtype, arch,
@@ -241,16 +240,15 @@ def cls_row_variants(arch: int, dtype: str) -> list[Variant]:
         return []
     p, acc_ptr = _ptr(dtype), "*fp64" if dtype == "fp64" else "*fp32"
     vs = []
-    for has_mask, varlen, cu in ((False, False, "*i64"), (True, False, "*i64"), (False, True, "*i64"),
-                                 (False, True, "*i32")):
-        for sink in (False, True):
-            for block_n, one in ((256, True), (256, False)):
-                vs.append(_variant("lotus_kernels.triton.attention._cls_row_scores_kernel", "cls_row_scores", dtype,
-                                   arch, dict(q_ptr=p, k_ptr=p, mask_ptr="*i1", cu_ptr=cu, out_ptr=acc_ptr),
-                                   dict(N=197, T=6304, H=12, D=64), dict(
-                                       HAS_MASK=has_mask, VARLEN=varlen, SINK=sink, ONE_BLOCK=one,
-                                       ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_N=block_n,
-                                       BLOCK_D=64), dict(att.CLS_ROW_LAUNCH), "default", False, floats=("scale",)))
+    layouts = ((False, False, "*i64", True, True), (True, False, "*i64", True, True), (False, True, "*i64", True, True),
+               (False, True, "*i32", True, True), (False, False, "*i64", False, True), (False, False, "*i64", True, False))
+    for n, (has_mask, varlen, cu, sink, one) in enumerate(layouts):
+        vs.append(_variant("lotus_kernels.triton.attention._cls_row_scores_kernel", "cls_row_scores", dtype, arch,
+                           dict(q_ptr=p, k_ptr=p, mask_ptr="*i1", cu_ptr=cu, out_ptr=acc_ptr),
+                           dict(N=197, T=6304, H=12, D=64),
+                           dict(HAS_MASK=has_mask, VARLEN=varlen, SINK=sink, ONE_BLOCK=one,
+                                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_N=256, BLOCK_D=64),
+                           dict(att.CLS_ROW_LAUNCH), "layout" if n else "default", False, floats=("scale",)))
     return vs
 
 
@@ -296,12 +294,31 @@ def _scatter_gpu_blocks(common) -> tuple[int, int, int, int]:
         return common._scatter_blocks(64, 197, 98, 768)
 
 
-def all_variants(archs=ARCHS, only: str = "") -> list[Variant]:
+def all_variants(archs=ARCHS, only: str = "", lean: bool = False) -> list[Variant]:
     vs = []
     for arch in archs:
         for dtype in DTYPES:
             vs += block_sparse_variants(arch, dtype) + attention_variants(arch, dtype) + gather_variants(arch, dtype)
-    return [v for v in vs if only in v.kernel]
+    return [v for v in vs if only in v.kernel and (not lean or is_lean(v))]
+
+
+def is_lean(v: Variant) -> bool:
+    """The subset ``--lean`` compiles (tests/test_compiled_code.py; about a seventh of all): at the ViT
+    shapes (bs = 32, head dim 64) every config and layout flag of every tensor-core kernel in bf16 on
+    sm_90 and every config on sm_80; every other dtype's default config on both; on sm_90 the other block
+    sizes / head dims at the bf16 default; the kernels without a dot product at their default in bf16."""
+    vit = v.consts.get("BS", 32) == 32 and v.consts.get("BLOCK_D", 64) == 64
+    dot = v.kernel.rsplit(".", 1)[1] in _DOT_KERNELS
+    if not dot:
+        return v.dtype == "bf16" and v.origin == "default" or v.kernel.endswith("_scores_kernel") and \
+            v.dtype == "fp32" and v.origin == "default"
+    if v.dtype == "bf16":
+        return vit and (v.arch == 90 or v.origin != "layout") or v.arch == 90 and v.origin == "default"
+    return vit and v.origin == "default"
+
+
+_DOT_KERNELS = {"_bsr_product_kernel", "_bsr_bwd_weight_kernel", "_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                "_attention_bwd_dq_kernel", "_patch_embed_gather_kernel"}
 
 
 # ---------------------------------------------------------------- compiling one variant
@@ -583,12 +600,13 @@ def main(argv=None) -> int:
     p.add_argument("--cuda", action="store_true", help="also the CUDA C++ kernels (nvcc)")
     p.add_argument("--arch", type=int, nargs="*", default=list(ARCHS))
     p.add_argument("--only", default="", help="only kernels whose module.function contains this")
+    p.add_argument("--lean", action="store_true", help="the test's subset (see is_lean)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=OUT_DIR)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     t0 = time.time()
-    rows = compile_all(all_variants(tuple(args.arch), args.only), args.jobs)
+    rows = compile_all(all_variants(tuple(args.arch), args.only, args.lean), args.jobs)
     bad = problems(rows)
     for line in bad:
         print(f"compiled_code: FAIL {line}")

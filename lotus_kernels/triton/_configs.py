@@ -29,7 +29,7 @@ import os
 import torch
 import triton
 
-from .._backend import triton_interpreted as _interpreted
+from lotus_kernels._backend import triton_interpreted as _interpreted  # absolute: a copy of this file must load alone
 
 ENV_AUTOTUNE = "LOTUS_KERNELS_TRITON_AUTOTUNE"
 
