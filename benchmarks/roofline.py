@@ -158,8 +158,9 @@ def vit_step(batch: int, tokens_kept: int, patches_embedded: int, block_sparse: 
     """ViT-B/16 (C = 768, 12 blocks, MLP 3072, 12 heads) fwd + bwd under bf16 autocast + fused AdamW on
     86.6M fp32 parameters. Per block: the four linears (fwd, dgrad, wgrad) on ``tokens_kept`` tokens per
     image (the MLP at density ``block_sparse``), attention (flash fwd + bwd), and the elementwise work
-    (LayerNorms, casts, GELU, residual adds, in fp32 / bf16): ~300 bytes x C per token per block, fwd + bwd
-    (assumed: counted from the ops timm's block runs under autocast). The patch embedding on
+    around them, ~180 bytes x C per token per block (counted from the ops timm's block runs under bf16
+    autocast, fp32 residual stream: forward LN 8C x 2, casts 6C x 2, head transpose 4C, residual adds 10C x 2,
+    GELU 16C = 68C; backward ~110C incl. the bias gradients' reads of dy). The patch embedding on
     ``patches_embedded`` patches per image."""
     C, depth, hidden, heads = 768, 12, 3072, 12
     M = batch * tokens_kept
@@ -170,7 +171,7 @@ def vit_step(batch: int, tokens_kept: int, patches_embedded: int, block_sparse: 
                                                                                  prefix="fc2 ")
         ks += [attention_fwd(batch, heads, tokens_kept, C // heads)] + attention_bwd(batch, heads, tokens_kept,
                                                                                    C // heads)
-        ks += [K("elementwise", 0, 300 * C * M / 20) for _ in range(20)]  # ~20 kernels per block, fwd + bwd
+        ks += [K("elementwise", 0, 180 * C * M / 20) for _ in range(20)]  # ~20 kernels per block, fwd + bwd
     ks += linear(batch * patches_embedded, 768, C, bias=True, prefix="patch embed ")
     ks += [K("head + loss", 2.0 * batch * C * 1000 * 3, batch * C * 4 * 3)]
     params = 86.6e6

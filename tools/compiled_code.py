@@ -484,12 +484,20 @@ def cuda_rows(arch: int = 90, log=print) -> list[dict]:
             if done.returncode != 0:
                 rows.append(dict(file=cu.name, kernel="(all)", error=done.stderr[-500:]))
                 continue
-            sass = subprocess.run(["/usr/local/cuda/bin/cuobjdump", "-sass", str(cubin)], capture_output=True,
-                                  text=True).stdout
-            names = subprocess.run(["/usr/local/cuda/bin/cu++filt"], input="\n".join(re.findall(
+            # Triton's bundled cuobjdump reads nvcc's cubins (the toolkit here ships nvcc without it)
+            sass = subprocess.run([_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+            names = subprocess.run(["c++filt"], input="\n".join(re.findall(
                 r"Compiling entry function '(\w+)'", done.stdout + done.stderr)), capture_output=True, text=True).stdout
         rows += _parse_ptxas(cu.name, done.stdout + done.stderr, sass, names.splitlines())
     return rows
+
+
+def _short_name(demangled: str) -> str:
+    """'void (anonymous namespace)::k<c10::Half, 64, false>(args)' -> 'k<fp16, 64, false>'."""
+    name = re.sub(r"^void\s+", "", demangled.replace("(anonymous namespace)::", "")).split("(")[0]
+    for long, short in (("c10::BFloat16", "bf16"), ("c10::Half", "fp16"), ("double", "fp64"), ("float", "fp32")):
+        name = name.replace(long, short)
+    return name.strip()
 
 
 def _parse_ptxas(file: str, log: str, sass: str, demangled: list[str]) -> list[dict]:
@@ -505,7 +513,7 @@ def _parse_ptxas(file: str, log: str, sass: str, demangled: list[str]) -> list[d
         body = funcs.get(mangled, "")
         mma = "HGMMA (wgmma)" if "HGMMA" in body else ("HMMA (mma.sync)" if "HMMA" in body else
                                                        ("DMMA" if "DMMA" in body else "none"))
-        short = re.sub(r"\(anonymous namespace\)::", "", pretty.split("(")[0]) if pretty else mangled
+        short = _short_name(pretty) if pretty else mangled
         threads = next((t for k, t in _CUDA_THREADS.items() if k in short), 256)
         smem_b = int(smem.group(1)) if smem else 0
         rows.append(dict(file=file, kernel=short, regs=regs, stack_bytes=stack, spill_stores=st, spill_loads=ld,

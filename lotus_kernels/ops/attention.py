@@ -345,11 +345,11 @@ def _path(q, backend: str, scores_mode: int, packed: bool) -> str:
 
 @torch.compiler.assume_constant_result  # a Python decision: torch.compile takes its result as a constant
 def _path_of(backend: str, device_type: str, dtype: torch.dtype, scores_mode: int, packed: bool, empty: bool) -> str:
-    if backend == "reference" or scores_mode == SCORE_MODES["received"]:
-        return "fused"
     forced = os.environ.get(ENV_PATH)
     if forced is not None and forced not in PATHS:
         raise ValueError(f"{ENV_PATH}: expected one of {', '.join(PATHS)}, got {forced!r}")
+    if backend == "reference" or scores_mode == SCORE_MODES["received"]:
+        return "fused"
     path = forced or DEFAULT_PATH.get(device_type, "fused")
     if path == "sdpa" and packed and (empty or not _varlen_sdpa_ok(device_type, dtype)):
         return "fused"
