@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs
 from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _dot_in_acc_dtype, _dot_precision, _gather_blocks,
                       _interpreted, _pow2, _scatter_blocks, _store_bf16_rne)
 
@@ -198,13 +199,13 @@ def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Te
                      num_stages=1)
     else:
         tiles = GPU_TILES
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(D, tiles["BLOCK_N"]),)
-    _patch_embed_gather_kernel[grid](
-        images, idx, weight,
-        bias if bias is not None else out, pos if pos is not None else out,  # unread when absent
-        out, M, K, D, L, Cin * H * W, H * W, W, W // pw,
-        PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
-        ACC_DTYPE=_acc_dtype(images.dtype), INPUT_PRECISION=_dot_precision(images.dtype),
-        # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
-        DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(images.dtype),
-        BF16_BY_HAND=_bf16_by_hand(images.dtype), **tiles)
+    args = (images, idx, weight, bias if bias is not None else out, pos if pos is not None else out,  # unread when absent
+            out, M, K, D, L, Cin * H * W, H * W, W, W // pw)
+    const = dict(PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+                 ACC_DTYPE=_acc_dtype(images.dtype), INPUT_PRECISION=_dot_precision(images.dtype),
+                 # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
+                 DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(images.dtype), BF16_BY_HAND=_bf16_by_hand(images.dtype))
+    # the package's launch policy: a committed table entry if there is one, else these tiles (no autotune list)
+    _configs.launch("patch_embed_gather", _patch_embed_gather_kernel,
+                    lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),), args, const,
+                    device=images.device, dtype=images.dtype, bucket=_configs.bucket(M, D, L), fallback=tiles)
