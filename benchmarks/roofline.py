@@ -103,8 +103,9 @@ def attention_bwd(B, H, N, D, dtype="bf16", fused=False) -> list[K]:
 
 
 def cls_row(B, H, N, D, dtype="bf16") -> K:
-    """The cls-row kernel of the "sdpa" path: reads all of K once (the GEMV of q_cls against it)."""
-    return K("cls-row scores", 2.0 * B * H * N * D, B * H * N * D * E[dtype] + B * N * 4, dtype)
+    """The first-query kernel of the "sdpa" path: reads all of K once (the GEMV of q_cls against it) and
+    writes the raw scores (fp32) for the score kernel."""
+    return K("cls-row scores", 2.0 * B * H * N * D, B * H * N * D * E[dtype] + B * H * N * 4, dtype)
 
 
 def fused_cls(B, H, N) -> K:
@@ -120,7 +121,7 @@ def attention_row(row: dict) -> list[K] | None:
         return [fwd] + (attention_bwd(B, H, N, D) if "bwd" in cfg else [])
     if "cls" in cfg:
         use = "fused" if "fused" in cfg else ("sdpa" if "sdpa" in cfg else path)
-        return [fwd, cls_row(B, H, N, D) if use == "sdpa" else fused_cls(B, H, N)]
+        return [fwd] + ([cls_row(B, H, N, D)] if use == "sdpa" else []) + [fused_cls(B, H, N)]
     if cfg.startswith("lotus"):
         return [fwd] + (attention_bwd(B, H, N, D, fused=path == "fused") if "bwd" in cfg else [])
     return None

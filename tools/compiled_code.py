@@ -216,12 +216,13 @@ def attention_variants(arch: int, dtype: str) -> list[Variant]:
                                    dict(**bwd, dk_ptr=p, dv_ptr=p), ints, common, meta, origin, hot, floats=("scale",)))
                 vs.append(_variant(f"{mod}._attention_bwd_dq_kernel", "attention_bwd_dq", dtype, arch,
                                    dict(**bwd, dq_ptr=p), ints, common, meta, origin, hot, floats=("scale",)))
-    if dtype in ("fp32", "fp64"):  # the score kernel reads lse-typed buffers only
+    if dtype in ("fp32", "fp64"):  # the score kernel reads lse-typed buffers only (fp64 for fp64 inputs)
         for n, (varlen, cu, sink) in enumerate(((False, "*i64", True), (True, "*i64", True), (True, "*i32", True),
                                                 (False, "*i64", False))):
             vs.append(_variant(f"{mod}._cls_scores_kernel", "cls_scores", dtype, arch,
                                dict(s0_ptr=acc_ptr, lse_ptr=acc_ptr, mask_ptr="*i1", cu_ptr=cu, out_ptr=acc_ptr),
-                               dict(N=197, T=6304, H=12), dict(HAS_MASK=not varlen, VARLEN=varlen, SINK=sink, BLOCK=256),
+                               dict(N=197, T=6304, H=12),
+                               dict(HAS_MASK=not varlen, VARLEN=varlen, SINK=sink, BLOCK=256, BLOCK_H=16),
                                dict(num_warps=4, num_stages=3), "layout" if n else "default", False))
     if dtype == "fp32":
         for cu in ("*i64", "*i32"):
@@ -232,23 +233,22 @@ def attention_variants(arch: int, dtype: str) -> list[Variant]:
 
 
 def cls_row_variants(arch: int, dtype: str) -> list[Variant]:
-    """The class-token score kernel of the SDPA path (``attention._cls_row_scores_kernel``), if present."""
+    """The SDPA path's first-query kernel (``attention._cls_row_kernel``)."""
     import triton.language as tl
 
     from lotus_kernels.triton import attention as att
-    if not hasattr(att, "_cls_row_scores_kernel") or dtype == "tf32":
+    if dtype == "tf32":
         return []
     p, acc_ptr = _ptr(dtype), "*fp64" if dtype == "fp64" else "*fp32"
     vs = []
-    layouts = ((False, False, "*i64", True, True), (True, False, "*i64", True, True), (False, True, "*i64", True, True),
-               (False, True, "*i32", True, True), (False, False, "*i64", False, True), (False, False, "*i64", True, False))
-    for n, (has_mask, varlen, cu, sink, one) in enumerate(layouts):
-        vs.append(_variant("lotus_kernels.triton.attention._cls_row_scores_kernel", "cls_row_scores", dtype, arch,
-                           dict(q_ptr=p, k_ptr=p, mask_ptr="*i1", cu_ptr=cu, out_ptr=acc_ptr),
-                           dict(N=197, T=6304, H=12, D=64),
-                           dict(HAS_MASK=has_mask, VARLEN=varlen, SINK=sink, ONE_BLOCK=one,
-                                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_N=256, BLOCK_D=64),
-                           dict(att.CLS_ROW_LAUNCH), "layout" if n else "default", False, floats=("scale",)))
+    for n, (has_mask, varlen, cu) in enumerate(((False, False, "*i64"), (True, False, "*i64"), (False, True, "*i64"),
+                                                (False, True, "*i32"))):
+        vs.append(_variant("lotus_kernels.triton.attention._cls_row_kernel", "cls_row", dtype, arch,
+                           dict(q_ptr=p, k_ptr=p, mask_ptr="*i1", cu_ptr=cu, s0_ptr=acc_ptr, lse_ptr=acc_ptr),
+                           dict(N=197, T=6304, D=64, H=12),
+                           dict(HAS_MASK=has_mask, VARLEN=varlen, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32,
+                                BLOCK_N=128, BLOCK_D=64), dict(num_warps=att.CLS_ROW_WARPS, num_stages=2),
+                           "layout" if n else "default", False, floats=("scale",)))
     return vs
 
 

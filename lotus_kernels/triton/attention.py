@@ -112,13 +112,14 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
 
 @triton.jit
 def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_MASK: tl.constexpr,
-                       VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr):
-    """Class-token scores of sequence b = program_id(0) from the forward's first-query raw scores s0 and
-    lse (same layout): out[j] = mean over h of exp(s0[h, j] - lse[h, 0]) over b's keys j (padded keys
-    have s0 = -inf: 0), heads summed in order. SINK: out[0] := the mean of out[1:] over unpadded keys
-    (0 with none; 0 if key 0 is padded), the sum kept along the same pass, so the scores are final
-    here with no PyTorch ops after. One program walks its whole sequence: B programs (64 for ViT-B,
-    one key block each at N = 197), every sequence's sink in one place."""
+                       VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Class-token scores of sequence b = program_id(0) from the first query's raw scores s0 and lse (same
+    layout), written by the fused forward or by ``_cls_row_kernel``: out[j] = mean over h of
+    exp(s0[h, j] - lse[h, 0]) over b's keys j (padded keys have s0 = -inf: 0), BLOCK_H heads per load (one
+    memory round trip for all of a key block's heads, summed in a fixed order). SINK: out[0] := the mean
+    of out[1:] over unpadded keys (0 with none; 0 if key 0 is padded), the sum kept along the same pass,
+    so the scores are final here with no PyTorch ops after. One program walks its whole sequence: B
+    programs (64 for ViT-B, one key block each at N = 197), every sequence's sink in one place."""
     b = tl.program_id(0).to(tl.int64)
     if VARLEN:  # s0 / lse [H, T], scores [T]
         start = tl.load(cu_ptr + b).to(tl.int64)
@@ -127,15 +128,20 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
     else:  # s0 / lse [B, H, N], scores [B, N]
         n = N + 0 * b
         row, head_stride, obase = b * H * N, N + 0 * b, b * N
+    hs = tl.arange(0, BLOCK_H)
     total = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)  # the sink's sum and count, per lane
     count = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
     for j0 in range(0, n, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         cmask = cols < n
         acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
-        for h in range(H):
-            sc = tl.load(s0_ptr + row + h * head_stride + cols, mask=cmask, other=float("-inf"))
-            acc += tl.exp(sc - tl.load(lse_ptr + row + h * head_stride))
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + hs
+            hmask = hh < H
+            sc = tl.load(s0_ptr + row + hh[:, None] * head_stride + cols[None, :],
+                         mask=hmask[:, None] & cmask[None, :], other=float("-inf"))
+            lse = tl.load(lse_ptr + row + hh * head_stride, mask=hmask, other=float("inf"))
+            acc += tl.sum(tl.exp(sc - lse[:, None]), 0)
         acc = acc / H
         if SINK:  # key 0 is written after the loop
             rest = cmask & (cols > 0)
@@ -154,99 +160,37 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
 
 
 @triton.jit
-def _cls_row_scores_kernel(q_ptr, k_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, D, scale, HAS_MASK: tl.constexpr,
-                           VARLEN: tl.constexpr, SINK: tl.constexpr, ONE_BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Class-token scores of sequence b = program_id(0) straight from q and k, for when another kernel
-    computes the attention output: out[j] = mean over h of softmax_j(scale * q[b, h, 0] . k[b, h, j]) over
-    b's unpadded keys (0 at padded keys), heads summed in order, then the sink rule as in
-    ``_cls_scores_kernel``. One query row per head: a GEMV over b's keys (reads k once; twice above
-    BLOCK_N keys, the second time from L2). ONE_BLOCK (n <= BLOCK_N): one pass, each head's scores stay
-    in registers; else pass 1 finds each head's log-sum-exp over key blocks, pass 2 sums the
-    probabilities block by block."""
-    b = tl.program_id(0).to(tl.int64)
-    if VARLEN:  # q, k [T, H, D], out [T]
-        start = tl.load(cu_ptr + b).to(tl.int64)
-        n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
-        base, ld, head, obase = start * H * D, H * D + 0 * b, D + 0 * b, start
-    else:  # q, k [B, H, N, D], out [B, N]
-        n = N + 0 * b
-        base, ld, head, obase = b * H * N * D, D + 0 * b, N * D + 0 * b, b * N
+def _cls_row_kernel(q_ptr, k_ptr, mask_ptr, cu_ptr, s0_ptr, lse_ptr, N, T, D, scale, HAS_MASK: tl.constexpr,
+                    VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+    """Program (b, h) of the SDPA path's class-token scores, for when another kernel computes the
+    attention output: the first query's raw scores s0[j] = scale * q[b, h, 0] . k[b, h, j] (-inf at
+    padded keys) and their log-sum-exp, stored where the fused forward stores them (s0 laid out like lse,
+    the lse at query 0), so that ``_cls_scores_kernel`` finishes both paths alike. A GEMV over one head's
+    keys: reads them once; B * H programs keep every SM streaming."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < D
-    cols = tl.arange(0, BLOCK_N)
-    total = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)  # the sink's sum and count, per lane
-    count = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
-    if ONE_BLOCK:
+    q0 = tl.load(q_ptr + base + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), ACC_DTYPE), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], ACC_DTYPE), 0)
+    for j0 in range(0, n, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < n
+        kt = tl.load(k_ptr + base + cols[:, None] * ld + dims[None, :], mask=cmask[:, None] & dmask[None, :],
+                     other=0).to(ACC_DTYPE)
         valid = cmask
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
-        acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
-        for h in range(H):
-            q0 = tl.load(q_ptr + base + h * head + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
-            kt = tl.load(k_ptr + base + h * head + cols[:, None] * ld + dims[None, :],
-                         mask=cmask[:, None] & dmask[None, :], other=0).to(ACC_DTYPE)
-            sc = tl.where(valid, tl.sum(kt * q0[None, :], 1) * scale, float("-inf"))
-            m = tl.max(sc, 0)
-            p = tl.exp(sc - tl.where(m == float("-inf"), 0.0, m))  # no unpadded key: all 0, not NaN
-            acc += p / tl.maximum(tl.sum(p, 0), 1e-30)
-        acc = acc / H
-        if SINK:  # key 0 is written after
-            rest = valid & (cols > 0)
-            tl.store(out_ptr + obase + cols, acc, mask=cmask & (cols > 0))
-            total += tl.where(rest, acc, 0.0)
-            count += rest.to(ACC_DTYPE)
-        else:
-            tl.store(out_ptr + obase + cols, acc, mask=cmask)
-    else:
-        hs = tl.arange(0, 128)  # heads' lse, one lane each (H <= 128: checked by the launcher)
-        lse = tl.zeros([128], dtype=ACC_DTYPE)
-        for h in range(H):
-            q0 = tl.load(q_ptr + base + h * head + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
-            m_i = tl.max(tl.full([BLOCK_N], float("-inf"), ACC_DTYPE), 0)
-            l_i = tl.sum(tl.zeros([BLOCK_N], ACC_DTYPE), 0)
-            for j0 in range(0, n, BLOCK_N):
-                cj = j0 + cols
-                cmask = cj < n
-                valid = cmask
-                if HAS_MASK:
-                    valid = valid & (tl.load(mask_ptr + b * N + cj, mask=cmask, other=1) == 0)
-                kt = tl.load(k_ptr + base + h * head + cj[:, None] * ld + dims[None, :],
-                             mask=cmask[:, None] & dmask[None, :], other=0).to(ACC_DTYPE)
-                sc = tl.where(valid, tl.sum(kt * q0[None, :], 1) * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe), 0)
-                m_i = m_new
-            lse = tl.where(hs == h, tl.where(l_i == 0, float("inf"), m_i + tl.log(tl.maximum(l_i, 1e-30))), lse)
-        for j0 in range(0, n, BLOCK_N):
-            cj = j0 + cols
-            cmask = cj < n
-            valid = cmask
-            if HAS_MASK:
-                valid = valid & (tl.load(mask_ptr + b * N + cj, mask=cmask, other=1) == 0)
-            acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
-            for h in range(H):
-                q0 = tl.load(q_ptr + base + h * head + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
-                kt = tl.load(k_ptr + base + h * head + cj[:, None] * ld + dims[None, :],
-                             mask=cmask[:, None] & dmask[None, :], other=0).to(ACC_DTYPE)
-                sc = tl.sum(kt * q0[None, :], 1) * scale
-                lse_h = tl.sum(tl.where(hs == h, lse, 0.0), 0)
-                acc += tl.where(valid, tl.exp(sc - lse_h), 0.0)
-            acc = acc / H
-            if SINK:
-                rest = valid & (cj > 0)
-                tl.store(out_ptr + obase + cj, acc, mask=cmask & (cj > 0))
-                total += tl.where(rest, acc, 0.0)
-                count += rest.to(ACC_DTYPE)
-            else:
-                tl.store(out_ptr + obase + cj, acc, mask=cmask)
-    if SINK:
-        sink = tl.sum(total, 0) / tl.maximum(tl.sum(count, 0), 1.0)
-        if HAS_MASK:
-            sink = tl.where(tl.load(mask_ptr + b * N) == 0, sink, 0.0)
-        tl.store(out_ptr + obase, sink, mask=n > 0)  # an empty packed sequence owns no token
+        sc = tl.where(valid, tl.sum(kt * q0[None, :], 1) * scale, float("-inf"))
+        tl.store(s0_ptr + lbase + cols, sc, mask=cmask)
+        m_new = tl.maximum(m_i, tl.max(sc, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no unpadded key yet: exps stay 0, not NaN
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe), 0)
+        m_i = m_new
+    lse = tl.where(l_i == 0, float("inf"), m_i + tl.log(tl.where(l_i == 0, 1.0, l_i)))  # +inf: every p is 0
+    tl.store(lse_ptr + lbase, lse, mask=n > 0)
 
 
 @triton.jit
@@ -421,10 +365,7 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
     _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
             dict(HAS_MASK=mask is not None, CLS=cls, **kw))
     if cls:
-        cap = CLS_BLOCK or (1024 if _interpreted() else 256)
-        _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else q, cu, scores, N, T, H,
-                                 HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, SINK=bool(sink),
-                                 BLOCK=_pow2(N, 16, cap))
+        _finish_cls_scores(s0, lse, mask, cu_seqlens, scores, B, N, T, H, sink)
     elif scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
@@ -432,32 +373,47 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
             scores.copy_(scores_from_lse_varlen(q, k, lse, cu_seqlens, scale, scores_mode))
 
 
-# The class-token score kernel's launch: 8 warps keep a [BLOCK_N, 64] key tile in registers without spilling.
-CLS_ROW_LAUNCH = dict(num_warps=8, num_stages=2)
-CLS_ROW_BLOCK: int | None = None  # the key block (None: 256, 1024 interpreted); tests set 16 for the two-pass path
+def _finish_cls_scores(s0, lse, mask, cu_seqlens, scores, B, N, T, H, sink) -> None:
+    """``_cls_scores_kernel``: the final "cls" scores from the first query's raw scores and lse."""
+    interpreted = _interpreted()
+    cap = CLS_BLOCK or (1024 if interpreted else 256)
+    _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else s0, cu_seqlens if cu_seqlens is not None else s0,
+                             scores, N, T, H, HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None,
+                             SINK=bool(sink), BLOCK=_pow2(N, 16, cap), BLOCK_H=_pow2(H, 1, 64 if interpreted else 16))
+
+
+# The cls-row kernel's key block (None: 128, 1024 interpreted); tests set 16 to walk several blocks.
+CLS_ROW_BLOCK: int | None = None
+CLS_ROW_WARPS = 4
 
 
 def cls_row_scores(q, k, mask, cu_seqlens, max_seqlen, scale, sink, out) -> None:
-    """out = the final "cls" scores ([B, N], or [T] packed; sink rule applied when ``sink``) computed from
-    q's first row per sequence and head and k alone: for when the attention output comes from another
-    kernel (PyTorch's SDPA). q, k [B, H, N, D] or packed [T, H, D] (cu_seqlens int64 or int32, read as is)."""
+    """out = the final "cls" scores ([B, N], or [T] packed; sink rule applied when ``sink``) from q's first
+    row per sequence and head and k alone, for when the attention output comes from another kernel
+    (PyTorch's SDPA): ``_cls_row_kernel`` (B * H programs: raw first-query scores + lse), then
+    ``_cls_scores_kernel`` as on the fused path. q, k [B, H, N, D] or packed [T, H, D] (cu_seqlens int64
+    or int32, read as is)."""
     assert q.is_contiguous() and k.is_contiguous() and out.is_contiguous()
     if cu_seqlens is not None:
         T, H, D = q.shape
         B, N = cu_seqlens.numel() - 1, max_seqlen
+        shape = (H, T)
     else:
         B, H, N, D = q.shape
         T = 0
-    assert H <= 128, "cls_row_scores: at most 128 heads"
-    if B == 0 or q.numel() == 0:
+        shape = (B, H, N)
+    if B == 0 or q.numel() == 0 or N == 0:
         return
-    cap = CLS_ROW_BLOCK or (1024 if _interpreted() else 256)
-    block_n = _pow2(N, 16, cap)
-    launch = dict(num_warps=4, num_stages=1) if _interpreted() else CLS_ROW_LAUNCH
-    _cls_row_scores_kernel[(B,)](q, k, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q,
-                                 out, N, T, H, D, scale, HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None,
-                                 SINK=bool(sink), ONE_BLOCK=N <= block_n, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_N=block_n,
-                                 BLOCK_D=_pow2(D, 16, 1 << 16), **launch)
+    s0 = _backend.new_output(shape, out)
+    lse = _backend.new_output(shape, out)  # read at each sequence's first query only
+    cu = cu_seqlens if cu_seqlens is not None else q
+    interpreted = _interpreted()
+    _cls_row_kernel[(B * H,)](q, k, mask if mask is not None else q, cu, s0, lse, N, T, D, scale, H=H,
+                              HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, ACC_DTYPE=_acc_dtype(q.dtype),
+                              BLOCK_N=_pow2(N, 16, CLS_ROW_BLOCK or (1024 if interpreted else 128)),
+                              BLOCK_D=_pow2(D, 16, 1 << 16), num_warps=CLS_ROW_WARPS,
+                              num_stages=1 if interpreted else 2)
+    _finish_cls_scores(s0, lse, mask, cu_seqlens, out, B, N, T, H, sink)
 
 
 def cu_seqlens_ok(cu_seqlens, T, max_seqlen) -> torch.Tensor:

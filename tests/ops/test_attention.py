@@ -524,8 +524,8 @@ def test_triton_cls_forward_is_two_kernels_and_no_pytorch_launch(backend, device
 
 # ---------------------------------------------------------------- the "sdpa" path: SDPA output + cls-row kernel
 # Every kernel backend that has a cls-row kernel here (Triton interpreted on the CPU, the CPU backend's
-# PyTorch ops; on a GPU the Triton kernel), every dtype, padded keys incl. key 0 and a fully padded image,
-# both sink rules; the key block capped at 16 so that N = 37 takes the two-pass kernel and N = 9 the one-pass.
+# PyTorch ops; on a GPU the Triton kernels), every dtype, padded keys incl. key 0 and a fully padded image,
+# both sink rules; the key blocks capped at 16 so that N = 37 walks three of them (N = 9: one).
 SDPA = [(b, d) for b, d in BACKENDS if b in ("triton", "cpu")]
 SDPA_IDS = [f"{b}-{d}" for b, d in SDPA]
 
@@ -537,6 +537,7 @@ def test_sdpa_path_matches_reference(backend, device, dtype, mask, n, monkeypatc
     from lotus_kernels.triton import attention as triton_attention
     monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
     monkeypatch.setattr(triton_attention, "CLS_ROW_BLOCK", 16)
+    monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
     q, k, v = qkv(n, 16, dtype, device)
     m = cls_mask(mask, n)
     m = None if m is None else m.to(device)
@@ -579,10 +580,11 @@ TRITON_SDPA = [(b, d) for b, d in SDPA if b == "triton"]
 @pytest.mark.parametrize("lens", [(0, 37, 1, 0, 20), (1,), (9, 0)], ids=["0-37-1-0-20", "1", "9-0"])
 def test_sdpa_path_varlen_cls_scores(backend, device, dtype, lens, monkeypatch):
     # The packed layout of the cls-row kernel (offsets read as given: int64 and int32; empty and lone
-    # sequences; two-pass and one-pass), with varlen_attn replaced by the reference off CUDA.
+    # sequences; several key blocks and one), with varlen_attn replaced by the reference off CUDA.
     from lotus_kernels.triton import attention as triton_attention
     monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
     monkeypatch.setattr(triton_attention, "CLS_ROW_BLOCK", 16)
+    monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
     if device == "cpu":
         monkeypatch.setattr(attention_ops, "VARLEN_SDPA", _varlen_stand_in)
         monkeypatch.setattr(attention_ops, "_varlen_sdpa_ok", lambda device_type, dtype: True)
@@ -607,7 +609,8 @@ def test_sdpa_path_launches_one_score_kernel_and_received_keeps_the_fused_kernel
         attention(q, k, v, return_scores="cls")  # warm-up (compilation on a GPU)
         with launches() as rec:
             out, sc = attention(q, k, v, return_scores="cls")
-        assert rec.triton == ["_cls_row_scores_kernel"]  # the output: SDPA's kernels (aten), no Triton
+        # the output: SDPA's kernels (aten ops); the scores: two Triton kernels
+        assert rec.triton == ["_cls_row_kernel", "_cls_scores_kernel"]
         with launches() as rec:
             attention(q, k, v, return_scores="received")
         assert rec.triton == ["_attention_fwd_kernel"]
