@@ -397,9 +397,9 @@ def _goal(section, label, kind, target, row):
     original, note = target, None
     if floor is not None and kind == "<=" and target < floor:
         target = round(1.1 * floor, 3)
-        note = (f"unreachable: the roofline floor is {floor:.3f}x ({row.get('bound', '?')}-bound: "
-                f"{'activations read and written whole whatever the density' if section == 'block' else 'see roofline.py'})"
-                f"; goal set at floor + 10%")
+        why = "activations read and written whole whatever the density" if section == "block" else "see roofline.py"
+        note = (f"unreachable: the roofline floor is {floor:.3f}x ({row.get('bound', '?')}-bound: {why}); "
+                "goal set at floor + 10%")
     elif floor is not None and kind == ">=" and target > floor:
         target = round(floor / 1.1, 3)
         note = f"unreachable: the roofline allows at most {floor:.3f}x; goal set 10% under it"

@@ -11,9 +11,10 @@ peak; none), registers per thread, spilled bytes, static + dynamic shared memory
 occupancy this implies on an H200 (132 SMs; per SM 64K registers, 228 KiB shared memory, 2048 threads,
 32 blocks; 1 KiB of shared memory reserved per block).
 
-    python tools/compiled_code.py            # both archs; writes benchmarks/results/gpu/compiled_sm90.{md,json}
+    python tools/compiled_code.py            # every sm_90 variant + sm_80's lean subset; writes
+                                             # benchmarks/results/gpu/compiled_sm90.{md,json}
     python tools/compiled_code.py --cuda     # ... plus the CUDA C++ kernels (nvcc, ~1 min)
-    python tools/compiled_code.py --check    # compile and check only (what tests/test_compiled_code.py runs)
+    python tools/compiled_code.py --check    # compile and check only (the test runs it with --lean)
 
 Checks (exit 1 when one fails): every variant compiles; every variant a launcher can pick without the
 autotuner's help (GPU defaults, table entries) fits a block's shared memory (autotune configs that do not
@@ -246,8 +247,9 @@ def cls_row_variants(arch: int, dtype: str) -> list[Variant]:
         vs.append(_variant("lotus_kernels.triton.attention._cls_row_kernel", "cls_row", dtype, arch,
                            dict(q_ptr=p, k_ptr=p, mask_ptr="*i1", cu_ptr=cu, s0_ptr=acc_ptr, lse_ptr=acc_ptr),
                            dict(N=197, T=6304, D=64, H=12),
-                           dict(HAS_MASK=has_mask, VARLEN=varlen, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32,
-                                BLOCK_N=128, BLOCK_D=64), dict(num_warps=att.CLS_ROW_WARPS, num_stages=2),
+                           dict(HAS_MASK=has_mask, VARLEN=varlen, BLOCK_N=128, BLOCK_D=64,
+                                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32),
+                           dict(num_warps=att.CLS_ROW_WARPS, num_stages=2),
                            "layout" if n else "default", False, floats=("scale",)))
     return vs
 
@@ -294,12 +296,15 @@ def _scatter_gpu_blocks(common) -> tuple[int, int, int, int]:
         return common._scatter_blocks(64, 197, 98, 768)
 
 
-def all_variants(archs=ARCHS, only: str = "", lean: bool = False) -> list[Variant]:
+def all_variants(archs=ARCHS, only: str = "", lean: bool = False, full_sm80: bool = False) -> list[Variant]:
+    """Every variant for sm_90; for sm_80 the lean subset unless ``full_sm80`` (Ampere is the older target:
+    its compile checks are the test's); ``lean``: the lean subset for both."""
     vs = []
     for arch in archs:
         for dtype in DTYPES:
             vs += block_sparse_variants(arch, dtype) + attention_variants(arch, dtype) + gather_variants(arch, dtype)
-    return [v for v in vs if only in v.kernel and (not lean or is_lean(v))]
+    keep = (lambda v: is_lean(v)) if lean else (lambda v: v.arch == 90 or full_sm80 or is_lean(v))
+    return [v for v in vs if only in v.kernel and keep(v)]
 
 
 def is_lean(v: Variant) -> bool:
@@ -346,7 +351,8 @@ def resources(cubin: bytes) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     regs, stack, shared, local = (int(x) for x in m.groups()) if m else (-1, -1, -1, -1)
     return dict(regs=regs, stack_bytes=stack, smem_static=shared, local_bytes=local,
-                spill_stores=len(re.findall(r"\bSTL(\.\w+)*\b", sass)), spill_loads=len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
+                spill_stores=len(re.findall(r"\bSTL(\.\w+)*\b", sass)),
+                spill_loads=len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
                 sass_mma="HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else ("DMMA" if "DMMA" in sass
                                                                                           else "none")))
 
@@ -464,8 +470,9 @@ def too_big(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- CUDA C++
+# threads per block by kernel name (kBsrThreads, kScatterThreads); else kThreads = 256 (launch_utils.cuh)
 _CUDA_THREADS = {"block_row_product": 256, "bsr_weight_grad": 256, "sum_partials": 256,
-                 "ordered_scatter": 128, "col2im_scatter": 128, "scatter": 128}  # else kThreads = 256 (launch_utils.cuh)
+                 "ordered_scatter": 128, "col2im_scatter": 128, "scatter": 128}
 
 
 def cuda_rows(arch: int = 90, log=print) -> list[dict]:
@@ -575,7 +582,8 @@ def markdown(rows: list[dict], cuda: list[dict], info: dict) -> str:
               "(full rows in the JSON)."]
     if cuda:
         lines += ["", "## CUDA C++ (csrc/cuda/*.cu), sm_90", "",
-                  "| file | kernel | threads | mma (SASS) | regs | spill (stack B / stores B / loads B) | static smem | occ |",
+                  "| file | kernel | threads | mma (SASS) | regs | spill (stack B / stores B / loads B) | static smem "
+                  "| occ |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in cuda:
             if r.get("error"):
@@ -609,12 +617,13 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="*", default=list(ARCHS))
     p.add_argument("--only", default="", help="only kernels whose module.function contains this")
     p.add_argument("--lean", action="store_true", help="the test's subset (see is_lean)")
+    p.add_argument("--full-sm80", action="store_true", help="every sm_80 variant too (default: its lean subset)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=OUT_DIR)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     t0 = time.time()
-    rows = compile_all(all_variants(tuple(args.arch), args.only, args.lean), args.jobs)
+    rows = compile_all(all_variants(tuple(args.arch), args.only, args.lean, args.full_sm80), args.jobs)
     bad = problems(rows)
     for line in bad:
         print(f"compiled_code: FAIL {line}")
@@ -631,7 +640,8 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for r in rows:
             r.pop("seconds", None)
-        (args.out / "compiled_sm90.json").write_text(json.dumps(dict(info=info, triton=rows, cuda=cuda), indent=1) + "\n")
+        table = json.dumps(dict(info=info, triton=rows, cuda=cuda), indent=1)
+        (args.out / "compiled_sm90.json").write_text(table + "\n")
         (args.out / "compiled_sm90.md").write_text(markdown(rows, cuda, info))
         print(f"compiled_code: wrote {args.out / 'compiled_sm90.md'} and .json")
     return 1 if bad else 0

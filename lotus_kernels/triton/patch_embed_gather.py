@@ -199,8 +199,8 @@ def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Te
                      num_stages=1)
     else:
         tiles = GPU_TILES
-    args = (images, idx, weight, bias if bias is not None else out, pos if pos is not None else out,  # unread when absent
-            out, M, K, D, L, Cin * H * W, H * W, W, W // pw)
+    args = (images, idx, weight, bias if bias is not None else out,  # out: a placeholder pointer, unread
+            pos if pos is not None else out, out, M, K, D, L, Cin * H * W, H * W, W, W // pw)
     const = dict(PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  ACC_DTYPE=_acc_dtype(images.dtype), INPUT_PRECISION=_dot_precision(images.dtype),
                  # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
