@@ -187,13 +187,16 @@ def attention_variants(arch: int, dtype: str) -> list[Variant]:
     mod = "lotus_kernels.triton.attention"
     p, acc_ptr = _ptr(dtype), "*fp64" if dtype == "fp64" else "*fp32"
     by_hand = dtype == "fp64"
-    hot = dtype in HOT_DTYPES
+    hot = dtype in HOT_DTYPES  # the backward at D = 128 (no ViT's head size) is recorded, not required: below
     default = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2) if by_hand else \
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    bwd_default = default if by_hand else {**default, "num_warps": att.BWD_WARPS}
     vs = []
     for D in (64, 128):
         table = _table("attention_fwd", dtype, lambda b, D=D: b[0] == D)
         configs = _configs_of(default, [] if by_hand else att.CONFIGS, table)
+        bwd_configs = _configs_of(bwd_default, [] if by_hand else att.BWD_CONFIGS,
+                                  _table("attention_bwd_dkdv", dtype, lambda b, D=D: b[0] == D))
         layouts = [(False, False, "*i64", False)] + [(m, v, cu, c) for m, v, cu, c in
                                                     ((True, False, "*i64", False), (False, True, "*i64", False),
                                                      (False, True, "*i32", False), (False, False, "*i64", True))
@@ -206,17 +209,21 @@ def attention_variants(arch: int, dtype: str) -> list[Variant]:
             qkv = dict(q_ptr=p, k_ptr=p, v_ptr=p, mask_ptr="*i1", cu_ptr=cu)
             layout = (has_mask, varlen, cu, cls) != (False, False, "*i64", False)
             for meta, origin in (configs[:1] if layout else configs):
-                origin = "layout" if layout else origin
                 vs.append(_variant(f"{mod}._attention_fwd_kernel", "attention_fwd", dtype, arch,
                                    dict(**qkv, out_ptr=p, lse_ptr=acc_ptr, s0_ptr=acc_ptr), ints,
-                                   {**common, "CLS": cls}, meta, origin, hot, floats=("scale",)))
-                if cls:
-                    continue
+                                   {**common, "CLS": cls}, meta, "layout" if layout else origin, hot,
+                                   floats=("scale",)))
+            if cls:
+                continue
+            for meta, origin in (bwd_configs[:1] if layout else bwd_configs):
+                origin = "layout" if layout else origin
                 bwd = dict(**qkv, do_ptr=p, o_ptr=p, lse_ptr=acc_ptr)
                 vs.append(_variant(f"{mod}._attention_bwd_dkdv_kernel", "attention_bwd_dkdv", dtype, arch,
-                                   dict(**bwd, dk_ptr=p, dv_ptr=p), ints, common, meta, origin, hot, floats=("scale",)))
+                                   dict(**bwd, dk_ptr=p, dv_ptr=p), ints, common, meta, origin, hot and D <= 64,
+                                   floats=("scale",)))
                 vs.append(_variant(f"{mod}._attention_bwd_dq_kernel", "attention_bwd_dq", dtype, arch,
-                                   dict(**bwd, dq_ptr=p), ints, common, meta, origin, hot, floats=("scale",)))
+                                   dict(**bwd, dq_ptr=p), ints, common, meta, origin, hot and D <= 64,
+                                   floats=("scale",)))
     if dtype in ("fp32", "fp64"):  # the score kernel reads lse-typed buffers only (fp64 for fp64 inputs)
         for n, (varlen, cu, sink) in enumerate(((False, "*i64", True), (True, "*i64", True), (True, "*i32", True),
                                                 (False, "*i64", False))):

@@ -307,10 +307,16 @@ FP64_BY_HAND: bool | None = None
 CLS_BLOCK: int | None = None
 # Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
 AUTOTUNE_WORK = 1 << 26
-# Autotune list: BLOCK_M and BLOCK_N >= 64 (every tl.dot of the forward and both backward kernels then has
-# the 64 rows per warpgroup Hopper's wgmma needs; compiled-code table: benchmarks/results/gpu/compiled_sm90.md).
+# Autotune lists: BLOCK_M and BLOCK_N >= 64 (every tl.dot of the forward and both backward kernels then has
+# the 64 rows per warpgroup Hopper's wgmma needs). The backward kernels hold two [BLOCK, D] fp32
+# accumulators plus their operand tiles: 8 warps keep them in registers at D = 64 (with 4 warps they sit at
+# 254 registers and Triton 3.6 spills); (128, 64) with 4 warps spills in the forward. Compiled-code table:
+# benchmarks/results/gpu/compiled_sm90.md.
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-           for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3))]
+           for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))]
+BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2))]
+BWD_WARPS = 8  # the backward's default (GPU) tiles: the forward's, with 8 warps
 _KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
 
 
@@ -334,7 +340,7 @@ def _config(q, cu_seqlens, max_seqlen):
     return B, H, N, T, D, tiles, kw
 
 
-def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
+def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw, configs=None):
     """Program (query or key block, b*H + h), the block index fastest: the programs of one (b, h),
     which share its K/V (or Q/dO) rows, run next to each other (the grouped order for attention).
     Config: ``_configs.launch`` (table, autotune on a GPU for real sizes, else ``tiles``); fp64 by
@@ -344,7 +350,7 @@ def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
                     dict(H=H, N_KEY=n_key, **kw), device=q.device, dtype=q.dtype,
                     bucket=(kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"]), fallback=tiles,
                     work=B * H * N * N * q.shape[-1], threshold=AUTOTUNE_WORK,
-                    configs=None if kw["BY_HAND"] else CONFIGS, key=_KEY)
+                    configs=None if kw["BY_HAND"] else (configs or CONFIGS), key=_KEY)
 
 
 def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores, sink=False) -> None:
@@ -434,9 +440,12 @@ def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, 
         return
     args = (q, k, v, dout, out, lse, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q)
     kw = dict(HAS_MASK=mask is not None, **kw)
+    if not (_interpreted() or kw["BY_HAND"]):
+        tiles = {**tiles, "num_warps": BWD_WARPS}
     _launch("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, q, N, B, H, tiles, "BLOCK_N",
-            (*args, dk, dv, N, T, D, scale), kw)
-    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw)
+            (*args, dk, dv, N, T, D, scale), kw, BWD_CONFIGS)
+    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw,
+            BWD_CONFIGS)
 
 
 def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Tensor:
