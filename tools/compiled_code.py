@@ -563,6 +563,10 @@ def markdown(rows: list[dict], cuda: list[dict], info: dict) -> str:
         "block (bytes); occ = blocks per SM and the fraction of an H200 SM's 64 warp slots they fill (limited by "
         "reg(isters), smem or threads). origin: default (the launcher's GPU default), autotune (in the "
         "autotune list), table (committed table), layout (a layout flag at the default config).", "",
+        "## Summary by kernel and dtype, sm_90", "",
+        "| kernel | dtype | variants | mma | regs | spilling variants | smem per block (B) | occupancy |",
+        "|---|---|---|---|---|---|---|---|",
+        *by_kernel(rows, "sm_90"), "",
         "## Triton, sm_90", "",
         "| kernel | dtype | config | warps | stages | origin | mma | regs | spill | smem | occ |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -600,6 +604,25 @@ def markdown(rows: list[dict], cuda: list[dict], info: dict) -> str:
                          f"{r['stack_bytes']} / {r['spill_stores']} / {r['spill_loads']} | {r['smem_static']} | "
                          f"{r['blocks_per_sm']} x, {r['occupancy']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def by_kernel(rows: list[dict], arch: str) -> list[str]:
+    """Markdown rows: per (kernel, dtype), the range of what its variants compiled to."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["arch"] == arch and not r.get("error"):
+            groups.setdefault((r["kernel"], r["dtype"]), []).append(r)
+    out = []
+
+    def span(xs, f="{}"):
+        return f.format(min(xs)) if min(xs) == max(xs) else f"{f.format(min(xs))}-{f.format(max(xs))}"
+    for (kernel, dtype), rs in groups.items():
+        mmas = "/".join(sorted({r["mma"] for r in rs}))
+        spilling = [r for r in rs if r["stack_bytes"] or r["spill_stores"]]
+        spill = "0" if not spilling else f"{len(spilling)} (max {max(r['stack_bytes'] for r in spilling)} B)"
+        out.append(f"| {kernel} | {dtype} | {len(rs)} | {mmas} | {span([r['regs'] for r in rs])} | {spill} | "
+                   f"{span([r['smem_total'] for r in rs])} | {span([r['occupancy'] for r in rs], '{:.2f}')} |")
+    return out
 
 
 def _info(rows) -> dict:
