@@ -15,12 +15,14 @@ with ``key_padding_mask``, and lotus on the packed [T, H, D] tokens with ``cu_se
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
 import lotus_kernels
 from lotus_kernels.ops import attention
+from lotus_kernels.ops.attention import ENV_PATH
 
 try:
     from benchmarks import _harness
@@ -68,8 +70,24 @@ def fwd_configs(q, k, v):
         "explicit_softmax_fwd+maps": no_grad(lambda: explicit_scores(q, k, v)),
         "lotus_fwd": no_grad(lambda: attention(q, k, v)),
         "lotus_fwd+cls_scores": no_grad(lambda: attention(q, k, v, return_scores="cls")),
+        # the two ways ops.attention can produce out + cls scores (DEFAULT_PATH picks the faster per device):
+        # SDPA + the cls row in PyTorch ops, and the fused kernel
+        "lotus_fwd+cls_scores_sdpa_path": no_grad(_path("sdpa", lambda: attention(q, k, v, return_scores="cls"))),
+        "lotus_fwd+cls_scores_fused_path": no_grad(_path("fused", lambda: attention(q, k, v, return_scores="cls"))),
         "lotus_fwd+received_scores": no_grad(lambda: attention(q, k, v, return_scores="received")),
     }
+
+
+def _path(path, fn):
+    """``fn`` with ops.attention's output path forced (LOTUS_KERNELS_ATTENTION_PATH)."""
+    def run():
+        old = os.environ.get(ENV_PATH)
+        os.environ[ENV_PATH] = path
+        try:
+            fn()
+        finally:
+            os.environ.pop(ENV_PATH) if old is None else os.environ.__setitem__(ENV_PATH, old)
+    return run
 
 
 def train_configs(q, k, v):
@@ -81,6 +99,7 @@ def train_configs(q, k, v):
     return {
         "sdpa_fwd+bwd": step(F.scaled_dot_product_attention),
         "lotus_fwd+bwd": step(lambda a, b, c: attention(a, b, c)),
+        "lotus_fwd+bwd_sdpa_path": _path("sdpa", step(lambda a, b, c: attention(a, b, c))),
     }
 
 

@@ -63,7 +63,7 @@ def _triton_problem() -> str | None:
     why = _version.problem("triton", triton.__version__, _version.TRITON)
     if why and not _version.allowed_anyway():
         return why
-    if not (torch.cuda.is_available() or _triton_interpreted()):
+    if not (torch.cuda.is_available() or triton_interpreted()):
         return "triton is installed, but there is no CUDA device and TRITON_INTERPRET is not 1"
     return None
 
@@ -88,7 +88,9 @@ def _load_status() -> dict[str, str | None]:
     return status
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``): the one place the
+    package reads that variable (the Triton launchers import it from here)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -152,7 +154,7 @@ def select(device: torch.device, op: str | None = None, implemented=BACKENDS) ->
         raise RuntimeError(f"lotus_kernels backend {name!r} was requested but is not available: {why}")
     if name in ("cpu", "cuda") and device.type != name:
         raise RuntimeError(f"lotus_kernels backend {name!r} runs on {name} tensors, got {device.type} tensors")
-    if name == "triton" and device.type == "cpu" and not _triton_interpreted():
+    if name == "triton" and device.type == "cpu" and not triton_interpreted():
         raise RuntimeError("lotus_kernels backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return name
 

@@ -92,11 +92,14 @@ def test_patch_embed_and_token_gather_vit_b(backend, dtype):
     assert torch.equal(back, torch.zeros_like(x).scatter_(1, (idx + 1)[..., None].expand(-1, -1, D), kept))
 
 
+@pytest.mark.parametrize("path", ["sdpa", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [197, 1025])
-def test_attention_vit_b_against_sdpa(dtype, n):
+def test_attention_vit_b_against_sdpa(dtype, n, path, monkeypatch):
+    # both ways of computing out + cls scores: SDPA + the cls-row kernel, and our fused kernel
     if not lotus_kernels.backends().get("triton"):
         pytest.skip("triton is not available")
+    monkeypatch.setenv("LOTUS_KERNELS_ATTENTION_PATH", path)
     torch.manual_seed(3)
     B, H, D = 8 if n == 197 else 2, 12, 64
     q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -111,6 +114,30 @@ def test_attention_vit_b_against_sdpa(dtype, n):
     for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         assert rel_err(a, e) < limit, f"{name}: relative error {rel_err(a, e):.2e}"
     torch.testing.assert_close(cls, ref_cls, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_varlen_sdpa_path_on_packed_sequences(dtype, monkeypatch):
+    # torch's varlen flash attention for out (empty and lone sequences included) + the packed cls-row kernel
+    if not lotus_kernels.backends().get("triton"):
+        pytest.skip("triton is not available")
+    from lotus_kernels.ops.attention import attention_reference_varlen
+    monkeypatch.setenv("LOTUS_KERNELS_ATTENTION_PATH", "sdpa")
+    torch.manual_seed(5)
+    lens = [197, 0, 98, 1, 150, 0, 197]
+    cu = torch.tensor([0, *lens], device="cuda").cumsum(0)
+    q, k, v = (torch.randn(int(cu[-1]), 12, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    with lotus_kernels.use_backend("triton"):
+        out, sc = attention(q, k, v, cu_seqlens=cu.int(), max_seqlen=197, return_scores="cls")
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, ref_sc = attention_reference_varlen(*ref_in, cu, return_scores="cls")
+    ref_grads = torch.autograd.grad(ref, ref_in, g.float())
+    limit = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert rel_err(a, e) < limit, f"{name}: relative error {rel_err(a, e):.2e}"
+    torch.testing.assert_close(sc, ref_sc, rtol=1e-3, atol=1e-5)
 
 
 def test_whole_step_has_no_sync_with_default_backends_on_a_vit_b_sized_batch():

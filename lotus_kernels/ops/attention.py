@@ -34,10 +34,20 @@ small kernel after the forward; "received" in PyTorch from the saved lse). Padde
 inputs go through the same kernels, which walk (sequence, head) pairs at per-sequence offsets and
 row strides. There is no CUDA C++ kernel yet: CUDA tensors default to triton (else the reference),
 and forcing the cuda backend raises NotImplementedError.
+
+Where the output comes from (``DEFAULT_PATH``, per device type; ``LOTUS_KERNELS_ATTENTION_PATH``
+forces one): "fused" is the backend's own kernel above, which emits the scores from its pass; "sdpa"
+takes ``out`` (and its backward) from PyTorch's ``scaled_dot_product_attention`` (flash / cuDNN /
+memory-efficient, whichever torch picks; packed sequences through ``torch.nn.attention.varlen`` where
+torch has it, for bf16 / fp16 on CUDA, else the fused kernel) and the "cls" scores from one small kernel
+over each sequence's first query row (Triton on a GPU: ``triton.attention.cls_row_scores``; PyTorch
+ops on the CPU backend), sink rule included. "received" scores always take the fused kernel (they need
+every query's lse). The choice is the measured faster one: see ``DEFAULT_PATH``.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -47,6 +57,15 @@ from .. import _backend, _checks
 
 SCORE_MODES = {None: 0, "cls": 1, "received": 2}
 SINKS = (None, "mean")
+ENV_PATH = "LOTUS_KERNELS_ATTENTION_PATH"
+PATHS = ("sdpa", "fused")
+# Where the attention output comes from, per device type (module docstring). CUDA: "sdpa": torch's
+# flash / cuDNN kernels are tuned per GPU generation, and the cls-row kernel reads K once more
+# (predicted 1.1-1.25x SDPA at ViT-B / batch 64, docs/design/gpu_kernels.md; our fused Triton kernel has
+# SDPA's roofline but not its tuning): `make gpu-check` times both ("attention" section); change it from
+# that measurement. CPU: "fused" (benchmarks/results/attention.md: fused + cls scores vs SDPA + the cls
+# row in PyTorch, ViT-S, 1 thread).
+DEFAULT_PATH = {"cuda": "sdpa", "cpu": "fused"}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -302,6 +321,92 @@ def _kernel_backend(device: torch.device) -> str:
     return _backend.select(device, "attention", implemented=("reference", "cpu", "triton"))
 
 
+# ---------------------------------------------------------------- the SDPA path
+def _find_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch without it (< 2.10): packed sequences keep the fused kernel
+        return None
+    return varlen_attn
+
+
+VARLEN_SDPA = _find_varlen_attn()
+
+
+def _varlen_sdpa_ok(device_type: str, dtype: torch.dtype) -> bool:
+    """torch's varlen attention runs flash / cuDNN: CUDA, bf16 / fp16 only."""
+    return VARLEN_SDPA is not None and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _path(q, backend: str, scores_mode: int, packed: bool) -> str:
+    """"sdpa" or "fused" for these inputs on ``backend`` (module docstring)."""
+    return _path_of(backend, q.device.type, q.dtype, scores_mode, packed, packed and q.shape[0] == 0)
+
+
+@torch.compiler.assume_constant_result  # a Python decision: torch.compile takes its result as a constant
+def _path_of(backend: str, device_type: str, dtype: torch.dtype, scores_mode: int, packed: bool, empty: bool) -> str:
+    forced = os.environ.get(ENV_PATH)
+    if forced is not None and forced not in PATHS:
+        raise ValueError(f"{ENV_PATH}: expected one of {', '.join(PATHS)}, got {forced!r}")
+    if backend == "reference" or scores_mode == SCORE_MODES["received"]:
+        return "fused"
+    path = forced or DEFAULT_PATH.get(device_type, "fused")
+    if path == "sdpa" and packed and (empty or not _varlen_sdpa_ok(device_type, dtype)):
+        return "fused"
+    return path
+
+
+@torch.compiler.assume_constant_result
+def _kernel_backend_of(device_type: str, index) -> str:
+    return _kernel_backend(torch.device(device_type, index))
+
+
+def _sdpa_out(q, k, v, scale, key_padding_mask, cu_seqlens, max_seqlen):
+    """The attention output (differentiable) from PyTorch's attention kernels, with this op's rules for
+    padding (``attention_reference``'s: a fully padded image gets 0)."""
+    if cu_seqlens is None:
+        attend, empty = _safe_mask(key_padding_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)
+        return out if empty is None else out.masked_fill(empty[:, None, None, None], 0.0)
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    return VARLEN_SDPA(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+
+
+def _cls_row_torch(q, k, key_padding_mask, scale, sink):
+    """"cls" scores of padded q, k [B, H, N, D] from the first query row only, in PyTorch ops (the CPU
+    backend's cls-row kernel: a [B, H, 1, N] product and a softmax)."""
+    acc = _acc_dtype(q.dtype)
+    s = (q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1))[:, :, 0] * scale  # [B, H, N]
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    if key_padding_mask is not None:  # a fully padded image: 0, not NaN
+        p = p.nan_to_num(0.0)
+    scores = p.mean(1)
+    return apply_sink(scores, key_padding_mask) if sink else scores
+
+
+@torch.library.custom_op("lotus_kernels::attention_cls_scores", mutates_args=())
+def _cls_scores(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float, sink: bool) -> torch.Tensor:
+    """Final "cls" scores (sink rule applied when ``sink``) from q's first row and k: the score half of
+    the "sdpa" path."""
+    backend = _kernel_backend(q.device)
+    scores_shape = _shapes(q, cu_seqlens is not None, 1)[1]
+    if backend == "triton":
+        scores = _backend.new_output(scores_shape, q, _acc_dtype(q.dtype))
+        _backend.triton_kernels("attention").cls_row_scores(q.contiguous(), k.contiguous(), _contig(key_padding_mask),
+                                                            _contig(cu_seqlens), max_seqlen, scale, sink, scores)
+        return scores
+    assert cu_seqlens is None, "packed sequences take the fused path off CUDA"
+    return _cls_row_torch(q, k, key_padding_mask, scale, sink)
+
+
+@_cls_scores.register_fake
+def _(q, k, key_padding_mask, cu_seqlens, max_seqlen, scale, sink):
+    return q.new_empty(_shapes(q, cu_seqlens is not None, 1)[1], dtype=_acc_dtype(q.dtype))
+
+
 # ---------------------------------------------------------------- registered ops
 def _shapes(q, packed: bool, scores_mode: int):
     """(lse shape, scores shape) for q [B, H, N, D] or packed [T, H, D]."""
@@ -423,6 +528,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q, k, v = _checks.autocast_inputs(q, k, v)
     longest = _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens, max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _, scores = _attention_fwd(q, k, v, key_padding_mask, cu_seqlens, longest, scale,
-                                    SCORE_MODES[return_scores], sink == "mean")
+    mode = SCORE_MODES[return_scores]
+    if _path(q, _kernel_backend_of(q.device.type, q.device.index), mode, cu_seqlens is not None) == "sdpa":
+        out = _sdpa_out(q, k, v, scale, key_padding_mask, cu_seqlens, longest)
+        if return_scores is None:
+            return out
+        return out, _cls_scores(q.detach(), k.detach(), key_padding_mask, cu_seqlens, longest, scale, sink == "mean")
+    out, _, scores = _attention_fwd(q, k, v, key_padding_mask, cu_seqlens, longest, scale, mode, sink == "mean")
     return out if return_scores is None else (out, scores)

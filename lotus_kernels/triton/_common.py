@@ -5,15 +5,11 @@ large programs; on a GPU they use the tile sizes tuned for it.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .._backend import triton_interpreted as _interpreted  # noqa: F401  (the package's one TRITON_INTERPRET check)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -24,9 +20,26 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def tf32_allowed() -> bool:
+    """Whether the user lets fp32 matmuls run on TF32 tensor cores, as torch's own CUDA matmuls read it:
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee"; set directly or inherited from
+    ``torch.backends.fp32_precision``), else the legacy ``allow_tf32`` /
+    ``torch.set_float32_matmul_precision("high")``. Default: no. (Reading the legacy getter after the
+    new API was used raises in torch >= 2.9, so the new one is read first.)"""
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    if new in ("tf32", "ieee"):
+        return new == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands: full precision unless torch's matmul setting allows TF32 (default: it does not)."""
-    if dtype == torch.float32 and not _interpreted() and torch.get_float32_matmul_precision() != "highest":
+    """fp32 operands: full precision unless the user allows TF32 (``tf32_allowed``); other dtypes: the
+    argument is ignored by tl.dot."""
+    if dtype == torch.float32 and not _interpreted() and tf32_allowed():
         return "tf32"
     return "ieee"
 

@@ -1,4 +1,5 @@
-"""Launch configurations of the Triton kernels, chosen in this order (as PyTorch's BSR Triton kernels
+"""Launch configurations of the Triton kernels and the one launch policy every kernel of this package
+with tunable tiles goes through (``launch``), choosing in this order (as PyTorch's BSR Triton kernels
 do, ``torch/sparse/_triton_ops_meta.py``):
 
 1. the committed table below, keyed by (kernel, GPU, dtype, shape bucket): measured winners;
@@ -16,7 +17,9 @@ them into the table below.
 Table legend: TABLE[(kernel, gpu, dtype, bucket)] = {meta-parameter: value, ..., "num_warps": w,
 "num_stages": s}; ``gpu`` is ``gpu_key()`` ("NVIDIA H100 80GB HBM3" -> "sm90-132sm": compute
 capability and SM count, so an H100 SXM entry also serves an H200); ``dtype`` as in
-``str(torch.float16)[6:]``; ``bucket`` a tuple of powers of two from ``bucket()``.
+``str(torch.float16)[6:]``; ``bucket`` a tuple of powers of two from ``bucket()`` (the block-sparse
+kernels' also hold a stored-block bucket, ``nnz_bucket()``, so a d = 0.1 layer is tuned apart from a
+d = 0.5 one of the same shape).
 """
 from __future__ import annotations
 
@@ -26,15 +29,13 @@ import os
 import torch
 import triton
 
+from lotus_kernels._backend import triton_interpreted as _interpreted  # absolute: a copy of this file must load alone
+
 ENV_AUTOTUNE = "LOTUS_KERNELS_TRITON_AUTOTUNE"
 
 # BEGIN GENERATED DATA (winners of `make gpu-check`'s autotuning; the legend is in the docstring)
 TABLE: dict[tuple, dict] = {}
 # END GENERATED DATA
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -52,6 +53,13 @@ def num_sms(index: int) -> int:
 def bucket(*sizes: int, lo: int = 16, hi: int = 1 << 20) -> tuple[int, ...]:
     """Each size rounded up to a power of two in [lo, hi]: one tuning per bucket, not per shape."""
     return tuple(max(lo, min(hi, triton.next_power_of_2(max(int(s), 1)))) for s in sizes)
+
+
+def nnz_bucket(stored_blocks: int, slots: int) -> int:
+    """Mean stored blocks per slot (block row or column), rounded up to a power of two: the loop length
+    of a block-sparse program, i.e. the density bucket of the table / autotune keys (ViT-B fc1 at
+    bs = 32: d = 0.5 / 0.3 / 0.1 -> 16 / 8 / 4 blocks per block row)."""
+    return triton.next_power_of_2(max(1, -(-int(stored_blocks) // max(int(slots), 1))))
 
 
 def table_entry(kernel: str, device: torch.device, dtype: torch.dtype, key: tuple) -> dict | None:
@@ -77,6 +85,24 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cfg.items() if k not in launch}, launch
 
 
+def launch(name: str, kernel, grid, args: tuple, const: dict, *, device: torch.device, dtype: torch.dtype,
+           bucket: tuple, fallback: dict, work: int = 0, threshold: int = 0, configs: list | None = None,
+           key: list[str] | None = None, tuner: str | None = None) -> None:
+    """Launch ``kernel[grid(meta)](*args, **const, **meta)`` with the config of, in order: the committed
+    TABLE entry for (name, GPU, dtype, bucket); ``triton.autotune`` over ``configs`` (keyed on the
+    kernel arguments ``key``) when ``use_autotune(work, threshold)``; else ``fallback`` (the GPU default,
+    or the interpreter's tiles). ``grid`` maps the meta-parameters to the launch grid. ``tuner`` names
+    the autotuner when one kernel has several config lists (default: ``name``)."""
+    entry = table_entry(name, device, dtype, bucket)
+    if entry is None and configs and use_autotune(work, threshold):
+        tuner = tuner or name
+        autotuned(tuner, kernel, configs, key or [])[grid](*args, **const)
+        record(name, device, dtype, bucket, tuner)
+        return
+    meta, opts = split_config(entry if entry is not None else fallback)
+    kernel[grid(meta)](*args, **const, **meta, **opts)
+
+
 _TUNERS: dict[str, object] = {}
 _WINNERS: dict[tuple, dict] = {}  # table key -> the config the autotuner picked for it
 
@@ -89,9 +115,10 @@ def autotuned(name: str, kernel, configs: list, key: list[str]):
     return _TUNERS[name]
 
 
-def record(kernel: str, device: torch.device, dtype: torch.dtype, key: tuple) -> None:
-    """Remember the config the autotuner just used for this table key (call right after the launch)."""
-    best = getattr(_TUNERS.get(kernel), "best_config", None)
+def record(kernel: str, device: torch.device, dtype: torch.dtype, key: tuple, tuner: str | None = None) -> None:
+    """Remember the config the autotuner (``tuner``, default ``kernel``) just used for this table key
+    (call right after the launch)."""
+    best = getattr(_TUNERS.get(tuner or kernel), "best_config", None)
     if best is None or device.type != "cuda":
         return
     _WINNERS[(kernel, gpu_key(device.index or 0), str(dtype)[6:], key)] = {

@@ -20,14 +20,13 @@ small kernel (``_cls_scores_kernel``: mean over heads and the sink rule), no PyT
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
 from . import _configs
+from ._common import _acc_dtype, _dot_precision, _interpreted, _pow2
 
 
 @triton.jit
@@ -49,22 +48,20 @@ def _seq(cu_ptr, b, h, N, T, H, D, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, BY_HAND: tl.constexpr):
+def _mm(a, b, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr):
     """a @ b accumulated in ACC_DTYPE. BY_HAND (fp64 on a GPU, small tiles): broadcast, multiply and
     sum, because Triton's fp64 MMA lowering rejects the register operands these kernels have
     (Triton 3.8 for sm_90: "fp64 don't support largeK MMA")."""
     if BY_HAND:
         return tl.sum(a.to(ACC_DTYPE)[:, :, None] * b.to(ACC_DTYPE)[None, :, :], axis=1)
-    elif IEEE:
-        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
     else:
-        return tl.dot(a, b, out_dtype=ACC_DTYPE)
+        return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
 
 @triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, s0_ptr, N, T, D, scale,
                           HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, CLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -88,7 +85,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         if UPCAST:
             k = k.to(ACC_DTYPE)
             v = v.to(ACC_DTYPE)
-        s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
+        s = _mm(q, tl.trans(k), ACC_DTYPE, INPUT_PRECISION, BY_HAND) * scale
         valid = cmask
         if HAS_MASK:
             padded = tl.load(mask_ptr + b * N + cols, mask=cmask, other=1)
@@ -102,7 +99,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        pv = _mm(p.to(v.dtype), v, ACC_DTYPE, IEEE, BY_HAND)
+        pv = _mm(p.to(v.dtype), v, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     empty = l_i == 0
@@ -115,13 +112,14 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
 
 @triton.jit
 def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_MASK: tl.constexpr,
-                       VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr):
-    """Class-token scores of sequence b = program_id(0) from the forward's first-query raw scores s0 and
-    lse (same layout): out[j] = mean over h of exp(s0[h, j] - lse[h, 0]) over b's keys j (padded keys
-    have s0 = -inf: 0), heads summed in order. SINK: out[0] := the mean of out[1:] over unpadded keys
-    (0 with none; 0 if key 0 is padded), the sum kept along the same pass, so the scores are final
-    here with no PyTorch ops after. One program walks its whole sequence: B programs (64 for ViT-B,
-    one key block each at N = 197), every sequence's sink in one place."""
+                       VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Class-token scores of sequence b = program_id(0) from the first query's raw scores s0 and lse (same
+    layout), written by the fused forward or by ``_cls_row_kernel``: out[j] = mean over h of
+    exp(s0[h, j] - lse[h, 0]) over b's keys j (padded keys have s0 = -inf: 0), BLOCK_H heads per load (one
+    memory round trip for all of a key block's heads, summed in a fixed order). SINK: out[0] := the mean
+    of out[1:] over unpadded keys (0 with none; 0 if key 0 is padded), the sum kept along the same pass,
+    so the scores are final here with no PyTorch ops after. One program walks its whole sequence: B
+    programs (64 for ViT-B, one key block each at N = 197), every sequence's sink in one place."""
     b = tl.program_id(0).to(tl.int64)
     if VARLEN:  # s0 / lse [H, T], scores [T]
         start = tl.load(cu_ptr + b).to(tl.int64)
@@ -130,15 +128,20 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
     else:  # s0 / lse [B, H, N], scores [B, N]
         n = N + 0 * b
         row, head_stride, obase = b * H * N, N + 0 * b, b * N
+    hs = tl.arange(0, BLOCK_H)
     total = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)  # the sink's sum and count, per lane
     count = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
     for j0 in range(0, n, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         cmask = cols < n
         acc = tl.zeros([BLOCK], dtype=lse_ptr.dtype.element_ty)
-        for h in range(H):
-            sc = tl.load(s0_ptr + row + h * head_stride + cols, mask=cmask, other=float("-inf"))
-            acc += tl.exp(sc - tl.load(lse_ptr + row + h * head_stride))
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + hs
+            hmask = hh < H
+            sc = tl.load(s0_ptr + row + hh[:, None] * head_stride + cols[None, :],
+                         mask=hmask[:, None] & cmask[None, :], other=float("-inf"))
+            lse = tl.load(lse_ptr + row + hh * head_stride, mask=hmask, other=float("inf"))
+            acc += tl.sum(tl.exp(sc - lse[:, None]), 0)
         acc = acc / H
         if SINK:  # key 0 is written after the loop
             rest = cmask & (cols > 0)
@@ -157,6 +160,40 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
 
 
 @triton.jit
+def _cls_row_kernel(q_ptr, k_ptr, mask_ptr, cu_ptr, s0_ptr, lse_ptr, N, T, D, scale, HAS_MASK: tl.constexpr,
+                    VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+    """Program (b, h) of the SDPA path's class-token scores, for when another kernel computes the
+    attention output: the first query's raw scores s0[j] = scale * q[b, h, 0] . k[b, h, j] (-inf at
+    padded keys) and their log-sum-exp, stored where the fused forward stores them (s0 laid out like lse,
+    the lse at query 0), so that ``_cls_scores_kernel`` finishes both paths alike. A GEMV over one head's
+    keys: reads them once; B * H programs keep every SM streaming."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < D
+    q0 = tl.load(q_ptr + base + dims, mask=dmask & (n > 0), other=0).to(ACC_DTYPE)
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), ACC_DTYPE), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], ACC_DTYPE), 0)
+    for j0 in range(0, n, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < n
+        kt = tl.load(k_ptr + base + cols[:, None] * ld + dims[None, :], mask=cmask[:, None] & dmask[None, :],
+                     other=0).to(ACC_DTYPE)
+        valid = cmask
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
+        sc = tl.where(valid, tl.sum(kt * q0[None, :], 1) * scale, float("-inf"))
+        tl.store(s0_ptr + lbase + cols, sc, mask=cmask)
+        m_new = tl.maximum(m_i, tl.max(sc, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no unpadded key yet: exps stay 0, not NaN
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe), 0)
+        m_i = m_new
+    lse = tl.where(l_i == 0, float("inf"), m_i + tl.log(tl.where(l_i == 0, 1.0, l_i)))  # +inf: every p is 0
+    tl.store(lse_ptr + lbase, lse, mask=n > 0)
+
+
+@triton.jit
 def _cu_seqlens_ok_kernel(cu_ptr, ok_ptr, B, T, MAX_SEQLEN, BLOCK: tl.constexpr):
     """ok = cu[0] == 0, cu[B] == T and 0 <= cu[b + 1] - cu[b] <= MAX_SEQLEN for every b: the whole
     device-side check of the packed offsets in one program (PyTorch ops: ~10 launches)."""
@@ -172,11 +209,11 @@ def _cu_seqlens_ok_kernel(cu_ptr, ok_ptr, B, T, MAX_SEQLEN, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BY_HAND: tl.constexpr):
     """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
-    s = _mm(q, tl.trans(k), ACC_DTYPE, IEEE, BY_HAND) * scale
-    dp = _mm(do, tl.trans(v), ACC_DTYPE, IEEE, BY_HAND)
+    s = _mm(q, tl.trans(k), ACC_DTYPE, INPUT_PRECISION, BY_HAND) * scale
+    dp = _mm(do, tl.trans(v), ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no unpadded key) gives 0
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
     return p, p * (dp - delta[:, None]) * scale
@@ -185,7 +222,7 @@ def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, IEEE: 
 @triton.jit
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
                                N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                               ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -218,9 +255,9 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
             q = q.to(ACC_DTYPE)
             do = do.to(ACC_DTYPE)
         lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
-        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
-        dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, IEEE, BY_HAND)
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, IEEE, BY_HAND)
+        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -228,7 +265,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
 @triton.jit
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
                              N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                             ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
+                             ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -259,8 +296,8 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
         valid_k = cmask
         if HAS_MASK:
             valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
-        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, IEEE, BY_HAND)
-        dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, IEEE, BY_HAND)
+        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -270,15 +307,22 @@ FP64_BY_HAND: bool | None = None
 CLS_BLOCK: int | None = None
 # Autotuning pays for itself only on real sizes (see _configs); ViT-B/16 at batch 64 is ~2e9.
 AUTOTUNE_WORK = 1 << 26
-_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                                  (128, 128, 8, 2), (64, 32, 4, 3))]
+# Autotune lists: BLOCK_M and BLOCK_N >= 64 (every tl.dot of the forward and both backward kernels then has
+# the 64 rows per warpgroup Hopper's wgmma needs). The backward kernels hold two [BLOCK, D] fp32
+# accumulators plus their operand tiles: 8 warps keep them in registers at D = 64 (with 4 warps they sit at
+# 254 registers and Triton 3.6 spills); (128, 64) with 4 warps spills in the forward. Compiled-code table:
+# benchmarks/results/gpu/compiled_sm90.md.
+CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+           for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))]
+BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2))]
+BWD_WARPS = 8  # the backward's default (GPU) tiles: the forward's, with 8 warps
 _KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
 
 
 def _config(q, cu_seqlens, max_seqlen):
     """(B, H, N, T, D, default tiles, common constexpr kwargs) for padded or packed q."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreted = _interpreted()
     if cu_seqlens is not None:
         T, H, D = q.shape
         B, N = cu_seqlens.numel() - 1, max_seqlen
@@ -288,33 +332,25 @@ def _config(q, cu_seqlens, max_seqlen):
     # Under the interpreter the cost is per program and per op: few, large blocks.
     # fp64 products by hand on a GPU (see _mm), in 16-wide tiles that keep the 3-D product in registers
     by_hand = q.dtype == torch.float64 and (not interpreted if FP64_BY_HAND is None else FP64_BY_HAND)
-    cap = 128 if interpreted else (16 if by_hand else 64)
-    block = max(16, min(cap, triton.next_power_of_2(max(N, 1))))
-    block_d = max(16, triton.next_power_of_2(D))
-    kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
-              IEEE=q.dtype in (torch.float32, torch.float64) or interpreted,
-              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand, BLOCK_D=block_d)
+    block = _pow2(N, 16, 128 if interpreted else (16 if by_hand else 64))
+    kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_dot_precision(q.dtype),
+              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand,
+              BLOCK_D=_pow2(D, 16, 1 << 16))
     tiles = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1 if interpreted else 2)
     return B, H, N, T, D, tiles, kw
 
 
-def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw):
+def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw, configs=None):
     """Program (query or key block, b*H + h), the block index fastest: the programs of one (b, h),
     which share its K/V (or Q/dO) rows, run next to each other (the grouped order for attention).
-    Config: the committed table, else autotune on a GPU for real sizes, else ``tiles``."""
+    Config: ``_configs.launch`` (table, autotune on a GPU for real sizes, else ``tiles``); fp64 by
+    hand is never tuned (its 16-wide tiles are the only ones that fit registers)."""
     n_key = _configs.bucket(N)[0]
-    bucket = (kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"])
-    grid = lambda meta: (triton.cdiv(N, meta[axis0]), B * H)  # noqa: E731
-    entry = _configs.table_entry(name, q.device, q.dtype, bucket)
-    if entry is not None:
-        meta, launch = _configs.split_config(entry)
-        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
-    elif not kw["BY_HAND"] and _configs.use_autotune(B * H * N * N * q.shape[-1], AUTOTUNE_WORK):
-        _configs.autotuned(name, kernel, _CONFIGS, _KEY)[grid](*args, H=H, N_KEY=n_key, **kw)
-        _configs.record(name, q.device, q.dtype, bucket)
-    else:
-        meta, launch = _configs.split_config(tiles)
-        kernel[grid(meta)](*args, H=H, N_KEY=n_key, **kw, **meta, **launch)
+    _configs.launch(name, kernel, lambda meta: (triton.cdiv(N, meta[axis0]), B * H), args,
+                    dict(H=H, N_KEY=n_key, **kw), device=q.device, dtype=q.dtype,
+                    bucket=(kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"]), fallback=tiles,
+                    work=B * H * N * N * q.shape[-1], threshold=AUTOTUNE_WORK,
+                    configs=None if kw["BY_HAND"] else (configs or CONFIGS), key=_KEY)
 
 
 def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores, sink=False) -> None:
@@ -335,10 +371,7 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
     _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
             dict(HAS_MASK=mask is not None, CLS=cls, **kw))
     if cls:
-        cap = CLS_BLOCK or (1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256)
-        _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else q, cu, scores, N, T, H,
-                                 HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, SINK=bool(sink),
-                                 BLOCK=max(16, min(cap, triton.next_power_of_2(N))))
+        _finish_cls_scores(s0, lse, mask, cu_seqlens, scores, B, N, T, H, sink)
     elif scores_mode:
         if cu_seqlens is None:
             scores.copy_(scores_from_lse(q, k, lse, mask, scale, scores_mode))
@@ -346,11 +379,54 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
             scores.copy_(scores_from_lse_varlen(q, k, lse, cu_seqlens, scale, scores_mode))
 
 
+def _finish_cls_scores(s0, lse, mask, cu_seqlens, scores, B, N, T, H, sink) -> None:
+    """``_cls_scores_kernel``: the final "cls" scores from the first query's raw scores and lse."""
+    interpreted = _interpreted()
+    cap = CLS_BLOCK or (1024 if interpreted else 256)
+    _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else s0, cu_seqlens if cu_seqlens is not None else s0,
+                             scores, N, T, H, HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None,
+                             SINK=bool(sink), BLOCK=_pow2(N, 16, cap), BLOCK_H=_pow2(H, 1, 64 if interpreted else 16))
+
+
+# The cls-row kernel's key block (None: 128, 1024 interpreted); tests set 16 to walk several blocks.
+CLS_ROW_BLOCK: int | None = None
+CLS_ROW_WARPS = 4
+
+
+def cls_row_scores(q, k, mask, cu_seqlens, max_seqlen, scale, sink, out) -> None:
+    """out = the final "cls" scores ([B, N], or [T] packed; sink rule applied when ``sink``) from q's first
+    row per sequence and head and k alone, for when the attention output comes from another kernel
+    (PyTorch's SDPA): ``_cls_row_kernel`` (B * H programs: raw first-query scores + lse), then
+    ``_cls_scores_kernel`` as on the fused path. q, k [B, H, N, D] or packed [T, H, D] (cu_seqlens int64
+    or int32, read as is)."""
+    assert q.is_contiguous() and k.is_contiguous() and out.is_contiguous()
+    if cu_seqlens is not None:
+        T, H, D = q.shape
+        B, N = cu_seqlens.numel() - 1, max_seqlen
+        shape = (H, T)
+    else:
+        B, H, N, D = q.shape
+        T = 0
+        shape = (B, H, N)
+    if B == 0 or q.numel() == 0 or N == 0:
+        return
+    s0 = _backend.new_output(shape, out)
+    lse = _backend.new_output(shape, out)  # read at each sequence's first query only
+    cu = cu_seqlens if cu_seqlens is not None else q
+    interpreted = _interpreted()
+    _cls_row_kernel[(B * H,)](q, k, mask if mask is not None else q, cu, s0, lse, N, T, D, scale, H=H,
+                              HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, ACC_DTYPE=_acc_dtype(q.dtype),
+                              BLOCK_N=_pow2(N, 16, CLS_ROW_BLOCK or (1024 if interpreted else 128)),
+                              BLOCK_D=_pow2(D, 16, 1 << 16), num_warps=CLS_ROW_WARPS,
+                              num_stages=1 if interpreted else 2)
+    _finish_cls_scores(s0, lse, mask, cu_seqlens, out, B, N, T, H, sink)
+
+
 def cu_seqlens_ok(cu_seqlens, T, max_seqlen) -> torch.Tensor:
     """A 0-d int32 tensor, 1 iff ``cu_seqlens`` is valid for T tokens and ``max_seqlen`` (see
     ``_cu_seqlens_ok_kernel``); for ``torch._assert_async``, without reading it back."""
     ok = torch.empty((), dtype=torch.int32, device=cu_seqlens.device)
-    block = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 256
+    block = 1024 if _interpreted() else 256
     _cu_seqlens_ok_kernel[(1,)](cu_seqlens, ok, cu_seqlens.numel() - 1, T, max_seqlen, BLOCK=block)
     return ok
 
@@ -364,9 +440,12 @@ def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, 
         return
     args = (q, k, v, dout, out, lse, mask if mask is not None else q, cu_seqlens if cu_seqlens is not None else q)
     kw = dict(HAS_MASK=mask is not None, **kw)
+    if not (_interpreted() or kw["BY_HAND"]):
+        tiles = {**tiles, "num_warps": BWD_WARPS}
     _launch("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, q, N, B, H, tiles, "BLOCK_N",
-            (*args, dk, dv, N, T, D, scale), kw)
-    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw)
+            (*args, dk, dv, N, T, D, scale), kw, BWD_CONFIGS)
+    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw,
+            BWD_CONFIGS)
 
 
 def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Tensor:

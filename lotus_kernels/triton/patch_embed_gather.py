@@ -18,9 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _dot_precision, _gather_blocks, _interpreted,
-                      _pow2, _scatter_blocks, _store_bf16_rne)
+from . import _configs
+from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _dot_in_acc_dtype, _dot_precision, _gather_blocks,
+                      _interpreted, _pow2, _scatter_blocks, _store_bf16_rne)
 
+
+# The fused kernel's tiles on a GPU (one config: the embedding is ~1% of a ViT step).
+GPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 
 # Address arithmetic, written out in each kernel (a call to a @triton.jit helper costs
 # milliseconds under the interpreter):
@@ -191,19 +195,17 @@ def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Te
     if out.numel() == 0:
         return
     if _interpreted():  # large tiles: the interpreter's cost is per program and per op
-        BLOCK_M, BLOCK_N, BLOCK_K = _pow2(M, 16, 128), _pow2(D, 16, 128), _pow2(L, 16, 256)
-        num_warps, num_stages = 4, 1
+        tiles = dict(BLOCK_M=_pow2(M, 16, 128), BLOCK_N=_pow2(D, 16, 128), BLOCK_K=_pow2(L, 16, 256), num_warps=4,
+                     num_stages=1)
     else:
-        BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
-        num_warps, num_stages = 4, 3
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(D, BLOCK_N),)
-    _patch_embed_gather_kernel[grid](
-        images, idx, weight,
-        bias if bias is not None else out, pos if pos is not None else out,  # unread when absent
-        out, M, K, D, L, Cin * H * W, H * W, W, W // pw,
-        PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
-        ACC_DTYPE=_acc_dtype(images.dtype), INPUT_PRECISION=_dot_precision(images.dtype),
-        # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
-        DOT_IN_ACC_DTYPE=_interpreted() and images.dtype == torch.bfloat16,
-        BF16_BY_HAND=_bf16_by_hand(images.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+        tiles = GPU_TILES
+    args = (images, idx, weight, bias if bias is not None else out,  # out: a placeholder pointer, unread
+            pos if pos is not None else out, out, M, K, D, L, Cin * H * W, H * W, W, W // pw)
+    const = dict(PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+                 ACC_DTYPE=_acc_dtype(images.dtype), INPUT_PRECISION=_dot_precision(images.dtype),
+                 # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
+                 DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(images.dtype), BF16_BY_HAND=_bf16_by_hand(images.dtype))
+    # the package's launch policy: a committed table entry if there is one, else these tiles (no autotune list)
+    _configs.launch("patch_embed_gather", _patch_embed_gather_kernel,
+                    lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),), args, const,
+                    device=images.device, dtype=images.dtype, bucket=_configs.bucket(M, D, L), fallback=tiles)

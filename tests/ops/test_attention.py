@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ from lotus_kernels.ops.attention import (apply_sink, apply_sink_varlen, attentio
                                          attention_reference, attention_reference_varlen)
 
 from ..conftest import BACKENDS
+
+attention_ops = importlib.import_module("lotus_kernels.ops.attention")  # the module (``attention`` is the op)
 
 # The full matrix runs on the reference and the C++ kernels; the Triton forward (interpreted on CPU:
 # slow) gets its own, smaller set of cases below. There is no CUDA C++ attention kernel yet.
@@ -19,6 +23,13 @@ SHAPES = [(197, 64), (50, 32), (1, 32), (70, 40), (33, 128)]  # head dims 32 / 6
 B, H = 2, 3
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
        torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+@pytest.fixture(autouse=True)
+def _fused_path(monkeypatch):
+    """The tests of this module test each backend's own (fused) kernels: pin that path (on CUDA the default
+    takes the output from SDPA). The SDPA-path tests at the end set it back."""
+    monkeypatch.setenv(attention_ops.ENV_PATH, "fused")
 
 
 def make_mask(kind, n, device):
@@ -509,3 +520,129 @@ def test_triton_cls_forward_is_two_kernels_and_no_pytorch_launch(backend, device
     assert rec.kernels == (["aten._assert_async"] if checks else [])
     assert len(rec.allocations) == 4 + len(checks)  # out, lse, scores, s0 (+ the check's flag); views are free
     assert out.requires_grad and not sc.requires_grad
+
+
+# ---------------------------------------------------------------- the "sdpa" path: SDPA output + cls-row kernel
+# Every kernel backend that has a cls-row kernel here (Triton interpreted on the CPU, the CPU backend's
+# PyTorch ops; on a GPU the Triton kernels), every dtype, padded keys incl. key 0 and a fully padded image,
+# both sink rules; the key blocks capped at 16 so that N = 37 walks three of them (N = 9: one).
+SDPA = [(b, d) for b, d in BACKENDS if b in ("triton", "cpu")]
+SDPA_IDS = [f"{b}-{d}" for b, d in SDPA]
+
+
+@pytest.mark.parametrize("backend,device", SDPA, ids=SDPA_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mask,n", [(None, 37), ("empty", 37), ("key0", 9)])
+def test_sdpa_path_matches_reference(backend, device, dtype, mask, n, monkeypatch):
+    from lotus_kernels.triton import attention as triton_attention
+    monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
+    monkeypatch.setattr(triton_attention, "CLS_ROW_BLOCK", 16)
+    monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
+    q, k, v = qkv(n, 16, dtype, device)
+    m = cls_mask(mask, n)
+    m = None if m is None else m.to(device)
+    g = torch.randn_like(q)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    for sink in ("mean", None):
+        with lotus_kernels.use_backend(backend):
+            out, sc = attention(q, k, v, key_padding_mask=m, return_scores="cls", sink=sink)
+        want_out, want = attention_reference(*ref_in, key_padding_mask=m, return_scores="cls", sink=sink)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert sc.dtype == acc and sc.shape == (B, n) and not sc.requires_grad and out.requires_grad
+        torch.testing.assert_close(sc.double(), want, rtol=1e-5, atol=1e-6 if dtype != torch.float64 else 1e-12)
+        torch.testing.assert_close(out.double(), want_out.detach(), **{**TOL.get(dtype, {}), **(
+            dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else {})})
+        if m is not None:
+            assert (sc[m] == 0).all()
+        if mask == "key0":  # the lone key 0 scores 1 raw, 0 after the sink rule (no other key to average)
+            assert sc[1, 0] == (0 if sink else 1) and (sc[1, 1:] == 0).all()
+    if dtype in (torch.float32, torch.float64):  # the output's backward is SDPA's: against the reference
+        got = torch.autograd.grad(out, (q, k, v), g)
+        want_g = torch.autograd.grad(want_out, ref_in, g.double())
+        for a, e in zip(got, want_g):
+            torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)
+            if mask == "empty":  # a fully padded image: zero gradients
+                assert (a[1] == 0).all()
+
+
+def _varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
+    """CPU stand-in for torch.nn.attention.varlen.varlen_attn (flash, CUDA only): the per-sequence reference."""
+    assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k
+    assert max_q >= int(cu_q.diff().max()) if cu_q.numel() > 1 else True
+    return attention_reference_varlen(q, k, v, cu_q.long(), scale=scale)
+
+
+TRITON_SDPA = [(b, d) for b, d in SDPA if b == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON_SDPA, ids=[f"{b}-{d}" for b, d in TRITON_SDPA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lens", [(0, 37, 1, 0, 20), (1,), (9, 0)], ids=["0-37-1-0-20", "1", "9-0"])
+def test_sdpa_path_varlen_cls_scores(backend, device, dtype, lens, monkeypatch):
+    # The packed layout of the cls-row kernel (offsets read as given: int64 and int32; empty and lone
+    # sequences; several key blocks and one), with varlen_attn replaced by the reference off CUDA.
+    from lotus_kernels.triton import attention as triton_attention
+    monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
+    monkeypatch.setattr(triton_attention, "CLS_ROW_BLOCK", 16)
+    monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
+    if device == "cpu":
+        monkeypatch.setattr(attention_ops, "VARLEN_SDPA", _varlen_stand_in)
+        monkeypatch.setattr(attention_ops, "_varlen_sdpa_ok", lambda device_type, dtype: True)
+    (q, k, v), cu = packed(lens, H, 16, dtype, device)
+    ref_in = [t.detach().float() for t in (q, k, v)]
+    for sink, offsets in (("mean", cu), (None, cu), ("mean", cu.int())):
+        with lotus_kernels.use_backend(backend):
+            out, sc = attention(q, k, v, cu_seqlens=offsets, return_scores="cls", sink=sink)
+        want_out, want = attention_reference_varlen(*ref_in, cu, return_scores="cls", sink=sink)
+        assert sc.dtype == torch.float32 and sc.shape == (q.shape[0],) and not sc.requires_grad
+        torch.testing.assert_close(sc, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.float(), want_out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", TRITON_SDPA, ids=[f"{b}-{d}" for b, d in TRITON_SDPA])
+def test_sdpa_path_launches_one_score_kernel_and_received_keeps_the_fused_kernel(backend, device, monkeypatch):
+    from .._launches import launches
+    monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
+    monkeypatch.setenv("LOTUS_KERNELS_POISON", "0")
+    q, k, v = qkv(20, 16, torch.bfloat16, device)
+    with lotus_kernels.use_backend(backend):
+        attention(q, k, v, return_scores="cls")  # warm-up (compilation on a GPU)
+        with launches() as rec:
+            out, sc = attention(q, k, v, return_scores="cls")
+        # the output: SDPA's kernels (aten ops); the scores: two Triton kernels
+        assert rec.triton == ["_cls_row_kernel", "_cls_scores_kernel"]
+        with launches() as rec:
+            attention(q, k, v, return_scores="received")
+        assert rec.triton == ["_attention_fwd_kernel"]
+        with launches() as rec:
+            attention(q, k, v)
+        assert rec.triton == []
+
+
+def test_attention_path_setting():
+    q = torch.randn(2, 3, 5, 8)
+    assert attention_ops._path(q, "cpu", 1, False) == "fused"  # the autouse fixture pins it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(attention_ops.ENV_PATH)
+        assert attention_ops._path(q, "cpu", 1, False) == attention_ops.DEFAULT_PATH["cpu"]
+        assert attention_ops.DEFAULT_PATH["cuda"] == "sdpa"
+        mp.setenv(attention_ops.ENV_PATH, "sdpa")
+        assert attention_ops._path(q, "cpu", 1, False) == "sdpa"
+        assert attention_ops._path(q, "cpu", 2, False) == "fused"  # "received" needs every query's lse
+        assert attention_ops._path(q, "reference", 1, False) == "fused"
+        assert attention_ops._path(q[0], "cpu", 1, True) == "fused"  # no varlen SDPA for CPU tensors
+        mp.setenv(attention_ops.ENV_PATH, "flash")
+        with pytest.raises(ValueError, match="LOTUS_KERNELS_ATTENTION_PATH: expected one of sdpa, fused"):
+            attention(q, q, q)
+
+
+def test_sdpa_path_compiles_to_one_graph(monkeypatch):
+    monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
+    q, k, v = qkv(9, 8, torch.float32, "cpu", grad=False)
+    m = cls_mask("key0", 9)
+    f = torch.compile(lambda a, b, c: attention(a, b, c, key_padding_mask=m, return_scores="cls"), fullgraph=True,
+                      backend="eager")
+    out, sc = f(q, k, v)
+    want_out, want_sc = attention_reference(q, k, v, key_padding_mask=m, return_scores="cls")
+    torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(sc, want_sc, rtol=1e-5, atol=1e-6)

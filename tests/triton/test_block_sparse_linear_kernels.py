@@ -74,7 +74,7 @@ def tol(dtype, length):
     return dict(rtol=1e-2, atol=1e-2)  # bf16: one rounding of an fp32 accumulation
 
 
-def run_all(M, out_f, in_f, bs, dtype, kind, with_bias=True, splits=None, blocks_per_dot=None):
+def run_all(M, out_f, in_f, bs, dtype, kind, with_bias=True, splits=None, config=None, wgrad_config=None):
     gen = torch.Generator().manual_seed(M * 1000 + out_f + in_f + bs)
     mask = block_mask(out_f // bs, in_f // bs, kind, gen)
     weight = torch.randn(out_f, in_f, generator=gen).to(DEVICE, dtype)
@@ -84,12 +84,11 @@ def run_all(M, out_f, in_f, bs, dtype, kind, with_bias=True, splits=None, blocks
     bias = torch.randn(out_f, generator=gen).to(DEVICE, dtype) if with_bias else None
     k = kernels()
     out = poisoned(M, out_f, dtype=dtype)
-    kb = {} if blocks_per_dot is None else dict(blocks_per_dot=blocks_per_dot)
-    k.bsr_linear_fwd(x, values, crow, col, bias, out, **kb)
+    k.bsr_linear_fwd(x, values, crow, col, bias, out, config=config)
     dx = poisoned(M, in_f, dtype=dtype)
-    k.bsr_linear_bwd_input(dy, values, ccol, row, perm, dx, **kb)
+    k.bsr_linear_bwd_input(dy, values, ccol, row, perm, dx, config=config)
     dvalues = poisoned(*values.shape, dtype=dtype)
-    k.bsr_linear_bwd_weight(dy, x, crow, col, dvalues, **({} if splits is None else dict(splits=splits)))
+    k.bsr_linear_bwd_weight(dy, x, crow, col, dvalues, splits=splits, config=wgrad_config)
 
     # reference: densify, then dense products in float64
     w = densify(values.double(), mask.to(DEVICE), bs)
@@ -140,7 +139,23 @@ def test_weight_gradient_split_over_m(splits, dtype):
                                               ((7, 64, 96, 32), "full", torch.float16), ((3, 64, 128, 64), "random", torch.float32),
                                               ((5, 32, 64, 16), "empty", torch.float32)])
 def test_several_blocks_per_dot(kb, shape, kind, dtype):
-    run_all(*shape, dtype, kind, blocks_per_dot=kb)
+    run_all(*shape, dtype, kind, config=dict(KB=kb))
+
+
+# The GPU's launch geometry, interpreted: the swizzled order (GROUP_M > 1, with a last group of fewer M
+# tiles: 197 rows = 13 tiles of 16, groups of 4), several blocks per dot, and a bwd_weight tile of several
+# blocks of one block row (ROWS = 4 * bs: rows whose stored blocks are not a multiple of 4, an empty row)
+# with a short step over M, split in two.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_launch_geometry_interpreted(dtype):
+    run_all(197, 96, 64, 16, dtype, "random", config=dict(BLOCK_M=16, GROUP_M=4, KB=2),
+            wgrad_config=dict(ROWS=64, BLOCK_M=32), splits=2)
+
+
+# bwd_weight with one block per program (ROWS = bs) and with more blocks per program than a row has.
+@pytest.mark.parametrize("rows", [32, 256])
+def test_weight_gradient_blocks_per_program(rows):
+    run_all(7, 64, 96, 32, torch.float32, "random", wgrad_config=dict(ROWS=rows))
 
 
 def test_split_weight_gradient_is_deterministic_and_close_to_unsplit():
