@@ -132,8 +132,6 @@ class SemiStructuredLinear(MaskedWeightLinear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # TorchScript and torch.fx graphs run the masked product (module docstring); strict refuses.
         if torch.jit.is_scripting():
-            if self.strict:
-                raise RuntimeError("SemiStructuredLinear(strict=True): TorchScript runs the dense masked product")
             return masked_linear(input, self.weight, self.mask, self.bias)
         if _fx.is_proxy(input, self.weight):
             if self.strict:
@@ -161,6 +159,12 @@ class SemiStructuredLinear(MaskedWeightLinear):
                           f"weight (lotus_kernels.ops.masked_linear: same result, no speed-up)",
                           SemiStructuredFallbackWarning, stacklevel=4)  # the caller of module(x)
         return masked_linear(input, self.weight, self.mask, self.bias)
+
+    def __prepare_scriptable__(self):
+        if self.strict:
+            raise RuntimeError("SemiStructuredLinear(strict=True): TorchScript would run the dense masked product "
+                               "(the 2:4 kernels are eager / torch.compile only)")
+        return self
 
     @classmethod
     @torch.no_grad()

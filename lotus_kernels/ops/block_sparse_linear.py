@@ -243,9 +243,9 @@ def _check_sizes(x, values, crow, col, ccol, bias) -> None:
     in_f, out_f = (ccol.shape[0] - 1) * bs, (crow.shape[0] - 1) * bs
     if x.dim() == 0 or x.shape[-1] != in_f:
         raise ValueError(f"x: expected shape [..., {in_f}] (in_features), got {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_f,):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
         raise ValueError(f"bias: expected shape ({out_f},) (out_features), got {tuple(bias.shape)}")
-    if x.device != values.device:
+    if x.get_device() != values.get_device():  # an int per tensor: cheaper than comparing torch.device
         raise ValueError(f"x: expected a tensor on {values.device} (like values), got one on {x.device}")
 
 
