@@ -13,7 +13,8 @@ After ``patch_vit(model)``:
 Dropped patches are never embedded (``ops.patch_embed_gather``) and never enter a block, in train
 and eval mode alike (timm's ``PatchDropout`` only acts in training and embeds every patch first).
 The model's class is swapped for a subclass defined in this module, so ``torch.save(model)`` and
-``state_dict`` work as before (the parameters are untouched).
+``state_dict`` work as before (the parameters are untouched). torch.fx traces, and TorchScript
+compiles, timm's own forward (``_keep_forward``, docs/design/fx_torchscript.md).
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ class KeptPatchesMixin:
         """The images of a kept-patch call, whose other base-forward arguments (timm's attn_mask /
         is_causal) must be left at their defaults (None / False)."""
         names = self._base_forward_args
+        if len(args) > len(names):
+            raise TypeError(f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), "
+                            f"got {len(args)}")
         given = dict(zip(names, args), **kwargs)
         if names[0] not in given:
             raise TypeError(f"forward: missing the images argument {names[0]!r}")

@@ -4,6 +4,7 @@ graph), features_only, forward_intermediates and the default-config API. Written
 properties timm's own tests/test_models.py checks, on tiny configs of the real timm models.
 """
 import copy
+import inspect
 import io
 import warnings
 
@@ -249,6 +250,27 @@ def test_default_cfg_api(arch, variant):
     cfg = model.pretrained_cfg
     state = model.state_dict()
     assert f"{cfg['first_conv']}.weight" in state
+
+
+def test_patched_forward_signature_and_arguments():
+    """The patched forward shows timm's parameters plus the keyword-only keep arguments, runs timm's
+    forward on timm's arguments, and refuses timm's other arguments together with a keep argument."""
+    ref, model = pair("vit", "patch")
+    params = inspect.signature(model.forward).parameters
+    assert list(params) == ["x", "attn_mask", "is_causal", "keep_idx", "keep_ratio", "scores"]
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in ("keep_idx", "keep_ratio", "scores"))
+    x, idx = images("vit"), torch.tensor([[0, 5, 9], [1, 2, 63]])
+    mask = torch.zeros(65, 65, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mask), ref(x, mask), rtol=0, atol=0)
+        torch.testing.assert_close(model(x=x, is_causal=True), ref(x, is_causal=True), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attn_mask: not supported together with keep_idx"):
+            model(x, mask, keep_idx=idx)
+        with pytest.raises(ValueError, match="is_causal: not supported together with keep_idx"):
+            model(x, is_causal=True, keep_ratio=0.5)
+        with pytest.raises(TypeError, match="at most 3 positional arguments"):
+            model(x, None, False, idx, keep_idx=idx)
+        torch.testing.assert_close(model(x=x, attn_mask=None, keep_idx=idx), model(x, keep_idx=idx), rtol=0, atol=0)
 
 
 def test_torch_export_with_keep_idx():
