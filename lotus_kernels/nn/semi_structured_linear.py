@@ -130,7 +130,8 @@ class SemiStructuredLinear(MaskedWeightLinear):
         return None if why is None else why[1]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # TorchScript and torch.fx graphs run the masked product (module docstring); strict refuses.
+        # TorchScript and torch.fx graphs run the masked product (module docstring); a strict layer
+        # refuses (here under torch.fx, in __prepare_scriptable__ for TorchScript).
         if torch.jit.is_scripting():
             return masked_linear(input, self.weight, self.mask, self.bias)
         if _fx.is_proxy(input, self.weight):
