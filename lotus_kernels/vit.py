@@ -13,14 +13,19 @@ After ``patch_vit(model)``:
 Dropped patches are never embedded (``ops.patch_embed_gather``) and never enter a block, in train
 and eval mode alike (timm's ``PatchDropout`` only acts in training and embeds every patch first).
 The model's class is swapped for a subclass defined in this module, so ``torch.save(model)`` and
-``state_dict`` work as before (the parameters are untouched).
+``state_dict`` work as before (the parameters are untouched). torch.fx traces, and TorchScript
+compiles, timm's own forward (``_keep_forward``, docs/design/fx_torchscript.md).
 """
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import torch
 from torch import nn
 
 from . import _checks
+from ._keep_forward import keep_forward
 from .ops import gather_tokens, patch_embed_gather
 from .select import random_keep, select_keep
 from .vit_ragged import forward_ragged
@@ -33,21 +38,24 @@ except ImportError:  # timm is a dependency, but keep the kernels importable wit
 
 
 class KeptPatchesMixin:
-    """Adds the kept-patch path to a timm VisionTransformer subclass."""
+    """Adds the kept-patch path to a timm VisionTransformer subclass. Each subclass gets a ``forward``
+    on top of the base class's (``_keep_forward``): ``forward(images, ..., *, keep_idx=None,
+    keep_ratio=None, scores=None)``. torch.fx traces and TorchScript scripts the base forward."""
 
-    def forward(self, x, attn_mask=None, is_causal=False, *, keep_idx=None, keep_ratio=None, scores=None):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        base = super(KeptPatchesMixin, cls).forward
+        if "forward" not in cls.__dict__:
+            cls.forward = keep_forward(cls, base, _FORWARD_DOC)
+        cls._base_forward_args = tuple(inspect.signature(base).parameters)[1:]  # after self
+
+    def forward_keep(self, args: tuple, kwargs: dict, keep_idx, keep_ratio, scores):
+        """The base forward on (args, kwargs) when no keep argument is given, else the kept-patch path."""
         if keep_idx is None and keep_ratio is None:
             if scores is not None:
                 raise ValueError("scores: given without keep_ratio; pass keep_ratio=r to keep the top patches")
-            # timm added these arguments in 1.0.16 (attn_mask) and ~1.0.25 (is_causal): pass them only
-            # when given, so that older timm keeps working
-            if is_causal:
-                return super().forward(x, attn_mask=attn_mask, is_causal=True)
-            if attn_mask is not None:
-                return super().forward(x, attn_mask=attn_mask)
-            return super().forward(x)
-        if attn_mask is not None or is_causal:
-            raise ValueError("attn_mask / is_causal: not supported together with keep_idx / keep_ratio")
+            return super().forward(*args, **kwargs)
+        x = self._images_only(args, kwargs)
         if isinstance(keep_idx, (list, tuple)):
             if keep_ratio is not None or scores is not None:
                 raise ValueError("keep_idx: give either keep_idx or keep_ratio (+ scores), not both")
@@ -55,6 +63,27 @@ class KeptPatchesMixin:
             return forward_ragged(self, x, keep_idx)
         keep_idx = self.keep_indices(x, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         return self.forward_head(self.forward_features_kept(x, keep_idx))
+
+    def _images_only(self, args: tuple, kwargs: dict):
+        """The images of a kept-patch call, whose other base-forward arguments (timm's attn_mask /
+        is_causal) must be left at their defaults (None / False)."""
+        names = self._base_forward_args
+        if len(args) > len(names):
+            raise TypeError(f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), "
+                            f"got {len(args)}")
+        given = dict(zip(names, args), **kwargs)
+        if names[0] not in given:
+            raise TypeError(f"forward: missing the images argument {names[0]!r}")
+        x = given.pop(names[0])
+        used = [n for n, v in given.items() if v is not None and v is not False]
+        if used:
+            raise ValueError(f"{' / '.join(used)}: not supported together with keep_idx / keep_ratio")
+        return x
+
+    def __prepare_scriptable__(self):
+        warnings.warn(f"{type(self).__name__}: TorchScript compiles the model's own (timm) forward; keep_idx / "
+                      "keep_ratio / scores exist in eager mode and under torch.compile only", stacklevel=2)
+        return self
 
     def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
         """[B, N] patch scores from the last block's class-token attention, with the attention-sink
@@ -115,6 +144,12 @@ class KeptPatchesMixin:
             x = self.blocks(x)
         return self.norm(x)
 
+
+_FORWARD_DOC = """forward(images, *args, keep_idx=None, keep_ratio=None, scores=None, **kwargs)
+
+Without keep_idx / keep_ratio: the model's own forward on (images, *args, **kwargs). With them: the
+network on the kept patches only (see ``lotus_kernels.vit``). torch.fx traces and TorchScript
+compiles the model's own forward (see ``lotus_kernels._keep_forward``)."""
 
 _patched_classes: dict[type, type] = {}
 

@@ -16,6 +16,10 @@ from ._convert import linear_from
 
 
 class MaskedWeightLinear(nn.Module):
+    # Python only: TorchScript would compile the property into the class once and fail to redefine
+    # it for the next model scripted.
+    __jit_unused_properties__ = ["density"]
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)

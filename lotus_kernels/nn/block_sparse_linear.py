@@ -71,7 +71,14 @@ def to_block_mask(mask: torch.Tensor, shape, block_size: int, name: str = "mask"
 class BlockSparseLinear(nn.Module):
     """``y = x @ W.T + bias`` with W [out, in] stored as bs x bs blocks (``block_size``); ``density``
     is the fraction of blocks kept at construction (those of largest L2 norm of nn.Linear's random
-    initialisation, i.e. a random pattern). Use ``from_linear`` to sparsify a trained layer."""
+    initialisation, i.e. a random pattern). Use ``from_linear`` to sparsify a trained layer.
+
+    torch.fx traces it as one node (see ``ops.block_sparse_linear``; timm's tracer keeps the layer
+    itself as a leaf) and TorchScript scripts its forward; the properties below are Python only."""
+
+    # Inspection helpers, not compiled by TorchScript (a compiled property is bound to the class
+    # once, so the second model scripted failed with "Can't redefine method").
+    __jit_unused_properties__ = ["weight", "block_mask", "density"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int = 32,
                  density: float = 1.0, device=None, dtype=None):

@@ -14,18 +14,21 @@ of the kernel's tile), the layer falls back to a dense matmul with the 2:4-maske
 with a ``SemiStructuredFallbackWarning`` naming the requirement it missed; ``strict=True`` raises
 instead. As in ``MaskedLinear``, ``weight`` is kept exactly zero where ``mask`` is False: set on
 construction and on ``load_state_dict``, preserved by training because its gradient is zero there.
+
+TorchScript and torch.fx graphs (traced through the layer) run the masked dense product, without a
+warning: the compressed weights live in a Python-side cache keyed on the weight's version, which a
+graph cannot carry. Same result, no 2:4 speed-up. timm's FX tracer keeps the layer as a leaf, so its
+graphs call this forward and get the kernels where they run.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .. import _checks
-
-import torch.nn.functional as F
-
+from .. import _checks, _fx
 from ..ops.masked_linear import _masked_weight_grad, masked_linear
 from ..ops.semi_structured_linear import (check_semi_structured_mask, gemm_dtype, is_transposable, kernel_unsupported,
                                           semi_structured_mask)
@@ -127,6 +130,15 @@ class SemiStructuredLinear(MaskedWeightLinear):
         return None if why is None else why[1]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # TorchScript and torch.fx graphs run the masked product (module docstring); a strict layer
+        # refuses (here under torch.fx, in __prepare_scriptable__ for TorchScript).
+        if torch.jit.is_scripting():
+            return masked_linear(input, self.weight, self.mask, self.bias)
+        if _fx.is_proxy(input, self.weight):
+            if self.strict:
+                raise RuntimeError("SemiStructuredLinear(strict=True): a torch.fx graph runs the dense masked "
+                                   "product; trace with the layer as a leaf module to keep the 2:4 kernels")
+            return masked_linear(input, self.weight, self.mask, self.bias)
         dtype = gemm_dtype(self.weight)
         why = kernel_unsupported(self.weight.device, dtype, self.out_features, self.in_features)
         if why is None:
@@ -148,6 +160,12 @@ class SemiStructuredLinear(MaskedWeightLinear):
                           f"weight (lotus_kernels.ops.masked_linear: same result, no speed-up)",
                           SemiStructuredFallbackWarning, stacklevel=4)  # the caller of module(x)
         return masked_linear(input, self.weight, self.mask, self.bias)
+
+    def __prepare_scriptable__(self):
+        if self.strict:
+            raise RuntimeError("SemiStructuredLinear(strict=True): TorchScript would run the dense masked product "
+                               "(the 2:4 kernels are eager / torch.compile only)")
+        return self
 
     @classmethod
     @torch.no_grad()

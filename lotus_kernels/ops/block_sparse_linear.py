@@ -34,7 +34,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _checks
+from .. import _backend, _checks, _fx
 
 BLOCK_SIZES = (16, 32, 64)
 # Backends with kernels for this op; the lead adds "triton" / "cuda" here when they are merged.
@@ -232,9 +232,27 @@ def _kernel_backend(t: torch.Tensor) -> str:
     return _backend.select(t.device, "block_sparse_linear", implemented=IMPLEMENTED)
 
 
+def _check_sizes(x, values, crow, col, ccol, bias) -> None:
+    """The sizes the kernels index memory with, checked inside the op: a TorchScript or torch.fx
+    graph (or a direct ``torch.ops`` call) reaches the op without the wrapper's ``_check``, and a
+    wrong in_features or block count would read out of bounds. A few integer compares per call."""
+    if values.dim() != 3 or values.shape[0] != col.shape[0]:
+        raise ValueError(f"values: expected shape [nnzb = {col.shape[0]}, bs, bs] (one block per col entry), "
+                         f"got {tuple(values.shape)}")
+    bs = values.shape[-1]
+    in_f, out_f = (ccol.shape[0] - 1) * bs, (crow.shape[0] - 1) * bs
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x: expected shape [..., {in_f}] (in_features), got {tuple(x.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
+        raise ValueError(f"bias: expected shape ({out_f},) (out_features), got {tuple(bias.shape)}")
+    if x.get_device() != values.get_device():  # an int per tensor: cheaper than comparing torch.device
+        raise ValueError(f"x: expected a tensor on {values.device} (like values), got one on {x.device}")
+
+
 @torch.library.custom_op("lotus_kernels::block_sparse_linear", mutates_args=())
 def _bsl_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor,
              row: torch.Tensor, perm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _check_sizes(x, values, crow, col, ccol, bias)
     check_pattern(crow, col, ccol, row, perm)
     backend = _kernel_backend(x)
     if backend != "cpu" and x.dtype != values.dtype:  # mixed: only the CPU kernels convert while packing
@@ -412,7 +430,14 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tenso
     ``values`` (stored blocks only) and ``bias``.
 
     Under ``torch.autocast`` to bf16 / fp16, an fp32 ``x`` is not cast: the op takes it as it is (a
-    mixed call, see the module docstring; dx comes back fp32 without a cast node)."""
+    mixed call, see the module docstring; dx comes back fp32 without a cast node).
+
+    TorchScript compiles this to the registered op (which checks the shapes it indexes with, but
+    casts nothing for autocast); under torch.fx tracing it is one graph node calling this function."""
+    if torch.jit.is_scripting():
+        return torch.ops.lotus_kernels.block_sparse_linear(x, values, crow, col, ccol, row, perm, bias)
+    if _fx.is_proxy(x, values, crow, col, ccol, row, perm, bias):
+        return _fx.record(block_sparse_linear, x, values, crow, col, ccol, row, perm, bias)
     mixed = (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
              and torch.get_autocast_dtype(x.device.type) in _LOW)
     if mixed:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _checks
+from .. import _backend, _checks, _fx
 
 
 # ---------------------------------------------------------------- references (ground truth)
@@ -137,7 +137,14 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a ``weight`` [out, in] pruned by the bool ``mask`` [out, in]
     (True = kept). ``weight`` must already be zero where ``mask`` is False (not checked: that would
-    cost a pass over the weight per call); its gradient is zero there."""
+    cost a pass over the weight per call); its gradient is zero there.
+
+    TorchScript compiles this to the registered op (no checks, no autocast casts); under torch.fx
+    tracing it is one graph node calling this function."""
+    if torch.jit.is_scripting():
+        return torch.ops.lotus_kernels.masked_linear(x, weight, mask, bias)
+    if _fx.is_proxy(x, weight, mask, bias):
+        return _fx.record(masked_linear, x, weight, mask, bias)
     x, weight, bias = _checks.autocast_inputs(x, weight, bias)
     check_linear_args(x, weight, mask, bias)
     return _masked_linear(x, weight, mask, bias)

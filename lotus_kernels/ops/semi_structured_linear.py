@@ -27,7 +27,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .. import _checks
+from .. import _checks, _fx
 from .masked_linear import _ml_backward, _ml_setup, check_linear_args, check_mask
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -172,7 +172,12 @@ def semi_structured_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Te
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on the 2:4 sparse kernels; ``weight`` must already be zero where
     the 2:4 ``mask`` is False (not re-checked per call). Raises if the kernels cannot run it (see
-    ``kernel_unsupported``); ``nn.SemiStructuredLinear`` handles the fallback."""
+    ``kernel_unsupported``); ``nn.SemiStructuredLinear`` handles the fallback. TorchScript compiles
+    this to the registered op; under torch.fx tracing it is one graph node calling this function."""
+    if torch.jit.is_scripting():
+        return torch.ops.lotus_kernels.semi_structured_linear(x, weight, mask, bias)
+    if _fx.is_proxy(x, weight, mask, bias):
+        return _fx.record(semi_structured_linear, x, weight, mask, bias)
     x, weight, bias = _checks.autocast_inputs(x, weight, bias)
     check_linear_args(x, weight, mask, bias)
     out_features, in_features = weight.shape
