@@ -29,7 +29,7 @@ from lotus_kernels import sparsify_
 from . import cost as cost_mod
 from . import finetune as ft
 from . import model as model_mod
-from . import plan, probe, prune, task, tickets
+from . import plan, probe, prune, report, task, tickets
 from .canvas import coverage, object_recall
 from .cost import Clock
 from .errors import LotusError
@@ -562,8 +562,6 @@ def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
 
 
 def run_all(run: RunDir, stages=STAGES, redo=False, only=None) -> None:
-    from . import report
-
     cfg = run.config()
     setup(cfg)
     for st in stages:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import stats
 from .results import (GOAL_COST, GOAL_FT_GAIN, GOAL_POINTS, GOAL_RECALL_RATIO, GOAL_TICKET_POINTS, METHOD_ORDER,
-                      collect, export_predictions, strip_timing)
+                      collect, export_predictions, findings, strip_timing)
 from .rundir import RunDir
 
 __all__ = ["write", "markdown", "strip_timing"]
@@ -189,7 +189,6 @@ def sec_cost_parts(res: dict) -> list[str]:
 
 def sec_findings(res: dict) -> list[str]:
     st = res["stats"]
-    from .results import findings
     rows = findings(st)
     if not rows:
         return []
