@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from .errors import LotusError
 
 DEFAULT_SWEEP = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-DEFAULT_POLICIES = ("fixed", "fixed_random", "random", "rescore_epoch", "aug_rescore", "mix")
+DEFAULT_POLICIES = ("fixed", "random")
 
 
 def _floats(text: str) -> list[float]:
@@ -35,6 +34,16 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _classes(text: str):
+    if text == "auto":
+        return text
+    from .task import parse_classes
+    try:
+        return parse_classes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="FILE.npz (x uint8 [N,3,H,W], y int64 [N]; held-out split: --val-fraction), "
@@ -50,7 +59,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=int, default=None, help="number of classes (default: max label + 1)")
     g.add_argument("--limit", type=int, default=None,
                    help="use only N images, stratified by class, split by --val-fraction (quick runs)")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="held-out validation fraction (default: 0.2)")
+    g.add_argument("--val-fraction", type=float, default=0.25, help="held-out validation fraction (default: 0.25)")
+    g.add_argument("--source-classes", type=_classes, default="auto",
+                   help="classes of the source task the model is pretrained on, e.g. 0-4 (default auto: from scratch "
+                        "the first half of the classes; with --pretrained / --checkpoint none, the checkpoint's task)")
+    g.add_argument("--target-classes", type=_classes, default="auto",
+                   help="classes of the target task that is fine-tuned and reported, e.g. 5-9 (default auto: from "
+                        "scratch the second half of the classes; with pretrained weights all)")
+    g.add_argument("--canvas", type=int, default=None,
+                   help="place every image at a random position on a SIZE x SIZE canvas of other images' pieces "
+                        "(object boxes known: the report gives each ticket policy's object-patch recall); 0: none "
+                        "(default: twice the images' side from scratch, none with pretrained weights)")
+    g.add_argument("--canvas-tile", type=int, default=None,
+                   help="side of the distractor pieces cut from other images (default: an eighth of the image side)")
+    g.add_argument("--source-background", choices=("plain", "clutter"), default="plain",
+                   help="with --canvas, the source task's images on a plain background (object-centric "
+                        "pretraining; default) or on clutter like the target's")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: 0 for .npz / cifar10, which are sliced and resized "
                         "per batch; for an ImageFolder one per spare core, at most 8)")
@@ -70,7 +94,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "state_dict, optionally {'state_dict': ..., 'pretrained_cfg': {mean, std, ...}}) or a "
                         "hub-layout directory (config.json + model.safetensors); a classifier for other labels "
                         "is replaced by a fresh head")
-    g.add_argument("--patch-size", type=int, default=4, help="lotus_vit patch size (default: 4)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="lotus_vit patch size (default: an 8 x 8 patch grid, e.g. 8 on a 64-px canvas)")
     g.add_argument("--embed-dim", type=int, default=64, help="lotus_vit width (default: 64)")
     g.add_argument("--depth", type=int, default=4, help="lotus_vit blocks (default: 4)")
     g.add_argument("--heads", type=int, default=2, help="lotus_vit attention heads (default: 2)")
@@ -91,11 +116,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training and evaluation (default: on where a GPU is visible)")
     g.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="dense training epochs (default: 30 from scratch; 5 fine-tuning, ~500 steps of CIFAR-10 "
-                        "at batch 512)")
+                   help="epochs of source-task training (default: 30 from scratch; 0 with pretrained weights)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="pretrain without random flips and shifts by 1/8 of the side (fine-tuning never "
                         "augments: a ticket's patch indices refer to the unaugmented image)")
+    g.add_argument("--cost-basis", choices=("auto", "cpu", "wall"), default="auto",
+                   help="seconds on the cost axis: process CPU time (robust on a shared CPU) or wall time; auto: "
+                        "cpu without a GPU, wall with one (default)")
     g = p.add_argument_group("attention tickets")
     g.add_argument("--keep-ratio", type=_fraction, default=0.5,
                    help="patches a ticket policy keeps per image per step, ceil(keep * N) (default: 0.5)")
@@ -124,9 +151,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sweep", type=_floats, default=DEFAULT_SWEEP, help="one-shot sparsities (default: 0,0.1,...,0.9)")
     g.add_argument("--tolerance", type=float, default=1.0,
                    help="essential sparsity: accuracy points below dense allowed (default: 1)")
-    g.add_argument("--compare-sparsities", type=_floats, default=[0.7],
+    g.add_argument("--compare-sparsities", type=_floats, default=[],
                    help="unstructured ISP / ISSP / control / Instant Soup / one-shot also at these sparsities, where "
-                        "one-shot loses accuracy (default: 0.7; --layout's pruning runs at its essential sparsity)")
+                        "one-shot loses accuracy, e.g. 0.7 (default: none; every layout is pruned at its essential "
+                        "sparsity)")
     g.add_argument("--isp-rounds", type=int, default=2, help="ISP / ISSP rounds towards the target (default: 2)")
     g.add_argument("--isp-copies", type=int, default=3, help="weak copies K per round (default: 3)")
     g.add_argument("--isp-subset", type=_fraction, default=0.3,
@@ -139,25 +167,52 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="ISP mask merge: keep a weight kept by any / a majority / all copies (default: majority)")
     g.add_argument("--isp-recipe", default="ours",
                    help="ISP feeding the fine-tuning arms: ours (votes + weight soup) or instant-soup (as published)")
+    g.add_argument("--prune-seeds", type=int, default=3,
+                   help="replicates of every pruning method, each with its own seeds; fine-tuning seed k starts from "
+                        "replicate k mod this (default: 3)")
     g.add_argument("--no-instant-soup", dest="instant_soup", action="store_false",
                    help="skip Instant Soup as published (by default it runs beside ours at every unstructured target)")
     g.add_argument("--instant-copies", type=int, default=5, help="Instant Soup weak copies per iteration (default 5)")
     g.add_argument("--instant-subset", type=_fraction, default=0.1,
                    help="Instant Soup: data share of each weak copy's one pass (default 0.1)")
+    g.add_argument("--instant-main-subset", type=_fraction, default=0.5,
+                   help="Instant Soup: data share of the main model's pass before each iteration (default 0.5)")
+    g.add_argument("--instant-step", type=_fraction, default=0.1,
+                   help="Instant Soup: share of its remaining weights each copy prunes per iteration (default 0.1)")
+    g.add_argument("--instant-stop", type=_fraction, default=0.05,
+                   help="Instant Soup: iterate until within this of the target, then prune one-shot (default 0.05)")
     g = p.add_argument_group("fine-tuning")
+    g.add_argument("--headline", default="dense/fixed",
+                   help="the arm the report's goal is judged on, named before the run (default: %(default)s); the "
+                        "other arms are exploratory")
     g.add_argument("--seeds", type=int, default=3, help="seeds of every fine-tuning arm (default: 3)")
+    g.add_argument("--main-seeds", type=int, default=5,
+                   help="seeds of the headline, dense/full and the compute-matched arms (default: 5)")
     g.add_argument("--arms", type=_names, default=None,
                    help="fine-tuning arms <start>/<data> instead of the default set, e.g. "
                         "dense/full,block-isp/fixed,block-isp/random@0.7,unstructured-control/full")
-    g.add_argument("--finetune-epochs", type=int, default=2, help="epochs of every arm (default: 2)")
+    g.add_argument("--no-matched", dest="matched", action="store_false",
+                   help="skip the compute-matched dense arms (dense full-data fine-tuning for the whole-job seconds "
+                        "of the cheapest arm and of the headline)")
+    g.add_argument("--matched-steps", type=int, default=None,
+                   help="fix the compute-matched arms' steps instead of deriving them from measured seconds "
+                        "(reproducible test runs)")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of every arm (default: 6 from scratch, 5 with pretrained weights)")
+    g.add_argument("--finetune-batch-size", type=int, default=None,
+                   help="batch size of the fine-tuning arms, weak copies and recovery pass (default: 32 from scratch, "
+                        "--batch-size with pretrained weights)")
     g.add_argument("--finetune-lr", type=float, default=None,
                    help="default: 5e-4 from scratch, 0.01 x batch / 512 fine-tuning a pretrained model")
-    g.add_argument("--timing-rounds", type=int, default=10,
-                   help="interleaved rounds of the train-step timing of every arm (0: skip; default 10)")
+    g.add_argument("--timing-rounds", type=int, default=5,
+                   help="interleaved rounds of the train-step timing of every arm (0: skip; default 5)")
 
 
 CONFIG_KEYS = ("data", "data_root", "img_size", "crop_pct", "num_classes", "limit", "val_fraction", "workers",
-               "clip_grad", "seed", "threads", "model",
+               "source_classes", "target_classes", "canvas", "canvas_tile", "source_background", "cost_basis",
+               "prune_seeds",
+               "instant_main_subset", "instant_step", "instant_stop", "headline", "main_seeds", "matched",
+               "matched_steps", "finetune_batch_size", "clip_grad", "seed", "threads", "model",
                "pretrained", "checkpoint", "patch_size", "embed_dim", "depth", "heads", "mlp_ratio", "batch_size",
                "eval_batch_size", "optimizer", "lr", "weight_decay", "warmup", "bf16", "pretrain_epochs", "augment",
                "keep_ratio", "sink", "policies", "mix_top", "compare_keeps", "overlay_images", "layout", "block_size",
@@ -180,14 +235,15 @@ def parser() -> argparse.ArgumentParser:
         "(essential sparsity -> ISP / ISSP), fine-tuned on sparse kernels, with a report.",
         epilog="Also: python -m lotus ...; torchrun --nproc_per_node=N -m lotus finetune RUN_DIR (DDP).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    r = sub.add_parser("run", help="all stages: pretrain, score, prune, finetune, timing, report",
+    r = sub.add_parser("run", help="all stages: pretrain, probe, score, prune, finetune, timing, report",
                        description="Run every stage into --out, or continue an interrupted run with --resume.")
     r.add_argument("--out", help="new (or empty) run directory")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue this run: unfinished stages are redone from scratch "
                    "with the run's saved options (other options are ignored)")
     _add_run_options(r)
-    pt = sub.add_parser("pretrain", help="create a run and train the dense model only",
-                        description="Create RUN_DIR (--out) with the options below and train the dense model.")
+    pt = sub.add_parser("pretrain", help="create a run, pretrain on the source task and make the start model",
+                        description="Create RUN_DIR (--out) with the options below, pretrain on the source task "
+                        "and fit the start model's linear probe on the target task.")
     pt.add_argument("--out", required=True, help="new (or empty) run directory")
     _add_run_options(pt)
     for name, text in (("score", "attention tickets: score every training image, keep the top patches"),
@@ -202,14 +258,18 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--only", nargs="+", metavar="ARM",
                            help="only these arms (dense/full, block-isp/fixed, ...)")
     e = sub.add_parser("evaluate", help="accuracy of every final model of a run on another data file",
-                       description="Evaluate every fine-tuned model (each arm and seed) of RUN_DIR on --data "
-                       "(all patches).")
+                       description="Evaluate the start model and every fine-tuned model (each arm and seed) of "
+                       "RUN_DIR on the run's target task within --data (its images of the target classes, on a "
+                       "canvas if the run used one; all patches).")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--data", required=True, help="FILE.npz, cifar10 (its test split) or an ImageFolder with the "
-                   "run's classes; images go through the run's data config (resized to its input size)")
+                   "run's class ids; images of other classes are left out, the rest go through the run's data "
+                   "config (resized to its input size)")
     e.add_argument("--json", action="store_true",
-                   help='print one JSON object: "<arm>#s<seed>" -> {"accuracy" (fraction), "n", "layout", '
-                        '"sparsity", "keep", "step_ratio", "finetune_seconds"}')
+                   help='print one JSON object: "<arm>#s<seed>" (and "start", the model before fine-tuning) -> '
+                        '{"arm", "seed", "accuracy" (fraction), "n", "layout", "sparsity", "keep", "step_ratio", '
+                        '"finetune_seconds", "total_seconds" (the whole job that made the model, in the run\'s cost '
+                        'basis)}')
     return p
 
 
@@ -217,7 +277,8 @@ def _config(args) -> dict:
     cfg = {k: getattr(args, k) for k in CONFIG_KEYS}
     if cfg["threads"] < 1:
         raise LotusError(f"--threads: expected at least 1, got {cfg['threads']}")
-    for k, what in (("workers", "at least 0"), ("batch_size", "at least 1"), ("eval_batch_size", "at least 1")):
+    for k, what in (("workers", "at least 0"), ("batch_size", "at least 1"), ("eval_batch_size", "at least 1"),
+                    ("finetune_batch_size", "at least 1")):
         lo = 0 if k == "workers" else 1
         if cfg[k] is not None and cfg[k] < lo:
             raise LotusError(f"--{k.replace('_', '-')}: expected {what}, got {cfg[k]}")
@@ -232,11 +293,11 @@ def _config(args) -> dict:
 
 
 def _create(args):
-    """Validate everything that can be wrong (data, model, checkpoint), then create the run dir."""
+    """Validate everything that can be wrong (data, tasks, canvas, model, checkpoint), then create the run dir."""
     from . import data as data_mod
     from . import model as model_mod
-    from . import recipe
-    from .pipeline import split_data
+    from . import recipe, task
+    from .canvas import check_size
     from .prune import check_layout
     from .rundir import RunDir
 
@@ -251,17 +312,33 @@ def _create(args):
     cfg = recipe.resolve(_config(args))
     sources = data_mod.open_sources(cfg)
     cfg["num_classes"] = sources[0].num_classes
+    native = sources[0].native_size
+    cfg["image_side"] = native
+    if cfg["canvas"] is None:
+        cfg["canvas"] = 2 * native if cfg["recipe"] == "scratch" and native else 0
+    if cfg["canvas"]:
+        if not native:
+            raise LotusError("--canvas: needs images held in memory (a .npz file or cifar10), not an ImageFolder")
+        check_size(cfg["canvas"], native)
+        if cfg["canvas_tile"] is not None and not 0 < cfg["canvas_tile"] <= native:
+            raise LotusError(f"--canvas-tile: expected 1..{native} (the image side), got {cfg['canvas_tile']}")
+    task.resolve_classes(cfg, cfg["num_classes"])
     _check_options(cfg)
     size = cfg["img_size"]
     if size is None and cfg["model"] == model_mod.DEFAULT_MODEL:
-        size = sources[0].native_size or 32
-    model = model_mod.build(cfg, cfg["num_classes"], size)  # fails here on a bad --model / --checkpoint
+        size = cfg["canvas"] or native or 32
+    if cfg["patch_size"] is None:
+        cfg["patch_size"] = max(1, int(size or 32) // 8)  # lotus_vit: an 8 x 8 patch grid
+    model = model_mod.build(cfg, len(cfg["target_classes"]), size)  # fails here on a bad --model / --checkpoint
+    task.check_source(cfg)
     check_layout(model, cfg["layout"], cfg["block_size"])  # a block size that does not divide a layer
     cfg["img_size"] = int(model.patch_embed.img_size[0])
     cfg["data_config"] = model_mod.data_config(model, cfg)
     del model
-    # fails here on a bad --limit / --val-fraction / --select-fraction
-    split_data(cfg, data_mod.load_split(cfg, sources))
+    # fails here on a bad --limit / --val-fraction / --select-fraction / class list
+    split = data_mod.load_split(cfg, sources)
+    task.target_sets(cfg, split)
+    task.source_sets(cfg, split)
     return RunDir.create(out, cfg)
 
 
@@ -295,8 +372,20 @@ def _check_options(cfg: dict) -> None:
         raise LotusError("--isp-recipe instant-soup: not with --no-instant-soup")
     if not 0 <= cfg["select_fraction"] < 1:
         raise LotusError(f"--select-fraction: expected a fraction in [0, 1), got {cfg['select_fraction']}")
-    if cfg["seeds"] < 1:
-        raise LotusError(f"--seeds: expected at least 1, got {cfg['seeds']}")
+    for k in ("seeds", "main_seeds", "prune_seeds"):
+        if cfg[k] < 1:
+            raise LotusError(f"--{k.replace('_', '-')}: expected at least 1, got {cfg[k]}")
+    if cfg["matched_steps"] is not None and cfg["matched_steps"] < 1:
+        raise LotusError(f"--matched-steps: expected at least 1, got {cfg['matched_steps']}")
+    if cfg["isp_recipe"] == "instant-soup" and cfg["layout"] == "2:4":
+        raise LotusError("--isp-recipe instant-soup: Instant Soup prunes in 10% steps; not with --layout 2:4")
+    try:
+        head = parse_arm(cfg["headline"])
+    except ValueError as e:
+        raise LotusError(f"--headline: {e}")
+    if head["layout"] not in ("dense", "unstructured", cfg["layout"]):
+        raise LotusError(f"--headline: {cfg['headline']} prunes in layout {head['layout']}, but this run prunes "
+                         f"unstructured and --layout {cfg['layout']}")
     if not 0 <= cfg["mix_top"] <= 1:
         raise LotusError(f"--mix-top: expected a fraction in [0, 1], got {cfg['mix_top']}")
     for arm in cfg["arms"] or ():
@@ -326,37 +415,46 @@ def _create_once(args):
 def _evaluate(args) -> None:
     import torch
 
-    from . import data as data_mod
-    from . import pipeline
+    from . import cost, pipeline, plan, task
     from .rundir import RunDir
     from .train import evaluate
 
     run = RunDir.open(args.run_dir)
     cfg = run.config()
     pipeline.setup(cfg)
-    images = data_mod.load_eval(args.data, cfg)  # through the run's data config (resized as in the run)
+    images = task.eval_set(args.data, cfg)  # the target classes, through the run's data config (and canvas)
     ratios = run.result("timing")["ratio_to_dense"] if run.done("timing") else {}
-    out = {}
-    for k in range(cfg["seeds"]):
-        for arm in pipeline.arms(cfg):
-            stage = f"finetune/{arm}/s{k}"
-            if not run.done(stage):
-                continue
-            r = run.result(stage)
-            model = pipeline.load_model(run, cfg, f"models/finetune/{arm}/s{k}.pt")
-            with torch.no_grad():
-                acc = evaluate(model, images, batch_size=cfg["eval_batch_size"]) / 100.0
-            out[f"{arm}#s{k}"] = {"accuracy": acc, "n": len(images), "layout": r["layout"], "sparsity": r["sparsity"],
-                                  "keep": r["keep"], "step_ratio": ratios.get(arm), "finetune_seconds": r["finetune_s"]}
-    if not out:
+    basis = cfg.get("cost_basis", "cpu")
+    models = []
+    if run.done("probe"):
+        models.append(("start", "start", None, "models/start.pt"))
+    for k in range(plan.max_seeds(cfg)):
+        for arm in plan.arms(cfg):
+            if run.done(f"finetune/{arm}/s{k}"):
+                models.append((f"{arm}#s{k}", arm, k, f"models/finetune/{arm}/s{k}.pt"))
+    if len(models) < 2:
         raise LotusError(f"run directory: {args.run_dir} holds no fine-tuned model yet (run `lotus finetune` first)")
+    out = {}
+    for key, arm, k, path in models:
+        model = pipeline.load_model(run, cfg, path)
+        with torch.no_grad():
+            acc = evaluate(model, images, batch_size=cfg["eval_batch_size"]) / 100.0
+        job = cost.job(run, cfg, arm, k or 0)["total"][basis]
+        if arm == "start":
+            row = {"layout": "dense", "sparsity": 0.0, "keep": 1.0, "step_ratio": None, "finetune_seconds": 0.0}
+        else:
+            r = run.result(f"finetune/{arm}/s{k}")
+            row = {"layout": r["layout"], "sparsity": r["sparsity"], "keep": r["keep"],
+                   "step_ratio": ratios.get(arm, ratios.get("dense/full") if arm in plan.MATCHED else None),
+                   "finetune_seconds": r["cost"][basis]}
+        out[key] = {"arm": arm, "seed": k, "accuracy": acc, "n": len(images), **row, "total_seconds": job}
     if args.json:
         print(json.dumps(out))
     else:
         for name, r in out.items():
             ratio = "—" if r["step_ratio"] is None else f"{r['step_ratio']:.2f}x"
             print(f"{name:36s} {100 * r['accuracy']:6.2f}%  (n={r['n']}, {r['layout']} sparsity {r['sparsity']:.3f}, "
-                  f"keep {r['keep']:g}, step {ratio}, {r['finetune_seconds']:.1f} s)")
+                  f"keep {r['keep']:g}, step {ratio}, job {r['total_seconds']:.1f} s {basis})")
 
 
 def _main(argv) -> None:
@@ -378,7 +476,7 @@ def _main(argv) -> None:
         pipeline.run_all(run)
         print(f"lotus: done: {run.root / 'report.md'}")
     elif args.command == "pretrain":
-        pipeline.run_all(_create_once(args), stages=("pretrain",))
+        pipeline.run_all(_create_once(args), stages=("pretrain", "probe"))
     elif args.command in ("score", "report"):
         pipeline.run_all(RunDir.open(args.run_dir), stages=(args.command,), redo=args.redo)
     elif args.command == "prune":

@@ -68,11 +68,14 @@ def geometry(config: dict):
 
 # ---------------------------------------------------------------- sources (raw images + labels)
 class TensorSource:
-    """Images held in memory as uint8 [N, 3, H, W] (possibly a strided view, e.g. CIFAR's NHWC)."""
+    """Images held in memory as uint8 [N, 3, H, W] (possibly a strided view, e.g. CIFAR's NHWC);
+    ``boxes`` [N, 4] (top, left, height, width in these pixels): where each image's object is, for
+    images composed on a canvas (``lotus.canvas``)."""
     in_memory = True
 
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str):
-        self.x, self.labels, self.num_classes, self.name = x, labels, num_classes, name
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str,
+                 boxes: torch.Tensor | None = None):
+        self.x, self.labels, self.num_classes, self.name, self.boxes = x, labels, num_classes, name, boxes
 
     @property
     def native_size(self) -> int:
@@ -86,6 +89,7 @@ class FolderSource:
     """A torchvision ImageFolder: paths + labels in memory, each image decoded when it is used."""
     in_memory = False
     native_size = None
+    boxes = None
 
     def __init__(self, folder, labels: torch.Tensor, num_classes: int, name: str):
         self.folder, self.labels, self.num_classes, self.name = folder, labels, num_classes, name
@@ -132,6 +136,27 @@ class ImageSet(Dataset):
     @property
     def std(self):
         return tuple(self.config["std"])
+
+    @property
+    def boxes(self) -> torch.Tensor | None:
+        """float64 [N, 4] object boxes (top, left, height, width) in the pixels the model sees, or
+        None where the images carry no box (only canvas images do)."""
+        if self.source.boxes is None:
+            return None
+        from .canvas import boxes_in_model_pixels
+        return boxes_in_model_pixels(self.source.boxes[self.index], self.source.native_size, self.config)
+
+    def for_classes(self, classes) -> "ImageSet":
+        """The images of ``classes`` only, relabelled 0..len(classes)-1 in that order (a task)."""
+        classes = [int(c) for c in classes]
+        labels = self.source.labels
+        lut = torch.full((max(int(labels.max()), *classes) + 1,), -1, dtype=torch.int64)
+        lut[torch.tensor(classes)] = torch.arange(len(classes))
+        src = copy.copy(self.source)
+        src.labels, src.num_classes = lut[labels], len(classes)
+        out = copy.copy(self)
+        out.source, out.index = src, self.index[src.labels[self.index] >= 0]
+        return out
 
     def subset(self, idx) -> "ImageSet":
         """The images at positions ``idx`` (ids are renumbered 0..len(idx)-1)."""

@@ -8,7 +8,9 @@ An arm is named ``<start>/<data>``:
          starts on ``BlockSparseLinear`` for qkv, proj, fc1 and fc2 (the head stays dense), 2:4 on
          ``MaskedLinear`` with the 2:4 mask (no 2:4 kernel on CPU)
   data   ``full`` (every patch) or a ticket policy (``lotus.tickets.POLICIES``) at the run's keep
-         ratio, or ``<policy>@<keep>`` at another one
+         ratio, or ``<policy>@<keep>`` at another one; ``matched-cheapest`` / ``matched-headline``
+         (dense start only): every patch, for as many steps as fit in the whole-job seconds of the
+         cheapest / the headline arm (the run's ``budget`` stage decides them)
 
 Every arm runs ``--seeds`` times; seed s is the same for every arm (same data order, same
 initial state), so arms sharing a start model differ only in the patches they see and are paired
@@ -21,13 +23,18 @@ from .tickets import POLICIES
 from .train import epochs_to_within, train
 
 METHODS = ("oneshot", "isp", "issp", "control", "instant")
+BUDGETS = ("matched-cheapest", "matched-headline")
 
 
 def parse_arm(name: str) -> dict:
-    """{"start", "layout", "method", "policy", "keep"} of an arm name; keep None = the run's."""
+    """{"start", "layout", "method", "policy", "keep", "budget"} of an arm name; keep None = the run's."""
     if name.count("/") != 1:
         raise ValueError(f"arm: expected <start>/<data>, got {name!r}")
     start, data = name.split("/")
+    if data in BUDGETS:
+        if start != "dense":
+            raise ValueError(f"arm {name!r}: a compute-matched arm starts from the dense model (dense/{data})")
+        return {"start": start, "layout": "dense", "method": None, "policy": "full", "keep": None, "budget": data}
     if start == "dense":
         layout, method = "dense", None
     else:
@@ -46,16 +53,18 @@ def parse_arm(name: str) -> dict:
         raise ValueError(f"arm {name!r}: keep ratio {keep!r} is not a number")
     if k is not None and not 0 < k <= 1:
         raise ValueError(f"arm {name!r}: keep ratio must be in (0, 1], got {k}")
-    return {"start": start, "layout": layout, "method": method, "policy": policy, "keep": k}
+    return {"start": start, "layout": layout, "method": method, "policy": policy, "keep": k, "budget": None}
 
 
 def default_arms(layout: str, policies, extra_keeps=(), isp="isp") -> list[str]:
-    """The cost table's arms: dense full; unstructured one-shot and ISP; ``layout`` ISP full; dense
-    tickets; ``layout`` ISP with every policy; extra keeps for fixed tickets vs random."""
-    arms = ["dense/full", "unstructured-oneshot/full", f"unstructured-{isp}/full"]
+    """The cost table's arms: dense full; unstructured ISP (the paper's pruning); ``layout`` ISP full;
+    dense tickets with their two controls (a fixed random subset, random patches every step);
+    ``layout`` ISP with every policy; extra keeps for fixed tickets vs random. (The compute-matched
+    dense arms are added by ``plan.arms``.)"""
+    arms = ["dense/full", f"unstructured-{isp}/full"]
     if layout != "unstructured":
         arms.append(f"{layout}-{isp}/full")
-    arms.append("dense/fixed")
+    arms += ["dense/fixed", "dense/fixed_random", "dense/random"]
     arms += [f"{layout}-{isp}/{p}" for p in policies]
     for k in extra_keeps:
         arms += [f"{layout}-{isp}/fixed@{k:g}", f"{layout}-{isp}/random@{k:g}"]
@@ -67,11 +76,15 @@ def default_arms(layout: str, policies, extra_keeps=(), isp="isp") -> list[str]:
 
 
 def finetune(model, train_data: ImageSet, val_data: ImageSet, cfg: dict, *, seed: int, keep_fn=None,
-             augment: bool = False, desc: str = "finetune", evaluate_each_epoch: bool = True) -> dict:
-    """Fine-tune ``model`` in place; returns its history plus ``epochs_to_within_1`` (first epoch
-    within 1 point of the final accuracy) and ``train_s`` (training seconds, evaluation excluded)."""
+             augment: bool = False, desc: str = "finetune", evaluate_each_epoch: bool = True,
+             steps: int | None = None) -> dict:
+    """Fine-tune ``model`` in place (``steps``: that many steps instead of the run's epochs); returns
+    its history plus ``epochs_to_within_1`` (first epoch within 1 point of the final accuracy) and
+    ``train_s`` / ``train_cpu_s`` (training seconds, evaluation excluded)."""
     hist = train(model, train_data, val_data if evaluate_each_epoch else None, epochs=cfg["finetune_epochs"],
-                 lr=cfg["finetune_lr"], batch_size=cfg["batch_size"], seed=seed, optimizer=cfg["optimizer"],
+                 steps=steps,
+                 lr=cfg["finetune_lr"], batch_size=cfg.get("finetune_batch_size") or cfg["batch_size"], seed=seed,
+                 optimizer=cfg["optimizer"],
                  weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"], keep_fn=keep_fn,
                  augment=augment, eval_batch_size=cfg["eval_batch_size"], clip_grad=cfg.get("clip_grad") or None,
                  desc=desc)

@@ -5,54 +5,40 @@ its outputs atomically and then its marker (``RunDir.mark_done``). Resuming afte
 redoes exactly the unfinished stages and reproduces an uninterrupted run bit for bit (same
 machine, same ``--threads``). Under torchrun only rank 0 writes; every rank computes.
 
-Data: the run's train split minus a *selection* split (``--select-fraction`` of it, never trained
-on) on which the essential sparsity, the block score and the sink rule are chosen; every reported
-accuracy is on the validation split, which chooses nothing.
+Tasks (``lotus.task``): the model is pretrained on the *source* task, then everything else works on
+the *target* task: its training images minus a *selection* split (where every choice is made) and
+its validation images (every reported accuracy; they choose nothing).
 
-Stages: pretrain -> score (dense tickets, sink rules) -> prune/sweep (per layout) ->
-prune/<layout>@<sparsity> (one-shot, ISP, ISSP, control, Instant Soup) -> tickets/<start> (scores
-by each start model that a ticket policy fine-tunes) -> finetune/<arm>/s<seed> -> timing -> report.
+Stages: pretrain (source task; pretraining is listed apart from the job's cost) -> probe (the start
+model: a linear probe for the target) -> score (sink rules, the start model's tickets) ->
+prune/sweep (per layout) -> prune/<layout>@<sparsity>/r<replicate> (one-shot, ISP, ISSP, control,
+Instant Soup) -> tickets/<start>/r<replicate> -> finetune/<arm>/s<seed> -> budget (the
+compute-matched dense arms' steps, after seed 0 of every other arm) -> timing -> report. Every part
+of a stage that a user pays for records its wall and CPU seconds (``lotus.cost``).
 """
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
 
 from lotus_kernels import sparsify_
 
-from . import data as data_mod
+from . import cost as cost_mod
 from . import finetune as ft
 from . import model as model_mod
-from . import prune, report, tickets
+from . import plan, probe, prune, report, task, tickets
+from .canvas import coverage, object_recall
+from .cost import Clock
 from .errors import LotusError
 from .rundir import RunDir, stage_seed
-from .train import barrier, evaluate, is_main, predict, time_steps, train
-
-TIMING_KEYS = ("step_time_s", "images_per_s", "wall_s")
+from .train import barrier, evaluate, is_main, lr_at, predict, time_steps, train
 
 
 def setup(cfg: dict) -> None:
     torch.set_num_threads(cfg["threads"])  # results depend on the reduction order: fix it per run
-
-
-# ---------------------------------------------------------------- data
-def split_data(cfg: dict, split=None):
-    """(train, select, val): ``select`` is a seeded ``select_fraction`` of the train split, held out
-    of all training; with fraction 0 it is the validation split itself (the report says so).
-    ``split``: the (train, val) of ``data.load_split(cfg)`` when already loaded. Any source works
-    (npz, cifar10, ImageFolder; after a stratified ``--limit``): only the ids are split."""
-    tr, va = split or data_mod.load_split(cfg)
-    frac = cfg.get("select_fraction", 0.0)
-    if not frac:
-        return tr, va, va
-    n = len(tr)
-    n_sel = max(1, round(frac * n))
-    if n - n_sel < 1:
-        raise LotusError(f"--select-fraction: {frac} leaves no training images")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(stage_seed(cfg["seed"], "select")))
-    return tr.subset(perm[n_sel:].sort().values), tr.subset(perm[:n_sel].sort().values), va
 
 
 def _eval(cfg, data):
@@ -68,17 +54,34 @@ def _record(pred, data) -> dict:
     return {"pred": pred.to(torch.int16), "correct": pred == data.y}
 
 
+def _acc(rec) -> float:
+    return 100.0 * float(rec["correct"].float().mean())
+
+
+def _cover(data, model):
+    """Object pixels per patch of each image of ``data`` (None without object boxes)."""
+    boxes = data.boxes
+    if boxes is None:
+        return None
+    return coverage(boxes, data.img_size, model.patch_embed.patch_size[0])
+
+
 # ---------------------------------------------------------------- models on disk
-def fresh_model(cfg: dict):
+def num_target(cfg) -> int:
+    return len(cfg["target_classes"])
+
+
+def fresh_model(cfg: dict, num_classes: int | None = None):
     """The run's architecture with fresh weights (no download, no checkpoint): to load saved states."""
-    return model_mod.build(dict(cfg, pretrained=False, checkpoint=None), cfg["num_classes"], cfg["img_size"])
+    return model_mod.build(dict(cfg, pretrained=False, checkpoint=None), num_classes or num_target(cfg),
+                           cfg["img_size"])
 
 
-def load_model(run: RunDir, cfg: dict, name: str):
+def load_model(run: RunDir, cfg: dict, name: str, num_classes: int | None = None):
     """A saved model (dense or sparse: its masks come with the state_dict) rebuilt from the run dir."""
     sd = run.load_torch(name)
     masks = {k[: -len(".mask")]: v for k, v in sd.items() if k.endswith(".mask")}
-    model = model_mod.with_masks(fresh_model(cfg), masks)
+    model = model_mod.with_masks(fresh_model(cfg, num_classes), masks)
     model.load_state_dict(sd)
     return model
 
@@ -94,49 +97,15 @@ def save_model(run: RunDir, name: str, model) -> None:
     run.save_torch(name, {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def layouts(cfg) -> list[str]:
-    """Pruned layouts of a run: unstructured (the paper's) and ``--layout``."""
-    return ["unstructured"] + ([cfg["layout"]] if cfg["layout"] != "unstructured" else [])
-
-
 def pruner_for(cfg, layout: str, score: str | None = None, grad_data=None) -> prune.Pruner:
     score = score or ("l2" if layout == "block" else "l1")
     return prune.Pruner(layout=layout, block_size=cfg["block_size"], score=score, grad_data=grad_data,
                         seed=stage_seed(cfg["seed"], "grad-score"))
 
 
-def prune_targets(run, cfg, layout: str) -> list[float]:
-    """Sparsities at which ``layout`` is pruned by ISP / ISSP / control: its essential sparsity (the
-    first positive sweep step if that is 0) and ``--compare-sparsities``."""
-    if layout == "2:4":
-        return [0.5]
-    ess = _essential_target(run, cfg, layout)
-    if layout != "unstructured":  # the paper's comparison; a structured layout only where its arms start
-        return [ess]
-    return sorted({ess, *(round(s, 6) for s in cfg["compare_sparsities"])})
-
-
-def start_path(run, cfg, start: str):
-    """(model file, masks file or None) of an arm's start model."""
-    if start == "dense":
-        return "models/dense.pt", None
-    layout, _, method = start.rpartition("-")
-    s = _essential_target(run, cfg, layout)
-    if method == "oneshot":
-        return "models/dense.pt", f"masks/{layout}/oneshot@{s:g}.pt"
-    return f"models/{layout}@{s:g}/{method}.pt", None
-
-
-def _essential_target(run, cfg, layout) -> float:
-    if layout == "2:4":
-        return 0.5
-    sw = run.result("prune/sweep")["layouts"][layout]
-    return round(sw["essential_sparsity"] or min(s for s in cfg["sweep"] if s > 0), 6)
-
-
-def load_start(run, cfg, start: str):
+def load_start(run, cfg, start: str, replicate: int = 0):
     """An arm's start model, in the layers it fine-tunes on (block starts: BlockSparseLinear)."""
-    path, masks = start_path(run, cfg, start)
+    path, masks = plan.start_path(run, cfg, start, replicate)
     model = load_model(run, cfg, path)
     if masks:
         model = prune.apply_masks(model, run.load_torch(masks))
@@ -146,59 +115,73 @@ def load_start(run, cfg, start: str):
     return model
 
 
-def arms(cfg) -> list[str]:
-    if cfg.get("arms"):
-        return list(cfg["arms"])
-    isp = "instant" if cfg["isp_recipe"] == "instant-soup" else "isp"
-    return ft.default_arms(cfg["layout"], cfg["policies"], cfg.get("compare_keeps") or (), isp)
+def sink_rule(run, cfg) -> str:
+    """The run's sink rule: ``--sink``, or with ``auto`` the one the score stage chose."""
+    return run.result("score")["sink"] if cfg["sink"] == "auto" else cfg["sink"]
 
 
 # ---------------------------------------------------------------- stages
 def stage_pretrain(run, cfg):
-    tr, sel, va = split_data(cfg)
+    """The model the job starts from: trained on the source task (listed apart from the job's cost),
+    or a checkpoint / timm's pretrained weights as they are."""
+    src_tr, src_va = task.source_sets(cfg)
     torch.manual_seed(stage_seed(cfg["seed"], "model-init"))
-    model = model_mod.build(cfg, cfg["num_classes"], cfg["img_size"])
-    opt_state = {} if cfg.get("instant_soup") else None
-    hist = train(model, tr, va, epochs=cfg["pretrain_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
-                 seed=stage_seed(cfg["seed"], "pretrain"), optimizer=cfg["optimizer"],
-                 weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-                 eval_batch_size=cfg["eval_batch_size"], augment=cfg.get("augment", False),
-                 clip_grad=cfg.get("clip_grad") or None, desc="pretrain", optimizer_state=opt_state)
-    acc = hist["val_acc"][-1] if hist["val_acc"] else evaluate(model, va, batch_size=cfg["eval_batch_size"])
-    save_model(run, "models/dense.pt", model)
-    if opt_state is not None and is_main():  # Instant Soup's weak copies start from it
-        run.save_torch("models/dense_optimizer.pt", opt_state)
+    classes = len(cfg["source_classes"]) or num_target(cfg)
+    model = model_mod.build(cfg, classes, cfg["img_size"])
+    out = {"head_classes": classes, "n_source_train": len(src_tr) if src_tr is not None else 0,
+           "n_source_val": len(src_va) if src_va is not None else 0, "source_val_acc": None, "history": None,
+           "params": sum(p.numel() for p in model.parameters()), "cost": cost_mod.zero()}
+    if cfg["pretrain_epochs"] and src_tr is not None:
+        hist = train(model, src_tr, src_va, epochs=cfg["pretrain_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
+                     seed=stage_seed(cfg["seed"], "pretrain"), optimizer=cfg["optimizer"],
+                     weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
+                     eval_batch_size=cfg["eval_batch_size"], augment=cfg.get("augment", False),
+                     clip_grad=cfg.get("clip_grad") or None, desc="pretrain")
+        out.update(history=hist, source_val_acc=hist["val_acc"][-1] if hist["val_acc"] else None,
+                   cost={"wall": hist["train_s"], "cpu": hist["train_cpu_s"]})
+    save_model(run, "models/pretrained.pt", model)
+    return out
+
+
+def stage_probe(run, cfg):
+    """The start model: the pretrained backbone with a linear probe for the target task (weight
+    decay chosen on the selection split). Its accuracy is the no-fine-tuning row."""
+    tr, sel, va = task.target_sets(cfg)
+    model = load_model(run, cfg, "models/pretrained.pt", run.result("pretrain")["head_classes"])
+    clock = Clock()
+    with clock:
+        info = probe.linear_probe(model, tr, sel, batch_size=cfg["eval_batch_size"], bf16=cfg["bf16"])
+    rec = _predictions(cfg, model, va)
+    save_model(run, "models/start.pt", model)
     if is_main():
-        run.save_torch("preds/dense.pt", _predictions(cfg, model, va))
-    return {"history": hist, "val_acc": acc, "n_train": len(tr), "n_val": len(va),
-            "n_select": 0 if not cfg.get("select_fraction") else len(sel),
-            "params": sum(p.numel() for p in model.parameters())}
-
-
-def sink_rule(run, cfg) -> str:
-    """The run's sink rule: ``--sink``, or with ``auto`` the one the score stage chose."""
-    return run.result("score")["sink"] if cfg["sink"] == "auto" else cfg["sink"]
+        run.save_torch("preds/start.pt", rec)
+    return {**info, "val_acc": _acc(rec), "n_train": len(tr), "n_select": len(sel) if cfg.get("select_fraction") else 0,
+            "n_val": len(va), "cost": {"probe": clock.as_dict()}}
 
 
 AUTO_ORDER = ("none", "outlier", "norm")  # "first" scores patches exactly like "none"; ties go to the simpler
 
 
 def stage_score(run, cfg):
-    """The sink rules compared (accuracy of the dense model seeing only each rule's ticket patches, on
-    the selection and validation images, beside random patches at the same count); the run's rule
-    (``--sink``, or the best on the selection split with ``auto``); dense tickets of the training images."""
-    tr, sel, va = split_data(cfg)
-    model = load_model(run, cfg, "models/dense.pt")
+    """The sink rules compared (accuracy of the start model seeing only each rule's ticket patches,
+    and with canvas data the object-patch recall, on the selection and validation images, beside
+    random patches at the same count); the run's rule (``--sink``, or the best accuracy on the
+    selection split with ``auto``); the start model's tickets of the training images."""
+    tr, sel, va = task.target_sets(cfg)
+    model = load_model(run, cfg, "models/start.pt")
     keep = cfg["keep_ratio"]
+    choose = Clock()  # what --sink auto costs: scoring + ticket accuracy on the selection split
     rules = {}
     for rule in tickets.SINKS:
         r = {}
         for split, d in (("select", sel), ("val", va)):
-            s, f = tickets.score(model, d, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
-            rec = _record(tickets.ticket_predict(model, d, tickets.keep_indices(s, keep),
-                                                 batch_size=cfg["eval_batch_size"]), d)
-            r[split] = {"accuracy": 100.0 * float(rec["correct"].float().mean()),
-                        "flagged_per_image": float(f.sum(1).float().mean())}
+            with (choose if split == "select" else Clock()):
+                s, f = tickets.score(model, d, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
+                kept = tickets.keep_indices(s, keep)
+                rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
+            cover = _cover(d, model)
+            r[split] = {"accuracy": _acc(rec), "flagged_per_image": float(f.sum(1).float().mean()),
+                        "object_recall": None if cover is None else float(object_recall(kept, cover).mean())}
             if split == "val" and is_main():
                 run.save_torch(f"preds/sink_{rule}.pt", rec)
         rules[rule] = r
@@ -207,78 +190,109 @@ def stage_score(run, cfg):
     from lotus_kernels.select import random_keep
     rand = {}
     for split, d in (("select", sel), ("val", va)):
-        rec = _record(tickets.ticket_predict(model, d, random_keep(len(d), n, keep, generator=g),
-                                             batch_size=cfg["eval_batch_size"]), d)
-        rand[split] = 100.0 * float(rec["correct"].float().mean())
+        kept = random_keep(len(d), n, keep, generator=g)
+        rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
+        cover = _cover(d, model)
+        rand[split] = {"accuracy": _acc(rec),
+                       "object_recall": None if cover is None else float(object_recall(kept, cover).mean())}
         if split == "val" and is_main():
             run.save_torch("preds/sink_random.pt", rec)
     best = max(AUTO_ORDER, key=lambda r: (rules[r]["select"]["accuracy"], -AUTO_ORDER.index(r)))
     rule = best if cfg["sink"] == "auto" else cfg["sink"]
-    t0 = time.perf_counter()
-    scores, flagged = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
-    seconds = time.perf_counter() - t0
+    scoring = Clock()
+    with scoring:
+        scores, flagged = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
+    cover = _cover(tr, model)
+    recall_train = None if cover is None else float(object_recall(tickets.keep_indices(scores, keep), cover).mean())
     if is_main():
-        run.save_torch("tickets/dense.pt", {"scores": scores, "flagged": flagged, "seconds": seconds})
+        run.save_torch("tickets/start.pt", {"scores": scores, "flagged": flagged})
         if cfg["overlay_images"] > 0:
-            import matplotlib.pyplot as plt
-            shown = "outlier" if rule in ("none", "first") else rule  # show what a patch rule would change
-            s_fig, f_fig = tickets.score(model, tr.subset(torch.arange(min(cfg["overlay_images"], len(tr)))),
-                                         sink=shown, return_flagged=True)
-            fig = tickets.overlay_figure(tr, s_fig, keep, model.patch_embed.patch_size[0], cfg["overlay_images"],
-                                         flagged=f_fig, rule=shown)
-            run.save_figure("tickets.png", fig)
-            plt.close(fig)
+            _overlay(run, cfg, model, va, rule, keep)
     return {"num_patches": n, "keep": keep, "kept": int(tickets.keep_indices(scores[:1], keep).shape[1]),
             "sink": rule, "sink_option": cfg["sink"], "flagged_per_image": float(flagged.sum(1).float().mean()),
-            "rules": rules, "random": rand, "best_rule_on_select": best, "score_seconds": seconds}
+            "rules": rules, "random": rand, "best_rule_on_select": best, "object_recall_train": recall_train,
+            "cost": {"sink_choice": choose.as_dict(), "train_scores": scoring.as_dict()}}
+
+
+def _overlay(run, cfg, model, data, rule, keep, name="tickets.png"):
+    """tickets.png: validation images, the start model's score maps and kept patches (object boxes in
+    green on canvas data; the patches a sink rule changes in red)."""
+    import matplotlib.pyplot as plt
+
+    shown = "outlier" if rule in ("none", "first") else rule  # show what a patch rule would change
+    sub = data.subset(torch.arange(min(cfg["overlay_images"], len(data))))
+    s_fig, f_fig = tickets.score(model, sub, sink=shown, return_flagged=True)
+    fig = tickets.overlay_figure(sub, s_fig, keep, model.patch_embed.patch_size[0], cfg["overlay_images"],
+                                 flagged=f_fig, rule=shown, boxes=sub.boxes)
+    run.save_figure(name, fig)
+    plt.close(fig)
 
 
 def stage_sweep(run, cfg):
     """Per layout: one-shot sweep on the selection split with every candidate score, the best score
     (highest mean accuracy over the sweep), its essential sparsity, and its sweep on validation."""
-    tr, sel, va = split_data(cfg)
-    model = load_model(run, cfg, "models/dense.pt")
+    tr, sel, va = task.target_sets(cfg)
+    model = load_model(run, cfg, "models/start.pt")
     out = {}
-    for layout in layouts(cfg):
-        if layout == "block":
-            cands = list(prune.SCORES) if cfg["block_score"] == "auto" else [cfg["block_score"]]
-        else:
-            cands = ["l1"]
-        sparsities = [0.0, 0.5] if layout == "2:4" else sorted({0.0, *cfg["sweep"]})
-        by_score = {}
-        for sc in cands:
-            pr = pruner_for(cfg, layout, sc, grad_data=tr)
-            by_score[sc] = prune.sweep(model, sparsities, _eval(cfg, sel), pr)
-        best = max(cands, key=lambda sc: sum(p["accuracy"] for p in by_score[sc]))
-        ess = prune.essential_sparsity(by_score[best], cfg["tolerance"])
-        pr = pruner_for(cfg, layout, best, grad_data=tr)
+    for layout in plan.layouts(cfg):
+        clock = Clock()  # what choosing the score and the sparsity costs (the validation sweep is the report's)
+        with clock:
+            if layout == "block":
+                cands = list(prune.SCORES) if cfg["block_score"] == "auto" else [cfg["block_score"]]
+            else:
+                cands = ["l1"]
+            sparsities = [0.0, 0.5] if layout == "2:4" else sorted({0.0, *cfg["sweep"]})
+            by_score = {}
+            for sc in cands:
+                pr = pruner_for(cfg, layout, sc, grad_data=tr)
+                by_score[sc] = prune.sweep(model, sparsities, _eval(cfg, sel), pr)
+            best = max(cands, key=lambda sc: sum(p["accuracy"] for p in by_score[sc]))
+            ess = prune.essential_sparsity(by_score[best], cfg["tolerance"])
+            pr = pruner_for(cfg, layout, best, grad_data=tr)
+            scores = pr.scores(model)
         val_pts = prune.sweep(model, sparsities, _eval(cfg, va), pr)
         out[layout] = {"scores": by_score, "score": best, "essential_sparsity": ess, "sweep_val": val_pts,
-                       "chosen_on": "select" if cfg.get("select_fraction") else "val"}
+                       "chosen_on": "select" if cfg.get("select_fraction") else "val", "cost": clock.as_dict()}
         target = ess or min(s for s in sparsities if s > 0)
         targets = ([0.5] if layout == "2:4" else [round(target, 6)] if layout != "unstructured"
                    else sorted({round(target, 6), *(round(x, 6) for x in cfg["compare_sparsities"])}))
         if is_main():
-            scores = pr.scores(model)
             for s in targets:
                 run.save_torch(f"masks/{layout}/oneshot@{s:g}.pt", pr.masks_from(scores, s))
-    return {"layouts": out, "dense_acc_val": out["unstructured"]["sweep_val"][0]["accuracy"]}
+    return {"layouts": out, "start_acc_val": out["unstructured"]["sweep_val"][0]["accuracy"]}
 
 
-def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
-    """At one (layout, sparsity): one-shot, ISP (ours), ISSP (ours), the matched control, and Instant
-    Soup (as published), each evaluated on validation with per-image predictions saved."""
-    tr, _, va = split_data(cfg)
-    dense = load_model(run, cfg, "models/dense.pt")
+def ft_batch(cfg) -> int:
+    """Batch size of everything that fine-tunes the start model (arms, weak copies, recovery)."""
+    return cfg.get("finetune_batch_size") or cfg["batch_size"]
+
+
+def _train_kw(cfg) -> dict:
+    return dict(batch_size=ft_batch(cfg), optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"],
+                warmup=cfg["warmup"], bf16=cfg["bf16"], clip_grad=cfg.get("clip_grad") or None)
+
+
+def stage_prune(run, cfg, layout: str, target: float, replicate: int, weak_cache: dict):
+    """At one (layout, sparsity), one replicate (its own seeds): one-shot, ISP (ours), ISSP (ours),
+    the matched control and Instant Soup (as published), each evaluated on validation with per-image
+    predictions saved. Every method but one-shot ends with the same recovery pass after its final
+    mask (same images, order and steps), and records what it cost."""
+    tr, _, va = task.target_sets(cfg)
+    start = load_model(run, cfg, "models/start.pt")
     sw = run.result("prune/sweep")["layouts"][layout]
     pr = pruner_for(cfg, layout, sw["score"], grad_data=tr)
-    tag = f"{layout}@{target:g}"
-    res = {"layout": layout, "target": target, "score": sw["score"], "methods": {}}
+    tag = f"{plan.prune_tag(layout, target)}/r{replicate}"
+    seed = stage_seed(cfg["seed"], f"soup/r{replicate}")
+    res = {"layout": layout, "target": target, "replicate": replicate, "score": sw["score"], "methods": {}}
+    kw = _train_kw(cfg)
 
-    def train_copy(m, data, seed, desc, opt_state=None):
-        train(m, data, None, epochs=cfg["isp_epochs"], lr=cfg["isp_lr"], batch_size=cfg["batch_size"], seed=seed,
-              optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-              clip_grad=cfg.get("clip_grad") or None, desc=desc, optimizer_state=opt_state)
+    def train_copy(m, data, cseed, desc, lr=None):
+        train(m, data, None, epochs=cfg["isp_epochs"], lr=lr or cfg["isp_lr"], seed=cseed, desc=desc, **kw)
+
+    def recover(m):
+        rseed = stage_seed(seed, "recover")
+        train(m, prune.subset_of(tr, cfg["isp_subset"], rseed), None, epochs=cfg["isp_epochs"], lr=cfg["isp_lr"],
+              seed=rseed, desc=f"recover {tag}", **kw)
 
     def record(name, model, masks, extra=None):
         rec = _predictions(cfg, model, va)
@@ -286,36 +300,34 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
         if is_main():
             run.save_torch(f"masks/{tag}/{name}.pt", masks)
             run.save_torch(f"preds/{tag}/{name}.pt", rec)
-        res["methods"][name] = {"accuracy": 100.0 * float(rec["correct"].float().mean()),
-                                "sparsity": prune.sparsity_of(masks),
-                                **(extra or {})}
+        res["methods"][name] = {"accuracy": _acc(rec), "sparsity": prune.sparsity_of(masks), **(extra or {})}
 
     oneshot_masks = run.load_torch(f"masks/{layout}/oneshot@{target:g}.pt")
-    record("oneshot", prune.apply_masks(copy.deepcopy(dense), oneshot_masks), oneshot_masks)
+    record("oneshot", prune.apply_masks(copy.deepcopy(start), oneshot_masks), oneshot_masks, {"cost": cost_mod.zero()})
     common = dict(rounds=cfg["isp_rounds"], copies=cfg["isp_copies"], subset=cfg["isp_subset"],
-                  train_copy=train_copy, seed=stage_seed(cfg["seed"], "soup"), pruner=pr, weak_cache=weak_cache)
-    methods = (("isp", cfg["isp_vote"], None), ("issp", "union", None), ("control", "majority", oneshot_masks))
-    for name, merge, fixed in methods:
-        model, masks, log = prune.soup_prune(dense, tr, target=target, merge=merge, fixed_masks=fixed,
-                                             label=f"{name} {tag}", **common)
-        record(name, model, masks, {"rounds": log, "merge": merge if fixed is None else "fixed one-shot mask"})
-    if cfg.get("instant_soup") and (layout == "unstructured" or cfg["isp_recipe"] == "instant-soup"):
-        # the published recipe prunes single weights; other layouts only when it feeds the arms
-        opt_state = run.load_torch("models/dense_optimizer.pt") if run.exists("models/dense_optimizer.pt") else None
-
-        def train_main(m, state):
-            train(m, tr, None, epochs=1, lr=cfg["isp_lr"], batch_size=cfg["batch_size"],
-                  seed=stage_seed(cfg["seed"], "instant-soup/main"), optimizer=cfg["optimizer"],
-                  weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"], desc="instant-soup main",
-                  clip_grad=cfg.get("clip_grad") or None, optimizer_state=state)
-
-        model, masks, log = prune.instant_soup_prune(
-            dense, tr, target=target, iterations=cfg["isp_rounds"], copies=cfg["instant_copies"],
-            subset=cfg["instant_subset"], train_copy=train_copy, train_main=train_main,
-            seed=stage_seed(cfg["seed"], "instant-soup"), pruner=pr, optimizer_state=opt_state, label=f"instant {tag}")
-        record("instant", model, masks, {"rounds": log, "merge": "union (uncalibrated)"})
+                  train_copy=train_copy, seed=seed, pruner=pr, weak_cache=weak_cache)
+    for name, merge in (("isp", cfg["isp_vote"]), ("issp", "union")):
+        clock = Clock()
+        with clock:
+            model, masks, log = prune.soup_prune(start, tr, target=target, merge=merge, label=f"{name} {tag}", **common)
+            recover(model)
+        for entry in log:
+            clock.add(entry.pop("reused_cost"))
+        record(name, model, masks, {"rounds": log, "merge": merge, "cost": clock.as_dict()})
+    clock = Clock()
+    with clock:
+        control = prune.apply_masks(copy.deepcopy(start), oneshot_masks)
+        recover(control)
+    record("control", control, oneshot_masks, {"merge": "one-shot mask + the recovery pass", "cost": clock.as_dict()})
+    if cfg.get("instant_soup") and layout != "2:4" and (layout == "unstructured"
+                                                         or cfg["isp_recipe"] == "instant-soup"):
+        clock = Clock()
+        with clock:
+            model, masks, log = _instant_soup(cfg, start, tr, target, pr, seed, tag, train_copy)
+            recover(model)
+        record("instant", model, masks, {"rounds": log, "merge": "union (uncalibrated)", "cost": clock.as_dict()})
     # one-shot at each merged mask's actual sparsity: the fair comparison for a vote / union
-    scores = pr.scores(dense)
+    scores = pr.scores(start)
     for name, r in list(res["methods"].items()):
         if name == "oneshot" or layout == "2:4":
             continue
@@ -325,57 +337,140 @@ def stage_prune(run, cfg, layout: str, target: float, weak_cache: dict):
             continue
         key = f"oneshot_at_{name}"
         m = pr.masks_from(scores, s)
-        record(key, prune.apply_masks(copy.deepcopy(dense), m), m)
+        record(key, prune.apply_masks(copy.deepcopy(start), m), m)
         r["oneshot_at_actual"] = key
     return res
 
 
-def start_scores_stage(run, cfg, start: str):
+def _instant_soup(cfg, start, tr, target, pr, seed, tag, train_copy):
+    """Instant Soup as published: the main model's passes over half of the data continue one
+    optimizer and one learning-rate schedule (planned for twice the iterations a single copy's 10%
+    steps need to come within 5 points of the target, so the pruning happens in its first half, as
+    in the published run); its copies warm up as the published code's do (linear warm-up over 500
+    of 1000 steps, from a fresh optimizer, towards the main model's current learning rate)."""
+    kw = _train_kw(cfg)
+    need = max(1, math.ceil(math.log(max(1e-9, 1 - target + cfg["instant_stop"])) / math.log(1 - cfg["instant_step"])))
+    main_steps = math.ceil(math.ceil(cfg["instant_main_subset"] * len(tr)) / ft_batch(cfg))
+    total = 2 * (need + 1) * main_steps
+    state = {"opt": {}, "step": 0}
+
+    def train_main(m, data, mseed):
+        prune._mask_optimizer_state(m, state["opt"], prune.masks_of(m))
+        h = train(m, data, None, epochs=1, lr=cfg["isp_lr"], seed=mseed, desc=f"instant main {tag}",
+                  optimizer_state=state["opt"], schedule=(state["step"], total), **kw)
+        state["step"] += h["steps"]
+        return lr_at(state["step"], total, cfg["isp_lr"], round(cfg["warmup"] * total))
+
+    def copy_trainer(m, data, cseed, desc, lr):
+        train(m, data, None, epochs=cfg["isp_epochs"], lr=lr, seed=cseed, desc=desc, schedule=(0, 1000),
+              **dict(kw, warmup=0.5))
+
+    return prune.instant_soup_prune(start, tr, target=target, copies=cfg["instant_copies"],
+                                    copy_subset=cfg["instant_subset"], main_subset=cfg["instant_main_subset"],
+                                    step=cfg["instant_step"], stop_within=cfg["instant_stop"], train_copy=copy_trainer,
+                                    train_main=train_main, seed=stage_seed(seed, "instant-soup"), pruner=pr,
+                                    label=f"instant {tag}")
+
+
+def stage_start_scores(run, cfg, start: str, replicate: int):
     """Patch scores of the training images by an arm's start model (the model that is fine-tuned)."""
-    tr, _, _ = split_data(cfg)
-    if start == "dense":
-        return {"seconds": run.load_torch("tickets/dense.pt")["seconds"], "file": "tickets/dense.pt"}
-    model = load_start(run, cfg, start)
-    t0 = time.perf_counter()
-    s, f = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg), return_flagged=True)
-    sec = time.perf_counter() - t0
+    tr, _, _ = task.target_sets(cfg)
+    model = load_start(run, cfg, start, replicate)
+    clock = Clock()
+    with clock:
+        s, f = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg),
+                             return_flagged=True)
+    name = f"tickets/{start}/r{replicate}.pt"
     if is_main():
-        run.save_torch(f"tickets/{start}.pt", {"scores": s, "flagged": f, "seconds": sec})
-    return {"seconds": sec, "file": f"tickets/{start}.pt", "flagged_per_image": float(f.sum(1).float().mean())}
+        run.save_torch(name, {"scores": s, "flagged": f})
+    return {"file": name, "flagged_per_image": float(f.sum(1).float().mean()), "cost": clock.as_dict()}
 
 
-NEEDS_SCORES = ("fixed", "rescore_epoch", "mix")
+def _scores_file(run, start: str, replicate: int) -> str:
+    return "tickets/start.pt" if start == "dense" else run.result(plan.tickets_stage(start, replicate))["file"]
+
+
+class _Recall:
+    """Wraps a keep_fn and accumulates the object-patch recall of every selection it makes."""
+
+    def __init__(self, inner, cover):
+        self.inner, self.cover, self.sum, self.n = inner, cover, 0.0, 0
+        if hasattr(inner, "new_epoch"):
+            self.new_epoch = inner.new_epoch
+
+    def __call__(self, x, ids):
+        k = self.inner(x, ids)
+        self.sum += float(object_recall(k.cpu(), self.cover[ids]).sum())
+        self.n += len(ids)
+        return k
 
 
 def stage_finetune_one(run, cfg, arm: str, seed_k: int):
-    tr, _, va = split_data(cfg)
+    tr, _, va = task.target_sets(cfg)
     spec = ft.parse_arm(arm)
-    model = load_start(run, cfg, spec["start"])
+    r = plan.replicate_of(cfg, seed_k)
+    model = load_start(run, cfg, spec["start"], r)
     keep = spec["keep"] or cfg["keep_ratio"]
     seed = stage_seed(cfg["seed"], f"finetune/{seed_k}")
-    keep_fn, augment, score_s = None, False, 0.0
+    keep_fn, augment, steps = None, False, None
+    if spec["budget"]:
+        steps = run.result("budget")[spec["budget"]]["steps"]
     if spec["policy"] != "full":
         scores = None
-        if spec["policy"] in NEEDS_SCORES:
-            st = run.result(f"tickets/{spec['start']}")
-            scores = run.load_torch(st["file"])["scores"]
-            score_s = st["seconds"]
+        if spec["policy"] in cost_mod.NEEDS_SCORES:
+            scores = run.load_torch(_scores_file(run, spec["start"], r))["scores"]
         keep_fn, augment = tickets.make_policy(
             spec["policy"], model=model, train_data=tr, scores=scores, keep=keep, sink=sink_rule(run, cfg),
             seed=stage_seed(cfg["seed"], f"policy/{seed_k}"), batch_size=cfg["eval_batch_size"], mix_top=cfg["mix_top"])
-    hist = ft.finetune(model, tr, va, cfg, seed=seed, keep_fn=keep_fn, augment=augment,
+        cover = _cover(tr, model)
+        if cover is not None and not augment:
+            keep_fn = _Recall(keep_fn, cover)
+    hist = ft.finetune(model, tr, va, cfg, seed=seed, keep_fn=keep_fn, augment=augment, steps=steps,
                        desc=f"finetune {arm} s{seed_k}", evaluate_each_epoch=seed_k == 0)
     rec = _predictions(cfg, model, va)
-    acc = 100.0 * float(rec["correct"].float().mean())
     save_model(run, f"models/finetune/{arm}/s{seed_k}.pt", model)
     if is_main():
         run.save_torch(f"preds/finetune/{arm}/s{seed_k}.pt", rec)
+    after = _attention_after(run, cfg, model, va, arm, seed_k)
     masks = prune.masks_of(model)
-    hist.update({"arm": arm, "seed_index": seed_k, "accuracy": acc, "final_acc": acc, "start": spec["start"],
+    hist.update({"arm": arm, "seed_index": seed_k, "replicate": r, "accuracy": _acc(rec), "start": spec["start"],
                  "policy": spec["policy"], "keep": 1.0 if spec["policy"] == "full" else keep,
                  "layout": spec["layout"], "sparsity": prune.sparsity_of(masks) if masks else 0.0,
-                 "score_s": score_s, "finetune_s": hist["train_s"] + score_s})
+                 "object_recall": keep_fn.sum / max(keep_fn.n, 1) if isinstance(keep_fn, _Recall) else None,
+                 "object_recall_after": after,
+                 "cost": {"wall": hist["train_s"], "cpu": hist["train_cpu_s"]}})
     return hist
+
+
+def _attention_after(run, cfg, model, va, arm, seed_k):
+    """Object-patch recall of the fine-tuned model's own tickets of the validation images (canvas
+    data; does fine-tuning teach the attention where the object is?); for dense/full seed 0 also
+    tickets_finetuned.png, the same images as tickets.png."""
+    cover = _cover(va, model)
+    if cover is None:
+        return None
+    s = tickets.score(model, va, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg))
+    if arm == "dense/full" and seed_k == 0 and is_main() and cfg["overlay_images"] > 0:
+        _overlay(run, cfg, model, va, sink_rule(run, cfg), cfg["keep_ratio"], name="tickets_finetuned.png")
+    return float(object_recall(tickets.keep_indices(s, cfg["keep_ratio"]), cover).mean())
+
+
+def stage_budget(run, cfg):
+    """Steps of the compute-matched dense arms: dense full-data fine-tuning for the whole-job seconds
+    (the run's cost basis) of the cheapest arm and of the headline arm, from seed 0's records, at
+    dense/full's own cost per step (``--matched-steps`` fixes them instead, for reproducible tests)."""
+    basis = cfg["cost_basis"]
+    jobs = {a: cost_mod.job(run, cfg, a, 0)["total"][basis] for a in plan.arms(cfg) if a not in plan.MATCHED}
+    dense = run.result("finetune/dense/full/s0")
+    probe_s = run.result("probe")["cost"]["probe"][basis]
+    per_step = dense["cost"][basis] / max(dense["steps"], 1)
+    cheapest = min(jobs, key=jobs.get)
+    out = {"basis": basis, "dense_step_s": per_step, "jobs_s0": jobs}
+    for name, arm in (("matched-cheapest", cheapest), ("matched-headline", cfg.get("headline") or cheapest)):
+        target_s = jobs[arm]
+        steps = cfg.get("matched_steps") or max(1, math.floor((target_s - probe_s) / per_step))
+        out[name] = {"arm": arm, "target_s": target_s, "steps": int(steps)}
+    return out
 
 
 def stage_timing(run, cfg):
@@ -383,31 +478,31 @@ def stage_timing(run, cfg):
     in-run step times were taken minutes apart on a shared machine. Per-epoch re-scoring is not in a
     step (it is in the arm's fine-tuning seconds); per-step scoring is. Each arm's model (and its
     policy, which may score with that model) is rebuilt from the run directory for its turn, so one
-    model and its optimizer state are alive at a time."""
-    tr, _, _ = split_data(cfg)
+    model and its optimizer state are alive at a time. The matched arms step like dense/full."""
+    tr, _, _ = task.target_sets(cfg)
     sink = sink_rule(run, cfg)
-    setups = {"dense/full": (lambda: load_model(run, cfg, "models/dense.pt"), {})}
-    for arm in arms(cfg):
-        if arm in setups:
-            continue
+    setups = {"dense/full": (lambda: load_model(run, cfg, "models/start.pt"), {})}
+    for arm in plan.arms(cfg):
         spec = ft.parse_arm(arm)
+        if arm in setups or spec["budget"]:
+            continue
         kw = {}
         if spec["policy"] != "full":
             keep = spec["keep"] or cfg["keep_ratio"]
             scores = None
-            if spec["policy"] in NEEDS_SCORES:
-                scores = run.load_torch(run.result(f"tickets/{spec['start']}")["file"])["scores"]
+            if spec["policy"] in cost_mod.NEEDS_SCORES:
+                scores = run.load_torch(_scores_file(run, spec["start"], 0))["scores"]
 
             def policy(model, spec=spec, scores=scores, keep=keep):
                 return tickets.make_policy(spec["policy"], model=model, train_data=tr, scores=scores, keep=keep,
                                            seed=0, sink=sink, mix_top=cfg["mix_top"])[0]
             kw["make_keep_fn"] = policy
         setups[arm] = (lambda start=spec["start"]: load_start(run, cfg, start), kw)
-    med = time_steps(setups, tr, batch_size=cfg["batch_size"], rounds=cfg["timing_rounds"],
+    med = time_steps(setups, tr, batch_size=ft_batch(cfg), rounds=cfg["timing_rounds"],
                      seed=stage_seed(cfg["seed"], "timing"), optimizer=cfg["optimizer"], bf16=cfg["bf16"])
     base = med["dense/full"]
     return {"step_time_s": med, "ratio_to_dense": {n: t / base for n, t in med.items()},
-            "rounds": cfg["timing_rounds"], "batch_size": cfg["batch_size"]}
+            "rounds": cfg["timing_rounds"], "batch_size": ft_batch(cfg)}
 
 
 # ---------------------------------------------------------------- driver
@@ -416,9 +511,9 @@ def run_stage(run: RunDir, name: str, fn, *args, redo: bool = False):
         return run.result(name)
     if is_main():
         print(f"lotus: stage {name}", flush=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = fn(*args)
-    result["wall_s"] = time.perf_counter() - t0
+    result["wall_s"], result["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     barrier()  # every rank's files are in place before the marker says so
     if is_main():
         run.mark_done(name, result)
@@ -426,19 +521,21 @@ def run_stage(run: RunDir, name: str, fn, *args, redo: bool = False):
     return result
 
 
-STAGES = ("pretrain", "score", "prune", "finetune", "timing", "report")
+STAGES = ("pretrain", "probe", "score", "prune", "finetune", "timing", "report")
 
 
-def prune_stages(run, cfg, redo=False, weak_cache=None):
-    weak_cache = {} if weak_cache is None else weak_cache
+def prune_stages(run, cfg, redo=False):
     run_stage(run, "prune/sweep", stage_sweep, run, cfg, redo=redo)
-    for layout in layouts(cfg):
-        for s in prune_targets(run, cfg, layout):
-            run_stage(run, f"prune/{layout}@{s:g}", stage_prune, run, cfg, layout, s, weak_cache, redo=redo)
+    for r in plan.replicates(cfg):
+        weak_cache: dict = {}  # round-1 copies of this replicate, shared by its layouts and targets
+        for layout in plan.layouts(cfg):
+            for s in plan.prune_targets(run, cfg, layout):
+                run_stage(run, plan.prune_stage(layout, s, r), stage_prune, run, cfg, layout, s, r, weak_cache,
+                          redo=redo)
 
 
 def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
-    chosen = arms(cfg)
+    chosen = plan.arms(cfg)
     if only:
         unknown = [a for a in only if a not in chosen]
         if unknown:
@@ -446,21 +543,31 @@ def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
         chosen = [a for a in chosen if a in only]
     for arm in chosen:
         spec = ft.parse_arm(arm)
-        if spec["policy"] in NEEDS_SCORES:
-            run_stage(run, f"tickets/{spec['start']}", start_scores_stage, run, cfg, spec["start"], redo=redo)
-    for k in range(cfg["seeds"]):  # seed-major: a cut-short run still has every arm at seed 0
-        for arm in chosen:
-            run_stage(run, f"finetune/{arm}/s{k}", stage_finetune_one, run, cfg, arm, k, redo=redo)
+        if spec["policy"] in cost_mod.NEEDS_SCORES and spec["start"] != "dense":
+            for k in range(plan.seeds_of(cfg, arm)):
+                r = plan.replicate_of(cfg, k)
+                run_stage(run, plan.tickets_stage(spec["start"], r), stage_start_scores, run, cfg, spec["start"], r,
+                          redo=redo)
+    plain = [a for a in chosen if a not in plan.MATCHED]
+    matched = [a for a in chosen if a in plan.MATCHED]
+    for k in range(plan.max_seeds(cfg)):  # seed-major: a cut-short run still has every arm at seed 0
+        for arm in plain:
+            if k < plan.seeds_of(cfg, arm):
+                run_stage(run, f"finetune/{arm}/s{k}", stage_finetune_one, run, cfg, arm, k, redo=redo)
+        if matched and k == 0:
+            run_stage(run, "budget", stage_budget, run, cfg, redo=redo)
+        for arm in matched:
+            if k < plan.seeds_of(cfg, arm):
+                run_stage(run, f"finetune/{arm}/s{k}", stage_finetune_one, run, cfg, arm, k, redo=redo)
 
 
 def run_all(run: RunDir, stages=STAGES, redo=False, only=None) -> None:
     cfg = run.config()
     setup(cfg)
     for st in stages:
-        if st == "pretrain":
-            run_stage(run, st, stage_pretrain, run, cfg, redo=redo)
-        elif st == "score":
-            run_stage(run, st, stage_score, run, cfg, redo=redo)
+        if st in ("pretrain", "probe", "score"):
+            fn = {"pretrain": stage_pretrain, "probe": stage_probe, "score": stage_score}[st]
+            run_stage(run, st, fn, run, cfg, redo=redo)
         elif st == "prune":
             prune_stages(run, cfg, redo=redo)
         elif st == "finetune":

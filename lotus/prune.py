@@ -18,21 +18,24 @@ ISP (ours)  ``rounds`` steps towards the target; per round ``K`` weak copies of 
             round's sparsity; masks merged by a vote (any / majority / all), weights averaged (soup)
 ISSP (ours) the same copies, masks merged by a union *calibrated to the target*: every copy prunes
             at one higher sparsity s' chosen (bisection) so that the union of the K masks has the
-            round's sparsity. (The previous definition, copy k at target + offset_k, gave nested
-            masks whose union was copy 0's.) ``merge_log`` reports how much the copies disagree.
-control     the one-shot mask at the target, kept fixed, with exactly ISP's extra training: the
-            same rounds of K weak copies on the same subsets, weights averaged. ISP - control is
-            the effect of the mask choice alone; ISP - one-shot mixes mask and extra training.
-Instant Soup (``instant_soup_prune``): the recipe of Jaiswal et al. 2023 as specified in issue 10:
-            per iteration K = 5 weak copies start from the current model *with its optimizer
-            state*, one pass over 10% of the data each, masks merged by union at the iteration's
-            sparsity (no calibration, no weight averaging), the main model trained between
-            iterations.
+            round's sparsity. ``merge_log`` reports how much the copies disagree.
+control     the one-shot mask at the target with exactly the training every method gets after its
+            final mask (the pipeline's recovery pass): ISP - control is what ISP's rounds (their
+            mask and their soup) add at equal post-mask training.
+Instant Soup (``instant_soup_prune``): the recipe of Jaiswal et al. 2023 as their code runs it
+            (VITA-Group/instant_soup, ``isp_all.py``): before each iteration the main model trains on
+            half of the data, carrying its optimizer and learning-rate schedule; K = 5 weak copies
+            start from it (weights and mask, a fresh optimizer warming up towards the main model's
+            current learning rate), one pass over 10% of the data each, and each prunes another 10%
+            of its remaining weights; the main model takes the union of their masks (no weight
+            averaging) until it is within 5 points of the target, then a one-shot prune to the
+            target. The fine-tune after the last pruning step is the recovery pass all methods get.
 """
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -335,7 +338,8 @@ def _soup(states: list[dict]) -> dict:
     return out
 
 
-def _subset(train_data: ImageSet, frac: float, seed: int) -> ImageSet:
+def subset_of(train_data: ImageSet, frac: float, seed: int) -> ImageSet:
+    """A seeded random ``frac`` of ``train_data`` (at least one image)."""
     n = len(train_data)
     n_sub = max(1, math.ceil(frac * n))
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_sub].sort().values
@@ -348,62 +352,59 @@ def _all_kept(model) -> bool:
 
 def soup_prune(model, train_data: ImageSet, *, target: float, rounds: int, copies: int, subset: float,
                train_copy: Callable, merge: str, seed: int, pruner: Pruner | None = None,
-               fixed_masks: dict | None = None, weak_cache: dict | None = None,
-               label: str = "isp") -> tuple[torch.nn.Module, dict, list[dict]]:
-    """The ISP / ISSP / control loop. ``train_copy(model, data, seed, desc)`` fine-tunes a weak copy.
+               weak_cache: dict | None = None, label: str = "isp") -> tuple[torch.nn.Module, dict, list[dict]]:
+    """The ISP / ISSP loop. ``train_copy(model, data, seed, desc)`` fine-tunes a weak copy.
 
     merge        "any" / "majority" / "all" (ISP vote) or "union" (ISSP, calibrated to the round's
                  sparsity); 2:4 always merges by ``vote_24``
-    fixed_masks  the control: these masks from the start and throughout, no mask is drawn
     Round r (1..rounds) prunes to ``target * r / rounds`` (2:4: straight to 0.5 every round).
     ``weak_cache`` shares weak copies trained from an unpruned model between calls (round 1 of ISP
-    and ISSP, of every layout and target: same start model, same seeds, so the same copies).
-    Returns (soup with the merged masks, merged masks, per-round log)."""
+    and ISSP, of every layout and target: same start model, same seeds, so the same copies); a reused
+    copy's recorded training seconds are in its round's ``reused_cost`` (what a user running this
+    method alone would pay for it). Returns (soup with the merged masks, merged masks, per-round log)."""
     pruner = pruner or Pruner()
     if merge not in (*VOTES, "union"):
         raise ValueError(f"merge: expected one of {VOTES + ('union',)}, got {merge!r}")
     base = copy.deepcopy(model)
-    if fixed_masks is not None:
-        sparsify_(base, masks=fixed_masks)
-    elif not masks_of(base):
+    if not masks_of(base):
         sparsify_(base, sparsity=0.0)  # all-True masks: the copies train on MaskedLinear from round 1
     log, merged = [], masks_of(base)
     for r in range(1, rounds + 1):
         s_r = 0.5 if pruner.layout == "2:4" else target * r / rounds
-        shared = weak_cache is not None and _all_kept(base) and fixed_masks is None
+        shared = weak_cache is not None and _all_kept(base)
         states, scores = [], []
+        reused = {"wall": 0.0, "cpu": 0.0}
         for k in range(copies):
             cseed = stage_seed(seed, f"weak-copy/{r}/{k}")
             key = ("unpruned", r, k, subset, cseed)
             if shared and key in weak_cache:
-                state = weak_cache[key]
+                state, spent = weak_cache[key]
+                reused = {t: reused[t] + spent[t] for t in reused}
             else:
                 weak = copy.deepcopy(base)
-                train_copy(weak, _subset(train_data, subset, cseed), cseed, f"{label} r{r} copy {k + 1}/{copies}")
+                w0, c0 = time.perf_counter(), time.process_time()
+                train_copy(weak, subset_of(train_data, subset, cseed), cseed, f"{label} r{r} copy {k + 1}/{copies}")
+                spent = {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}
                 state = {key_: v.detach().clone() for key_, v in weak.state_dict().items()}
                 if shared:
-                    weak_cache[key] = state
+                    weak_cache[key] = (state, spent)
             states.append(state)
-            if fixed_masks is None:
-                weak = copy.deepcopy(base)
-                weak.load_state_dict(state)
-                scores.append(pruner.scores(weak))
+            weak = copy.deepcopy(base)
+            weak.load_state_dict(state)
+            scores.append(pruner.scores(weak))
         soup_state = _soup(states)
-        entry = {"round": r, "round_target": s_r}
-        if fixed_masks is not None:
-            merged = fixed_masks
+        entry = {"round": r, "round_target": s_r, "reused_cost": reused}
+        masks = [pruner.masks_from(sc, s_r) for sc in scores]
+        if pruner.layout == "2:4":
+            merged = vote_24(masks, {n: v for n, v in _weights_of_state(base, soup_state).items()})
+        elif merge == "union":
+            merged, s_copy = union_at(scores, s_r, pruner)
+            masks = [pruner.masks_from(sc, s_copy) for sc in scores]
+            entry["copy_sparsity"] = s_copy
         else:
-            masks = [pruner.masks_from(sc, s_r) for sc in scores]
-            if pruner.layout == "2:4":
-                merged = vote_24(masks, {n: v for n, v in _weights_of_state(base, soup_state).items()})
-            elif merge == "union":
-                merged, s_copy = union_at(scores, s_r, pruner)
-                masks = [pruner.masks_from(sc, s_copy) for sc in scores]
-                entry["copy_sparsity"] = s_copy
-            else:
-                merged = vote(masks, merge)
-            entry["copy_sparsities"] = [sparsity_of(m) for m in masks]
-            entry.update(disagreement(masks))
+            merged = vote(masks, merge)
+        entry["copy_sparsities"] = [sparsity_of(m) for m in masks]
+        entry.update(disagreement(masks))
         base.load_state_dict(soup_state)
         sparsify_(base, masks=merged)
         entry["merged_sparsity"] = sparsity_of(merged)
@@ -440,40 +441,61 @@ def _mask_optimizer_state(model, opt_state: dict, masks: dict) -> None:
                 v.masked_fill_(~m.to(v.device), 0)
 
 
-def instant_soup_prune(model, train_data: ImageSet, *, target: float, iterations: int, copies: int,
-                       subset: float, train_copy: Callable, train_main: Callable, seed: int,
-                       pruner: Pruner | None = None, optimizer_state: dict | None = None,
+def scores_under(pruner: Pruner, model, masks: dict) -> dict:
+    """``pruner``'s scores of ``model`` with the weights (blocks) that ``masks`` prune scored -1, below
+    every kept one: a global magnitude prune then removes them first and never revives them."""
+    sc = pruner.scores(model)
+    bs = pruner.block_size
+    for n, s in sc.items():
+        keep = masks[n][::bs, ::bs] if pruner.layout == "block" else masks[n]
+        s[~keep.to(s.device)] = -1.0
+    return sc
+
+
+def instant_soup_prune(model, train_data: ImageSet, *, target: float, copies: int, copy_subset: float,
+                       main_subset: float, step: float, stop_within: float, train_copy: Callable,
+                       train_main: Callable, seed: int, pruner: Pruner | None = None, max_iterations: int = 100,
                        label: str = "instant-soup") -> tuple[torch.nn.Module, dict, list[dict]]:
-    """Instant Soup Pruning: ``train_copy(model, data, seed, desc, optimizer_state)`` trains a weak
-    copy from the given optimizer state; ``train_main(model, optimizer_state)`` trains the main model
-    between iterations (updating the state in place). Iteration t prunes to ``target * t /
-    iterations``; the K masks are merged by union (no calibration, no weight averaging: the main
-    model keeps its own weights). Returns (main model, merged masks, per-iteration log)."""
+    """Instant Soup Pruning as published. Iteration t:
+
+    1. ``lr = train_main(main, data, seed)``: the main model trains one pass over a random
+       ``main_subset`` of the data, continuing its optimizer state and learning-rate schedule, and
+       returns the schedule's learning rate where it now stands;
+    2. stop if the main model's sparsity is within ``stop_within`` of ``target``;
+    3. ``train_copy(weak, data, seed, desc, lr)`` trains each of ``copies`` copies of the main model
+       (its weights and mask) on its own random ``copy_subset``; each copy then prunes a further
+       ``step`` of its remaining weights (units) by the pruner's score;
+    4. the main model (its own weights) takes the union of the copies' masks.
+
+    Then the main model is pruned one-shot to exactly ``target``. Returns (main model, its masks,
+    per-iteration log). The 2:4 layout has no 10% steps: not supported."""
     pruner = pruner or Pruner()
+    if pruner.layout == "2:4":
+        raise ValueError("layout: Instant Soup prunes in 10% steps; 2:4 has only sparsity 0.5")
     main = copy.deepcopy(model)
     if not masks_of(main):
         sparsify_(main, sparsity=0.0)
-    opt_state = copy.deepcopy(optimizer_state) if optimizer_state else {}
     log, merged = [], masks_of(main)
-    for t in range(1, iterations + 1):
-        s_t = 0.5 if pruner.layout == "2:4" else target * t / iterations
+    for t in range(1, max_iterations + 1):
+        lr = train_main(main, subset_of(train_data, main_subset, stage_seed(seed, f"instant-soup/main/{t}")),
+                        stage_seed(seed, f"instant-soup/main/{t}"))
+        current = sparsity_of(merged)
+        if target - current < stop_within:
+            break
+        s_copy = 1.0 - (1.0 - current) * (1.0 - step)
         masks = []
         for k in range(copies):
             cseed = stage_seed(seed, f"instant-soup/{t}/{k}")
             weak = copy.deepcopy(main)
-            train_copy(weak, _subset(train_data, subset, cseed), cseed, f"{label} it{t} copy {k + 1}/{copies}",
-                       copy.deepcopy(opt_state))
-            masks.append(pruner.masks(weak, s_t))
-        if pruner.layout == "2:4":
-            merged = vote_24(masks, {n: weight_of(m) for n, m in target_layers(main).items()})
-        else:
-            merged = vote(masks, "any")
+            desc = f"{label} it{t} copy {k + 1}/{copies}"
+            train_copy(weak, subset_of(train_data, copy_subset, cseed), cseed, desc, lr)
+            masks.append(pruner.masks_from(scores_under(pruner, weak, merged), s_copy))
+        merged = vote(masks, "any")
         sparsify_(main, masks=merged)
-        _mask_optimizer_state(main, opt_state, merged)
-        entry = {"round": t, "round_target": s_t, "copy_sparsities": [sparsity_of(m) for m in masks],
-                 "merged_sparsity": sparsity_of(merged), **disagreement(masks)}
-        if t < iterations:
-            train_main(main, opt_state)
-            _mask_optimizer_state(main, opt_state, merged)
-        log.append(entry)
+        log.append({"round": t, "round_target": s_copy, "copy_sparsities": [sparsity_of(m) for m in masks],
+                    "merged_sparsity": sparsity_of(merged), "lr": lr, **disagreement(masks)})
+    if sparsity_of(merged) < target:
+        merged = pruner.masks_from(scores_under(pruner, main, merged), target)
+        sparsify_(main, masks=merged)
+    log.append({"round": "final", "round_target": target, "merged_sparsity": sparsity_of(merged)})
     return main, merged, log

@@ -1,162 +1,21 @@
-"""Stage 6, report: ``results.json`` (every stage's result + the statistics), ``report.md`` and plots.
+"""Stage report: ``results.json`` (the results object of ``lotus.results``), ``report.md`` and plots.
 
-The headline is the cost table: per fine-tuning arm, accuracy over seeds, the paired difference to
-dense full-data fine-tuning with its 95% interval, fine-tuning seconds and the interleaved step-time
-ratio. Every comparison is paired on the same validation images (and seeds); a difference whose
-interval covers 0 is written "not significant".
+The report formats a results object; it never calls back into the pipeline. ``markdown`` joins one
+function per section, each taking the results object and returning its lines.
 """
 from __future__ import annotations
 
-import torch
-
 from . import stats
+from .results import (GOAL_COST, GOAL_FT_GAIN, GOAL_POINTS, GOAL_RECALL_RATIO, GOAL_TICKET_POINTS, METHOD_ORDER,
+                      collect, export_predictions, findings, strip_timing)
 from .rundir import RunDir
 
-TIMING_KEYS = ("step_time_s", "images_per_s", "wall_s", "step_time", "ratio_to_dense", "train_s", "finetune_s",
-               "score_s", "seconds", "score_seconds")
-GOAL_RATIO, GOAL_POINTS = 0.55, 1.0
-METHOD_ORDER = ("oneshot", "isp", "issp", "control", "instant")
-
-
-def strip_timing(obj):
-    """``obj`` without wall-clock measurements: what must match between two runs with one seed."""
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS and k != "timing"}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
-
-# ---------------------------------------------------------------- collect
-def collect(run: RunDir) -> dict:
-    """results.json: config + each finished stage's result (a stage not run yet is absent)."""
-    from . import pipeline
-
-    cfg = run.config()
-    res: dict = {"config": cfg, "timing": {}}
-
-    def take(stage):
-        r = run.result(stage)
-        res["timing"][stage] = r.pop("wall_s")
-        return r
-
-    if run.done("pretrain"):
-        r = take("pretrain")
-        res["dense"] = {"val_acc": r["val_acc"], "params": r["params"], "n_train": r["n_train"], "n_val": r["n_val"],
-                        "n_select": r.get("n_select", 0), "val_acc_per_epoch": r["history"]["val_acc"],
-                        "step_time_s": r["history"]["step_time_s"], "images_per_s": r["history"]["images_per_s"]}
-    if run.done("score"):
-        res["tickets"] = take("score")
-    if run.done("prune/sweep"):
-        res["sweep"] = take("prune/sweep")
-        res["prune"] = {}
-        for layout in pipeline.layouts(cfg):
-            for s in pipeline.prune_targets(run, cfg, layout):
-                tag = f"{layout}@{s:g}"
-                if run.done(f"prune/{tag}"):
-                    res["prune"][tag] = take(f"prune/{tag}")
-    arms = pipeline.arms(cfg)
-    starts = {}
-    for arm in arms:
-        st = arm.split("/")[0]
-        if run.done(f"tickets/{st}") and st not in starts:
-            starts[st] = take(f"tickets/{st}")
-    if starts:
-        res["start_scores"] = starts
-    fts = {}
-    for arm in arms:
-        per_seed = []
-        for k in range(cfg["seeds"]):
-            if run.done(f"finetune/{arm}/s{k}"):
-                per_seed.append(take(f"finetune/{arm}/s{k}"))
-        if per_seed:
-            fts[arm] = per_seed
-    if fts:
-        res["finetune"] = fts
-    if run.done("timing"):
-        r = take("timing")
-        order = ["dense/full"] + [a for a in arms if a != "dense/full"]
-        for key in ("step_time_s", "ratio_to_dense"):  # JSON sorted the names: back to run order
-            r[key] = {n: r[key][n] for n in order if n in r[key]}
-        res["step_time"] = r
-    res["stats"] = statistics(run, res)
-    return res
-
-
-def _preds(run, name):
-    return run.load_torch(name)["correct"] if run.exists(name) else None
-
-
-def _arm_matrix(run, arm, seeds):
-    rows = [_preds(run, f"preds/finetune/{arm}/s{k}.pt") for k in range(seeds)]
-    rows = [r for r in rows if r is not None]
-    return torch.stack(rows) if rows else None
-
-
-def statistics(run: RunDir, res: dict) -> dict:
-    """Per-arm summaries and the paired comparisons the report states."""
-    cfg = res["config"]
-    out: dict = {"arms": {}, "vs_dense_full": {}, "policies_vs_random": {}, "pairs": {}, "prune": {}, "sinks": {}}
-    fts = res.get("finetune", {})
-    mats = {}
-    for arm, per_seed in fts.items():
-        out["arms"][arm] = stats.summary([r["accuracy"] for r in per_seed])
-        mats[arm] = _arm_matrix(run, arm, cfg["seeds"])
-
-    def paired(a, b):
-        ma, mb = mats.get(a), mats.get(b)
-        if ma is None or mb is None:
-            return None
-        s = min(ma.shape[0], mb.shape[0])  # seeds both arms have finished
-        return stats.paired_bootstrap(ma[:s], mb[:s], seed=0)
-
-    for arm in fts:
-        if arm != "dense/full" and "dense/full" in fts:
-            out["vs_dense_full"][arm] = paired(arm, "dense/full")
-    for arm in fts:
-        start, data = arm.split("/")
-        policy, _, keep = data.partition("@")
-        rnd = f"{start}/random" + (f"@{keep}" if keep else "")
-        if policy not in ("full", "random") and rnd in fts:
-            out["policies_vs_random"][arm] = paired(arm, rnd)
-    # pruning method comparisons that the issue asks about (same start model: fine-tuned equally)
-    for a, b in (("unstructured-isp/full", "unstructured-oneshot/full"), ("block-isp/fixed", "dense/fixed"),
-                 ("block-isp/full", "unstructured-isp/full"), ("block-isp/fixed", "block-isp/full")):
-        if a in fts and b in fts:
-            out["pairs"][f"{a} vs {b}"] = paired(a, b)
-    for tag, r in res.get("prune", {}).items():
-        cmp = {}
-        base = lambda n: _preds(run, f"preds/{tag}/{n}.pt")  # noqa: E731
-        for name in METHOD_ORDER[1:]:
-            if name not in r["methods"]:
-                continue
-            m = r["methods"][name]
-            mine = base(name)
-            ref = m.get("oneshot_at_actual")
-            if ref and base(ref) is not None:
-                cmp[f"{name} vs one-shot at its sparsity"] = dict(stats.paired_bootstrap(mine, base(ref)),
-                                                                  mcnemar=stats.mcnemar(mine, base(ref)))
-            if name != "control" and base("control") is not None:
-                cmp[f"{name} vs control"] = dict(stats.paired_bootstrap(mine, base("control")),
-                                                 mcnemar=stats.mcnemar(mine, base("control")))
-        out["prune"][tag] = cmp
-    if "tickets" in res:
-        none = _preds(run, "preds/sink_none.pt")
-        rnd = _preds(run, "preds/sink_random.pt")
-        for rule in ("first", "outlier", "norm"):
-            p = _preds(run, f"preds/sink_{rule}.pt")
-            if p is not None and none is not None:
-                out["sinks"][f"{rule} vs none"] = stats.paired_bootstrap(p, none)
-        for rule in ("none", "outlier", "norm"):
-            p = _preds(run, f"preds/sink_{rule}.pt")
-            if p is not None and rnd is not None:
-                out["sinks"][f"{rule} vs random"] = stats.paired_bootstrap(p, rnd)
-    return out
+__all__ = ["write", "markdown", "strip_timing"]
 
 
 # ---------------------------------------------------------------- formatting helpers
-def _fmt(x, nd=2):
-    return "—" if x is None else f"{x:.{nd}f}"
+def _fmt(x, nd=2, suffix=""):
+    return "—" if x is None else f"{x:.{nd}f}{suffix}"
 
 
 def _acc(s: dict) -> str:
@@ -168,288 +27,475 @@ def _acc(s: dict) -> str:
 def _diff(d) -> str:
     if d is None:
         return "—"
-    mark = "" if stats.verdict(d) == "not significant" else " *"
+    mark = "" if stats.verdict(d, d.get("p_holm")).startswith("not") else " *"
     return f"{d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]{mark}"
 
 
+def _describe(d) -> str:
+    both = ""
+    if d.get("t"):
+        b, t = d["bootstrap"], d["t"]
+        both = f"; bootstrap [{b['lo']:+.2f}, {b['hi']:+.2f}], seed t [{t['lo']:+.2f}, {t['hi']:+.2f}]"
+    return stats.describe(d, p_adjusted=d.get("p_holm")) + both
+
+
+def _basis(res) -> str:
+    return res["stats"].get("basis", "cpu")
+
+
+def _unit(res) -> str:
+    return "CPU s" if _basis(res) == "cpu" else "wall s"
+
+
 def cost_rows(res: dict) -> list[dict]:
-    """One row per fine-tuning arm: the cost table's numbers."""
+    """One row per model: the start model, then every fine-tuning arm, with the whole job's cost."""
+    st = res["stats"]
     rows = []
     ratios = res.get("step_time", {}).get("ratio_to_dense", {})
+    if "probe" in res and "start" in st["jobs"]:
+        rows.append({"arm": "start", "layout": "dense", "sparsity": 0.0, "keep": 1.0, "seeds": 1,
+                     "acc": {"mean": res["probe"]["val_acc"], "sd": None}, "vs_dense": None, "vs_start": None,
+                     "job": st["jobs"]["start"], "step_ratio": None, "recall": None})
     for arm, per_seed in res.get("finetune", {}).items():
         r0 = per_seed[0]
-        ft_s = [r["finetune_s"] for r in per_seed]
+        rec = [r["object_recall"] for r in per_seed if r.get("object_recall") is not None]
         rows.append({"arm": arm, "layout": r0["layout"], "sparsity": r0["sparsity"], "keep": r0["keep"],
-                     "acc": res["stats"]["arms"][arm], "vs_dense": res["stats"]["vs_dense_full"].get(arm),
-                     "finetune_s": sum(ft_s) / len(ft_s), "step_ratio": ratios.get(arm), "seeds": len(per_seed)})
+                     "acc": st["arms"][arm], "vs_dense": st["vs_dense_full"].get(arm),
+                     "vs_start": st["vs_start"].get(arm), "job": st["jobs"].get(arm), "seeds": len(per_seed),
+                     "step_ratio": ratios.get(arm, ratios.get("dense/full") if arm.startswith("dense/matched")
+                                              else None),
+                     "recall": sum(rec) / len(rec) if rec else None})
     return rows
 
 
+# ---------------------------------------------------------------- sections
+def sec_setting(res: dict) -> list[str]:
+    cfg = res["config"]
+    L = ["# LOTUS run report", ""]
+    model = f"`{cfg['model']}`" + (f" (patch {cfg['patch_size']}, dim {cfg['embed_dim']}, depth {cfg['depth']}, "
+                                   f"heads {cfg['heads']})" if cfg["model"] == "lotus_vit" else "")
+    canvas = (f"every image placed at a random position on a {cfg['canvas']}x{cfg['canvas']} canvas of other "
+              f"images' pieces" if cfg.get("canvas") else "images as they are")
+    src = (f"classes {_classes(cfg['source_classes'])}" if cfg["source_classes"] else "the checkpoint's own task")
+    L.append(f"Data `{cfg['data']}` ({canvas}); model {model}; source task {src}, target task classes "
+             f"{_classes(cfg['target_classes'])}; run seed {cfg['seed']}, {cfg['threads']} thread(s); layout "
+             f"`{cfg['layout']}`" + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block"
+                                     else "")
+             + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('score', {}).get('sink', cfg['sink'])}`"
+             + (" (`--sink auto`)" if cfg["sink"] == "auto" else "") + ".")
+    if "pretrain" in res and "probe" in res:
+        p, q = res["pretrain"], res["probe"]
+        pre = (f"pretrained from scratch on {p['n_source_train']} source images for {cfg['pretrain_epochs']} epochs "
+               f"({_fmt(p['source_val_acc'], 1, '%')} on {p['n_source_val']} held-out source images)"
+               if p["history"] else "the checkpoint as it is")
+        L += [f"Start model: {pre}, then a linear probe on the target ({q['n_train']} training images, weight decay "
+              f"{q['weight_decay']:g} chosen on {q['n_select']} selection images): **{q['val_acc']:.2f}%** on "
+              f"{q['n_val']} target validation images (every reported accuracy; one image = "
+              f"{100 / q['n_val']:.2f} points); {p['params']:,} parameters.", ""]
+    return L
+
+
+def _classes(cl) -> str:
+    if len(cl) > 2 and cl == list(range(cl[0], cl[-1] + 1)):
+        return f"{cl[0]}–{cl[-1]}"
+    return ", ".join(map(str, cl))
+
+
+def sec_goals(res: dict) -> list[str]:
+    g = res["stats"].get("goals", {})
+    cfg = res["config"]
+    if not g:
+        return []
+    L = ["## Goals (judged as stated before the run)", ""]
+    if "finetune_gain" in g:
+        x = g["finetune_gain"]
+        L.append(f"- **Fine-tuning is worth doing** (dense full-data fine-tuning ≥ {GOAL_FT_GAIN:g} points above the "
+                 f"start model's linear probe, one-sided 95% lower bound): {_met(x['met'])}: {x['diff']:+.2f} points, "
+                 f"lower bound {x['lower']:+.2f}.")
+    if "headline" in g:
+        x = g["headline"]
+        L.append(f"- **Headline `{x['arm']}`** (named in the config; whole job ≤ {GOAL_COST:g}x dense full-data "
+                 f"fine-tuning's and one-sided 95% lower bound vs dense full ≥ −{GOAL_POINTS:g} point): "
+                 f"{_met(x['met'])}: job {x['cost_ratio']:.2f}x, {x['diff']:+.2f} points, lower bound "
+                 f"{x['lower']:+.2f}.")
+    others = [a for a in g.get("any_arm", []) if a != cfg.get("headline")]
+    L.append("- Other arms meeting the same bar (exploratory, not pre-registered): "
+             + (", ".join(f"`{a}`" for a in others) if others else "none") + ".")
+    if "tickets" in g:
+        x = g["tickets"]
+        vs = "—" if x["vs_random"] is None else f"{x['vs_random']:+.2f}"
+        L.append(f"- **Tickets where the object is a minority** (attention tickets keep ≥ {GOAL_RECALL_RATIO:g}x "
+                 f"random's object-patch recall at keep ≤ 0.5 and beat random patches by ≥ {GOAL_TICKET_POINTS:g} "
+                 f"points): {_met(x['met'])}: the start model's tickets (rule `{x['rule']}`, chosen on the selection "
+                 f"split) keep "
+                 f"{100 * x['recall']:.1f}% of the object vs random's {100 * x['random_recall']:.1f}% "
+                 f"({x['ratio']:.2f}x); fixed tickets vs random patches {vs} points. The score maps are in "
+                 "tickets.png.")
+    return L + [""]
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def sec_cost(res: dict) -> list[str]:
+    rows = cost_rows(res)
+    if not rows:
+        return []
+    cfg, unit = res["config"], _unit(res)
+    L = ["## The whole job: accuracy and cost (headline table)", "",
+         f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}; seeds: "
+         f"{cfg.get('main_seeds')} for the headline `{cfg.get('headline')}`, dense/full and the compute-matched rows, "
+         f"{cfg['seeds']} for the others (pruned starts: seed k from prune replicate k mod "
+         f"{cfg.get('prune_seeds', 1)}). "
+         "Accuracy: mean ± SD over seeds [95% t interval]. Δ: paired on the same images and seeds, the wider of the "
+         "two-level bootstrap and the seed-level t interval (95%; * = significant after Holm over all findings); "
+         f"lower: one-sided 95% lower bound vs dense full. Job: every stage the arm's user pays for ({unit}: "
+         f"the cost basis; wall s beside it), pretraining excluded; x dense: the job over dense full-data "
+         "fine-tuning's. Recall: share of the object's pixels in the patches each step kept (canvas data).", "",
+         f"| arm | seeds | val acc (%) | Δ vs dense full | lower | Δ vs start | job ({unit}) | x dense | wall s "
+         "| step | recall |",
+         "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        j = r["job"] or {}
+        lower = r["vs_dense"]["lower"] if r["vs_dense"] else None
+        L.append(f"| {r['arm']} | {r['seeds']} | {_acc(r['acc'])} | {_diff(r['vs_dense'])} | {_fmt(lower, 2)} | "
+                 f"{_diff(r['vs_start'])} | {_fmt(j.get('mean'), 1)} | {_fmt(j.get('ratio'), 2, 'x')} | "
+                 f"{_fmt(j.get('wall'), 1)} | {_fmt(r['step_ratio'], 2, 'x')} | "
+                 f"{_fmt(None if r['recall'] is None else 100 * r['recall'], 1, '%')} |")
+    if "budget" in res:
+        b = res["budget"]
+        L += ["", "Compute-matched rows: dense full-data fine-tuning for "
+              + "; ".join(f"`{k}` {v['steps']} steps (the job of `{v['arm']}`, {v['target_s']:.1f} s)"
+                          for k, v in b.items() if isinstance(v, dict) and "steps" in v)
+              + f", at dense/full's {b['dense_step_s'] * 1e3:.0f} ms per step ({_unit(res)})."]
+    L += ["", "![cost](cost.png)", ""]
+    return L + sec_cost_parts(res)
+
+
+def sec_cost_parts(res: dict) -> list[str]:
+    jobs = res["stats"]["jobs"]
+    if not jobs:
+        return []
+    parts = []
+    for j in jobs.values():
+        parts += [p for p in j["parts"] if p not in parts]
+    L = [f"What each job pays for ({_unit(res)}, mean over seeds):", "",
+         "| arm | " + " | ".join(parts) + " | total |", "|---|" + "---:|" * (len(parts) + 1)]
+    for arm, j in jobs.items():
+        L.append(f"| {arm} | " + " | ".join(_fmt(j["parts"].get(p), 1) for p in parts) + f" | {j['mean']:.1f} |")
+    return L + [""]
+
+
+def sec_findings(res: dict) -> list[str]:
+    st = res["stats"]
+    rows = findings(st)
+    if not rows:
+        return []
+    titles = {"vs_dense_full": "vs dense full-data fine-tuning", "vs_start": "vs the start model (linear probe)",
+              "policies_vs_random": "vs random patches at the same token count", "pairs": "fine-tuned pairs",
+              "prune": "pruning, before fine-tuning (over replicates)", "sinks": "sink rules (start model's tickets)"}
+    L = ["## Findings (automatic)", "",
+         f"{st['family_size']} paired comparisons, one family: p is the larger of the bootstrap's and the seed t "
+         "test's, Holm-adjusted in brackets; the interval is the wider of the two (both given where there are "
+         "several seeds or replicates)."]
+    group = None
+    for g, name, d in rows:
+        if g != group:
+            L += ["", f"**{titles[g]}**", ""]
+            group = g
+        L.append(f"- `{name}`: {_describe(d)}.")
+    return L + [""]
+
+
+def sec_tickets(res: dict) -> list[str]:
+    if "score" not in res:
+        return []
+    t = res["score"]
+    rec = t["random"]["val"]["object_recall"] is not None
+    L = ["## Attention tickets and the sink rule", "",
+         f"{t['num_patches']} patches per image, a ticket keeps {t['kept']} (keep {t['keep']:g}). Each rule's tickets "
+         "are judged by the start model's accuracy when it sees only the ticket's patches (no training)"
+         + (" and by their object-patch recall (share of the object's pixels in the kept patches)" if rec else "")
+         + ", on the selection split (which chooses) and the validation split; random patches at the same count "
+         "for reference.", "",
+         "| sink rule | patches changed / image | acc, selection (%) | acc, val (%) |"
+         + (" recall, selection | recall, val |" if rec else ""),
+         "|---|---:|---:|---:|" + ("---:|---:|" if rec else "")]
+    for rule in sorted(t["rules"], key=lambda x: ("none", "first", "outlier", "norm").index(x)):
+        r = t["rules"][rule]
+        L.append(f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
+                 f"{r['val']['accuracy']:.2f} |" + (f" {100 * r['select']['object_recall']:.1f}% | "
+                                                     f"{100 * r['val']['object_recall']:.1f}% |" if rec else ""))
+    rnd = t["random"]
+    L.append(f"| random patches | — | {rnd['select']['accuracy']:.2f} | {rnd['val']['accuracy']:.2f} |"
+             + (f" {100 * rnd['select']['object_recall']:.1f}% | {100 * rnd['val']['object_recall']:.1f}% |"
+                if rec else ""))
+    L += ["", f"Best rule on the selection split: `{t['best_rule_on_select']}` (by accuracy; ties go to the simpler "
+          f"rule); this run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`). `first` (LOTUS's literal "
+          "rule) only rewrites the class token's own score, which is dropped before ranking patches, so its tickets "
+          "are identical to `none`."
+          + (f" The start model's tickets of the training images keep {100 * t['object_recall_train']:.1f}% of the "
+             "object." if t.get("object_recall_train") is not None else "")
+          + " tickets.png: validation images, the start model's score maps and kept patches"
+          + (" (the object outlined in green)" if rec else "") + ".", "", "![tickets](tickets.png)", ""]
+    after = {a: [r["object_recall_after"] for r in v if r.get("object_recall_after") is not None]
+             for a, v in res.get("finetune", {}).items()}
+    after = {a: sum(v) / len(v) for a, v in after.items() if v}
+    if after:
+        L += ["After fine-tuning: the object-patch recall of each fine-tuned model's *own* tickets of the validation "
+              "images (same rule and keep; mean over seeds) — does fine-tuning teach the attention where the object "
+              f"is? Random: {100 * rnd['val']['object_recall']:.1f}%.", "",
+              "| arm | recall of its own tickets (val) |", "|---|---:|"]
+        L += [f"| {a} | {100 * v:.1f}% |" for a, v in after.items()]
+        L += ["", "tickets_finetuned.png: the same images, scored by dense/full (seed 0) after fine-tuning.", "",
+              "![tickets after fine-tuning](tickets_finetuned.png)", ""]
+    return L
+
+
+def sec_sweeps(res: dict) -> list[str]:
+    if "sweep" not in res:
+        return []
+    cfg = res["config"]
+    L = ["## One-shot sweeps (no training)", ""]
+    for layout, sw in res["sweep"]["layouts"].items():
+        sps = [p["sparsity"] for p in sw["sweep_val"]]
+        L += [f"**{layout}** (score `{sw['score']}`; essential sparsity **{sw['essential_sparsity']:g}**, chosen on "
+              f"the {sw['chosen_on']} split within {cfg['tolerance']:g} point of the start model)", "",
+              "| score / split | " + " | ".join(f"{s:g}" for s in sps) + " |", "|---|" + "---:|" * len(sps)]
+        for sc, pts in sw["scores"].items():
+            L.append(f"| {sc} / selection | " + " | ".join(f"{p['accuracy']:.1f}" for p in pts) + " |")
+        L += [f"| {sw['score']} / val | " + " | ".join(f"{p['accuracy']:.1f}" for p in sw["sweep_val"]) + " |", ""]
+    return L
+
+
+INSTANT_SOUP = [
+    "main model: one pass over a random 50% of the data before every iteration, one AdamW state and one "
+    "learning-rate schedule carried across the iterations (published: the same; their schedule is linear with "
+    "warm-up over all 20 epochs, ours cosine with warm-up over twice the iterations a copy's 10% steps need)",
+    "weak copies: K = 5, one pass over 10% each, from the main model's weights and mask with a fresh optimizer "
+    "warming up linearly over 500 of 1000 steps towards the main model's current learning rate (as published)",
+    "each copy prunes another 10% of its remaining weights by magnitude; the main model takes the union of the "
+    "copies' masks (no weight averaging), until within 5 points of the target, then a one-shot magnitude prune to "
+    "the target (as published)",
+    "after the last pruning step: the recovery pass every method gets (published: the remaining epochs of "
+    "fine-tuning, which here are the fine-tuning arms)",
+    "not carried over: the published run's CLIP zero-shot head is frozen and its pruning covers the CLIP image "
+    "tower's attention and MLP weights; here the linear-probe head trains and every linear but the head is pruned",
+]
+DEVIATIONS = [
+    "weak copies start from the current soup with a fresh optimizer at the ISP learning rate",
+    "K = 3 copies on 30% subsets (Instant Soup: K = 5 on 10%, one pass each)",
+    "masks merged by a majority vote (ISP) or a union calibrated to the target (ISSP) (Instant Soup: "
+    "uncalibrated union, 10% of the remaining weights per iteration)",
+    "weights averaged into a soup (Instant Soup: no weight averaging; the main model keeps its weights)",
+    "no training of the main model between rounds: the next round's copies start from the soup",
+    "masks ranked by the layout's score (block: the best of L1 / L2 / gradient-weighted on the selection split)",
+]
+
+
+def sec_prune(res: dict) -> list[str]:
+    if not res.get("prune"):
+        return []
+    st = res["stats"]
+    L = ["## ISP, ISSP, the matched control and Instant Soup (before fine-tuning, val)", "",
+         "Every method but one-shot ends with the same recovery pass after its final mask (one pass over a "
+         f"{res['config']['isp_subset']:g} share of the training images, same images, order and steps); control = "
+         "the one-shot mask with exactly that pass, so method − control is what the method adds at equal "
+         "post-mask training. Accuracy: mean ± SD over replicates (each its own seeds); Δ paired over replicates "
+         f"and images; cost: {_unit(res)} per replicate, recovery included.", "",
+         "| layout @ target | method | replicates | actual sparsity | acc (%) | Δ vs one-shot at its sparsity "
+         "| Δ vs control | cost |",
+         "|---|---|---:|---:|---|---|---|---:|"]
+    basis = _basis(res)
+    for tag, reps in res["prune"].items():
+        cmp = st["prune"].get(tag, {})
+        for name in METHOD_ORDER:
+            if name not in reps[0]["methods"]:
+                continue
+            ms = [r["methods"][name] for r in reps]
+            acc = stats.summary([m["accuracy"] for m in ms])
+            c = sum(m["cost"][basis] for m in ms) / len(ms)
+            L.append(f"| {tag} | {name} | {len(ms)} | {sum(m['sparsity'] for m in ms) / len(ms):.4f} | {_acc(acc)} | "
+                     f"{_diff(cmp.get(f'{name} vs one-shot at its sparsity'))} | {_diff(cmp.get(f'{name} vs control'))}"
+                     f" | {c:.1f} |")
+    L += ["", "Per round (replicate 0): copy sparsities, mean pairwise Jaccard of the copies' kept weights, share "
+          "of the merged kept weights that only one copy keeps, merged sparsity:"]
+    for tag, reps in res["prune"].items():
+        for name in METHOD_ORDER:
+            m = reps[0]["methods"].get(name, {})
+            if "rounds" not in m:
+                continue
+            L.append(f"- {tag} {name}: " + "; ".join(_round(x) for x in m["rounds"]))
+    L += ["", "Instant Soup as published (`instant`; VITA-Group/instant_soup `isp_all.py`):"]
+    L += [f"- {d}" for d in INSTANT_SOUP]
+    L += ["", "Our ISP / ISSP differ from it in:"] + [f"- {d}" for d in DEVIATIONS] + [""]
+    return L
+
+
+def _round(x: dict) -> str:
+    if x["round"] == "final":
+        return f"one-shot to {x['merged_sparsity']:.3f}"
+    return (f"r{x['round']} target {x['round_target']:.3f}"
+            + (f" (copies at {x['copy_sparsity']:.3f})" if "copy_sparsity" in x else "")
+            + f", Jaccard {x.get('jaccard', 1):.3f}, single-copy {x.get('single_copy_share', 0):.3f}"
+            + f" -> {x['merged_sparsity']:.3f}")
+
+
+def sec_steps(res: dict) -> list[str]:
+    if "step_time" not in res:
+        return []
+    s = res["step_time"]
+    return ["## Train-step time", "", f"Batch {s['batch_size']}, median of {s['rounds']} interleaved rounds (wall).",
+            "",
+            "| arm | step (ms) | vs dense full |", "|---|---:|---:|"] + [
+        f"| {n} | {1e3 * t:.1f} | {s['ratio_to_dense'][n]:.2f}x |" for n, t in s["step_time_s"].items()] + [""]
+
+
+def sec_plots(plots: list[str]) -> list[str]:
+    rest = [p for p in plots if p != "cost.png"]
+    return ["## Plots", ""] + [f"![{p}]({p})" for p in rest] + [""] if rest else []
+
+
+def sec_stages(res: dict) -> list[str]:
+    t = res["timing"]
+    if not t:
+        return []
+    L = ["## Seconds per stage", "", "Wall and process CPU seconds of every stage of this run (evaluation included; "
+         "pretraining is not part of any job).", "", "| stage | wall s | CPU s |", "|---|---:|---:|"]
+    L += [f"| {k} | {v['wall']:.1f} | {_fmt(v['cpu'], 1)} |" for k, v in t.items()]
+    wall = sum(v["wall"] for v in t.values())
+    cpu = sum(v["cpu"] or 0.0 for v in t.values())
+    L += [f"| total | {wall:.1f} | {cpu:.1f} |", "",
+          "Timings come from whatever machine ran this report: on a shared CPU wall time grows with the load, "
+          "process CPU time much less (the cost basis). Accuracies are on the held-out target validation split.", ""]
+    return L
+
+
+SECTIONS = (sec_setting, sec_goals, sec_cost, sec_findings, sec_tickets, sec_sweeps, sec_prune, sec_steps)
+
+
+def markdown(res: dict, plots: list[str]) -> str:
+    lines = []
+    for section in SECTIONS:
+        lines += section(res)
+    lines += sec_plots(plots) + sec_stages(res)
+    return "\n".join(lines).rstrip() + "\n"
+
+
 # ---------------------------------------------------------------- plots
+def _colors():
+    import matplotlib.pyplot as plt
+    c = plt.get_cmap("tab20").colors
+    return [c[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i in range(20)]
+
+
+def plot_cost(res: dict):
+    """Time to accuracy: each arm's seed-0 validation accuracy after every fine-tuning epoch, at the
+    job's seconds so far (the stages before fine-tuning, then the epochs' training seconds), and the
+    final mean ± SD over seeds at the mean job cost."""
+    import matplotlib.pyplot as plt
+
+    basis, st = _basis(res), res["stats"]
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    colors = _colors()
+    if "start" in st["jobs"]:
+        ax.plot(st["jobs"]["start"]["mean"], res["probe"]["val_acc"], "k*", ms=10, label="start (linear probe)")
+    for i, (arm, per_seed) in enumerate(res.get("finetune", {}).items()):
+        color = colors[i % 20]
+        j = res["costs"][arm][0]
+        prefix = j["total"][basis] - j["parts"]["finetune"][basis]
+        r0 = per_seed[0]
+        if r0["val_acc"]:
+            acc0 = _start_acc(res, r0["start"])  # the model this arm starts from (seed 0's replicate)
+            xs = ([prefix] if acc0 is not None else []) + [prefix + c for c in r0[f"epoch_{basis}"]]
+            ax.plot(xs, ([acc0] if acc0 is not None else []) + r0["val_acc"], "-" if arm.endswith("/full") else "--",
+                    lw=1, color=color, alpha=0.7)
+        a = st["arms"][arm]
+        mk = "*" if arm == res["config"].get("headline") else "s" if arm.endswith("/full") else "o"
+        ax.errorbar(st["jobs"][arm]["mean"], a["mean"], yerr=a["sd"] or 0.0, fmt=mk, ms=7, capsize=3, color=color,
+                    label=arm)
+    if "dense/full" in st["jobs"]:
+        d = st["jobs"]["dense/full"]["mean"]
+        ax.axvline(GOAL_COST * d, color="g", ls=":", label=f"{GOAL_COST:g}x dense full's job")
+        m = st["arms"]["dense/full"]["mean"]
+        ax.axhspan(m - GOAL_POINTS, m, color="g", alpha=0.08, label=f"within {GOAL_POINTS:g} pt of dense full")
+    ax.set_xlabel(f"seconds of the whole job ({_unit(res)}; pretraining excluded, evaluation excluded)")
+    ax.set_ylabel("target val accuracy (%)")
+    ax.set_title("Time to accuracy: seed-0 curves per epoch; mean ± SD over seeds at the end")
+    ax.legend(fontsize=6.5, loc="lower right", ncol=2)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _start_acc(res: dict, start: str):
+    """Validation accuracy of an arm's start model (replicate 0 for a pruned start), or None."""
+    if start == "dense":
+        return res["probe"]["val_acc"]
+    layout, _, method = start.rpartition("-")
+    for reps in res.get("prune", {}).values():
+        if reps[0]["layout"] == layout and method in reps[0]["methods"]:
+            return reps[0]["methods"][method]["accuracy"]
+    return None
+
+
+def plot_sparsity(res: dict):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (layout, sw) in enumerate(res["sweep"]["layouts"].items()):
+        xs = [p["sparsity"] for p in sw["sweep_val"]]
+        ax.plot(xs, [p["accuracy"] for p in sw["sweep_val"]], "o-", color=f"C{i}", label=f"{layout} one-shot "
+                f"({sw['score']}), val")
+        for sc, pts in sw["scores"].items():
+            ax.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], ":", color=f"C{i}", alpha=0.6,
+                    label=f"{layout} {sc}, selection")
+        ax.axvline(sw["essential_sparsity"], color=f"C{i}", ls="--", alpha=0.5)
+    for tag, reps in res.get("prune", {}).items():
+        for name, mk in (("isp", "s"), ("issp", "D"), ("control", "x"), ("instant", "^")):
+            for r in reps:
+                if name in r["methods"]:
+                    m = r["methods"][name]
+                    ax.plot(m["sparsity"], m["accuracy"], mk, color="C3" if r["layout"] == "unstructured" else "C4",
+                            ms=6, alpha=0.7)
+    ax.set_xlabel("sparsity of the pruned linear layers")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("One-shot sweeps (lines); ISP ■ ISSP ◆ control × Instant Soup ▲ (val, every replicate)")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_steps(res: dict):
+    import matplotlib.pyplot as plt
+
+    med = res["step_time"]["step_time_s"]
+    names, times = list(med), [1e3 * v for v in med.values()]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.bar(range(len(times)), times, color="C2")
+    for i, n in enumerate(names):
+        ax.text(i, times[i], f"{res['step_time']['ratio_to_dense'][n]:.2f}x", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(times)), names, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel(f"median train step (ms), batch {res['config']['batch_size']}")
+    ax.set_title("Train-step time per arm (interleaved; ratio to dense full)")
+    return fig
+
+
 def _plots(run: RunDir, res: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    rows = cost_rows(res)
-    if rows:
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        colors = plt.get_cmap("tab20").colors
-        for i, r in enumerate(rows):
-            sd = r["acc"]["sd"] or 0.0
-            mk = "s" if r["arm"].endswith("/full") else "o" if r["arm"].startswith("dense") else "D"
-            ax.errorbar(r["finetune_s"], r["acc"]["mean"], yerr=sd, fmt=mk, ms=6, capsize=3,
-                        color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
-                        label=f"{r['arm']} ({_fmt(r['step_ratio'])}x step)")
-        if "dense/full" in res["finetune"]:
-            d = res["stats"]["arms"]["dense/full"]["mean"]
-            ax.axhspan(d - GOAL_POINTS, d, color="g", alpha=0.1, label=f"within {GOAL_POINTS:g} pt of dense full")
-        ax.set_xlabel("fine-tuning wall-clock per run (s; training + ticket scoring, evaluation excluded)")
-        ax.set_ylabel("val accuracy (%), mean ± SD over seeds")
-        ax.set_title("Cost of fine-tuning: accuracy vs wall-clock per arm")
-        ax.legend(fontsize=6.5, loc="lower right")
-        ax.grid(alpha=0.3)
-        run.save_figure("cost.png", fig)
-        plt.close(fig)
-        made.append("cost.png")
-    if "sweep" in res:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for i, (layout, sw) in enumerate(res["sweep"]["layouts"].items()):
-            xs = [p["sparsity"] for p in sw["sweep_val"]]
-            ax.plot(xs, [p["accuracy"] for p in sw["sweep_val"]], "o-", color=f"C{i}",
-                    label=f"{layout} one-shot ({sw['score']}), val")
-            for sc, pts in sw["scores"].items():
-                ax.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], ":", color=f"C{i}", alpha=0.6,
-                        label=f"{layout} {sc}, selection")
-            ax.axvline(sw["essential_sparsity"], color=f"C{i}", ls="--", alpha=0.5)
-        for tag, r in res.get("prune", {}).items():
-            for name, mk in (("isp", "s"), ("issp", "D"), ("control", "x"), ("instant", "^")):
-                if name in r["methods"]:
-                    m = r["methods"][name]
-                    ax.plot(m["sparsity"], m["accuracy"], mk, color="C3" if r["layout"] == "unstructured" else "C4",
-                            ms=7, alpha=0.8)
-        ax.set_xlabel("sparsity of the pruned linear layers")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("One-shot sweeps (lines); ISP ■ ISSP ◆ control × Instant Soup ▲ (val)")
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3)
-        run.save_figure("sparsity.png", fig)
-        plt.close(fig)
-        made.append("sparsity.png")
-    if "finetune" in res:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        colors = plt.get_cmap("tab20").colors
-        for i, (arm, per_seed) in enumerate(res["finetune"].items()):
-            r = per_seed[0]
-            if r["val_acc"]:
-                ax.plot(r["epoch"], r["val_acc"], "-" if arm.endswith("/full") else "--", marker="o", ms=3,
-                        color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=arm)
-        from matplotlib.ticker import MaxNLocator
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("fine-tuning epoch")
-        ax.set_ylabel("val accuracy (%), seed 0")
-        ax.set_title("Fine-tuning curves (seed 0)")
-        ax.legend(fontsize=6.5, ncol=2)
-        ax.grid(alpha=0.3)
-        run.save_figure("finetune.png", fig)
-        plt.close(fig)
-        made.append("finetune.png")
-    if "step_time" in res:
-        med = res["step_time"]["step_time_s"]
-        names, times = list(med), [1e3 * v for v in med.values()]
-        fig, ax = plt.subplots(figsize=(8, 3.8))
-        ax.bar(range(len(times)), times, color="C2")
-        for i, n in enumerate(names):
-            ax.text(i, times[i], f"{res['step_time']['ratio_to_dense'][n]:.2f}x", ha="center", va="bottom", fontsize=7)
-        ax.axhline(GOAL_RATIO * med["dense/full"] * 1e3, color="r", ls=":", label=f"{GOAL_RATIO}x dense")
-        ax.set_xticks(range(len(times)), names, rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel(f"median train step (ms), batch {res['config']['batch_size']}")
-        ax.set_title("Train-step time per arm (interleaved; ratio to dense full)")
-        ax.legend(fontsize=7)
-        run.save_figure("step_time.png", fig)
-        plt.close(fig)
-        made.append("step_time.png")
-    return made
-
-
-# ---------------------------------------------------------------- markdown
-def _findings(res: dict) -> list[str]:
-    out = []
-    st = res["stats"]
-    rows = cost_rows(res)
-    if rows and "dense/full" in res.get("finetune", {}):
-        fast = [r for r in rows if r["step_ratio"] is not None and r["step_ratio"] <= GOAL_RATIO]
-        ok = [r for r in fast if r["vs_dense"] and r["vs_dense"]["diff"] >= -GOAL_POINTS]
+    for name, fn, ok in (("cost.png", plot_cost, "finetune" in res and "costs" in res),
+                         ("sparsity.png", plot_sparsity, "sweep" in res),
+                         ("step_time.png", plot_steps, "step_time" in res)):
         if ok:
-            best = max(ok, key=lambda r: r["vs_dense"]["diff"])
-            out.append(f"- **Goal met**: `{best['arm']}` at {best['step_ratio']:.2f}x the dense step is "
-                       f"{_diff(best['vs_dense'])} points vs dense full-data fine-tuning (mean over seeds; "
-                       f"{stats.verdict(best['vs_dense'])}).")
-        elif fast:
-            best = max(fast, key=lambda r: r["vs_dense"]["diff"] if r["vs_dense"] else -1e9)
-            gap = -GOAL_POINTS - best["vs_dense"]["diff"]
-            out.append(f"- **Goal missed** by {gap:.2f} points: the best arm at <= {GOAL_RATIO}x the dense step, "
-                       f"`{best['arm']}` ({best['step_ratio']:.2f}x), is {_diff(best['vs_dense'])} points vs dense "
-                       "full.")
-        else:
-            out.append(f"- **Goal missed**: no arm reached <= {GOAL_RATIO}x the dense step.")
-    for arm, d in st["policies_vs_random"].items():
-        if d:
-            out.append(f"- `{arm}` vs random patches at the same token count: {stats.describe(d)}.")
-    for pair, d in st["pairs"].items():
-        if d:
-            out.append(f"- `{pair}` (fine-tuned): {stats.describe(d)}.")
-    for tag, cmp in st["prune"].items():
-        for name, d in cmp.items():
-            out.append(f"- {tag}, {name} (before fine-tuning): {stats.describe(d)}; "
-                       f"McNemar p = {d['mcnemar']['p']:.3g}.")
-    for name, d in st["sinks"].items():
-        out.append(f"- Sink rule tickets, {name} (dense model on its tickets, val): {stats.describe(d)}.")
-    return ["", "## Findings (automatic; paired, 95% intervals)", ""] + out if out else []
-
-
-DEVIATIONS = [
-    "weak copies start from a fresh optimizer (Instant Soup: the current model's optimizer state)",
-    "K = 3 copies on 30% subsets (Instant Soup: K = 5 on 10%, one pass each)",
-    "masks merged by a majority vote (ISP) or a union calibrated to the target (ISSP) (Instant Soup: "
-    "uncalibrated union, so the sparsity undershoots the target)",
-    "weights averaged into a soup (Instant Soup: no weight averaging; the main model keeps its weights)",
-    "no training of the main model between rounds: the next round's copies start from the soup (Instant Soup: "
-    "the main model is trained between iterations)",
-    "masks ranked by the layout's score (block: the best of L1 / L2 / gradient-weighted on the selection split)",
-]
-
-
-def markdown(res: dict, plots: list[str], has_tickets_png: bool) -> str:
-    cfg = res["config"]
-    st = res["stats"]
-    L = ["# LOTUS run report", ""]
-    L.append(f"Data `{cfg['data']}`, model `{cfg['model']}`"
-             + (f" (patch {cfg['patch_size']}, dim {cfg['embed_dim']}, depth {cfg['depth']}, heads {cfg['heads']})"
-                if cfg["model"] == "lotus_vit" else "") + f", run seed {cfg['seed']}, {cfg['seeds']} fine-tuning "
-             f"seed(s), {cfg['threads']} thread(s); layout `{cfg['layout']}`"
-             + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block" else "")
-             + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('tickets', {}).get('sink', cfg['sink'])}`"
-             + (" (`--sink auto`)" if cfg["sink"] == "auto" else "") + ".")
-    if "dense" in res:
-        d = res["dense"]
-        sel = (f"{d['n_select']} selection (held out of training; chooses the essential sparsity, block score "
-               f"and sink rule)" if d["n_select"] else "no selection split: the essential sparsity is chosen on "
-               "the validation images the numbers below are measured on")
-        L += [f"Train / selection / val: {d['n_train']} train, {sel}, {d['n_val']} val images (every reported "
-              f"accuracy; one image = {100 / d['n_val']:.2f} points); {d['params']:,} parameters.", ""]
-    rows = cost_rows(res)
-    if rows:
-        L += ["## Cost of fine-tuning (headline)", "",
-              f"{cfg['finetune_epochs']} epochs per arm at lr {cfg['finetune_lr']:g}. Accuracy: mean ± SD over seeds "
-              "[95% t interval]; Δ vs dense full: paired bootstrap over seeds and images, 95% interval (* = interval "
-              "excludes 0); fine-tuning s: training + ticket scoring, evaluation excluded (in-run, shared machine); "
-              "step: interleaved median train step / dense full's.", "",
-              "| arm | layout | sparsity | keep | val acc (%) | Δ vs dense full (pts) | fine-tuning s | step |",
-              "|---|---|---:|---:|---|---|---:|---:|"]
-        for r in rows:
-            L.append(f"| {r['arm']} | {r['layout']} | {r['sparsity']:.3f} | {r['keep']:g} | {_acc(r['acc'])} | "
-                     f"{_diff(r['vs_dense']) if r['arm'] != 'dense/full' else '—'} | {r['finetune_s']:.1f} | "
-                     f"{_fmt(r['step_ratio'])}x |")
-        L += ["", "![cost](cost.png)"]
-    L += _findings(res)
-    if "tickets" in res:
-        t = res["tickets"]
-        L += ["", "## Attention tickets and the sink rule", "",
-              f"{t['num_patches']} patches per image, a ticket keeps {t['kept']} (keep {t['keep']:g}). Each rule's "
-              "tickets are judged by the dense model's accuracy when it sees only the ticket's patches (no "
-              "training), on the selection split (which chooses) and the validation split; random patches at the "
-              "same count for reference.", "",
-              "| sink rule | patches changed / image (val) | acc, selection (%) | acc, val (%) |",
-              "|---|---:|---:|---:|"]
-        for rule in sorted(t["rules"], key=lambda x: ("none", "first", "outlier", "norm").index(x)):
-            r = t["rules"][rule]
-            L.append(f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
-                     f"{r['val']['accuracy']:.2f} |")
-        L.append(f"| random patches | — | {t['random']['select']:.2f} | {t['random']['val']:.2f} |")
-        L += ["", f"Best rule on the selection split: `{t['best_rule_on_select']}` (ties go to the simpler rule); this "
-              f"run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`; "
-              f"{t['flagged_per_image']:.2f} patches "
-              "changed per training image). `first` (LOTUS's literal rule) only rewrites the class token's own score, "
-              "which is dropped before ranking patches, so its tickets are identical to `none`. tickets.png outlines "
-              "in red the patches a patch rule changes."]
-        if has_tickets_png:
-            L += ["", "![tickets](tickets.png)"]
-    if "sweep" in res:
-        L += ["", "## One-shot sweeps (no training)", ""]
-        for layout, sw in res["sweep"]["layouts"].items():
-            sps = [p["sparsity"] for p in sw["sweep_val"]]
-            L += [f"**{layout}** (score `{sw['score']}`; essential sparsity **{sw['essential_sparsity']:g}**, "
-                  "chosen on "
-                  f"the {sw['chosen_on']} split within {cfg['tolerance']:g} point of dense)", "",
-                  "| score / split | " + " | ".join(f"{s:g}" for s in sps) + " |", "|---|" + "---:|" * len(sps)]
-            for sc, pts in sw["scores"].items():
-                L.append(f"| {sc} / selection | " + " | ".join(f"{p['accuracy']:.1f}" for p in pts) + " |")
-            L.append(f"| {sw['score']} / val | " + " | ".join(f"{p['accuracy']:.1f}" for p in sw["sweep_val"]) + " |")
-            L.append("")
-    if res.get("prune"):
-        L += ["## ISP, ISSP, the matched control and Instant Soup (before fine-tuning, val)", "",
-              "control = the one-shot mask at the target with exactly ISP's extra training (same rounds of weak "
-              "copies on the same subsets, weights averaged): ISP − control isolates the mask choice.", "",
-              "| layout @ target | method | actual sparsity | acc (%) | Δ vs one-shot at its sparsity "
-              "| Δ vs control |",
-              "|---|---|---:|---:|---|---|"]
-        for tag, r in res["prune"].items():
-            cmp = st["prune"].get(tag, {})
-            for name in METHOD_ORDER:
-                if name not in r["methods"]:
-                    continue
-                m = r["methods"][name]
-                L.append(f"| {tag} | {name} | {m['sparsity']:.4f} | {m['accuracy']:.2f} | "
-                         f"{_diff(cmp.get(f'{name} vs one-shot at its sparsity'))} | "
-                         f"{_diff(cmp.get(f'{name} vs control'))} |")
-        L += ["", "Per round: copy sparsities, mean pairwise Jaccard of the copies' kept weights, share of the "
-              "merged kept weights that only one copy keeps, merged sparsity:"]
-        for tag, r in res["prune"].items():
-            for name in METHOD_ORDER:
-                m = r["methods"].get(name, {})
-                if "rounds" not in m or name == "control":
-                    continue
-                L.append(f"- {tag} {name}: " + "; ".join(
-                    f"r{x['round']} target {x['round_target']:.3f}"
-                    + (f" (copies at {x['copy_sparsity']:.3f})" if "copy_sparsity" in x else "")
-                    + f", Jaccard {x.get('jaccard', 1):.3f}, single-copy {x.get('single_copy_share', 0):.3f}"
-                    + f" -> {x['merged_sparsity']:.3f}" for x in m["rounds"]))
-        L += ["", "Our ISP / ISSP deviate from Instant Soup (run beside them as `instant`, as published) in:"]
-        L += [f"- {d}" for d in DEVIATIONS]
-    if "step_time" in res:
-        s = res["step_time"]
-        L += ["", f"## Train-step time (batch {s['batch_size']}, median of {s['rounds']} interleaved rounds)", "",
-              "| arm | step (ms) | vs dense full |", "|---|---:|---:|"]
-        L += [f"| {n} | {1e3 * t:.1f} | {s['ratio_to_dense'][n]:.2f}x |" for n, t in s["step_time_s"].items()]
-    if plots:
-        L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots if p != "cost.png"]
-    if res["timing"]:
-        L += ["", "## Wall time per stage", "", "| stage | s |", "|---|---:|"]
-        L += [f"| {k} | {v:.1f} |" for k, v in res["timing"].items()]
-        L.append(f"| total | {sum(res['timing'].values()):.1f} |")
-    L += ["", "Timings come from whatever machine ran this report (shared CPUs are noisy); accuracies are on the "
-          "held-out validation split."]
-    return "\n".join(L) + "\n"
-
-
-def export_predictions(run: RunDir) -> int:
-    """``predictions.npz``: every saved per-image record on the validation split (key = its path
-    under preds/ without .pt, value = int16 predicted classes) plus ``labels``: one file to recompute
-    any comparison. Returns the number of records."""
-    import numpy as np
-
-    arrays = {}
-    for p in sorted(run.path("preds").rglob("*.pt")) if run.exists("preds") else []:
-        rec = run.load_torch(str(p.relative_to(run.root)))
-        if "pred" in rec:
-            arrays[str(p.relative_to(run.path("preds")))[:-3]] = rec["pred"].numpy().astype(np.int16)
-    if arrays:
-        from .pipeline import split_data
-        arrays["labels"] = split_data(run.config())[2].y.numpy().astype(np.int16)
-        run.save_npz("predictions.npz", **arrays)
-    return len(arrays)
+            fig = fn(res)
+            run.save_figure(name, fig)
+            plt.close(fig)
+            made.append(name)
+    return made
 
 
 def write(run: RunDir) -> dict:
@@ -457,5 +503,5 @@ def write(run: RunDir) -> dict:
     plots = _plots(run, res)
     export_predictions(run)
     run.write_json("results.json", res)
-    run.write_text("report.md", markdown(res, plots, run.exists("tickets.png")))
+    run.write_text("report.md", markdown(res, plots))
     return {"plots": plots}

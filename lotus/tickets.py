@@ -174,9 +174,10 @@ def ticket_predict(model, data: ImageSet, keep_idx: torch.Tensor, *, batch_size:
 
 # ---------------------------------------------------------------- figure
 def overlay_figure(data: ImageSet, scores: torch.Tensor, keep_ratio: float, patch_size: int, n_images: int = 8,
-                   flagged: torch.Tensor | None = None, rule: str | None = None):
+                   flagged: torch.Tensor | None = None, rule: str | None = None, boxes: torch.Tensor | None = None):
     """Per image: the picture, its score map (patches the sink rule changed outlined in red), and the
-    kept patches (dropped ones greyed). ``scores`` are the scores after the rule."""
+    kept patches (dropped ones greyed). ``scores`` are the scores after the rule; ``boxes`` [N, 4]
+    (top, left, height, width in model pixels): the object of canvas images, outlined in green."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -199,6 +200,11 @@ def overlay_figure(data: ImageSet, scores: torch.Tensor, keep_ratio: float, patc
                 r, c = divmod(j, grid)
                 axes[1, i].add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
         axes[2, i].imshow(kept)
+        if boxes is not None:
+            top, left, h, w = boxes[i].tolist()
+            for r, scale in ((0, 1.0), (1, 1.0 / patch_size), (2, 1.0)):  # pixels / patches; edges at -0.5
+                axes[r, i].add_patch(Rectangle((left * scale - 0.5, top * scale - 0.5), w * scale, h * scale,
+                                               fill=False, ec="lime", lw=1.2))
         for r in range(3):
             axes[r, i].set_xticks([])
             axes[r, i].set_yticks([])
@@ -206,6 +212,8 @@ def overlay_figure(data: ImageSet, scores: torch.Tensor, keep_ratio: float, patc
     axes[1, 0].set_ylabel("CLS attention" + (f"\nsink: {rule}" if rule else ""))
     axes[2, 0].set_ylabel(f"kept {math.ceil(keep_ratio * grid * grid - 1e-9)}/{grid * grid}")
     title = f"Attention data tickets (keep {keep_ratio:g}); dropped patches greyed"
+    if boxes is not None:
+        title += "; green: the object"
     if flagged is not None:
         title += f"\nred: patches the sink rule '{rule}' set to the mean ({int(flagged[:n].sum())} in these images)"
     fig.suptitle(title)

@@ -158,7 +158,8 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
           seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
           bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
           eval_batch_size: int = 256, augment: bool = False, clip_grad: float | None = None,
-          desc: str = "train", keep_fn=None, optimizer_state: dict | None = None) -> dict:
+          desc: str = "train", keep_fn=None, optimizer_state: dict | None = None, steps: int | None = None,
+          schedule: tuple[int, int] | None = None) -> dict:
     """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
@@ -173,10 +174,15 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                      that runs before each epoch (its time counts in ``hist["train_s"]``, e.g.
                      re-scoring every image)
     optimizer_state  a dict carried between calls: loaded into the new optimizer when non-empty,
-                     replaced by the optimizer's state at the end (Instant Soup's weak copies start
-                     from the main model's optimizer state)
+                     replaced by the optimizer's state at the end (Instant Soup's main model)
+    steps            stop after this many optimizer steps (the cosine schedule spans them; epochs is
+                     then ignored): a compute-matched run
+    schedule         (offset, total): step i uses the learning rate of step offset + i of a schedule of
+                     ``total`` steps (warm-up ``warmup * total``), so several calls continue one
+                     schedule (Instant Soup's main model); ``hist["steps"]`` says how far this call went
 
-    ``hist["train_s"]``: seconds spent training (steps + ``keep_fn.new_epoch``), evaluation excluded.
+    ``hist["train_s"]`` / ``hist["train_cpu_s"]``: wall / process CPU seconds spent training (batch
+    loading, steps, ``keep_fn.new_epoch``), evaluation excluded.
     """
     if sum(v is not None for v in (keep_idx, patch_drop_keep, keep_fn)) > 1:
         raise ValueError("keep_idx / patch_drop_keep / keep_fn: choose one way of dropping patches")
@@ -201,27 +207,35 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
         opt.load_state_dict(optimizer_state)
     n = len(train_data)
     steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps: expected at least 1, got {steps}")
+        epochs = math.ceil(steps / steps_per_epoch)
+    last = epochs * steps_per_epoch if steps is None else steps
+    offset, total = schedule if schedule is not None else (0, last)
     warm = round(warmup * total)
-    hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None}
-    times, step, hook_s = [], 0, 0.0
+    hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None,
+            "epoch_wall": [], "epoch_cpu": []}
+    times, step = [], 0
+    spent = {"wall": 0.0, "cpu": 0.0}  # training time, evaluation excluded
     seen = torch.zeros(size, dtype=torch.float64)  # images each rank trained on (its shard of every batch)
     try:
         for epoch in range(epochs):
+            w0, c0 = time.perf_counter(), time.process_time()
             if hasattr(keep_fn, "new_epoch"):
-                t0 = time.perf_counter()
                 keep_fn.new_epoch(model, epoch)
                 model.train()
-                hook_s += time.perf_counter() - t0
             batches = _batches(train_data, batch_size, shuffle=True, seed=seed, epoch=epoch)
             bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None if rank == 0 else True)
             loss_sum = torch.zeros(2, dtype=torch.float64)
             for b, (xb, yb, ids) in enumerate(bar):
+                if step >= last:
+                    break
                 start = b * batch_size
                 n_global = min(batch_size, n - start)  # this global batch, all ranks together
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, lr, warm)
+                    g["lr"] = lr_at(offset + step, total, lr, warm)
                 x = train_data.prepare(xb, dev)
                 if augment:
                     x = augment_batch(x, aug_gen, shift, positions=my_positions(start, n_global, rank, size),
@@ -245,6 +259,10 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                 loss_sum += torch.tensor([float(loss.detach()) * n_global / size, len(ids)], dtype=torch.float64)
                 seen[rank] += len(ids)
                 step += 1
+            spent["wall"] += time.perf_counter() - w0
+            spent["cpu"] += time.process_time() - c0
+            hist["epoch_wall"].append(spent["wall"])  # cumulative training seconds at each epoch's end
+            hist["epoch_cpu"].append(spent["cpu"])
             if size > 1:
                 dist.all_reduce(loss_sum)
             hist["epoch"].append(epoch + 1)
@@ -263,7 +281,7 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
     if optimizer_state is not None:
         optimizer_state.clear()
         optimizer_state.update(opt.state_dict())
-    hist["train_s"] = sum(times) + hook_s
+    hist["train_s"], hist["train_cpu_s"], hist["steps"] = spent["wall"], spent["cpu"], step
     steady = times[1:] if len(times) > 1 else times
     if steady:
         hist["step_time_s"] = statistics.median(steady)

@@ -10,13 +10,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A 2-block ViT on 16x16 images (16x16 blocks divide its 32-wide layers), two epochs per stage, three
-# sweep points, one keep ratio, two fine-tuning seeds, every default arm.
+# A 2-block ViT (16x16 blocks divide its 32-wide layers) pretrained on classes 0-1 and fine-tuned on
+# classes 2-3 of 16x16 images placed on a 32x32 canvas (the defaults), two epochs per stage, three sweep
+# points, one keep ratio, two seeds and two prune replicates, every default arm and the ticket policies
+# with their own code paths (re-scoring per epoch, per augmented batch),
+# the compute-matched arms at a fixed step count (reproducible), Instant Soup in 30% steps.
 TINY = ["--embed-dim", "32", "--depth", "2", "--heads", "2", "--mlp-ratio", "2", "--pretrain-epochs", "2",
         "--finetune-epochs", "2", "--batch-size", "16", "--eval-batch-size", "32", "--isp-copies", "2",
         "--isp-rounds", "2", "--threads", "1", "--sweep", "0,0.3,0.6", "--keep-ratio", "0.5",
-        "--overlay-images", "2", "--lr", "3e-3", "--timing-rounds", "1", "--seeds", "2", "--instant-copies", "2",
-        "--select-fraction", "0.15"]
+        "--overlay-images", "2", "--lr", "3e-3", "--timing-rounds", "1", "--seeds", "2", "--main-seeds", "2",
+        "--prune-seeds", "2", "--matched-steps", "2", "--instant-copies", "2", "--instant-step", "0.3",
+        "--compare-sparsities", "0.6", "--select-fraction", "0.15",
+        "--policies", "fixed,random,rescore_epoch,aug_rescore"]
 
 
 def make_npz(path, n: int = 64, size: int = 16, classes: int = 4, seed: int = 0, **override) -> Path:

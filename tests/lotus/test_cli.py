@@ -59,7 +59,8 @@ def test_existing_run_dir_is_never_touched(tmp_path, capsys):
     (out / "precious.txt").write_text("keep me")
     (out / "config.json").write_text("{}")
     for cmd in ("run", "pretrain"):
-        _fails(capsys, [cmd, "--data", str(data), "--out", str(out), *TINY], "already exists and is not empty.*--resume")
+        _fails(capsys, [cmd, "--data", str(data), "--out", str(out), *TINY],
+               "already exists and is not empty.*--resume")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me" and (out / "config.json").read_text() == "{}"
 
@@ -82,42 +83,80 @@ def test_help_explains_options(capsys):
 def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
-    assert {"dense", "tickets", "sweep", "prune", "finetune", "step_time", "stats"} <= res.keys()
-    arms = ["dense/full", "unstructured-oneshot/full", "unstructured-isp/full", "block-isp/full", "dense/fixed",
-            "block-isp/fixed", "block-isp/fixed_random", "block-isp/random", "block-isp/rescore_epoch",
-            "block-isp/aug_rescore", "block-isp/mix"]
+    assert {"pretrain", "probe", "score", "sweep", "prune", "finetune", "costs", "budget", "step_time",
+            "stats"} <= res.keys()
+    arms = ["dense/full", "unstructured-isp/full", "block-isp/full", "dense/fixed", "dense/fixed_random",
+            "dense/random", "block-isp/fixed", "block-isp/random", "block-isp/rescore_epoch", "block-isp/aug_rescore",
+            "dense/matched-cheapest", "dense/matched-headline"]
     assert set(res["finetune"]) == set(arms) and all(len(v) == 2 for v in res["finetune"].values())
-    assert set(res["step_time"]["ratio_to_dense"]) == set(arms)
-    assert set(res["stats"]["policies_vs_random"]) == {a for a in arms if a.startswith("block-isp/")} - {
-        "block-isp/full", "block-isp/random"}
-    for png in ("cost.png", "sparsity.png", "finetune.png", "step_time.png", "tickets.png"):
+    assert set(res["step_time"]["ratio_to_dense"]) == set(arms[:-2])  # the matched arms step like dense/full
+    assert set(res["stats"]["policies_vs_random"]) == {a for a in arms if a.split("/")[1] in (
+        "fixed", "fixed_random", "rescore_epoch", "aug_rescore")}
+    # two prune replicates per (layout, sparsity), every method with its cost; pruned arms start from them
+    for tag, reps in res["prune"].items():
+        assert [r["replicate"] for r in reps] == [0, 1]
+        assert all(r["methods"][m]["cost"]["cpu"] > 0 for r in reps for m in ("isp", "issp", "control"))
+    assert [r["replicate"] for r in res["finetune"]["block-isp/fixed"]] == [0, 1]
+    # the whole job of every arm: its parts, in the cost basis (CPU seconds here)
+    st = res["stats"]
+    assert st["basis"] == "cpu" and set(st["jobs"]) == set(arms) | {"start"}
+    parts = st["jobs"]["block-isp/fixed"]["parts"]
+    assert set(parts) == {"probe", "sweep/block", "prune/isp", "sink choice", "tickets", "finetune"}
+    assert set(st["jobs"]["dense/full"]["parts"]) == {"probe", "finetune"}
+    assert st["jobs"]["block-isp/fixed"]["mean"] == pytest.approx(sum(parts.values()))
+    assert st["jobs"]["dense/full"]["ratio"] == pytest.approx(1.0)
+    assert [r["steps"] for r in res["finetune"]["dense/matched-cheapest"]] == [2, 2]  # --matched-steps
+    # statistics: both intervals, the wider reported, one Holm family, no p printed as 0
+    d = st["vs_dense_full"]["dense/fixed"]
+    assert d["t"] is not None and d["hi"] - d["lo"] >= max(d["t"]["hi"] - d["t"]["lo"],
+                                                           d["bootstrap"]["hi"] - d["bootstrap"]["lo"]) - 1e-9
+    assert d["p_holm"] >= d["p"] and st["family_size"] >= 20
+    assert {"finetune_gain", "headline", "tickets"} <= st["goals"].keys()
+    # canvas data: each ticket policy's object-patch recall (random: keep, by construction, up to sampling)
+    rec = {a: v[0]["object_recall"] for a, v in res["finetune"].items()}
+    assert rec["dense/full"] is None and rec["block-isp/aug_rescore"] is None  # all patches; augmented images
+    assert rec["block-isp/random"] == pytest.approx(0.5, abs=0.1) and 0 < rec["dense/fixed"] <= 1
+    assert res["score"]["random"]["val"]["object_recall"] == pytest.approx(0.5, abs=0.15)
+    for png in ("cost.png", "sparsity.png", "step_time.png", "tickets.png"):
         assert (run / png).stat().st_size > 1000
     import numpy as np
     with np.load(run / "predictions.npz") as f:  # per-image predictions of every model, and the labels
-        n_val = res["dense"]["n_val"]
-        assert {f"finetune/{a}/s{k}" for a in arms for k in range(2)} <= set(f.files) and "labels" in f.files
-        assert all(f[k].shape == (n_val,) for k in f.files)
+        n_val = res["probe"]["n_val"]
+        assert {f"finetune/{a}/s{k}" for a in arms for k in range(2)} | {"start"} <= set(f.files)
+        assert "labels" in f.files and all(f[k].shape == (n_val,) for k in f.files)
         acc = 100 * float((f["finetune/dense/full/s1"] == f["labels"]).mean())
         assert acc == pytest.approx(res["finetune"]["dense/full"][1]["accuracy"])
     md = (run / "report.md").read_text()
-    for text in ("Cost of fine-tuning", "essential sparsity", "ISSP", "control", "instant", "block-isp/fixed",
-                 "sink rule", "not significant", "deviate from Instant Soup"):
+    for text in ("The whole job", "Goals", "Headline `dense/fixed`", "essential sparsity", "ISSP", "control",
+                 "instant", "block-isp/fixed", "sink rule", "not significant", "Holm", "seed t", "recall",
+                 "Instant Soup as published", "compute-matched", "What each job pays for"):
         assert text.lower() in md.lower(), text
-    other = make_npz(tmp_path / "other.npz", n=24, seed=5)
+    assert "p = 0.000" not in md and "p = 0 " not in md
+    # evaluate: the start model and every fine-tuned one, on the target classes of any file
+    other = make_npz(tmp_path / "other.npz", n=40, seed=5)  # 4 classes: the target task is classes 2, 3
+    n_target = int((np.load(other)["y"] >= 2).sum())
     main(["evaluate", str(run), "--data", str(other), "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {f"{a}#s{k}" for a in arms for k in range(2)}
+    assert set(out) == {f"{a}#s{k}" for a in arms for k in range(2)} | {"start"}
     for name, v in out.items():
-        assert set(v) == {"accuracy", "n", "layout", "sparsity", "keep", "step_ratio", "finetune_seconds"}
-        assert v["n"] == 24 and 0 <= v["accuracy"] <= 1 and v["step_ratio"] > 0 and v["finetune_seconds"] > 0
+        assert set(v) == {"arm", "seed", "accuracy", "n", "layout", "sparsity", "keep", "step_ratio",
+                          "finetune_seconds", "total_seconds"}
+        assert v["n"] == n_target and 0 <= v["accuracy"] <= 1 and v["total_seconds"] > 0
+        assert v["arm"] == name.split("#")[0]
+    assert out["start"]["arm"] == "start" and out["start"]["seed"] is None and out["start"]["finetune_seconds"] == 0
     assert out["block-isp/fixed#s0"]["layout"] == "block" and out["block-isp/fixed#s0"]["keep"] == 0.5
     assert out["dense/full#s1"]["keep"] == 1.0 and out["dense/full#s1"]["sparsity"] == 0.0
-    # other data goes through the run's data config: 32-px images are resized to the model's 16
-    main(["evaluate", str(run), "--data", str(make_npz(tmp_path / "big.npz", n=8, size=32)), "--json"])
+    assert out["block-isp/fixed#s1"]["total_seconds"] == pytest.approx(
+        st["jobs"]["block-isp/fixed"]["per_seed"][1])
+    assert out["block-isp/fixed#s0"]["total_seconds"] > out["start"]["total_seconds"]
+    # other data goes through the run's data config: 32-px images on a 64-px canvas, resized to the model's 32
+    main(["evaluate", str(run), "--data", str(make_npz(tmp_path / "big.npz", n=16, size=32)), "--json"])
     big = json.loads(capsys.readouterr().out)
-    assert set(big) == set(out) and all(v["n"] == 8 and 0 <= v["accuracy"] <= 1 for v in big.values())
+    assert set(big) == set(out) and all(0 <= v["accuracy"] <= 1 for v in big.values())
     _fails(capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "c.npz", classes=6))],
            "labels out of range")
+    _fails(capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "e.npz", classes=2))],
+           "no image of the run's target classes")
 
 
 @pytest.mark.parametrize("args, match", [
@@ -130,6 +169,9 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     (["--arms", "dense/everything"], "--arms"),
     (["--arms", "2:4-isp/full"], "prunes in layout 2:4"),
     (["--seeds", "0"], "--seeds"),
+    (["--prune-seeds", "0"], "--prune-seeds: expected at least 1"),
+    (["--matched-steps", "0"], "--matched-steps: expected at least 1"),
+    (["--headline", "2:4-isp/fixed"], "--headline: 2:4-isp/fixed prunes in layout 2:4"),
     (["--isp-recipe", "soup"], "--isp-recipe"),
     (["--compare-sparsities", "1.2"], "--compare-sparsities"),
 ])
@@ -144,12 +186,13 @@ def test_24_layout_run(tmp_path, capsys):
     """2:4 through every stage: sweep at 0.5 only, ISP / ISSP / control keep the 2-of-4 pattern."""
     data = make_npz(tmp_path / "d.npz")
     out = tmp_path / "run"
-    main(["run", "--data", str(data), "--out", str(out), *TINY, "--layout", "2:4", "--seeds", "1",
-          "--arms", "dense/full,2:4-isp/fixed,2:4-isp/random", "--no-instant-soup", "--timing-rounds", "0"])
+    main(["run", "--data", str(data), "--out", str(out), *TINY, "--layout", "2:4", "--seeds", "1", "--main-seeds",
+          "1", "--prune-seeds", "1", "--arms", "dense/full,2:4-isp/fixed,2:4-isp/random", "--headline",
+          "2:4-isp/fixed", "--no-matched", "--no-instant-soup", "--timing-rounds", "0"])
     res = json.loads((out / "results.json").read_text())
     assert [p["sparsity"] for p in res["sweep"]["layouts"]["2:4"]["sweep_val"]] == [0.0, 0.5]
     for name in ("oneshot", "isp", "issp", "control"):
-        masks = torch.load(out / "masks" / "2:4@0.5" / f"{name}.pt", weights_only=True)
+        masks = torch.load(out / "masks" / "2:4@0.5" / "r0" / f"{name}.pt", weights_only=True)
         assert all((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all() for m in masks.values()), name
     main(["evaluate", str(out), "--data", str(data), "--json"])
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -12,7 +12,7 @@ from ._tiny import TINY, make_image_folder, make_npz
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     make_npz(root / "d.npz")
-    make_image_folder(root / "imgs", per_class=(2, 2))
+    make_image_folder(root / "imgs", per_class=(2, 2, 2, 2))  # from scratch: source classes 0-1, target 2-3
     (root / "empty").mkdir()
     for c in "ab":
         (root / "broken" / c).mkdir(parents=True)

@@ -199,7 +199,7 @@ def test_selection_split_on_every_source(tmp_path, monkeypatch, source):
     """LOTUS's selection split is a seeded share of the (stratified, --limit) train split, by image id,
     for in-memory and file sources alike; predictions and patch scores come back in image order."""
     from lotus.model import build
-    from lotus.pipeline import split_data
+    from lotus.task import target_sets
     from lotus.tickets import score
     from lotus.train import predict
 
@@ -210,8 +210,11 @@ def test_selection_split_on_every_source(tmp_path, monkeypatch, source):
         cfg = _cfg("cifar10", data_root=str(tmp_path))
     else:
         cfg = _cfg(make_image_folder(tmp_path / "imgs", per_class=(10, 10, 10, 10), size=(20, 20)))
-    cfg = dict(cfg, limit=32, select_fraction=0.25, seed=3)
+    cfg = dict(cfg, limit=32, select_fraction=0.25, seed=3, canvas=0, target_classes=list(range(10)))
     tr0, va0 = load_split(cfg)
+
+    def split_data(c):  # the target task of every class, without a canvas: the train split minus a selection
+        return target_sets(c, load_split(c))
     tr, sel, va = split_data(cfg)
     assert len(sel) == round(0.25 * len(tr0)) and len(tr) + len(sel) == len(tr0) and torch.equal(va.index, va0.index)
     assert not set(tr.index.tolist()) & set(sel.index.tolist())  # held out of training

@@ -24,7 +24,9 @@ def test_ddp_finetune_matches_single_process(tmp_path):
     # --select-fraction 0: all 57 images train. Arms: dense full images, and tickets of the block
     # one-shot model on BlockSparseLinear (keep_fn indexed by image id across the ranks' shares).
     arms = ["dense/full", "block-oneshot/fixed"]
-    main(["pretrain", "--data", str(data), "--out", str(a), *TINY, "--seeds", "1", "--tolerance", "100",
+    main(["pretrain", "--data", str(data), "--out", str(a), *TINY, "--seeds", "1", "--main-seeds", "1",
+          "--prune-seeds", "1", "--no-matched", "--headline", "dense/full", "--val-fraction", "0.2",
+          "--source-classes", "0-3", "--target-classes", "0-3", "--tolerance", "100",
           "--pretrain-epochs", "1", "--batch-size", "12", "--optimizer", "sgd", "--select-fraction", "0",
           "--layout", "block", "--arms", ",".join(arms), "--no-instant-soup", "--isp-rounds", "1"])
     main(["score", str(a)])
@@ -36,7 +38,7 @@ def test_ddp_finetune_matches_single_process(tmp_path):
            "-m", "lotus", "finetune", str(b), "--only", *arms]
     r = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    dense = torch.load(a / "models" / "dense.pt", weights_only=True)
+    dense = torch.load(a / "models" / "start.pt", weights_only=True)
     for arm in arms:
         stage = f"finetune__{arm.replace('/', '__')}__s0.json"
         ha = json.loads((a / "stages" / stage).read_text())

@@ -66,7 +66,7 @@ def test_keep_fn_gets_the_image_ids_of_the_batch_it_sees():
 
 def test_clip_grad_reaches_every_stage_that_trains(tmp_path, monkeypatch):
     """--clip-grad (the pretrained recipe's 1.0) applies to pretraining, the weak copies of ISP / ISSP /
-    control / Instant Soup, Instant Soup's main-model epochs and every fine-tuning arm."""
+    Instant Soup, Instant Soup's main-model passes, the recovery pass and every fine-tuning arm."""
     from lotus import finetune, pipeline
     from lotus.cli import main
 
@@ -83,10 +83,12 @@ def test_clip_grad_reaches_every_stage_that_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "train", recording(pipeline.train))
     monkeypatch.setattr(finetune, "train", recording(finetune.train))
     main(["run", "--data", str(make_npz(tmp_path / "d.npz", n=40)), "--out", str(tmp_path / "run"), *TINY,
-          "--seeds", "1", "--arms", "dense/full,block-isp/fixed", "--timing-rounds", "0", "--compare-sparsities", "",
-          "--clip-grad", "0.7", "--overlay-images", "0"])
+          "--seeds", "1", "--main-seeds", "1", "--prune-seeds", "1", "--arms", "dense/full,block-isp/fixed",
+          "--no-matched", "--timing-rounds", "0", "--compare-sparsities", "", "--clip-grad", "0.7",
+          "--overlay-images", "0"])
     kinds = {d.split()[0] for d, _ in seen}
-    assert {"pretrain", "isp", "issp", "control", "instant", "instant-soup", "finetune"} <= kinds, kinds
+    assert {"pretrain", "isp", "issp", "recover", "instant", "finetune"} <= kinds, kinds
+    assert any(d.startswith("instant main") for d, _ in seen)
     assert all(c == 0.7 for _, c in seen), seen
 
 
@@ -130,13 +132,17 @@ def test_timing_holds_one_model_at_a_time():
 
 def test_recipes(monkeypatch):
     base = dict(batch_size=256, pretrained=False, checkpoint=None, lr=None, optimizer=None, weight_decay=None,
-                clip_grad=None, pretrain_epochs=None, isp_lr=None, finetune_lr=None, bf16=None)
+                clip_grad=None, pretrain_epochs=None, isp_lr=None, finetune_lr=None, bf16=None, finetune_epochs=None,
+                cost_basis="auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     s = recipe.resolve(dict(base))
     assert (s["recipe"], s["optimizer"], s["lr"], s["pretrain_epochs"], s["bf16"]) == ("scratch", "adamw", 2e-3, 30,
                                                                                          False)
+    assert s["cost_basis"] == "cpu"  # no GPU: process CPU seconds
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     p = recipe.resolve(dict(base, checkpoint="/x.pt", lr=0.1))
     assert p["recipe"] == "pretrained" and p["optimizer"] == "sgd" and p["weight_decay"] == 0
-    assert p["lr"] == 0.1 and p["finetune_lr"] == pytest.approx(0.005) and p["clip_grad"] == 1.0  # given values win
+    assert p["lr"] == 0.1 and p["finetune_lr"] == pytest.approx(0.015) and p["clip_grad"] == 1.0  # given values win
+    assert p["pretrain_epochs"] == 0 and p["finetune_epochs"] == 5  # the checkpoint as it is; ViT's 5-epoch fine-tune
     assert p["bf16"] is True and recipe.resolve(dict(base, bf16=False))["bf16"] is False
+    assert p["cost_basis"] == "wall"  # a GPU: wall seconds

@@ -11,7 +11,7 @@ import torch
 from lotus import data as data_mod
 from lotus import model as model_mod
 from lotus.cli import main
-from lotus.pipeline import split_data
+from lotus.task import target_sets
 from lotus.train import evaluate
 
 from ._tiny import REPO, env, make_image_folder
@@ -67,28 +67,31 @@ def test_vit_tiny_checkpoint_end_to_end_at_224(tmp_path, checkpoints):
     out = tmp_path / "run"
     main(["run", "--data", str(folder), "--model", "vit_tiny_patch16_224", "--checkpoint",
           str(checkpoints / "custom.pt"), "--out", str(out), "--limit", "20", "--val-fraction", "0.25",
-          "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--eval-batch-size", "16",
+          "--finetune-epochs", "1", "--batch-size", "8", "--eval-batch-size", "16",
           "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5", "--keep-ratio", "0.9", "--overlay-images",
-          "2", "--timing-rounds", "1", "--threads", "1", "--workers", "1", "--seeds", "1", "--block-score", "l2",
+          "2", "--timing-rounds", "1", "--threads", "1", "--workers", "1", "--seeds", "1", "--main-seeds", "1",
+          "--prune-seeds", "1", "--no-matched", "--headline", "block-isp/fixed", "--block-score", "l2",
           "--compare-sparsities", "", "--no-instant-soup", "--arms", ",".join(ARMS)])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data_config"]["input_size"] == [3, 224, 224] and cfg["img_size"] == 224
     assert cfg["data_config"]["mean"] == CUSTOM["mean"] and cfg["data_config"]["std"] == CUSTOM["std"]
-    # the fine-tuning recipe, not 30 epochs of from-scratch training
-    assert cfg["recipe"] == "pretrained" and cfg["optimizer"] == "sgd" and cfg["pretrain_epochs"] == 1
-    assert cfg["lr"] == pytest.approx(0.03 * 8 / 512) and cfg["clip_grad"] == 1.0 and cfg["weight_decay"] == 0
+    # the fine-tuning recipe, not 30 epochs of from-scratch training; the checkpoint is the source task, the
+    # target every class, no canvas
+    assert cfg["recipe"] == "pretrained" and cfg["optimizer"] == "sgd" and cfg["pretrain_epochs"] == 0
+    assert cfg["finetune_lr"] == pytest.approx(0.03 * 8 / 512) and cfg["clip_grad"] == 1.0 and cfg["weight_decay"] == 0
+    assert cfg["source_classes"] == [] and cfg["target_classes"] == [0, 1, 2, 3] and cfg["canvas"] == 0
     score = json.loads((out / "stages" / "score.json").read_text())
     assert score["num_patches"] == 196 and score["kept"] == 177
     # 15 training images (--limit 20, --val-fraction 0.25), 2 of them the selection split
-    for start in ("dense", "block-isp"):  # tickets scored by each start model that fine-tunes on them
-        tickets = torch.load(out / "tickets" / f"{start}.pt", weights_only=True)
+    for name in ("start", "block-isp/r0"):  # tickets scored by each start model that fine-tunes on them
+        tickets = torch.load(out / "tickets" / f"{name}.pt", weights_only=True)
         assert tickets["scores"].shape == (13, 196)
-    tr, sel, va = split_data(cfg)
+    tr, sel, va = target_sets(cfg)
     assert (len(tr), len(sel), len(va)) == (13, 2, 5)
     tr, va = data_mod.load_split(cfg)  # --limit 20 of a class-sorted folder: 5 images of each class
     assert torch.bincount(torch.cat([tr.y, va.y]), minlength=4).tolist() == [5, 5, 5, 5]
-    dense = torch.load(out / "models" / "dense.pt", weights_only=True)
-    assert dense["head.weight"].shape == (4, 192)  # the 1000-class head was replaced
+    dense = torch.load(out / "models" / "start.pt", weights_only=True)
+    assert dense["head.weight"].shape == (4, 192)  # the 1000-class head was replaced (by a linear probe)
     res = json.loads((out / "results.json").read_text())
     assert set(res["finetune"]) == set(ARMS)
     arm = res["finetune"]["block-isp/fixed"][0]  # tickets + block-sparse layers at 224 px
@@ -115,7 +118,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
                             "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8",
                             "--eval-batch-size", "8", "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5",
                             "--keep-ratio", "0.9", "--overlay-images", "0", "--timing-rounds", "1", "--workers", "0",
-                            "--seeds", "1", "--block-score", "l2", "--compare-sparsities", "", "--no-instant-soup",
+                            "--seeds", "1", "--main-seeds", "1", "--prune-seeds", "1", "--no-matched", "--block-score",
+                            "l2", "--compare-sparsities", "", "--no-instant-soup", "--headline", "block-isp/fixed",
                             "--arms", "dense/full,block-isp/fixed"],
                            env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]

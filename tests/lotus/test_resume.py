@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from lotus.report import strip_timing
+from lotus.results import strip_timing
 
 from ._tiny import REPO, TINY, env, lotus_cmd
 
@@ -38,7 +38,7 @@ main(sys.argv[1:])
 def _crash_writing(name, *args):
     e = dict(env(), LOTUS_TEST_CRASH_IN=name)
     r = subprocess.run([sys.executable, "-c", _CRASH_IN_WRITE, *map(str, args)], env=e, cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
 
 
@@ -80,13 +80,13 @@ def _same(a, b) -> bool:
 def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
     ref, data = tiny_run
     out = tmp_path / "run"
-    # 1. killed while writing the first checkpoint: a half-written temp file, no dense.pt, no marker
-    _crash_writing("models/dense.pt", "run", "--data", data, "--out", out, *TINY)
-    assert list((out / "models").glob(".dense.pt.*.tmp")) and not (out / "models" / "dense.pt").exists()
+    # 1. killed while writing the first checkpoint: a half-written temp file, no pretrained.pt, no marker
+    _crash_writing("models/pretrained.pt", "run", "--data", data, "--out", out, *TINY)
+    assert list((out / "models").glob(".pretrained.pt.*.tmp")) and not (out / "models" / "pretrained.pt").exists()
     assert not (out / "stages" / "pretrain.json").exists()
-    # 2. resumed, and killed again while writing the dense model's tickets
-    _crash_writing("tickets/dense.pt", "run", "--resume", out)
-    assert (out / "stages" / "pretrain.json").exists() and not (out / "tickets" / "dense.pt").exists()
+    # 2. resumed, and killed again while writing the start model's tickets
+    _crash_writing("tickets/start.pt", "run", "--resume", out)
+    assert (out / "stages" / "probe.json").exists() and not (out / "tickets" / "start.pt").exists()
     assert not (out / "stages" / "score.json").exists()
     # 3. resumed and killed in the block-layout pruning stage: resumed, it retrains the round-1 weak
     # copies it shared with the unstructured stage in the uninterrupted run (a cache) and must still
@@ -106,7 +106,7 @@ def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
         _kill_after_start(out, delay)
         progress.append(sorted(p.stem for p in (out / "stages").glob("*.json")))
     done = subprocess.run(lotus_cmd("run", "--resume", out), env=env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
     assert done.returncode == 0, done.stderr
     assert "stage pretrain" not in done.stdout  # finished stages are not redone
     context = f"LOTUS_TEST_SEED={seed}, kills after {kills} s, stages done after each: {progress}"

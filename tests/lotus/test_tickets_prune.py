@@ -191,14 +191,14 @@ def test_sweep_matches_sparsity():
 
 # ---------------------------------------------------------------- ISP / ISSP / control / Instant Soup
 def _copy_trainer(calls, lr=1e-2):
-    def train_copy(model, d, seed, desc, opt_state=None):
-        calls.append((len(d), seed, bool(opt_state)))
-        train(model, d, None, epochs=1, lr=lr, batch_size=8, seed=seed, optimizer_state=opt_state)
+    def train_copy(model, d, seed, desc):
+        calls.append((len(d), seed, False))
+        train(model, d, None, epochs=1, lr=lr, batch_size=8, seed=seed)
     return train_copy
 
 
 @pytest.mark.parametrize("layout", ["unstructured", "block"])
-def test_soup_prune_isp_issp_control(layout):
+def test_soup_prune_isp_issp(layout):
     data = _data(n=32)
     torch.manual_seed(0)
     m = build(CFG, 3, 16)
@@ -208,6 +208,7 @@ def test_soup_prune_isp_issp_control(layout):
                                  merge="majority", seed=1, pruner=pr, weak_cache=cache)
     assert len(calls) == 6 and all(n == 16 for n, _, _ in calls) and len({s for _, s, _ in calls}) == 6
     assert [r["round_target"] for r in log] == pytest.approx([0.2, 0.4])
+    assert all(r["reused_cost"] == {"wall": 0.0, "cpu": 0.0} for r in log)  # every copy trained here
     assert masks_of(isp).keys() == masks.keys() and sparsity_of(masks) == pytest.approx(log[-1]["merged_sparsity"])
     for n, layer in isp.named_modules():
         if n in masks:
@@ -220,43 +221,49 @@ def test_soup_prune_isp_issp_control(layout):
     issp, umasks, ulog = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5,
                                     train_copy=_copy_trainer(calls), merge="union", seed=1, pruner=pr,
                                     weak_cache=cache)
-    assert len(calls) == 3  # round-1 copies shared with ISP (same start, same seeds)
+    assert len(calls) == 3  # round-1 copies shared with ISP (same start, same seeds) ...
+    assert ulog[0]["reused_cost"]["cpu"] > 0 and ulog[1]["reused_cost"]["cpu"] == 0  # ... and their cost counted
     unit = 1 / sum(x.numel() for x in umasks.values()) * pr.granule()
     assert abs(sparsity_of(umasks) - 0.4) <= 3 * unit * 3 + 1e-9
     assert all(r["copy_sparsity"] >= r["round_target"] - 1e-9 for r in ulog)
     assert ulog[-1]["single_copy_share"] > 0 and ulog[-1]["jaccard"] < 1  # not one copy's mask
-    # control: the one-shot mask throughout, with the same extra training (same copies' count and seeds)
-    calls.clear()
-    fixed = pr.masks(m, 0.4)
-    ctrl, cmasks, clog = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5,
-                                    train_copy=_copy_trainer(calls), merge="majority", seed=1, pruner=pr,
-                                    fixed_masks=fixed, weak_cache=cache)
-    assert len(calls) == 6 and [s for _, s, _ in calls] == [s for _, s, _ in calls]
-    assert all(torch.equal(cmasks[n], fixed[n]) and torch.equal(masks_of(ctrl)[n], fixed[n]) for n in fixed)
-    dense_w = dict(m.named_parameters())
-    assert any(not torch.equal(p, dense_w[n]) for n, p in ctrl.named_parameters() if n.endswith("bias"))
 
 
-def test_instant_soup_prune_as_published():
+@pytest.mark.parametrize("layout", ["unstructured", "block"])
+def test_instant_soup_prune_as_published(layout):
     data = _data(n=40)
     torch.manual_seed(0)
     m = build(CFG, 3, 16)
-    opt = {}
-    train(m, data, None, epochs=1, lr=1e-3, batch_size=8, seed=0, optimizer_state=opt)  # the "pretraining" state
-    calls, mains = [], []
+    pr = Pruner(layout=layout, block_size=16, score="l1")
+    calls, mains, lrs = [], [], iter([1e-3 * (0.9 ** t) for t in range(100)])
 
-    def train_main(model, state):
-        mains.append(int(next(iter(state["state"].values()))["step"]))
-        train(model, data, None, epochs=1, lr=1e-3, batch_size=8, seed=5, optimizer_state=state)
+    def train_main(model, d, seed):
+        mains.append((len(d), masks_of(model) and sparsity_of(masks_of(model))))
+        train(model, d, None, epochs=1, lr=1e-3, batch_size=8, seed=seed)
+        return next(lrs)
 
-    main, masks, log = instant_soup_prune(m, data, target=0.5, iterations=2, copies=5, subset=0.1,
-                                          train_copy=_copy_trainer(calls), train_main=train_main, seed=3,
-                                          optimizer_state=opt)
-    assert len(calls) == 10 and all(n == 4 and had for n, _, had in calls)  # 10% of 40, with the optimizer state
-    assert mains == [5]  # main model trained once, between the two iterations, continuing the state
-    # merged by union: at most the iteration's sparsity, at least as much as the union of the last copies'
-    assert all(r["merged_sparsity"] <= r["round_target"] + 1e-9 for r in log)
-    assert log[-1]["merged_sparsity"] > 0.3
+    def train_copy(model, d, seed, desc, lr):
+        calls.append((len(d), lr))
+        train(model, d, None, epochs=1, lr=lr, batch_size=8, seed=seed)
+
+    main, masks, log = instant_soup_prune(m, data, target=0.5, copies=5, copy_subset=0.1, main_subset=0.5,
+                                          step=0.2, stop_within=0.05, train_copy=train_copy, train_main=train_main,
+                                          seed=3, pruner=pr)
+    its = [r for r in log if r["round"] != "final"]
+    # the main model trains on half of the data before every iteration, and once more before it stops
+    assert len(mains) == len(its) + 1 and all(n == 20 for n, _ in mains)
+    assert len(calls) == 5 * len(its) and all(n == 4 for n, _ in calls)  # K = 5 copies on 10% each
+    assert [lr for _, lr in calls[::5]] == pytest.approx([1e-3 * 0.9 ** t for t in range(len(its))])  # carried lr
+    prev = 0.0
+    for r in its:  # each copy prunes another 20% of what is left; the union keeps what any copy keeps
+        assert 0.5 - prev >= 0.05  # iterates only while more than 5 points from the target
+        assert r["round_target"] == pytest.approx(1 - (1 - prev) * 0.8)
+        assert all(s == pytest.approx(r["round_target"], abs=0.02) for s in r["copy_sparsities"])
+        assert prev <= r["merged_sparsity"] <= r["round_target"] + 1e-9
+        prev = r["merged_sparsity"]
+    assert 0.5 - prev < 0.05 and log[-1]["round"] == "final"
+    # then one-shot to the target (a last union that overshot it stays, as in the published code)
+    assert sparsity_of(masks) == pytest.approx(max(0.5, prev), abs=1e-3)
     for n, layer in main.named_modules():
         if n in masks:
             assert (layer.weight[~masks[n]] == 0).all()
@@ -265,19 +272,19 @@ def test_instant_soup_prune_as_published():
 def test_arm_names():
     from lotus.finetune import default_arms, parse_arm
     assert parse_arm("dense/full") == {"start": "dense", "layout": "dense", "method": None, "policy": "full",
-                                       "keep": None}
+                                       "keep": None, "budget": None}
     assert parse_arm("block-isp/random@0.7") == {"start": "block-isp", "layout": "block", "method": "isp",
-                                                 "policy": "random", "keep": 0.7}
+                                                 "policy": "random", "keep": 0.7, "budget": None}
+    assert parse_arm("dense/matched-cheapest")["budget"] == "matched-cheapest"
     assert parse_arm("2:4-control/mix")["layout"] == "2:4"
     for bad in ("dense", "block-isp/full@0.5", "rows-isp/full", "block-soup/full", "dense/best", "dense/fixed@1.5",
-                "dense/fixed@x"):
+                "dense/fixed@x", "block-isp/matched-headline"):
         with pytest.raises(ValueError, match="arm"):
             parse_arm(bad)
     arms = default_arms("block", ["fixed", "random"], extra_keeps=[0.7])
-    assert arms == ["dense/full", "unstructured-oneshot/full", "unstructured-isp/full", "block-isp/full",
-                    "dense/fixed", "block-isp/fixed", "block-isp/random", "block-isp/fixed@0.7", "block-isp/random@0.7"]
-    assert default_arms("unstructured", ["fixed"])[:3] == ["dense/full", "unstructured-oneshot/full",
-                                                            "unstructured-isp/full"]
+    assert arms == ["dense/full", "unstructured-isp/full", "block-isp/full", "dense/fixed", "dense/fixed_random",
+                    "dense/random", "block-isp/fixed", "block-isp/random", "block-isp/fixed@0.7", "block-isp/random@0.7"]
+    assert default_arms("unstructured", ["fixed"])[:3] == ["dense/full", "unstructured-isp/full", "dense/fixed"]
 
 
 @pytest.mark.parametrize("weight_decay", [0.05, 0.0])
