@@ -200,7 +200,7 @@ def main(argv=None):
 
     meta = _harness.env_meta(args, torch.device("cpu"))
     meta["malloc_tuned"] = malloc_tuned
-    meta["backend"] = lotus_kernels._backend.select(torch.device("cpu"))
+    meta["backend"] = lotus_kernels._backend.select(torch.device("cpu"), "attention")
     name = "attention_quick" if args.quick else "attention"
     title = (f"Attention (+ patch scores): B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
              f"{meta['threads']} threads, lotus backend {meta['backend']}")

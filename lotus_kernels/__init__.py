@@ -1,7 +1,8 @@
 """lotus-kernels: kernels that make pruned / token-dropped ViT training cheaper.
 
 Public API: ``ops`` (registered torch ops), ``nn`` (modules), ``select_keep``, ``patch_vit``,
-``sparsify_`` / ``densify_``, ``backends``, ``use_backend``, ``cpu_isa`` / ``cpu_isas`` /
+``sparsify_`` / ``densify_``, ``backends``, ``use_backend``, ``capabilities`` (which backend implements
+what, per op), ``cpu_isa`` / ``cpu_isas`` /
 ``cpu_kernel_path`` (which x86 ISA the CPU kernels use).
 """
 from . import _version
@@ -14,11 +15,12 @@ if _why and not _version.allowed_anyway():
 
 from . import nn, ops  # noqa: E402
 from ._backend import backend_errors, backends, use_backend
+from ._capabilities import capabilities
 from .isa import cpu_isa, cpu_isas, cpu_kernel_path
 from .select import select_keep
 from .sparsify import densify_, sparsify_
 from .families import patch_vit
 
 __version__ = _version.__version__
-__all__ = ["ops", "nn", "select_keep", "patch_vit", "sparsify_", "densify_", "backends", "backend_errors",
+__all__ = ["ops", "nn", "select_keep", "patch_vit", "sparsify_", "densify_", "backends", "backend_errors", "capabilities",
            "use_backend", "cpu_isa", "cpu_isas", "cpu_kernel_path", "__version__"]

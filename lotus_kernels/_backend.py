@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from . import _version
+from ._capabilities import capability
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_BACKEND = "LOTUS_KERNELS_BACKEND"
@@ -138,17 +139,18 @@ def _default(device: torch.device, implemented) -> str:
     return "reference"
 
 
-def select(device: torch.device, op: str | None = None, implemented=BACKENDS) -> str:
-    """The backend an op on ``device`` tensors runs with; raises if a forced one cannot. An op
-    with kernels for only some backends names them in ``implemented``: the default skips the
-    others, and forcing one of them is an error naming ``op``."""
+def select(device: torch.device, op: str) -> str:
+    """The backend ``op`` (a row of ``_capabilities.CAPABILITIES``) runs with on ``device`` tensors. The
+    default skips the backends the op has no kernel for; forcing one of those raises naming ``op``, and
+    forcing one that cannot run here raises saying why."""
+    implemented = capability(op).backends
     name = _forced or os.environ.get(ENV_BACKEND) or None
     if name is None:
         return _default(device, implemented)
     _check_name(name, f"{ENV_BACKEND}" if _forced is None else "use_backend")
     if name not in implemented:
-        raise NotImplementedError(f"{op}: the {name!r} backend has no kernel for this op yet "
-                                  f"(available: {', '.join(implemented)})")
+        raise NotImplementedError(f"{op}: the {name!r} backend has no kernel for this op "
+                                  f"(available: {', '.join(implemented)}; see lotus_kernels.capabilities())")
     why = _load_status()[name]
     if why is not None:
         raise RuntimeError(f"lotus_kernels backend {name!r} was requested but is not available: {why}")

@@ -28,6 +28,12 @@ def kernel_backends():
 
 
 BACKENDS = kernel_backends()
+
+
+def backends_for(op: str):
+    """The (backend, device) pairs of BACKENDS that ``op`` has kernels for (lotus_kernels/_capabilities.py)."""
+    from lotus_kernels._capabilities import capability
+    return [(b, d) for b, d in BACKENDS if b in capability(op).backends]
 BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
 
 

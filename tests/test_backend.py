@@ -28,7 +28,7 @@ def test_backends_reports_every_backend():
 
 
 def test_default_backend_on_cpu_is_cpp():
-    assert _backend.select(torch.device("cpu")) == "cpu"
+    assert _backend.select(torch.device("cpu"), "token_gather") == "cpu"
 
 
 def test_forcing_an_unknown_backend_is_a_clear_error(monkeypatch):
@@ -49,13 +49,13 @@ def test_forcing_an_unavailable_backend_says_so(monkeypatch):
 
 def test_env_variable_forces_reference(monkeypatch):
     monkeypatch.setenv("LOTUS_KERNELS_BACKEND", "reference")
-    assert _backend.select(torch.device("cpu")) == "reference"
+    assert _backend.select(torch.device("cpu"), "token_gather") == "reference"
 
 
 def test_use_backend_restores_previous_choice():
     with lotus_kernels.use_backend("reference"):
-        assert _backend.select(torch.device("cpu")) == "reference"
-    assert _backend.select(torch.device("cpu")) == "cpu"
+        assert _backend.select(torch.device("cpu"), "token_gather") == "reference"
+    assert _backend.select(torch.device("cpu"), "token_gather") == "cpu"
 
 
 def test_poisoned_outputs_are_nan():
@@ -95,8 +95,9 @@ def test_forcing_a_backend_an_op_has_no_kernel_for_names_the_op():
     with lotus_kernels.use_backend("cuda"), pytest.raises(NotImplementedError, match="attention: the 'cuda' backend has no kernel"):
         lotus_kernels.ops.attention(*[torch.randn(1, 1, 3, 4)] * 3)
     # the default skips it instead: CPU tensors still get the C++ kernel
-    assert _backend.select(torch.device("cpu"), "attention", implemented=("reference", "cpu")) == "cpu"
-    assert _backend.select(torch.device("cpu"), "x", implemented=("reference",)) == "reference"
+    assert _backend.select(torch.device("cpu"), "attention") == "cpu"
+    with lotus_kernels.use_backend("triton"), pytest.raises(NotImplementedError, match="masked_weight_grad: the 'triton'"):
+        _backend.select(torch.device("cpu"), "masked_weight_grad")
 
 
 def test_gpu_default_prefers_triton_then_cuda(monkeypatch):
@@ -107,5 +108,6 @@ def test_gpu_default_prefers_triton_then_cuda(monkeypatch):
     for ok, want in (({"triton": True, "cuda": True}, "triton"), ({"triton": False, "cuda": True}, "cuda"),
                      ({"triton": False, "cuda": False}, "reference")):
         monkeypatch.setattr(_backend, "backends", lambda ok=ok: {"reference": True, "cpu": True, **ok})
-        assert _backend.select(dev) == want
-    assert _backend.select(dev, "attention", implemented=("reference", "cpu", "cuda")) == "reference"
+        assert _backend.select(dev, "block_sparse_linear") == want
+    # an op without a GPU kernel runs the reference on CUDA tensors
+    assert _backend.select(dev, "masked_weight_grad") == "reference"

@@ -318,7 +318,7 @@ def _check_cu_seqlens(cu, q, max_seqlen) -> int:
 
 
 def _kernel_backend(device: torch.device) -> str:
-    return _backend.select(device, "attention", implemented=("reference", "cpu", "triton"))
+    return _backend.select(device, "attention")
 
 
 # ---------------------------------------------------------------- the SDPA path

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, _fx
+from .._capabilities import capability
 
 BLOCK_SIZES = (16, 32, 64)
-# Backends with kernels for this op; the lead adds "triton" / "cuda" here when they are merged.
-IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+# Which backends take mixed inputs / fuse the bias gradient: lotus_kernels/_capabilities.py.
+_CAPS = capability("block_sparse_linear")
 _MODULE = "block_sparse_linear"
 
 
@@ -229,7 +230,7 @@ def _check(x, values, crow, col, ccol, row, perm, bias, allow_mixed: bool = Fals
 
 # ---------------------------------------------------------------- the three products as ops
 def _kernel_backend(t: torch.Tensor) -> str:
-    return _backend.select(t.device, "block_sparse_linear", implemented=IMPLEMENTED)
+    return _backend.select(t.device, "block_sparse_linear")
 
 
 def _check_sizes(x, values, crow, col, ccol, bias) -> None:
@@ -255,7 +256,7 @@ def _bsl_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: tor
     _check_sizes(x, values, crow, col, ccol, bias)
     check_pattern(crow, col, ccol, row, perm)
     backend = _kernel_backend(x)
-    if backend != "cpu" and x.dtype != values.dtype:  # mixed: only the CPU kernels convert while packing
+    if backend not in _CAPS.mixed_input and x.dtype != values.dtype:  # mixed: cast for kernels that do not convert
         x = x.to(values.dtype)
     if backend == "reference":
         return block_sparse_linear_reference(x, values, crow, col, ccol, bias)
@@ -277,7 +278,7 @@ def _dx_dtype(dy, dx_fp32: bool):
 
 
 def _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm, dx_fp32=False):
-    if backend != "cpu" and dx_fp32 and dy.dtype != torch.float32:  # cast inside (see the module docstring)
+    if backend not in _CAPS.mixed_input and dx_fp32 and dy.dtype != torch.float32:  # cast (module docstring)
         return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm).to(torch.float32)
     if backend == "reference":
         return _bwd_input_reference(dy, values, crow, col, ccol)
@@ -306,7 +307,7 @@ def _bsl_bwd_input_bias(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tens
     """(dx, dbias) = (dy @ W, dy.sum(0)). The CPU kernels add dy's columns up while packing dy for dx
     (a bias layer's backward then reads dy once, not twice); the other backends sum separately."""
     backend = _kernel_backend(dy)
-    if backend != "cpu":
+    if backend not in _CAPS.fused_bias:
         return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm, dx_fp32), dy.sum(0)
     dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy, _dx_dtype(dy, dx_fp32))
     db = _backend.new_output((dy.shape[1],), dy)
@@ -327,7 +328,7 @@ def _bsl_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
     """dvalues [nnzb, bs, bs]: the stored blocks of dy [M, out]^T @ x [M, in] (x may be fp32 with a bf16 /
     fp16 dy: a mixed call, computed as x.to(dy.dtype))."""
     backend = _kernel_backend(dy)
-    if backend != "cpu" and x.dtype != dy.dtype:
+    if backend not in _CAPS.mixed_input and x.dtype != dy.dtype:
         x = x.to(dy.dtype)
     if backend == "reference":
         return _bwd_weight_reference(dy, x, crow, col, block_size)

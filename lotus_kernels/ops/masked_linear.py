@@ -59,17 +59,13 @@ def check_linear_args(x, weight, mask, bias) -> None:
 # ---------------------------------------------------------------- masked weight gradient op
 @torch.library.custom_op("lotus_kernels::masked_weight_grad", mutates_args=())
 def _masked_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    backend = _backend.select(grad_out.device)
+    backend = _backend.select(grad_out.device, "masked_weight_grad")
     if backend == "reference":
         return masked_weight_grad_reference(grad_out, x, mask)
     g = grad_out.reshape(-1, grad_out.shape[-1])
     out = _backend.new_output(mask.shape, x)
     torch.mm(g.t(), x.reshape(-1, x.shape[-1]), out=out)
-    if backend == "cpu":
-        _backend.cpp_ops().masked_fill_grad_(out, mask.contiguous())
-    else:
-        # cuda / triton: no kernel in this step; one elementwise torch pass does the same zeroing.
-        out.masked_fill_(~mask, 0)
+    _backend.cpp_ops().masked_fill_grad_(out, mask.contiguous())  # "cpu": the only kernel backend
     return out
 
 

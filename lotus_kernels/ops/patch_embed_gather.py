@@ -80,7 +80,7 @@ def _check_patch_embed(images, idx, weight, bias, pos_embed):
 def _im2col_gather(images: torch.Tensor, idx: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     B, C, H, W = images.shape
     _checks.index_range("idx", idx, (H // ph) * (W // pw))
-    backend = _backend.select(images.device)
+    backend = _backend.select(images.device, "patch_embed_gather")
     if backend == "reference":
         return im2col_gather_reference(images, idx, ph, pw)
     out = _backend.new_output((B, idx.shape[1], C * ph * pw), images)
@@ -96,7 +96,7 @@ def _(images, idx, ph, pw):
 @torch.library.custom_op("lotus_kernels::col2im_scatter", mutates_args=())
 def _col2im_scatter(cols: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, height: int, width: int) -> torch.Tensor:
     _checks.index_range("idx", idx, (height // ph) * (width // pw))
-    backend = _backend.select(cols.device)
+    backend = _backend.select(cols.device, "patch_embed_gather")
     if backend == "reference":
         return col2im_scatter_reference(cols, idx, ph, pw, height, width)
     out = _backend.new_output((cols.shape[0], cols.shape[2] // (ph * pw), height, width), cols)
@@ -188,7 +188,7 @@ def _patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.T
                         bias: torch.Tensor | None, pos_embed: torch.Tensor | None) -> torch.Tensor:
     D, _, ph, pw = weight.shape
     _checks.index_range("idx", idx, (images.shape[2] // ph) * (images.shape[3] // pw))
-    backend = _backend.select(images.device)
+    backend = _backend.select(images.device, "patch_embed_gather")
     if backend == "reference":
         return patch_embed_gather_reference(images, idx, weight, bias, pos_embed)
     bias = None if bias is None else bias.contiguous()

@@ -43,7 +43,7 @@ def _check_scatter(src, idx, n) -> None:
 @torch.library.custom_op("lotus_kernels::gather_tokens", mutates_args=())
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     _checks.index_range("idx", idx, x.shape[1])
-    backend = _backend.select(x.device)
+    backend = _backend.select(x.device, "token_gather")
     if backend == "reference":
         return gather_tokens_reference(x, idx)
     out = _backend.new_output((idx.shape[0], idx.shape[1], x.shape[2]), x)
@@ -59,7 +59,7 @@ def _(x, idx):
 @torch.library.custom_op("lotus_kernels::scatter_tokens", mutates_args=())
 def _scatter_tokens(src: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     _checks.index_range("idx", idx, n)
-    backend = _backend.select(src.device)
+    backend = _backend.select(src.device, "token_gather")
     if backend == "reference":
         return scatter_tokens_reference(src, idx, n)
     out = _backend.new_output((src.shape[0], n, src.shape[2]), src)

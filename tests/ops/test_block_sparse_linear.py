@@ -3,10 +3,10 @@ import torch
 
 from lotus_kernels import use_backend
 from lotus_kernels.ops import block_sparse_linear, bsr_from_dense, bsr_to_dense
-from lotus_kernels.ops.block_sparse_linear import IMPLEMENTED, block_sparse_linear_reference, bsr_indices
-from tests.conftest import BACKENDS, BACKEND_IDS, tolerance
+from lotus_kernels.ops.block_sparse_linear import block_sparse_linear_reference, bsr_indices
+from tests.conftest import BACKENDS, BACKEND_IDS, backends_for, tolerance
 
-KERNELS = [(b, d) for b, d in BACKENDS if b in IMPLEMENTED]
+KERNELS = backends_for("block_sparse_linear")
 KERNEL_IDS = [f"{b}-{d}" for b, d in KERNELS]
 
 

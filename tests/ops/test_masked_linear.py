@@ -4,14 +4,17 @@ import torch
 import lotus_kernels
 from lotus_kernels.ops.masked_linear import masked_linear, masked_linear_reference
 
-from ..conftest import BACKEND_IDS, BACKENDS, tolerance
+from ..conftest import backends_for, tolerance
 
 # (x shape, out_features): ViT-S MLP fc1 / fc2 (M = 197 tokens, 384 -> 1536 and back) scaled down
 # by 8, odd sizes, a 3-D x, a single element.
 SHAPES = [((197, 48), 192), ((197, 192), 48), ((7, 33), 65), ((2, 13, 33), 17), ((1, 1), 1)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-WITH_REFERENCE = [("reference", "cpu"), *BACKENDS]
-WITH_REFERENCE_IDS = ["reference-cpu", *BACKEND_IDS]
+# The op's kernel is masked_weight_grad (the forward is F.linear); on CUDA tensors it runs the reference.
+WITH_REFERENCE = [("reference", "cpu"), *backends_for("masked_weight_grad")]
+if torch.cuda.is_available():
+    WITH_REFERENCE.append(("reference", "cuda"))
+WITH_REFERENCE_IDS = [f"{b}-{d}" for b, d in WITH_REFERENCE]
 
 
 def make_layer(out_features, in_features, density, device, dtype=torch.float32):
