@@ -12,7 +12,7 @@ STAMP := .stamps
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: setup build install test test-fast test-oldest gpu-check-dry-run bench bench-full clean
+.PHONY: setup build install lint format test test-fast test-oldest gpu-check-dry-run bench bench-full clean
 
 setup: $(STAMP)/venv
 build: $(STAMP)/build
@@ -37,8 +37,22 @@ $(STAMP)/install: $(STAMP)/build pyproject.toml setup.py
 	LOTUS_BUILD_EXT=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
+# Style, before the suite (seconds): ruff (lint + format, pyproject.toml) over the Python, clang-format
+# (.clang-format) over the C++ / CUDA C++. `make format` rewrites what `make lint` would reject.
+CFILES = $(shell git ls-files 'csrc/*' 'tests/cuda_emulation/*' | grep -E '\.(cpp|cu|cuh|h)$$')
+
+lint: $(STAMP)/venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CFILES)
+
+format: $(STAMP)/venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CFILES)
+
 # pytest exits 5 when it collected nothing: that must fail, never pass as "no tests".
-test: $(STAMP)/install
+test: lint $(STAMP)/install
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
