@@ -6,6 +6,7 @@ build both at once in two processes), against the torch that is installed: build
 one the package then runs with). The sources and flags come from tools/extensions.py (shared with
 `make gpu-check`), the supported versions from lotus_kernels/_version.py. Ninja; MAX_JOBS caps its jobs.
 """
+
 import os
 import shutil
 import sys
@@ -29,9 +30,11 @@ EXTENSIONS = _load("tools/extensions.py")
 try:
     import torch
 except ImportError:
-    sys.exit("lotus-kernels builds against the torch that is installed, and none is importable here. Install "
-             f"torch {VERSION['describe'](VERSION['TORCH'])} first, then `pip install --no-build-isolation .` "
-             "(with build isolation pip would compile against a torch of its own choosing)")
+    sys.exit(
+        "lotus-kernels builds against the torch that is installed, and none is importable here. Install "
+        f"torch {VERSION['describe'](VERSION['TORCH'])} first, then `pip install --no-build-isolation .` "
+        "(with build isolation pip would compile against a torch of its own choosing)"
+    )
 _why = VERSION["problem"]("torch", torch.__version__, VERSION["TORCH"])
 if _why and not VERSION["allowed_anyway"]():
     sys.exit(_why)
@@ -58,16 +61,21 @@ def _want_cuda() -> bool:
     if flag is not None:
         return flag == "1"
     # a CPU-only torch (e.g. 2.13.0+cpu) has no CUDA headers to compile CUDA extensions against
-    return torch.version.cuda is not None and CUDA_HOME is not None and \
-        shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    return (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    )
 
 
 def _write_build_info(package_dir: str, cuda: bool) -> None:
     """lotus_kernels/_build_info.py (not tracked): the torch the extensions are compiled against, so
     that importing them under another torch says so in one line instead of an undefined symbol."""
-    text = (f"# Written by setup.py: what the compiled extensions were built against.\n"
-            f"TORCH_VERSION = {torch.__version__!r}\nTORCH_CUDA = {torch.version.cuda!r}\nCUDA_BUILT = {cuda!r}\n"
-            f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n")
+    text = (
+        f"# Written by setup.py: what the compiled extensions were built against.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\nTORCH_CUDA = {torch.version.cuda!r}\nCUDA_BUILT = {cuda!r}\n"
+        f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None!r}\n"
+    )
     os.makedirs(package_dir, exist_ok=True)
     path = os.path.join(package_dir, "_build_info.py")
     old = open(path).read() if os.path.exists(path) else None
@@ -97,8 +105,11 @@ if os.environ.get("LOTUS_BUILD_EXT") != "0":  # `make install`: the extensions a
             continue
         kind = CUDAExtension if ext["cuda"] else CppExtension
         flags = {"cxx": ext["cxx"], **({"nvcc": ext["nvcc"]} if ext["cuda"] else {})}
-        ext_modules.append(kind(f"lotus_kernels.{ext['name']}", ext["sources"], extra_compile_args=flags,
-                                extra_link_args=ext["ldflags"]))
+        ext_modules.append(
+            kind(
+                f"lotus_kernels.{ext['name']}", ext["sources"], extra_compile_args=flags, extra_link_args=ext["ldflags"]
+            )
+        )
 
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)})

@@ -4,6 +4,7 @@ Timing is interleaved (every round runs every config once, in a fresh random ord
 machines these run on are shared and noisy: a slow spell then hits all configs alike instead of
 whichever config happened to be running, so ratios between configs stay meaningful.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -13,8 +14,8 @@ import os
 import platform
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,8 +23,14 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def interleaved(configs: dict[str, Callable[[], object]], warmup: int, repeats: int, progress: bool = True,
-                sync: Callable[[], None] | None = None, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(
+    configs: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    progress: bool = True,
+    sync: Callable[[], None] | None = None,
+    seed: int = 0,
+) -> dict[str, list[float]]:
     """Seconds per call of each config: ``warmup`` untimed calls each, then ``repeats`` rounds in which
     every config runs once, in an order shuffled afresh (seeded) every round.
 
@@ -40,6 +47,7 @@ def interleaved(configs: dict[str, Callable[[], object]], warmup: int, repeats: 
     rounds = range(repeats)
     if progress:
         from tqdm import tqdm
+
         rounds = tqdm(rounds, desc="rounds", unit="round", leave=False)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection landing inside one config's call would be charged to it
@@ -68,10 +76,14 @@ def add_run_args(p) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--quick", action="store_true", help="short smoke run; writes results/<name>_quick.*")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default of returning big blocks to the OS (see tune_malloc)")
-    p.add_argument("--note", default="",
-                   help="a line about the run written into the results, e.g. 'loaded machine, indicative'")
+    p.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's default of returning big blocks to the OS (see tune_malloc)",
+    )
+    p.add_argument(
+        "--note", default="", help="a line about the run written into the results, e.g. 'loaded machine, indicative'"
+    )
 
 
 def prepare(args):
@@ -91,8 +103,9 @@ def prepare(args):
 def verdict(label: str, row: dict) -> str:
     """One line saying whether ``row``'s ratio to its baseline meets ``row['target']``."""
     met = "met" if row["ratio"] <= row["target"] else "missed"
-    return (f"{label}: ratio {row['ratio']:.3f} (paired {row['ratio_paired']:.3f}) "
-            f"vs target {row['target']:.2f} -> {met}")
+    return (
+        f"{label}: ratio {row['ratio']:.3f} (paired {row['ratio_paired']:.3f}) vs target {row['target']:.2f} -> {met}"
+    )
 
 
 def tune_malloc() -> bool:
@@ -104,12 +117,15 @@ def tune_malloc() -> bool:
     it would be timed as if it were the model's. Takes effect for allocations made after the call."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return all(libc.mallopt(param, value) == 1 for param, value in
-               [(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)])
+    return all(
+        libc.mallopt(param, value) == 1
+        for param, value in [(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)]
+    )
 
 
 def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:
@@ -121,9 +137,15 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
     for name, ts in times.items():
         ts = np.asarray(ts)
         p25, med, p75 = (float(v) for v in np.percentile(ts, [25, 50, 75]))
-        out[name] = {"median_s": med, "p25_s": p25, "p75_s": p75, "min_s": float(ts.min()),
-                     "ratio": med / float(np.median(base)), "ratio_paired": float(np.median(ts / base)),
-                     "n": len(ts)}
+        out[name] = {
+            "median_s": med,
+            "p25_s": p25,
+            "p75_s": p75,
+            "min_s": float(ts.min()),
+            "ratio": med / float(np.median(base)),
+            "ratio_paired": float(np.median(ts / base)),
+            "n": len(ts),
+        }
     return out
 
 
@@ -139,8 +161,20 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The x86 feature flags the kernels (ours, MKL's, oneDNN's) choose between."""
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
-              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    wanted = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+    )
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -154,6 +188,7 @@ def cpu_flags() -> list[str]:
 def blas_versions() -> dict[str, str]:
     """MKL and oneDNN versions as torch reports them (``torch.__config__.show()``)."""
     import re
+
     text = torch.__config__.show()
     out = {}
     m = re.search(r"Math Kernel Library Version ([\d.]+)", text)
@@ -172,14 +207,20 @@ def cpu_kernel_meta() -> dict:
     """Which ISA our C++ kernels run here and which kernel each block-sparse product takes (bs 32)."""
     try:
         import lotus_kernels as lk
+
         if not lk.backends()["cpu"]:
             return {}
-        paths = {f"{op}[{str(dt).replace('torch.', '')}]": lk.cpu_kernel_path(op, dt, 32)
-                 for op in ("block_sparse_linear.fwd", "block_sparse_linear.bwd_input",
-                            "block_sparse_linear.bwd_weight")
-                 for dt in (torch.float32, torch.bfloat16)}
-        return {"lotus_cpu_isa": lk.cpu_isa(), "lotus_cpu_isa_supported": lk.cpu_isa(capped=False),
-                "lotus_cpu_isa_cap": os.environ.get("LOTUS_KERNELS_CPU_ISA") or None, "lotus_kernel_paths": paths}
+        paths = {
+            f"{op}[{str(dt).replace('torch.', '')}]": lk.cpu_kernel_path(op, dt, 32)
+            for op in ("block_sparse_linear.fwd", "block_sparse_linear.bwd_input", "block_sparse_linear.bwd_weight")
+            for dt in (torch.float32, torch.bfloat16)
+        }
+        return {
+            "lotus_cpu_isa": lk.cpu_isa(),
+            "lotus_cpu_isa_supported": lk.cpu_isa(capped=False),
+            "lotus_cpu_isa_cap": os.environ.get("LOTUS_KERNELS_CPU_ISA") or None,
+            "lotus_kernel_paths": paths,
+        }
     except (ImportError, RuntimeError, AttributeError):
         return {}
 
@@ -205,6 +246,7 @@ def env_meta(args, device: torch.device) -> dict:
         meta["gpu"] = torch.cuda.get_device_name(device)
     try:
         import lotus_kernels
+
         meta["lotus_kernels"] = lotus_kernels.__version__
         meta["lotus_backends"] = lotus_kernels.backends()
     except ImportError:
@@ -215,8 +257,10 @@ def env_meta(args, device: torch.device) -> dict:
 
 def markdown_table(rows: list[dict], table_columns: list[tuple[str, str, str]]) -> str:
     """``table_columns``: (header, row key, format spec), e.g. ("median ms", "median_ms", ".1f")."""
-    lines = ["| " + " | ".join(h for h, _, _ in table_columns) + " |",
-             "|" + "|".join("---" for _ in table_columns) + "|"]
+    lines = [
+        "| " + " | ".join(h for h, _, _ in table_columns) + " |",
+        "|" + "|".join("---" for _ in table_columns) + "|",
+    ]
     for row in rows:
         cells = []
         for _, key, fmt in table_columns:
@@ -233,29 +277,52 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def write_results(name: str, meta: dict, rows: list[dict], table_columns: list[tuple[str, str, str]],
-                  plot_fn: Callable[[list[dict]], "object"], title: str = "", notes: list[str] = ()) -> str:
+def write_results(
+    name: str,
+    meta: dict,
+    rows: list[dict],
+    table_columns: list[tuple[str, str, str]],
+    plot_fn: Callable[[list[dict]], object],
+    title: str = "",
+    notes: list[str] = (),
+) -> str:
     """Write ``results/{name}.json`` (meta + rows), ``{name}.md`` (table + notes) and ``{name}.png``
     (the matplotlib Figure ``plot_fn(rows)`` returns). Returns the markdown text."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     base = RESULTS_DIR / name
-    _atomic_write(base.with_suffix(".json"),
-                  lambda p: p.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n"))
+    _atomic_write(
+        base.with_suffix(".json"),
+        lambda p: p.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n"),
+    )
 
-    env = (f"torch {meta.get('torch')}, {meta.get('threads')} threads, {meta.get('cpu_model')} "
-           f"({', '.join(meta.get('cpu_flags', [])) or 'no flags read'}), torch CPU capability "
-           f"{meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN {meta.get('onednn', '?')}, "
-           f"lotus CPU ISA {meta.get('lotus_cpu_isa', '-')}, "
-           f"device {meta.get('gpu', meta.get('device'))}, malloc tuned: {meta.get('malloc_tuned', False)}, "
-           f"{meta.get('date')}")
+    env = (
+        f"torch {meta.get('torch')}, {meta.get('threads')} threads, {meta.get('cpu_model')} "
+        f"({', '.join(meta.get('cpu_flags', [])) or 'no flags read'}), torch CPU capability "
+        f"{meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN {meta.get('onednn', '?')}, "
+        f"lotus CPU ISA {meta.get('lotus_cpu_isa', '-')}, "
+        f"device {meta.get('gpu', meta.get('device'))}, malloc tuned: {meta.get('malloc_tuned', False)}, "
+        f"{meta.get('date')}"
+    )
     if meta.get("note"):
         env += f"\n\n**{meta['note']}**"
-    md = "\n\n".join(part for part in [f"# {title or name}", env, markdown_table(rows, table_columns),
-                                       "\n".join(f"- {n}" for n in notes)] if part) + "\n"
+    md = (
+        "\n\n".join(
+            part
+            for part in [
+                f"# {title or name}",
+                env,
+                markdown_table(rows, table_columns),
+                "\n".join(f"- {n}" for n in notes),
+            ]
+            if part
+        )
+        + "\n"
+    )
     _atomic_write(base.with_suffix(".md"), lambda p: p.write_text(md))
 
     fig = plot_fn(rows)

@@ -12,6 +12,7 @@ images keep between half and all of N tokens (linspace over the batch, as ragged
 run three ways: SDPA on the padded batch with a boolean mask (the baseline), lotus on the padded batch
 with ``key_padding_mask``, and lotus on the packed [T, H, D] tokens with ``cu_seqlens`` (no padding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def fwd_configs(q, k, v):
         def run():
             with torch.no_grad():
                 fn()
+
         return run
+
     return {
         "sdpa_fwd": no_grad(lambda: F.scaled_dot_product_attention(q, k, v)),
         "explicit_softmax_fwd+maps": no_grad(lambda: explicit_scores(q, k, v)),
@@ -80,6 +83,7 @@ def fwd_configs(q, k, v):
 
 def _path(path, fn):
     """``fn`` with ops.attention's output path forced (LOTUS_KERNELS_ATTENTION_PATH)."""
+
     def run():
         old = os.environ.get(ENV_PATH)
         os.environ[ENV_PATH] = path
@@ -87,6 +91,7 @@ def _path(path, fn):
             fn()
         finally:
             os.environ.pop(ENV_PATH) if old is None else os.environ.__setitem__(ENV_PATH, old)
+
     return run
 
 
@@ -96,6 +101,7 @@ def train_configs(q, k, v):
 
     def step(fn):
         return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), g)
+
     return {
         "sdpa_fwd+bwd": step(F.scaled_dot_product_attention),
         "lotus_fwd+bwd": step(lambda a, b, c: attention(a, b, c)),
@@ -127,9 +133,9 @@ def varlen_configs(shape, dtype, train):
         if train:
             ins = [t.detach().clone().requires_grad_() for t in inputs]
             g = torch.randn_like(ins[0])
-            configs[name] = (lambda fn=fn, ins=ins, g=g: torch.autograd.grad(fn(*ins), ins, g))
+            configs[name] = lambda fn=fn, ins=ins, g=g: torch.autograd.grad(fn(*ins), ins, g)
         else:
-            configs[name] = (lambda fn=fn, ins=inputs: _no_grad_call(fn, ins))
+            configs[name] = lambda fn=fn, ins=inputs: _no_grad_call(fn, ins)
     return {f"{k}{'_fwd+bwd' if train else '_fwd'}": f for k, f in configs.items()}
 
 
@@ -144,15 +150,27 @@ def run_section(section, configs, baseline, shape, repeats, args):
     stats = _harness.summarize(times, baseline)
     rows = []
     for name, s in stats.items():
-        rows.append({"section": section, "N": shape[2], "config": name, "median_ms": 1e3 * s["median_s"],
-                     "p25_ms": 1e3 * s["p25_s"], "p75_ms": 1e3 * s["p75_s"], "min_ms": 1e3 * s["min_s"],
-                     "ratio": s["ratio"], "ratio_paired": s["ratio_paired"], "n": s["n"],
-                     "times_ms": [1e3 * t for t in times[name]]})
+        rows.append(
+            {
+                "section": section,
+                "N": shape[2],
+                "config": name,
+                "median_ms": 1e3 * s["median_s"],
+                "p25_ms": 1e3 * s["p25_s"],
+                "p75_ms": 1e3 * s["p75_s"],
+                "min_ms": 1e3 * s["min_s"],
+                "ratio": s["ratio"],
+                "ratio_paired": s["ratio_paired"],
+                "n": s["n"],
+                "times_ms": [1e3 * t for t in times[name]],
+            }
+        )
     return rows
 
 
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -162,9 +180,16 @@ def plot(rows):
         sub = [r for r in rows if r["section"] == section and r["N"] == n]
         xs = range(len(sub))
         err = [[r["median_ms"] - r["p25_ms"] for r in sub], [r["p75_ms"] - r["median_ms"] for r in sub]]
-        ax.bar(xs, [r["median_ms"] for r in sub], yerr=err, capsize=3,
-               color=["C0" if r["config"].startswith("sdpa") else "C1" if r["config"].startswith("lotus") else "C2"
-                      for r in sub])
+        ax.bar(
+            xs,
+            [r["median_ms"] for r in sub],
+            yerr=err,
+            capsize=3,
+            color=[
+                "C0" if r["config"].startswith("sdpa") else "C1" if r["config"].startswith("lotus") else "C2"
+                for r in sub
+            ],
+        )
         for x, r in zip(xs, sub):
             ax.text(x, r["median_ms"], f"{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs), [r["config"] for r in sub], rotation=35, ha="right", fontsize=8)
@@ -174,9 +199,18 @@ def plot(rows):
     return fig
 
 
-COLUMNS = [("section", "section", ""), ("N", "N", "d"), ("config", "config", ""), ("median ms", "median_ms", ".2f"),
-           ("p25 ms", "p25_ms", ".2f"), ("p75 ms", "p75_ms", ".2f"), ("min ms", "min_ms", ".2f"),
-           ("ratio to SDPA", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"), ("rounds", "n", "d")]
+COLUMNS = [
+    ("section", "section", ""),
+    ("N", "N", "d"),
+    ("config", "config", ""),
+    ("median ms", "median_ms", ".2f"),
+    ("p25 ms", "p25_ms", ".2f"),
+    ("p75 ms", "p75_ms", ".2f"),
+    ("min ms", "min_ms", ".2f"),
+    ("ratio to SDPA", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("rounds", "n", "d"),
+]
 
 
 def main(argv=None):
@@ -193,24 +227,30 @@ def main(argv=None):
         repeats = args.long_repeats if n > 512 else args.repeats
         rows += run_section("forward", fwd_configs(q, k, v), "sdpa_fwd", shape, repeats, args)
         rows += run_section("fwd+bwd", train_configs(q, k, v), "sdpa_fwd+bwd", shape, repeats, args)
-        rows += run_section("varlen fwd", varlen_configs(shape, dtype, False), "sdpa_padded_mask_fwd", shape,
-                            repeats, args)
-        rows += run_section("varlen fwd+bwd", varlen_configs(shape, dtype, True), "sdpa_padded_mask_fwd+bwd",
-                            shape, repeats, args)
+        rows += run_section(
+            "varlen fwd", varlen_configs(shape, dtype, False), "sdpa_padded_mask_fwd", shape, repeats, args
+        )
+        rows += run_section(
+            "varlen fwd+bwd", varlen_configs(shape, dtype, True), "sdpa_padded_mask_fwd+bwd", shape, repeats, args
+        )
 
     meta = _harness.env_meta(args, torch.device("cpu"))
     meta["malloc_tuned"] = malloc_tuned
     meta["backend"] = lotus_kernels._backend.select(torch.device("cpu"), "attention")
     name = "attention_quick" if args.quick else "attention"
-    title = (f"Attention (+ patch scores): B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
-             f"{meta['threads']} threads, lotus backend {meta['backend']}")
-    notes = ["ratio = median / the section's SDPA median; paired ratio = median over rounds of time / SDPA time "
-             "in the same round; IQR = p25..p75 over rounds.",
-             "explicit_softmax_fwd+maps materialises the [B, H, N, N] map (timm fused_attn=False + a hook); "
-             "lotus_fwd+cls_scores returns out and the [B, N] class-token scores from the fused pass.",
-             "lotus *_scores rows include the sink rule (sink='mean') applied in PyTorch.",
-             "varlen sections: image b keeps round(N * r_b) tokens, r_b = linspace(0.5, 1, B); padded rows run "
-             "on [B, H, N, D] with a mask, lotus_varlen_packed on the T = sum of kept tokens only."]
+    title = (
+        f"Attention (+ patch scores): B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
+        f"{meta['threads']} threads, lotus backend {meta['backend']}"
+    )
+    notes = [
+        "ratio = median / the section's SDPA median; paired ratio = median over rounds of time / SDPA time "
+        "in the same round; IQR = p25..p75 over rounds.",
+        "explicit_softmax_fwd+maps materialises the [B, H, N, N] map (timm fused_attn=False + a hook); "
+        "lotus_fwd+cls_scores returns out and the [B, N] class-token scores from the fused pass.",
+        "lotus *_scores rows include the sink rule (sink='mean') applied in PyTorch.",
+        "varlen sections: image b keeps round(N * r_b) tokens, r_b = linspace(0.5, 1, B); padded rows run "
+        "on [B, H, N, D] with a mask, lotus_varlen_packed on the T = sum of kept tokens only.",
+    ]
     md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=title, notes=notes)
     print(md)
     return rows

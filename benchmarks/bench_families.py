@@ -13,6 +13,7 @@ family's native patch dropout at the same keep ratios (timm ``PatchDropout``, op
 transformers ViTs have none). Random weights, random images and labels, SGD; a step is forward +
 cross-entropy + backward + optimizer step (open_clip: a linear head on the image embedding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,27 +68,40 @@ def build(family: str, size: int, classes: int):
     if family == "timm":
         import timm
         from timm.layers import PatchDropout
+
         m = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=classes, img_size=size)
 
         def native(keep):
             m.patch_drop = torch.nn.Identity() if keep is None else PatchDropout(1 - keep, num_prefix_tokens=1)
+
         return m, size, native
     if family == "torchvision":
         from torchvision.models.vision_transformer import VisionTransformer
+
         # vit_b_16's architecture at this size (torchvision has no position interpolation)
-        m = VisionTransformer(image_size=size, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
-                              mlp_dim=3072, num_classes=classes)
+        m = VisionTransformer(
+            image_size=size,
+            patch_size=16,
+            num_layers=12,
+            num_heads=12,
+            hidden_dim=768,
+            mlp_dim=3072,
+            num_classes=classes,
+        )
         return m, size, None
     if family == "hf":
         import transformers
+
         conf = transformers.ViTConfig(image_size=size, num_labels=classes, attn_implementation="sdpa")
         return HFLogits(transformers.ViTForImageClassification(conf)), size, None
     import open_clip
+
     visual = open_clip.create_model("ViT-B-32").visual
     m = Classifier(visual, visual.output_dim, classes)
 
     def native(keep):
         visual.patch_dropout = torch.nn.Identity() if keep is None else open_clip.transformer.PatchDropout(1 - keep)
+
     return m, 224, native
 
 
@@ -131,6 +145,7 @@ def run_family(family, args, device, sync):
             if native is not None:
                 native(drop)
             train_step(m, o, images, labels, **kw)
+
         configs[name] = (fn, keep)
 
     add("dense", 1.0)
@@ -140,35 +155,62 @@ def run_family(family, args, device, sync):
     if native is not None:
         for r in (0.7, 0.5):
             add(f"native_drop@{r:g}", r, drop=r)
-    print(f"[{family}] {size}px batch {args.batch}: timing {len(configs)} configs x {args.repeats} rounds "
-          f"({n_sparse} block-sparse layers) ...", flush=True)
-    times = _harness.interleaved({n: c[0] for n, c in configs.items()}, args.warmup, args.repeats,
-                                 progress=not args.no_progress, sync=sync)
+    print(
+        f"[{family}] {size}px batch {args.batch}: timing {len(configs)} configs x {args.repeats} rounds "
+        f"({n_sparse} block-sparse layers) ...",
+        flush=True,
+    )
+    times = _harness.interleaved(
+        {n: c[0] for n, c in configs.items()}, args.warmup, args.repeats, progress=not args.no_progress, sync=sync
+    )
     if native is not None:
         native(None)
     stats = _harness.summarize(times, "dense")
     rows = []
     for name, (_, keep) in configs.items():
         s = stats[name]
-        rows.append({"family": family, "config": name, "keep": keep, "size": size, "batch": args.batch,
-                     "block_sparse_layers": n_sparse if "block" in name else 0,
-                     "median_ms": 1e3 * s["median_s"], "p25_ms": 1e3 * s["p25_s"], "p75_ms": 1e3 * s["p75_s"],
-                     "ratio": s["ratio"], "ratio_paired": s["ratio_paired"], "target": TARGETS.get(name),
-                     "times_ms": [1e3 * t for t in times[name]]})
+        rows.append(
+            {
+                "family": family,
+                "config": name,
+                "keep": keep,
+                "size": size,
+                "batch": args.batch,
+                "block_sparse_layers": n_sparse if "block" in name else 0,
+                "median_ms": 1e3 * s["median_s"],
+                "p25_ms": 1e3 * s["p25_s"],
+                "p75_ms": 1e3 * s["p75_s"],
+                "ratio": s["ratio"],
+                "ratio_paired": s["ratio_paired"],
+                "target": TARGETS.get(name),
+                "times_ms": [1e3 * t for t in times[name]],
+            }
+        )
     return rows
 
 
-COLUMNS = [("family", "family", ""), ("config", "config", ""), ("px", "size", "d"), ("batch", "batch", "d"),
-           ("median ms", "median_ms", ".0f"), ("p25 ms", "p25_ms", ".0f"), ("p75 ms", "p75_ms", ".0f"),
-           ("ratio to dense", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"), ("target", "target", ".2f"),
-           ("block layers", "block_sparse_layers", "d")]
+COLUMNS = [
+    ("family", "family", ""),
+    ("config", "config", ""),
+    ("px", "size", "d"),
+    ("batch", "batch", "d"),
+    ("median ms", "median_ms", ".0f"),
+    ("p25 ms", "p25_ms", ".0f"),
+    ("p75 ms", "p75_ms", ".0f"),
+    ("ratio to dense", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("target", "target", ".2f"),
+    ("block layers", "block_sparse_layers", "d"),
+]
 
 
 def notes(rows):
-    out = ["ratio = median / the same family's dense median (paired: median over rounds of the per-round ratio); "
-           "configs of a family are timed interleaved.",
-           "torchvision and open_clip attention is nn.MultiheadAttention (fused in_proj, kept dense by sparsify_): "
-           "their 50% block sparsity covers the MLP only; transformers and timm prune q/k/v/out too."]
+    out = [
+        "ratio = median / the same family's dense median (paired: median over rounds of the per-round ratio); "
+        "configs of a family are timed interleaved.",
+        "torchvision and open_clip attention is nn.MultiheadAttention (fused in_proj, kept dense by sparsify_): "
+        "their 50% block sparsity covers the MLP only; transformers and timm prune q/k/v/out too.",
+    ]
     by = {(r["family"], r["config"]): r for r in rows}
     for r in rows:
         if r["target"] is not None:
@@ -176,19 +218,25 @@ def notes(rows):
         t = by.get(("timm", r["config"]))
         if r["family"] != "timm" and t is not None and r["config"].startswith("lotus"):
             d = r["ratio"] - t["ratio"]
-            out.append(f"{r['family']} {r['config']}: ratio {r['ratio']:.3f} vs timm's {t['ratio']:.3f} "
-                       f"({d:+.3f}; goal <= +0.03 -> {'met' if d <= 0.03 else 'missed'})")
+            out.append(
+                f"{r['family']} {r['config']}: ratio {r['ratio']:.3f} vs timm's {t['ratio']:.3f} "
+                f"({d:+.3f}; goal <= +0.03 -> {'met' if d <= 0.03 else 'missed'})"
+            )
     return out
 
 
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fams = list(dict.fromkeys(r["family"] for r in rows))
-    configs = [c for c in ("lotus@0.7", "lotus@0.5", "lotus@0.7+block50", "native_drop@0.7", "native_drop@0.5")
-               if any(r["config"] == c for r in rows)]
+    configs = [
+        c
+        for c in ("lotus@0.7", "lotus@0.5", "lotus@0.7+block50", "native_drop@0.7", "native_drop@0.5")
+        if any(r["config"] == c for r in rows)
+    ]
     fig, ax = plt.subplots(figsize=(10, 4))
     w = 0.8 / len(configs)
     for j, c in enumerate(configs):

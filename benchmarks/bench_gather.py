@@ -15,6 +15,7 @@ Cost model for GB/s: the least traffic a gather + its adjoint can move,
   backward read B*K*C (grad) + write B*N*C (dx: kept rows and zeros) elements (+ idx)
 the same byte count for every method, so GB/s compares to the machine's memory bandwidth.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ def bench_group(B, N, C, K, dtype, args):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, N, C, generator=gen).to(dtype).requires_grad_()
     # Prefix token 0 always kept, like the ViT path; the rest a random sorted subset.
-    idx = torch.cat([torch.zeros(B, 1, dtype=torch.long),
-                     1 + random_keep(B, N - 1, (K - 1) / (N - 1), generator=gen)], dim=1)
+    idx = torch.cat(
+        [torch.zeros(B, 1, dtype=torch.long), 1 + random_keep(B, N - 1, (K - 1) / (N - 1), generator=gen)], dim=1
+    )
     assert idx.shape == (B, K)
     g = torch.randn(B, K, C, generator=gen).to(dtype)
     fns = method_fns(B, N, C)
@@ -92,23 +94,40 @@ def bench_group(B, N, C, K, dtype, args):
         def run():
             for _ in range(args.number):
                 torch.autograd.grad(f(x, idx), x, g)
+
         return run
 
-    times = _harness.interleaved({n: loop(f) for n, f in fns.items()}, args.warmup, args.repeats,
-                                 progress=not args.no_progress)
+    times = _harness.interleaved(
+        {n: loop(f) for n, f in fns.items()}, args.warmup, args.repeats, progress=not args.no_progress
+    )
     times = {n: [t / args.number for t in ts] for n, ts in times.items()}
     stats = _harness.summarize(times, BASELINE)
     e = x.element_size()
     nbytes = e * B * C * (3 * K + N) + 2 * 8 * B * K
-    return [{"dtype": str(dtype).removeprefix("torch."), "B": B, "N": N, "C": C, "K": K, "method": n,
-             "median_us": 1e6 * s["median_s"], "p25_us": 1e6 * s["p25_s"], "p75_us": 1e6 * s["p75_s"],
-             "min_us": 1e6 * s["min_s"], "ratio": s["ratio"], "ratio_paired": s["ratio_paired"],
-             "bytes": nbytes, "gbps": nbytes / s["median_s"] / 1e9}
-            for n, s in stats.items()]
+    return [
+        {
+            "dtype": str(dtype).removeprefix("torch."),
+            "B": B,
+            "N": N,
+            "C": C,
+            "K": K,
+            "method": n,
+            "median_us": 1e6 * s["median_s"],
+            "p25_us": 1e6 * s["p25_s"],
+            "p75_us": 1e6 * s["p75_s"],
+            "min_us": 1e6 * s["min_s"],
+            "ratio": s["ratio"],
+            "ratio_paired": s["ratio_paired"],
+            "bytes": nbytes,
+            "gbps": nbytes / s["median_s"] / 1e9,
+        }
+        for n, s in stats.items()
+    ]
 
 
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -119,8 +138,9 @@ def plot(rows):
         shapes = list(dict.fromkeys((r["C"], r["K"]) for r in rows if r["dtype"] == dt))
         width = 0.8 / len(methods)
         for j, m in enumerate(methods):
-            vals = [next(r for r in rows if r["dtype"] == dt and r["method"] == m and (r["C"], r["K"]) == s)
-                    for s in shapes]
+            vals = [
+                next(r for r in rows if r["dtype"] == dt and r["method"] == m and (r["C"], r["K"]) == s) for s in shapes
+            ]
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(shapes))]
             ax.bar(xs, [v["ratio"] for v in vals], width, color=f"C{j}", label=m)
             if m == "lotus":
@@ -135,10 +155,19 @@ def plot(rows):
     return fig
 
 
-COLUMNS = [("dtype", "dtype", ""), ("C", "C", "d"), ("K", "K", "d"), ("method", "method", ""),
-           ("median us", "median_us", ".1f"), ("p25 us", "p25_us", ".1f"), ("p75 us", "p75_us", ".1f"),
-           ("min us", "min_us", ".1f"), ("ratio to torch.gather", "ratio", ".3f"),
-           ("paired ratio", "ratio_paired", ".3f"), ("GB/s", "gbps", ".1f")]
+COLUMNS = [
+    ("dtype", "dtype", ""),
+    ("C", "C", "d"),
+    ("K", "K", "d"),
+    ("method", "method", ""),
+    ("median us", "median_us", ".1f"),
+    ("p25 us", "p25_us", ".1f"),
+    ("p75 us", "p75_us", ".1f"),
+    ("min us", "min_us", ".1f"),
+    ("ratio to torch.gather", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("GB/s", "gbps", ".1f"),
+]
 
 
 def main(argv=None):
@@ -152,12 +181,21 @@ def main(argv=None):
         rows += bench_group(args.batch, args.tokens, C, K, getattr(torch, dt), args)
 
     meta["backend"] = "cpu" if lotus_kernels.backends()["cpu"] else "reference"
-    notes = [f"B={args.batch}, N={args.tokens}; forward + backward (torch.autograd.grad), median of "
-             f"{args.repeats} interleaved rounds of {args.number} calls each; lotus backend: {meta['backend']}.",
-             "GB/s = (B*K*C read + B*K*C written forward, B*K*C read + B*N*C written backward, + idx) "
-             "/ median time: the least traffic possible, the same count for every method."]
-    md = _harness.write_results("gather_quick" if args.quick else "gather", meta, rows, COLUMNS, plot, title="gather_tokens vs torch (CPU)",
-                                notes=notes)
+    notes = [
+        f"B={args.batch}, N={args.tokens}; forward + backward (torch.autograd.grad), median of "
+        f"{args.repeats} interleaved rounds of {args.number} calls each; lotus backend: {meta['backend']}.",
+        "GB/s = (B*K*C read + B*K*C written forward, B*K*C read + B*N*C written backward, + idx) "
+        "/ median time: the least traffic possible, the same count for every method.",
+    ]
+    md = _harness.write_results(
+        "gather_quick" if args.quick else "gather",
+        meta,
+        rows,
+        COLUMNS,
+        plot,
+        title="gather_tokens vs torch (CPU)",
+        notes=notes,
+    )
     print(md)
     return rows
 

@@ -28,6 +28,7 @@ so (``target_original``, ``note``).
 ``--smoke`` runs every section on tiny sizes on whatever device there is (CPU: Triton interpreted),
 to check the code paths, not the speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,10 +113,19 @@ def rows_from(section: str, times: dict, baseline: str, extra: dict | None = Non
     base = times[baseline]
     rows = []
     for name, ts in times.items():
-        rows.append({"section": section, "config": name, "median_ms": 1e3 * _median(ts),
-                     "min_ms": 1e3 * min(ts), "ratio": _median(ts) / _median(base),
-                     "ratio_paired": _median([a / b for a, b in zip(ts, base)]), "baseline": baseline,
-                     "n": len(ts), **(extra or {})})
+        rows.append(
+            {
+                "section": section,
+                "config": name,
+                "median_ms": 1e3 * _median(ts),
+                "min_ms": 1e3 * min(ts),
+                "ratio": _median(ts) / _median(base),
+                "ratio_paired": _median([a / b for a, b in zip(ts, base)]),
+                "baseline": baseline,
+                "n": len(ts),
+                **(extra or {}),
+            }
+        )
     return add_predictions(rows)
 
 
@@ -144,6 +154,7 @@ def bench_vit_step(device, timer, smoke) -> list[dict]:
     from timm.layers import PatchDropout
 
     from lotus_kernels import patch_vit, sparsify_
+
     if smoke:
         kw, batch = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2), 4
     else:
@@ -173,16 +184,36 @@ def bench_vit_step(device, timer, smoke) -> list[dict]:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return step
-    configs = {"dense": step_fn(dense), "timm PatchDropout 0.5": step_fn(drop),
-               "lotus keep 0.5": step_fn(lotus, keep_idx=idx), "lotus keep 0.5 + block MLP 0.5": step_fn(lotus_block, keep_idx=idx)}
+
+    configs = {
+        "dense": step_fn(dense),
+        "timm PatchDropout 0.5": step_fn(drop),
+        "lotus keep 0.5": step_fn(lotus, keep_idx=idx),
+        "lotus keep 0.5 + block MLP 0.5": step_fn(lotus_block, keep_idx=idx),
+    }
     rows = rows_from("vit_step", timer.run(configs), "dense", {"batch": batch, "kept": keep, "patches": n})
     by = {r["config"]: r for r in rows}
     lot, drop = by["lotus keep 0.5"], by["timm PatchDropout 0.5"]
-    rows.append({"section": "vit_step", "config": "lotus vs PatchDropout", "baseline": "timm PatchDropout 0.5",
-                 "ratio": lot["median_ms"] / drop["median_ms"], "ratio_paired": None, "median_ms": None,
-                 **({"floor_ratio": lot["floor_ms"] / drop["floor_ms"],
-                     "predicted_ratio": lot["predicted_ms"] / drop["predicted_ms"]} if "floor_ms" in lot else {})})
+    rows.append(
+        {
+            "section": "vit_step",
+            "config": "lotus vs PatchDropout",
+            "baseline": "timm PatchDropout 0.5",
+            "ratio": lot["median_ms"] / drop["median_ms"],
+            "ratio_paired": None,
+            "median_ms": None,
+            **(
+                {
+                    "floor_ratio": lot["floor_ms"] / drop["floor_ms"],
+                    "predicted_ratio": lot["predicted_ms"] / drop["predicted_ms"],
+                }
+                if "floor_ms" in lot
+                else {}
+            ),
+        }
+    )
     return rows
 
 
@@ -198,13 +229,16 @@ def _block_configs(x, w, b, g, fmt, backends, fwd_only):
         y = F.linear(xs, wd, bd)
         if not fwd_only:
             torch.autograd.grad(y, (xs, wd, bd), g)
+
     configs["dense (cuBLAS)"] = dense
     for be in backends:
+
         def sparse(be=be):
             with lotus_kernels.use_backend(be):
                 y = block_sparse_linear(xs, values, *fmt[1:], bd)
                 if not fwd_only:
                     torch.autograd.grad(y, (xs, values, bd), g)
+
         configs[f"lotus {be}"] = sparse
     return configs
 
@@ -222,7 +256,7 @@ def bench_block(device, timer, smoke) -> list[dict]:
             w = torch.randn(out_f, in_f, device=device) / math.sqrt(in_f)
             nb = (out_f // bs) * (in_f // bs)
             mask = torch.zeros(nb, dtype=torch.bool, device=device)
-            mask[torch.randperm(nb, device=device)[:round(d * nb)]] = True  # exactly d of the blocks
+            mask[torch.randperm(nb, device=device)[: round(d * nb)]] = True  # exactly d of the blocks
             mask = mask.reshape(out_f // bs, in_f // bs)
             fmt = [t.to(dtype) if t.is_floating_point() else t for t in bsr_from_dense(w, mask, bs)]
             wm = (w * mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)).to(dtype)
@@ -240,6 +274,7 @@ def bench_block(device, timer, smoke) -> list[dict]:
 
                 def torch_bsr():
                     (w_bsr @ xt).t() + b
+
                 fwd["torch BSR"] = torch_bsr
             except Exception as e:  # noqa: BLE001
                 extra["torch_bsr_error"] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -250,6 +285,7 @@ def bench_block(device, timer, smoke) -> list[dict]:
 
 def bench_semi24(device, timer, smoke) -> list[dict]:
     from lotus_kernels.nn import SemiStructuredLinear
+
     dim, hidden, M = (64, 256, 128) if smoke else (1024, 4096, 64 * 197)
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -258,8 +294,12 @@ def bench_semi24(device, timer, smoke) -> list[dict]:
     strict = device.type == "cuda"
 
     def sparse_mlp(transposable):
-        return nn.Sequential(SemiStructuredLinear.from_linear(fc1, strict=strict, transposable=transposable), nn.GELU(),
-                             SemiStructuredLinear.from_linear(fc2, strict=strict, transposable=transposable))
+        return nn.Sequential(
+            SemiStructuredLinear.from_linear(fc1, strict=strict, transposable=transposable),
+            nn.GELU(),
+            SemiStructuredLinear.from_linear(fc2, strict=strict, transposable=transposable),
+        )
+
     models = {"dense": dense, "2:4 row-wise mask": sparse_mlp(False), "2:4 transposable mask": sparse_mlp(True)}
     x = torch.randn(M, dim, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(M, dim, device=device, dtype=dtype)
@@ -274,21 +314,40 @@ def bench_semi24(device, timer, smoke) -> list[dict]:
                     p.add_(0.0)
                     p.grad = None
             x.grad = None
+
         return fn
+
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         times = timer.run({name: fwd_bwd(m) for name, m in models.items()})
     rows = rows_from("semi24", times, "dense", {"M": M, "dim": dim, "hidden": hidden})
     best = min((r for r in rows if r["config"] != "dense"), key=lambda r: r["ratio"])
     # a speed-up: floor_ratio here is the best speed-up the roofline allows (dense floor / 2:4 floor)
-    fastest = min((r for r in rows if "floor_ms" in r and r["config"] != "dense"), key=lambda r: r["floor_ms"],
-                  default=None)
+    fastest = min(
+        (r for r in rows if "floor_ms" in r and r["config"] != "dense"), key=lambda r: r["floor_ms"], default=None
+    )
     dense = next(r for r in rows if r["config"] == "dense")
-    rows.append({"section": "semi24", "config": "2:4 MLP speed-up", "baseline": "dense", "ratio": 1 / best["ratio"],
-                 "ratio_paired": None, "median_ms": None, "best": best["config"],
-                 **({"floor_ratio": dense["floor_ms"] / fastest["floor_ms"],
-                     "predicted_ratio": dense["predicted_ms"] / fastest["predicted_ms"]} if fastest else {})})
+    rows.append(
+        {
+            "section": "semi24",
+            "config": "2:4 MLP speed-up",
+            "baseline": "dense",
+            "ratio": 1 / best["ratio"],
+            "ratio_paired": None,
+            "median_ms": None,
+            "best": best["config"],
+            **(
+                {
+                    "floor_ratio": dense["floor_ms"] / fastest["floor_ms"],
+                    "predicted_ratio": dense["predicted_ms"] / fastest["predicted_ms"],
+                }
+                if fastest
+                else {}
+            ),
+        }
+    )
     return rows
 
 
@@ -296,6 +355,7 @@ def bench_semi24(device, timer, smoke) -> list[dict]:
 def _attention_path(path: str | None):
     """Force the attention output's path ("sdpa" / "fused", ops.attention.DEFAULT_PATH) for the block."""
     from lotus_kernels.ops.attention import ENV_PATH
+
     old = os.environ.get(ENV_PATH)
     if path is not None:
         os.environ[ENV_PATH] = path
@@ -310,16 +370,21 @@ def _attention_path(path: str | None):
 
 def bench_attention(device, timer, smoke) -> list[dict]:
     from lotus_kernels.ops.attention import DEFAULT_PATH
+
     B, H, N, D = (2, 2, 50, 32) if smoke else (64, 12, 197, 64)
     dtype = torch.bfloat16
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
-    backend = "triton" if lotus_kernels.backends().get("triton") and device.type == "cuda" else (
-        "cpu" if device.type == "cpu" else "reference")
+    backend = (
+        "triton"
+        if lotus_kernels.backends().get("triton") and device.type == "cuda"
+        else ("cpu" if device.type == "cpu" else "reference")
+    )
     path = os.environ.get("LOTUS_KERNELS_ATTENTION_PATH") or DEFAULT_PATH.get(device.type, "fused")
 
     def sdpa_ctx():
         if device.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
+
             return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
         return contextlib.nullcontext()
 
@@ -331,13 +396,21 @@ def bench_attention(device, timer, smoke) -> list[dict]:
         def fn():
             with lotus_kernels.use_backend(backend), _attention_path(force):
                 attention(q, k, v, return_scores="cls" if scores else None)
+
         return fn
+
     # the goal row ("fwd + cls scores") takes the default path; both paths are timed beside it, so that one
     # run tells which one DEFAULT_PATH should name
     with torch.no_grad():
-        times = timer.run({"SDPA flash fwd": sdpa, "lotus fwd": ours(False), "fwd + cls scores": ours(True),
-                           "fwd + cls scores, fused kernel": ours(True, "fused"),
-                           "fwd + cls scores, sdpa + cls-row kernel": ours(True, "sdpa")})
+        times = timer.run(
+            {
+                "SDPA flash fwd": sdpa,
+                "lotus fwd": ours(False),
+                "fwd + cls scores": ours(True),
+                "fwd + cls scores, fused kernel": ours(True, "fused"),
+                "fwd + cls scores, sdpa + cls-row kernel": ours(True, "sdpa"),
+            }
+        )
     extra = {"shape": f"{B}x{H}x{N}x{D}", "backend": backend, "path": path}
     rows = rows_from("attention", times, "SDPA flash fwd", extra)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -350,6 +423,7 @@ def bench_attention(device, timer, smoke) -> list[dict]:
     def ours_fb():
         with lotus_kernels.use_backend(backend):
             torch.autograd.grad(attention(qg, kg, vg), (qg, kg, vg), go)
+
     times = timer.run({"SDPA flash fwd+bwd": sdpa_fb, "lotus fwd+bwd": ours_fb})
     rows += rows_from("attention", times, "SDPA flash fwd+bwd", extra)
     return rows
@@ -374,8 +448,11 @@ def goal_rows(rows: list[dict]) -> list[dict]:
         for label, (kind, target) in goals.items():
             if section == "block":
                 d = float(label.split("=")[1])
-                cands = [r for r in sec if r.get("pass") == "fwd+bwd" and r.get("density") == d
-                         and r["config"].startswith("lotus")]
+                cands = [
+                    r
+                    for r in sec
+                    if r.get("pass") == "fwd+bwd" and r.get("density") == d and r["config"].startswith("lotus")
+                ]
                 for shape in sorted({r["shape"] for r in cands}):
                     for r in (r for r in cands if r["shape"] == shape):
                         out.append(_goal(section, f"{label} {shape} {r['config']}", kind, target, r))
@@ -384,8 +461,11 @@ def goal_rows(rows: list[dict]) -> list[dict]:
             cands = [r for r in sec if r["config"] in names]
             r = min(cands, key=lambda r: r["ratio"], default=None)
             if r is not None and len(cands) > 1:  # the floor: the best path's
-                r = {**r, "floor_ratio": min((c.get("floor_ratio", math.inf) for c in cands), default=None),
-                     "goal_row": r["config"]}
+                r = {
+                    **r,
+                    "floor_ratio": min((c.get("floor_ratio", math.inf) for c in cands), default=None),
+                    "goal_row": r["config"],
+                }
             out.append(_goal(section, label, kind, target, r))
     return out
 
@@ -398,29 +478,45 @@ def _goal(section, label, kind, target, row):
     if floor is not None and kind == "<=" and target < floor:
         target = round(1.1 * floor, 3)
         why = "activations read and written whole whatever the density" if section == "block" else "see roofline.py"
-        note = (f"unreachable: the roofline floor is {floor:.3f}x ({row.get('bound', '?')}-bound: {why}); "
-                "goal set at floor + 10%")
+        note = (
+            f"unreachable: the roofline floor is {floor:.3f}x ({row.get('bound', '?')}-bound: {why}); "
+            "goal set at floor + 10%"
+        )
     elif floor is not None and kind == ">=" and target > floor:
         target = round(floor / 1.1, 3)
         note = f"unreachable: the roofline allows at most {floor:.3f}x; goal set 10% under it"
     met = None if value is None else (value <= target if kind == "<=" else value >= target)
-    return {"section": section, "goal": label, "kind": kind, "target": target, "value": value, "met": met,
-            "target_original": original, "floor": floor,
-            "predicted": None if row is None else row.get("predicted_ratio"), "note": note,
-            **({"row": row["goal_row"]} if row is not None and "goal_row" in row else {})}
+    return {
+        "section": section,
+        "goal": label,
+        "kind": kind,
+        "target": target,
+        "value": value,
+        "met": met,
+        "target_original": original,
+        "floor": floor,
+        "predicted": None if row is None else row.get("predicted_ratio"),
+        "note": note,
+        **({"row": row["goal_row"]} if row is not None and "goal_row" in row else {}),
+    }
 
 
 def prediction_table(rows: list[dict]) -> str:
     """Markdown: every row's measured time beside its roofline prediction (H200 model, roofline.py)."""
-    lines = ["| section | config | detail | measured ms | predicted ms | floor ms | bound | measured / predicted |"
-             " ratio | predicted ratio | floor ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| section | config | detail | measured ms | predicted ms | floor ms | bound | measured / predicted |"
+        " ratio | predicted ratio | floor ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda x, f=".3f": "" if x is None else format(x, f)  # noqa: E731
     for r in rows:
         detail = ", ".join(f"{k}={r[k]}" for k in ("shape", "density", "pass", "path", "best") if k in r)
-        lines.append(f"| {r['section']} | {r['config']} | {detail} | {fmt(r.get('median_ms'))} | "
-                     f"{fmt(r.get('predicted_ms'))} | {fmt(r.get('floor_ms'))} | {r.get('bound', '')} | "
-                     f"{fmt(r.get('measured_over_predicted'), '.2f')} | {fmt(r.get('ratio'))} | "
-                     f"{fmt(r.get('predicted_ratio'))} | {fmt(r.get('floor_ratio'))} |")
+        lines.append(
+            f"| {r['section']} | {r['config']} | {detail} | {fmt(r.get('median_ms'))} | "
+            f"{fmt(r.get('predicted_ms'))} | {fmt(r.get('floor_ms'))} | {r.get('bound', '')} | "
+            f"{fmt(r.get('measured_over_predicted'), '.2f')} | {fmt(r.get('ratio'))} | "
+            f"{fmt(r.get('predicted_ratio'))} | {fmt(r.get('floor_ratio'))} |"
+        )
     return "\n".join(lines)
 
 

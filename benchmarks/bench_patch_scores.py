@@ -13,6 +13,7 @@ Configs (one randomly initialised model, the same images, timed interleaved, no 
                            fused kernel of the last block (whose MLP and the head are skipped)
 Ratios are to timm_hook_last_block (the cheapest hook recipe).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ class HookedScores:
     def __call__(self, images):
         self.maps.clear()
         self.model(images)
-        return apply_sink(self.maps[0][:, :, 0, :].mean(1))[:, self.model.num_prefix_tokens:]
+        return apply_sink(self.maps[0][:, :, 0, :].mean(1))[:, self.model.num_prefix_tokens :]
 
 
 def main(argv=None):
@@ -82,7 +83,9 @@ def main(argv=None):
         def run():
             with torch.no_grad():
                 fn()
+
         return run
+
     configs = {
         "timm_forward": no_grad(lambda: plain(images)),
         "timm_hook_last_block": lambda: last(images),
@@ -92,17 +95,30 @@ def main(argv=None):
     print(f"timing {len(configs)} configs x {args.repeats} rounds ...", flush=True)
     times = _harness.interleaved(configs, args.warmup, args.repeats, progress=not args.no_progress, sync=sync)
     stats = _harness.summarize(times, "timm_hook_last_block")
-    rows = [{"config": n, "median_ms": 1e3 * s["median_s"], "p25_ms": 1e3 * s["p25_s"], "p75_ms": 1e3 * s["p75_s"],
-             "min_ms": 1e3 * s["min_s"], "images_per_s": args.batch / s["median_s"], "ratio": s["ratio"],
-             "ratio_paired": s["ratio_paired"], "n": s["n"], "times_ms": [1e3 * t for t in times[n]]}
-            for n, s in stats.items()]
+    rows = [
+        {
+            "config": n,
+            "median_ms": 1e3 * s["median_s"],
+            "p25_ms": 1e3 * s["p25_s"],
+            "p75_ms": 1e3 * s["p75_s"],
+            "min_ms": 1e3 * s["min_s"],
+            "images_per_s": args.batch / s["median_s"],
+            "ratio": s["ratio"],
+            "ratio_paired": s["ratio_paired"],
+            "n": s["n"],
+            "times_ms": [1e3 * t for t in times[n]],
+        }
+        for n, s in stats.items()
+    ]
     name = "patch_scores_quick" if args.quick else "patch_scores"
     title = f"Patch scores end to end: {args.model}, batch {args.batch}, {meta['threads']} threads, {device}"
-    notes = ["ratio = median / timm_hook_last_block median; paired ratio = median over rounds of time / "
-             "timm_hook_last_block time in the same round; IQR = p25..p75 over rounds.",
-             "lotus_patch_scores stops after the last block's attention (its MLP and the head are not needed "
-             "for the scores); the timm rows run the whole model because the hook recipe does.",
-             "All scoring rows return the same [B, num_patches] sink-fixed class-token scores (checked)."]
+    notes = [
+        "ratio = median / timm_hook_last_block median; paired ratio = median over rounds of time / "
+        "timm_hook_last_block time in the same round; IQR = p25..p75 over rounds.",
+        "lotus_patch_scores stops after the last block's attention (its MLP and the head are not needed "
+        "for the scores); the timm rows run the whole model because the hook recipe does.",
+        "All scoring rows return the same [B, num_patches] sink-fixed class-token scores (checked).",
+    ]
     md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=title, notes=notes)
     print(md)
     return rows
@@ -110,13 +126,15 @@ def main(argv=None):
 
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(rows))
-    ax.bar(xs, [r["images_per_s"] for r in rows],
-           color=["C1" if r["config"].startswith("lotus") else "C0" for r in rows])
+    ax.bar(
+        xs, [r["images_per_s"] for r in rows], color=["C1" if r["config"].startswith("lotus") else "C0" for r in rows]
+    )
     for x, r in zip(xs, rows):
         ax.text(x, r["images_per_s"], f"{r['ratio']:.2f}x time", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r["config"] for r in rows], rotation=20, ha="right", fontsize=8)
@@ -126,10 +144,17 @@ def plot(rows):
     return fig
 
 
-COLUMNS = [("config", "config", ""), ("images/s", "images_per_s", ".1f"), ("median ms", "median_ms", ".1f"),
-           ("p25 ms", "p25_ms", ".1f"), ("p75 ms", "p75_ms", ".1f"), ("min ms", "min_ms", ".1f"),
-           ("time ratio to hook (last block)", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"),
-           ("rounds", "n", "d")]
+COLUMNS = [
+    ("config", "config", ""),
+    ("images/s", "images_per_s", ".1f"),
+    ("median ms", "median_ms", ".1f"),
+    ("p25 ms", "p25_ms", ".1f"),
+    ("p75 ms", "p75_ms", ".1f"),
+    ("min ms", "min_ms", ".1f"),
+    ("time ratio to hook (last block)", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("rounds", "n", "d"),
+]
 
 
 if __name__ == "__main__":

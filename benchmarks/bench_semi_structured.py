@@ -11,6 +11,7 @@ only, F.linear on a weight compressed once (inference; the gap to the 2:4 row is
 For context, torchao reports 1.25x for ViT-L MLP forward + backward on an A100 with its runtime-
 sparsified training path. Needs CUDA (sm80+): elsewhere it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ def configs_for(in_f, out_f, m, device):
             new_step(layer)
             with torch.no_grad():
                 layer(x)
+
         return fn
 
     def fwd_bwd(layer):
@@ -70,6 +72,7 @@ def configs_for(in_f, out_f, m, device):
             layer(x).backward(g)
             layer.zero_grad(set_to_none=True)
             x.grad = None
+
         return fn
 
     def fwd_precompressed():
@@ -84,6 +87,7 @@ def configs_for(in_f, out_f, m, device):
 
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -100,16 +104,25 @@ def plot(rows):
     return fig
 
 
-COLUMNS = [("section", "section", ""), ("shape", "shape", ""), ("config", "config", ""),
-           ("median ms", "median_ms", ".3f"), ("p25 ms", "p25_ms", ".3f"), ("p75 ms", "p75_ms", ".3f"),
-           ("ratio to dense", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f")]
+COLUMNS = [
+    ("section", "section", ""),
+    ("shape", "shape", ""),
+    ("config", "config", ""),
+    ("median ms", "median_ms", ".3f"),
+    ("p25 ms", "p25_ms", ".3f"),
+    ("p75 ms", "p75_ms", ".3f"),
+    ("ratio to dense", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+]
 
 
 def main(argv=None):
     args = parse_args(argv)
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)):
-        print("bench_semi_structured: needs a CUDA GPU with compute capability 8.0+ (2:4 sparse tensor cores); "
-              "nothing to measure here.")
+        print(
+            "bench_semi_structured: needs a CUDA GPU with compute capability 8.0+ (2:4 sparse tensor cores); "
+            "nothing to measure here."
+        )
         return []
     args.device = "cuda"
     device, sync, meta = _harness.prepare(args)
@@ -123,17 +136,30 @@ def main(argv=None):
             stats = _harness.summarize(times, "dense")
             for name in configs:
                 s = stats[name]
-                rows.append({"section": section, "shape": shape, "config": name, "median_ms": 1e3 * s["median_s"],
-                             "p25_ms": 1e3 * s["p25_s"], "p75_ms": 1e3 * s["p75_s"], "ratio": s["ratio"],
-                             "ratio_paired": s["ratio_paired"], "times_ms": [1e3 * t for t in times[name]]})
+                rows.append(
+                    {
+                        "section": section,
+                        "shape": shape,
+                        "config": name,
+                        "median_ms": 1e3 * s["median_s"],
+                        "p25_ms": 1e3 * s["p25_s"],
+                        "p75_ms": 1e3 * s["p75_s"],
+                        "ratio": s["ratio"],
+                        "ratio_paired": s["ratio_paired"],
+                        "times_ms": [1e3 * t for t in times[name]],
+                    }
+                )
     name = "semi_structured_quick" if args.quick else "semi_structured"
-    notes = ["2:4 = SemiStructuredLinear: weight compressed once per step (every call here is a step), "
-             "sparse GEMM forward, dense dx, masked dense dW; 2:4 transposable: W^T compressed too, sparse dx.",
-             "2:4 precompressed = F.linear on a weight compressed once (inference cost, no compression).",
-             "torchao reports 1.25x speed-up (ratio 0.80) for ViT-L MLP fwd+bwd on A100 (runtime 2:4 on both "
-             "the weight and its transpose, so dx is sparse too)."]
-    md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=f"2:4 sparse linear, bf16, {meta.get('gpu')}",
-                                notes=notes)
+    notes = [
+        "2:4 = SemiStructuredLinear: weight compressed once per step (every call here is a step), "
+        "sparse GEMM forward, dense dx, masked dense dW; 2:4 transposable: W^T compressed too, sparse dx.",
+        "2:4 precompressed = F.linear on a weight compressed once (inference cost, no compression).",
+        "torchao reports 1.25x speed-up (ratio 0.80) for ViT-L MLP fwd+bwd on A100 (runtime 2:4 on both "
+        "the weight and its transpose, so dx is sparse too).",
+    ]
+    md = _harness.write_results(
+        name, meta, rows, COLUMNS, plot, title=f"2:4 sparse linear, bf16, {meta.get('gpu')}", notes=notes
+    )
     print(md)
     return rows
 

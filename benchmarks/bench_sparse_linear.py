@@ -22,6 +22,7 @@ fc2; head dense), and keep 0.7 with that. Every row records its threads, dtype, 
 (useful FLOPs / median time) and which of our CPU kernel variants ran (``lk.cpu_kernel_path``);
 the metadata records the CPU, its ISA flags, torch's CPU capability and MKL / oneDNN versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,15 +65,24 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: unstructured, block")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--densities", default="0.5,0.3,0.1", help="block densities (fraction of blocks kept)")
-    p.add_argument("--block-shapes", default="384x1536,1536x384,768x3072,3072x768",
-                   help="in x out of the block layer section (ViT-S and ViT-B MLP)")
+    p.add_argument(
+        "--block-shapes",
+        default="384x1536,1536x384,768x3072,3072x768",
+        help="in x out of the block layer section (ViT-S and ViT-B MLP)",
+    )
     p.add_argument("--block-model", default="vit_small_patch16_224")
     p.add_argument("--block-keep", type=float, default=0.7)
     p.add_argument("--dtypes", default="fp32,bf16", help="block sections: fp32 and/or bf16 (autocast)")
-    p.add_argument("--threads-list", default=None,
-                   help="block sections: comma-separated thread counts, each a group of its own (default: --threads)")
-    p.add_argument("--short", action="store_true",
-                   help="the version `make bench` runs: ViT-S shapes only, 5 / 3 rounds; writes results/<name>_short.*")
+    p.add_argument(
+        "--threads-list",
+        default=None,
+        help="block sections: comma-separated thread counts, each a group of its own (default: --threads)",
+    )
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="the version `make bench` runs: ViT-S shapes only, 5 / 3 rounds; writes results/<name>_short.*",
+    )
     _harness.add_run_args(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -91,17 +101,28 @@ def parse_args(argv=None):
     args.dtypes = [x for x in args.dtypes.split(",") if x]
     if set(args.dtypes) - set(DTYPES):
         p.error(f"--dtypes: expected some of {tuple(DTYPES)}, got {args.dtypes}")
-    args.threads_list = ([int(t) for t in args.threads_list.split(",")] if args.threads_list
-                         else [args.threads if args.threads > 0 else torch.get_num_threads()])
+    args.threads_list = (
+        [int(t) for t in args.threads_list.split(",")]
+        if args.threads_list
+        else [args.threads if args.threads > 0 else torch.get_num_threads()]
+    )
     args.block_shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.block_shapes.split(",")]
     return args
 
 
 def stat_row(stats, times, name, **extra):
     s = stats[name]
-    return {**extra, "config": name, "median_ms": 1e3 * s["median_s"], "p25_ms": 1e3 * s["p25_s"],
-            "p75_ms": 1e3 * s["p75_s"], "min_ms": 1e3 * s["min_s"], "ratio": s["ratio"],
-            "ratio_paired": s["ratio_paired"], "times_ms": [1e3 * t for t in times[name]]}
+    return {
+        **extra,
+        "config": name,
+        "median_ms": 1e3 * s["median_s"],
+        "p25_ms": 1e3 * s["p25_s"],
+        "p75_ms": 1e3 * s["p75_s"],
+        "min_ms": 1e3 * s["min_s"],
+        "ratio": s["ratio"],
+        "ratio_paired": s["ratio_paired"],
+        "times_ms": [1e3 * t for t in times[name]],
+    }
 
 
 # ---------------------------------------------------------------- (a) one layer
@@ -118,7 +139,9 @@ def layer_configs(in_f, out_f, m, sparsity, device):
             layer(x).backward(g)
             layer.zero_grad(set_to_none=True)
             x.grad = None
+
         return fn
+
     density = layers["lotus"].density
     return {name: make(layer) for name, layer in layers.items()}, density
 
@@ -132,8 +155,10 @@ def run_layers(args, device, sync):
         print(f"[layer {shape}] timing {len(configs)} configs x {args.layer_repeats} rounds ...", flush=True)
         times = _harness.interleaved(configs, args.warmup, args.layer_repeats, progress=not args.no_progress, sync=sync)
         stats = _harness.summarize(times, "dense")
-        rows += [stat_row(stats, times, name, section="layer fwd+bwd", shape=shape, density=density,
-                          target=None) for name in METHODS]
+        rows += [
+            stat_row(stats, times, name, section="layer fwd+bwd", shape=shape, density=density, target=None)
+            for name in METHODS
+        ]
     return rows
 
 
@@ -144,8 +169,9 @@ def train_configs(base, images, labels, sparsity):
     lotus = lotus_kernels.sparsify_(copy.deepcopy(base), sparsity=sparsity)
     names = [n for n, mod in lotus.named_modules() if isinstance(mod, MaskedLinear)]
     torch_pruned = copy.deepcopy(base)
-    prune.global_unstructured([(torch_pruned.get_submodule(n), "weight") for n in names],
-                              pruning_method=prune.L1Unstructured, amount=sparsity)
+    prune.global_unstructured(
+        [(torch_pruned.get_submodule(n), "weight") for n in names], pruning_method=prune.L1Unstructured, amount=sparsity
+    )
     n_lotus = sum(int((~lotus.get_submodule(n).mask).sum()) for n in names)
     n_torch = sum(int((torch_pruned.get_submodule(n).weight_mask == 0).sum()) for n in names)
     assert n_lotus == n_torch, (n_lotus, n_torch)
@@ -158,7 +184,9 @@ def train_configs(base, images, labels, sparsity):
             F.cross_entropy(model(images), labels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return fn
+
     total = sum(lotus.get_submodule(n).mask.numel() for n in names)
     return {name: make(m) for name, m in models.items()}, 1 - n_lotus / total, len(names)
 
@@ -173,13 +201,24 @@ def run_train(args, device, sync):
     times = _harness.interleaved(configs, args.warmup, args.step_repeats, progress=not args.no_progress, sync=sync)
     stats = _harness.summarize(times, "dense")
     shape = f"{args.model} b{args.batch} ({n_layers} linears)"
-    return [stat_row(stats, times, name, section="train step", shape=shape, density=density,
-                     target=TARGET_TRAIN if name == "lotus" else None) for name in METHODS]
+    return [
+        stat_row(
+            stats,
+            times,
+            name,
+            section="train step",
+            shape=shape,
+            density=density,
+            target=TARGET_TRAIN if name == "lotus" else None,
+        )
+        for name in METHODS
+    ]
 
 
 # ---------------------------------------------------------------- report
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -191,7 +230,10 @@ def plot(rows):
             r = next(r for r in rows if (r["section"], r["shape"], r["config"]) == (section, shape, method))
             dense = next(d for d in rows if (d["section"], d["shape"], d["config"]) == (section, shape, "dense"))
             x = i + (j - (len(METHODS) - 1) / 2) * width
-            err = [[(r["median_ms"] - r["p25_ms"]) / dense["median_ms"]], [(r["p75_ms"] - r["median_ms"]) / dense["median_ms"]]]
+            err = [
+                [(r["median_ms"] - r["p25_ms"]) / dense["median_ms"]],
+                [(r["p75_ms"] - r["median_ms"]) / dense["median_ms"]],
+            ]
             ax.bar(x, r["ratio"], width, yerr=err, capsize=3, color=f"C{j}", label=method if i == 0 else None)
             ax.text(x, r["ratio"] + 0.03, f"{r['ratio']:.2f}", ha="center", fontsize=8)
             if r["target"] is not None:
@@ -205,21 +247,32 @@ def plot(rows):
     return fig
 
 
-COLUMNS = [("section", "section", ""), ("shape", "shape", ""), ("config", "config", ""),
-           ("density", "density", ".3f"), ("median ms", "median_ms", ".2f"), ("p25 ms", "p25_ms", ".2f"),
-           ("p75 ms", "p75_ms", ".2f"), ("min ms", "min_ms", ".2f"), ("ratio to dense", "ratio", ".3f"),
-           ("paired ratio", "ratio_paired", ".3f"), ("target", "target", ".2f")]
+COLUMNS = [
+    ("section", "section", ""),
+    ("shape", "shape", ""),
+    ("config", "config", ""),
+    ("density", "density", ".3f"),
+    ("median ms", "median_ms", ".2f"),
+    ("p25 ms", "p25_ms", ".2f"),
+    ("p75 ms", "p75_ms", ".2f"),
+    ("min ms", "min_ms", ".2f"),
+    ("ratio to dense", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("target", "target", ".2f"),
+]
 
 
 def notes(rows):
-    out = ["ratio to dense = median / dense median of the same section and shape; paired ratio = median "
-           "over rounds of time / dense time in the same round; IQR = p25..p75 over rounds.",
-           "torch_prune = torch.nn.utils.prune (l1_unstructured per layer, global_unstructured for the "
-           "model): a forward pre-hook recomputes weight = weight_orig * weight_mask every call, and "
-           "autograd masks the gradient through that product.",
-           "lotus = MaskedLinear (sparsify_): the weight is stored already masked, the forward is the "
-           "dense GEMM, the backward adds one in-place pass zeroing the weight gradient.",
-           "density = kept weights / weights of the pruned layers (the head is not pruned)."]
+    out = [
+        "ratio to dense = median / dense median of the same section and shape; paired ratio = median "
+        "over rounds of time / dense time in the same round; IQR = p25..p75 over rounds.",
+        "torch_prune = torch.nn.utils.prune (l1_unstructured per layer, global_unstructured for the "
+        "model): a forward pre-hook recomputes weight = weight_orig * weight_mask every call, and "
+        "autograd masks the gradient through that product.",
+        "lotus = MaskedLinear (sparsify_): the weight is stored already masked, the forward is the "
+        "dense GEMM, the backward adds one in-place pass zeroing the weight gradient.",
+        "density = kept weights / weights of the pruned layers (the head is not pruned).",
+    ]
     for r in rows:
         if r["target"] is not None:
             out.append(_harness.verdict(f"{r['section']} {r['config']}", r))
@@ -251,6 +304,7 @@ def block_layer_configs(in_f, out_f, m, densities, bs, device, dtype):
             y.backward(g)
             layer.zero_grad(set_to_none=True)
             x.grad = None
+
         return fn
 
     dense = copy.deepcopy(base)
@@ -259,6 +313,7 @@ def block_layer_configs(in_f, out_f, m, densities, bs, device, dtype):
     def dense_fwd():
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             dense(x)
+
     configs["dense_fwd"] = dense_fwd
     kept = {}
     for d in densities:
@@ -274,6 +329,7 @@ def block_layer_configs(in_f, out_f, m, densities, bs, device, dtype):
             def bsr_fwd(w_bsr=w_bsr, b=b):
                 with torch.no_grad():
                     torch.addmm(b[:, None], w_bsr, x.detach().t()).t()
+
             configs[f"torch_prune@{d:g}"] = train(pruned)
             configs[f"torch_bsr_fwd@{d:g}"] = bsr_fwd
         configs[f"lotus_block@{d:g}"] = train(ours)
@@ -287,8 +343,11 @@ def run_block_layers(args, device, sync, dtype_name, threads):
     for in_f, out_f in args.block_shapes:
         shape = f"{m}x{in_f}->{out_f}"
         configs, kept = block_layer_configs(in_f, out_f, m, args.densities, args.block_size, device, dtype)
-        print(f"[block layer {shape} {dtype_name} {threads} threads] timing {len(configs)} configs x "
-              f"{args.layer_repeats} rounds ...", flush=True)
+        print(
+            f"[block layer {shape} {dtype_name} {threads} threads] timing {len(configs)} configs x "
+            f"{args.layer_repeats} rounds ...",
+            flush=True,
+        )
         times = _harness.interleaved(configs, args.warmup, args.layer_repeats, progress=not args.no_progress, sync=sync)
         stats = _harness.summarize(times, "dense")
         fwd = _harness.summarize(times, "dense_fwd")
@@ -298,14 +357,25 @@ def run_block_layers(args, device, sync, dtype_name, threads):
             density = kept.get(d, 1.0)
             fwd_only = method in ("torch_bsr_fwd", "dense_fwd")
             flops = (2 if fwd_only else 6) * m * in_f * out_f * (density if method != "dense_fwd" else 1.0)
-            row = stat_row(stats, times, name, section="block layer fwd+bwd", shape=shape, method=method,
-                           threads=threads, dtype=dtype_name, density=density, ideal=density,
-                           gflops=flops / stats[name]["median_s"] / 1e9,
-                           kernel=kernel_paths(dtype, args.block_size) if method == "lotus_block" else None,
-                           target=BLOCK_TARGETS.get(d) if method == "lotus_block" else None)
+            row = stat_row(
+                stats,
+                times,
+                name,
+                section="block layer fwd+bwd",
+                shape=shape,
+                method=method,
+                threads=threads,
+                dtype=dtype_name,
+                density=density,
+                ideal=density,
+                gflops=flops / stats[name]["median_s"] / 1e9,
+                kernel=kernel_paths(dtype, args.block_size) if method == "lotus_block" else None,
+                target=BLOCK_TARGETS.get(d) if method == "lotus_block" else None,
+            )
             if fwd_only:  # forward only: compare with the dense forward
-                row.update(section="block layer fwd only", ratio=fwd[name]["ratio"],
-                           ratio_paired=fwd[name]["ratio_paired"])
+                row.update(
+                    section="block layer fwd only", ratio=fwd[name]["ratio"], ratio_paired=fwd[name]["ratio_paired"]
+                )
             rows.append(row)
     return rows
 
@@ -321,9 +391,11 @@ def run_block_train(args, device, sync, dtype_name, threads):
     dense = lotus_kernels.patch_vit(copy.deepcopy(base)).train()
 
     def sparse_model(include):
-        model = lotus_kernels.sparsify_(copy.deepcopy(base), sparsity=0.5, layout="block",
-                                        block_size=args.block_size, include=include)
+        model = lotus_kernels.sparsify_(
+            copy.deepcopy(base), sparsity=0.5, layout="block", block_size=args.block_size, include=include
+        )
         return lotus_kernels.patch_vit(model).train()
+
     mlp = sparse_model(["blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])
     every = sparse_model(["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])
     keep = args.block_keep
@@ -337,29 +409,52 @@ def run_block_train(args, device, sync, dtype_name, threads):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return fn
+
     # Two optimizers per model share its parameters: harmless for timing (SGD on the same tensors).
-    configs = {"dense": make(dense), "block-sparse MLP 50%": make(mlp), f"keep {keep:g}": make(dense, keep_ratio=keep),
-               f"keep {keep:g} + block-sparse MLP 50%": make(mlp, keep_ratio=keep),
-               "block-sparse every linear 50%": make(every),
-               f"keep {keep:g} + block-sparse every linear 50%": make(every, keep_ratio=keep)}
-    print(f"[block train {args.block_model} {dtype_name} {threads} threads] timing {len(configs)} configs x "
-          f"{args.step_repeats} rounds ...", flush=True)
+    configs = {
+        "dense": make(dense),
+        "block-sparse MLP 50%": make(mlp),
+        f"keep {keep:g}": make(dense, keep_ratio=keep),
+        f"keep {keep:g} + block-sparse MLP 50%": make(mlp, keep_ratio=keep),
+        "block-sparse every linear 50%": make(every),
+        f"keep {keep:g} + block-sparse every linear 50%": make(every, keep_ratio=keep),
+    }
+    print(
+        f"[block train {args.block_model} {dtype_name} {threads} threads] timing {len(configs)} configs x "
+        f"{args.step_repeats} rounds ...",
+        flush=True,
+    )
     times = _harness.interleaved(configs, args.warmup, args.step_repeats, progress=not args.no_progress, sync=sync)
     stats = _harness.summarize(times, "dense")
     shape = f"{args.block_model} b{args.batch}"
     rows = []
     for name in configs:
         target = BLOCK_TRAIN_TARGET if name.startswith("keep") and "every linear" in name else None
-        rows.append(stat_row(stats, times, name, section="train step", shape=shape, method=name, threads=threads,
-                             dtype=dtype_name, density=None, ideal=None, gflops=None,
-                             kernel=kernel_paths(dtype, args.block_size) if "block" in name else None,
-                             target=target))
+        rows.append(
+            stat_row(
+                stats,
+                times,
+                name,
+                section="train step",
+                shape=shape,
+                method=name,
+                threads=threads,
+                dtype=dtype_name,
+                density=None,
+                ideal=None,
+                gflops=None,
+                kernel=kernel_paths(dtype, args.block_size) if "block" in name else None,
+                target=target,
+            )
+        )
     return rows
 
 
 def plot_block(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -371,8 +466,11 @@ def plot_block(rows):
     styles = {"lotus_block": "o-", "torch_prune": "s--", "torch_bsr_fwd": "^:"}
     for j, (sh, dt, th) in enumerate(series):
         for method, style in styles.items():
-            pts = sorted((r["density"], r["ratio"]) for r in layer
-                         if (r["shape"], r["dtype"], r["threads"], r["method"]) == (sh, dt, th, method))
+            pts = sorted(
+                (r["density"], r["ratio"])
+                for r in layer
+                if (r["shape"], r["dtype"], r["threads"], r["method"]) == (sh, dt, th, method)
+            )
             if pts:
                 ax.plot(*zip(*pts), style, color=f"C{j % 10}", label=f"{method} {sh} {dt} {th}t", ms=4)
     ds = sorted({r["density"] for r in layer} | {0.0, 1.0})
@@ -391,38 +489,56 @@ def plot_block(rows):
         ax.text(i, r["ratio"] + 0.02, f"{r['ratio']:.2f}", ha="center", fontsize=6)
         if r["target"] is not None:
             ax.plot(i, r["target"], "r*", ms=10)
-    ax.set_xticks(range(len(train)), [f"{r['config']} [{r['dtype']} {r['threads']}t]".replace(" + ", "\n+ ")
-                                      for r in train], fontsize=5, rotation=90)
+    ax.set_xticks(
+        range(len(train)),
+        [f"{r['config']} [{r['dtype']} {r['threads']}t]".replace(" + ", "\n+ ") for r in train],
+        fontsize=5,
+        rotation=90,
+    )
     ax.axhline(1.0, color="gray", ls="--", lw=0.8)
     ax.set_title(f"train step {train[0]['shape'] if train else ''}")
     return fig
 
 
-BLOCK_COLUMNS = [("section", "section", ""), ("threads", "threads", "d"), ("dtype", "dtype", ""),
-                 ("shape", "shape", ""), ("config", "config", ""), ("density", "density", ".3f"),
-                 ("median ms", "median_ms", ".2f"), ("p25 ms", "p25_ms", ".2f"), ("p75 ms", "p75_ms", ".2f"),
-                 ("GFLOP/s", "gflops", ".1f"), ("ratio", "ratio", ".3f"), ("paired ratio", "ratio_paired", ".3f"),
-                 ("ideal", "ideal", ".2f"), ("target", "target", ".2f"), ("our kernel", "kernel", "")]
+BLOCK_COLUMNS = [
+    ("section", "section", ""),
+    ("threads", "threads", "d"),
+    ("dtype", "dtype", ""),
+    ("shape", "shape", ""),
+    ("config", "config", ""),
+    ("density", "density", ".3f"),
+    ("median ms", "median_ms", ".2f"),
+    ("p25 ms", "p25_ms", ".2f"),
+    ("p75 ms", "p75_ms", ".2f"),
+    ("GFLOP/s", "gflops", ".1f"),
+    ("ratio", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("ideal", "ideal", ".2f"),
+    ("target", "target", ".2f"),
+    ("our kernel", "kernel", ""),
+]
 
 
 def block_notes(rows, meta):
-    out = [f"Machine: {meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs; {', '.join(meta.get('cpu_flags', []))}); "
-           f"torch's CPU capability {meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN "
-           f"{meta.get('onednn', '?')}; our kernels' ISA {meta.get('lotus_cpu_isa', '-')}. Dense GEMM speed, and "
-           "so every ratio, depends on the CPU: on a CPU with two 512-bit FMA pipes MKL's fp32 GEMM runs AVX-512 "
-           "at twice this machine's per-cycle rate, so numbers from one machine are not numbers for another.",
-           "ratio = median / dense median of the same shape, dtype and thread count (fwd+bwd); for the fwd-only "
-           "rows (dense_fwd, torch_bsr_fwd) the ratio is to the dense forward. ideal = density (FLOPs / dense "
-           "FLOPs). GFLOP/s = useful FLOPs (2 per multiply-add of the stored blocks, 3 products fwd+bwd) / median.",
-           "bf16 = torch.autocast('cpu', torch.bfloat16) around the forward of dense nn.Linear (oneDNN bf16 GEMM) "
-           "and of BlockSparseLinear alike; the backward runs in bf16 for both.",
-           "torch_prune = the same block mask through torch.nn.utils.prune.custom_from_mask (a dense GEMM on "
-           "weight_orig * mask). torch_bsr_fwd = addmm(bias, W.to_sparse_bsr((32, 32)), x.T): torch has no "
-           "autograd for a BSR weight, so only its forward is timed.",
-           "lotus_block = BlockSparseLinear; 'our kernel' = the variant lk.cpu_kernel_path reports (avx2: 6x16 "
-           "fp32 tiles; avx512: 12x32 fp32 tiles; avx512_bf16: 12x32 vdpbf16ps tiles on bf16 operands, fp32 sums).",
-           "train step: block-sparse = sparsify_(layout='block', sparsity=0.5) on blocks.*.mlp.fc1/fc2 (MLP) or "
-           "on qkv, proj, fc1, fc2 (every linear; the head stays dense); keep = patch_vit token dropping."]
+    out = [
+        f"Machine: {meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs; {', '.join(meta.get('cpu_flags', []))}); "
+        f"torch's CPU capability {meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN "
+        f"{meta.get('onednn', '?')}; our kernels' ISA {meta.get('lotus_cpu_isa', '-')}. Dense GEMM speed, and "
+        "so every ratio, depends on the CPU: on a CPU with two 512-bit FMA pipes MKL's fp32 GEMM runs AVX-512 "
+        "at twice this machine's per-cycle rate, so numbers from one machine are not numbers for another.",
+        "ratio = median / dense median of the same shape, dtype and thread count (fwd+bwd); for the fwd-only "
+        "rows (dense_fwd, torch_bsr_fwd) the ratio is to the dense forward. ideal = density (FLOPs / dense "
+        "FLOPs). GFLOP/s = useful FLOPs (2 per multiply-add of the stored blocks, 3 products fwd+bwd) / median.",
+        "bf16 = torch.autocast('cpu', torch.bfloat16) around the forward of dense nn.Linear (oneDNN bf16 GEMM) "
+        "and of BlockSparseLinear alike; the backward runs in bf16 for both.",
+        "torch_prune = the same block mask through torch.nn.utils.prune.custom_from_mask (a dense GEMM on "
+        "weight_orig * mask). torch_bsr_fwd = addmm(bias, W.to_sparse_bsr((32, 32)), x.T): torch has no "
+        "autograd for a BSR weight, so only its forward is timed.",
+        "lotus_block = BlockSparseLinear; 'our kernel' = the variant lk.cpu_kernel_path reports (avx2: 6x16 "
+        "fp32 tiles; avx512: 12x32 fp32 tiles; avx512_bf16: 12x32 vdpbf16ps tiles on bf16 operands, fp32 sums).",
+        "train step: block-sparse = sparsify_(layout='block', sparsity=0.5) on blocks.*.mlp.fc1/fc2 (MLP) or "
+        "on qkv, proj, fc1, fc2 (every linear; the head stays dense); keep = patch_vit token dropping.",
+    ]
     for r in rows:
         if r["target"] is not None:
             out.append(_harness.verdict(f"{r['section']} {r['threads']}t {r['dtype']} {r['shape']} {r['config']}", r))
@@ -438,9 +554,13 @@ def main(argv=None):
         rows = run_layers(args, device, sync) + run_train(args, device, sync)
         for r in rows:
             r["sparsity"] = args.sparsity
-        title = (f"Sparse linear (unstructured {args.sparsity:g}): {args.model}, batch {args.batch}, "
-                 f"{meta['threads']} threads, {device}")
-        print(_harness.write_results(f"sparse_linear{quick}", meta, rows, COLUMNS, plot, title=title, notes=notes(rows)))
+        title = (
+            f"Sparse linear (unstructured {args.sparsity:g}): {args.model}, batch {args.batch}, "
+            f"{meta['threads']} threads, {device}"
+        )
+        print(
+            _harness.write_results(f"sparse_linear{quick}", meta, rows, COLUMNS, plot, title=title, notes=notes(rows))
+        )
     if "block" in args.sections:
         block = []
         for threads in args.threads_list:
@@ -450,11 +570,22 @@ def main(argv=None):
             for dtype_name in args.dtypes:
                 block += run_block_train(args, device, sync, dtype_name, threads)
         meta["threads"] = args.threads_list if len(args.threads_list) > 1 else args.threads_list[0]
-        title = (f"Block-sparse linear (block {args.block_size}): M = {args.batch}x{args.tokens}, "
-                 f"{args.block_model}, {'/'.join(map(str, args.threads_list))} threads, {', '.join(args.dtypes)}, "
-                 f"{meta['cpu_model']}, {device}")
-        print(_harness.write_results(f"block_sparse_linear{quick}", meta, block, BLOCK_COLUMNS, plot_block,
-                                     title=title, notes=block_notes(block, meta)))
+        title = (
+            f"Block-sparse linear (block {args.block_size}): M = {args.batch}x{args.tokens}, "
+            f"{args.block_model}, {'/'.join(map(str, args.threads_list))} threads, {', '.join(args.dtypes)}, "
+            f"{meta['cpu_model']}, {device}"
+        )
+        print(
+            _harness.write_results(
+                f"block_sparse_linear{quick}",
+                meta,
+                block,
+                BLOCK_COLUMNS,
+                plot_block,
+                title=title,
+                notes=block_notes(block, meta),
+            )
+        )
         rows += block
     return rows
 

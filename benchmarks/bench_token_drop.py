@@ -7,14 +7,15 @@ lotus (``patch_vit`` + ``keep_ratio``).
 Every config owns a deepcopy of one randomly initialised model (identical weights, its own SGD
 optimizer) and sees the same images and labels. The configs of a section are timed interleaved.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 from timm.layers import PatchDropout
 
 import lotus_kernels
@@ -84,6 +85,7 @@ def build_configs(base, images, labels, keeps, train: bool):
             else:
                 with torch.inference_mode():
                     model(images, **kw)
+
         configs[name] = (fn, model, kw, keep, drop)
 
     add("dense", None)
@@ -112,27 +114,40 @@ def run_section(mode, base, images, labels, args, sync):
         m.patch_drop = drop
         tokens[name] = tokens_seen(m, images, **kw)
     print(f"[{mode}] timing {len(configs)} configs x {args.repeats} rounds ...", flush=True)
-    times = _harness.interleaved({n: c[0] for n, c in configs.items()}, args.warmup, args.repeats,
-                                 progress=not args.no_progress, sync=sync)
+    times = _harness.interleaved(
+        {n: c[0] for n, c in configs.items()}, args.warmup, args.repeats, progress=not args.no_progress, sync=sync
+    )
     stats = _harness.summarize(times, "dense")
     rows = []
     for name, (_, m, _, keep, _) in configs.items():
         s = stats[name]
-        rows.append({
-            "mode": mode, "config": name, "method": name.split("@")[0], "keep": keep,
-            "patches": tokens[name] - m.num_prefix_tokens, "tokens": tokens[name],
-            "median_ms": 1e3 * s["median_s"], "p25_ms": 1e3 * s["p25_s"], "p75_ms": 1e3 * s["p75_s"],
-            "min_ms": 1e3 * s["min_s"], "iqr_ms": 1e3 * (s["p75_s"] - s["p25_s"]),
-            "ratio": s["ratio"], "ratio_paired": s["ratio_paired"],
-            "ideal": tokens[name] / tokens["dense"], "target": TARGETS.get(keep) if name.startswith("lotus@") else None,
-            "times_ms": [1e3 * t for t in times[name]],
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "config": name,
+                "method": name.split("@")[0],
+                "keep": keep,
+                "patches": tokens[name] - m.num_prefix_tokens,
+                "tokens": tokens[name],
+                "median_ms": 1e3 * s["median_s"],
+                "p25_ms": 1e3 * s["p25_s"],
+                "p75_ms": 1e3 * s["p75_s"],
+                "min_ms": 1e3 * s["min_s"],
+                "iqr_ms": 1e3 * (s["p75_s"] - s["p25_s"]),
+                "ratio": s["ratio"],
+                "ratio_paired": s["ratio_paired"],
+                "ideal": tokens[name] / tokens["dense"],
+                "target": TARGETS.get(keep) if name.startswith("lotus@") else None,
+                "times_ms": [1e3 * t for t in times[name]],
+            }
+        )
     assert tokens["dense"] == n_patches + base.num_prefix_tokens
     return rows
 
 
 def plot(rows):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -149,6 +164,7 @@ def plot(rows):
                 return None
             labelled.add(what)
             return what
+
         for j, method in enumerate(methods):
             for i, k in enumerate(keeps):
                 r = next((r for r in sub if r["method"] == method and r["keep"] == k), None)
@@ -158,8 +174,9 @@ def plot(rows):
                 dense = next(d for d in rows if d["mode"] == mode and d["config"] == "dense")["median_ms"]
                 err = [[(r["median_ms"] - r["p25_ms"]) / dense], [(r["p75_ms"] - r["median_ms"]) / dense]]
                 ax.bar(x, r["ratio"], width, yerr=err, capsize=3, color=COLORS[method], label=label(method))
-                ax.hlines(r["ideal"], x - width / 2, x + width / 2, colors="k",
-                          label=label("ideal (tokens kept / all)"))
+                ax.hlines(
+                    r["ideal"], x - width / 2, x + width / 2, colors="k", label=label("ideal (tokens kept / all)")
+                )
                 ax.text(x + width / 4, r["ratio"] + 0.02, f"{r['ratio']:.2f}", ha="left", fontsize=8)
                 if r["target"] is not None:
                     ax.plot(x, r["target"], "r*", ms=10, label=label("target"))
@@ -175,28 +192,41 @@ def plot(rows):
 
 COLORS = {"timm_patchdrop": "C0", "lotus": "C1", "lotus_timmK": "C2"}  # same colour per method in both panels
 
-COLUMNS = [("mode", "mode", ""), ("config", "config", ""), ("patches kept", "patches", "d"),
-           ("tokens", "tokens", "d"), ("median ms", "median_ms", ".1f"), ("p25 ms", "p25_ms", ".1f"),
-           ("p75 ms", "p75_ms", ".1f"), ("min ms", "min_ms", ".1f"), ("ratio to dense", "ratio", ".3f"),
-           ("paired ratio", "ratio_paired", ".3f"),
-           ("ideal (tokens/all)", "ideal", ".3f"), ("target", "target", ".2f")]
+COLUMNS = [
+    ("mode", "mode", ""),
+    ("config", "config", ""),
+    ("patches kept", "patches", "d"),
+    ("tokens", "tokens", "d"),
+    ("median ms", "median_ms", ".1f"),
+    ("p25 ms", "p25_ms", ".1f"),
+    ("p75 ms", "p75_ms", ".1f"),
+    ("min ms", "min_ms", ".1f"),
+    ("ratio to dense", "ratio", ".3f"),
+    ("paired ratio", "ratio_paired", ".3f"),
+    ("ideal (tokens/all)", "ideal", ".3f"),
+    ("target", "target", ".2f"),
+]
 
 
 def notes(rows, n_patches):
-    out = ["ratio to dense = median / dense median of the same section (train or eval); paired ratio = "
-           "median over rounds of time / dense time in the same round; IQR = p25..p75 over rounds.",
-           f"timm PatchDropout keeps int({n_patches}*(1-prob)) patches, lotus keeps ceil({n_patches}*keep): "
-           "the counts above are what the first block received (hooked), class token included in 'tokens'.",
-           "timm PatchDropout does nothing in eval mode (every patch is embedded and kept), so the eval "
-           "section has no timm rows: timm eval = dense."]
+    out = [
+        "ratio to dense = median / dense median of the same section (train or eval); paired ratio = "
+        "median over rounds of time / dense time in the same round; IQR = p25..p75 over rounds.",
+        f"timm PatchDropout keeps int({n_patches}*(1-prob)) patches, lotus keeps ceil({n_patches}*keep): "
+        "the counts above are what the first block received (hooked), class token included in 'tokens'.",
+        "timm PatchDropout does nothing in eval mode (every patch is embedded and kept), so the eval "
+        "section has no timm rows: timm eval = dense.",
+    ]
     by = {(r["mode"], r["config"]): r for r in rows}
     for r in rows:
         if r["target"] is not None:
             out.append(_harness.verdict(f"{r['mode']} {r['config']}", r))
         t = by.get((r["mode"], f"timm_patchdrop@{r['keep']:g}")) if r["method"].startswith("lotus") else None
         if t is not None and r["median_ms"] > t["median_ms"]:
-            out.append(f"{r['mode']} {r['config']} is slower than {t['config']} "
-                       f"({r['median_ms']:.1f} vs {t['median_ms']:.1f} ms)")
+            out.append(
+                f"{r['mode']} {r['config']} is slower than {t['config']} "
+                f"({r['median_ms']:.1f} vs {t['median_ms']:.1f} ms)"
+            )
     return out
 
 
@@ -216,8 +246,9 @@ def main(argv=None):
 
     name = "token_drop_quick" if args.quick else "token_drop"
     title = f"Token drop: {args.model}, batch {args.batch}, {meta['threads']} threads, {device}"
-    md = _harness.write_results(name, meta, rows, COLUMNS, plot, title=title,
-                                notes=notes(rows, base.patch_embed.num_patches))
+    md = _harness.write_results(
+        name, meta, rows, COLUMNS, plot, title=title, notes=notes(rows, base.patch_embed.num_patches)
+    )
     print(md)
     return rows
 

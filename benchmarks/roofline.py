@@ -12,6 +12,7 @@ by the same 790 / 989 = 0.8 (TF32 half of bf16; fp32 / fp64 without tensor cores
 sparse twice bf16). ``measured / predicted`` is then the inverse of the fraction of the roofline a
 row reached: the first GPU run tells which kernels sit far from it (docs/design/gpu_kernels.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ _NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "
 @dataclasses.dataclass
 class K:
     """One kernel: FLOPs, bytes moved to / from HBM, the peak its math runs at."""
+
     name: str
     flops: float = 0.0
     bytes: float = 0.0
@@ -40,13 +42,20 @@ def summarise(kernels: list[K]) -> dict:
     flops = sum(k.flops for k in kernels)
     nbytes = sum(k.bytes for k in kernels)
     mem = sum(k.bytes / BW for k in kernels if k.bytes / BW >= k.flops / PEAK[k.peak])
-    return dict(floor_ms=1e3 * floor, predicted_ms=1e3 * floor + 1e-3 * LAUNCH_US * len(kernels), kernels=len(kernels),
-                gflop=flops / 1e9, mbytes=nbytes / 1e6, bound="memory" if mem >= floor / 2 else "compute")
+    return dict(
+        floor_ms=1e3 * floor,
+        predicted_ms=1e3 * floor + 1e-3 * LAUNCH_US * len(kernels),
+        kernels=len(kernels),
+        gflop=flops / 1e9,
+        mbytes=nbytes / 1e6,
+        bound="memory" if mem >= floor / 2 else "compute",
+    )
 
 
 # ---------------------------------------------------------------- linear layers
-def linear(M: int, fin: int, fout: int, dtype="bf16", density=1.0, bias=True, backward=True, sparse_launches=0,
-           prefix="") -> list[K]:
+def linear(
+    M: int, fin: int, fout: int, dtype="bf16", density=1.0, bias=True, backward=True, sparse_launches=0, prefix=""
+) -> list[K]:
     """y = x W^T (+ b) and, with ``backward``, dx, dW (the stored fraction ``density`` of it) and db.
     Activations are read and written whole whatever the density; only W's traffic and the FLOPs shrink."""
     e = E[dtype]
@@ -96,10 +105,15 @@ def attention_bwd(B, H, N, D, dtype="bf16", fused=False) -> list[K]:
     dK/dV kernel and a dQ kernel (P and dP recomputed in each: 14 BHN^2D)."""
     t = B * H * N * D * E[dtype]
     if fused:
-        return [K("attention bwd dkdv", 8.0 * B * H * N * N * D, 7 * t, dtype),
-                K("attention bwd dq", 6.0 * B * H * N * N * D, 6 * t, dtype)]
-    return [K("attention bwd pre", B * H * N * D, 2 * t), K("attention bwd", 10.0 * B * H * N * N * D, 8 * t, dtype),
-            K("attention bwd dq cast", 0, 3 * t)]
+        return [
+            K("attention bwd dkdv", 8.0 * B * H * N * N * D, 7 * t, dtype),
+            K("attention bwd dq", 6.0 * B * H * N * N * D, 6 * t, dtype),
+        ]
+    return [
+        K("attention bwd pre", B * H * N * D, 2 * t),
+        K("attention bwd", 10.0 * B * H * N * N * D, 8 * t, dtype),
+        K("attention bwd dq cast", 0, 3 * t),
+    ]
 
 
 def cls_row(B, H, N, D, dtype="bf16") -> K:
@@ -142,9 +156,12 @@ def semi24_row(row: dict) -> list[K] | None:
     for name, fi, fo in (("fc1", dim, hidden), ("fc2", hidden, dim)):
         f = 2.0 * M * fi * fo
         x, y, w = M * fi * e, M * fo * e, fi * fo * e
-        ks += [K(f"{name} fwd", f, x + y + (0.56 if sparse else 1) * w, "sparse24" if sparse else "bf16"),
-               K(f"{name} dgrad", f, x + y + w, "sparse24" if sparse and transposable else "bf16"),
-               K(f"{name} wgrad", f, x + y + w, "bf16"), K(f"{name} db", M * fo, y)]
+        ks += [
+            K(f"{name} fwd", f, x + y + (0.56 if sparse else 1) * w, "sparse24" if sparse else "bf16"),
+            K(f"{name} dgrad", f, x + y + w, "sparse24" if sparse and transposable else "bf16"),
+            K(f"{name} wgrad", f, x + y + w, "bf16"),
+            K(f"{name} db", M * fo, y),
+        ]
         if sparse:  # compression of W (and W^T), the dW mask, per call
             ks += [K(f"{name} compress", 0, 1.56 * w)] * (2 if transposable else 1) + [K(f"{name} mask dW", 0, 2.1 * w)]
     h = M * hidden * e
@@ -168,10 +185,12 @@ def vit_step(batch: int, tokens_kept: int, patches_embedded: int, block_sparse: 
     ks = []
     for _ in range(depth):
         ks += linear(M, C, 3 * C, prefix="qkv ") + linear(M, C, C, prefix="proj ")
-        ks += linear(M, C, hidden, density=block_sparse, prefix="fc1 ") + linear(M, hidden, C, density=block_sparse,
-                                                                                 prefix="fc2 ")
-        ks += [attention_fwd(batch, heads, tokens_kept, C // heads)] + attention_bwd(batch, heads, tokens_kept,
-                                                                                   C // heads)
+        ks += linear(M, C, hidden, density=block_sparse, prefix="fc1 ") + linear(
+            M, hidden, C, density=block_sparse, prefix="fc2 "
+        )
+        ks += [attention_fwd(batch, heads, tokens_kept, C // heads)] + attention_bwd(
+            batch, heads, tokens_kept, C // heads
+        )
         ks += [K("elementwise", 0, 180 * C * M / 20) for _ in range(20)]  # ~20 kernels per block, fwd + bwd
     ks += linear(batch * patches_embedded, 768, C, bias=True, prefix="patch embed ")
     ks += [K("head + loss", 2.0 * batch * C * 1000 * 3, batch * C * 4 * 3)]

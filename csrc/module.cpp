@@ -7,4 +7,6 @@
 
 static struct PyModuleDef lotus_module = {PyModuleDef_HEAD_INIT, "lotus_kernels_ext", nullptr, -1, nullptr};
 
-PyMODINIT_FUNC LOTUS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&lotus_module); }
+PyMODINIT_FUNC LOTUS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return PyModule_Create(&lotus_module);
+}

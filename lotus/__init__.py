@@ -6,6 +6,7 @@ Stages, one module each: ``task`` / ``data`` / ``canvas`` (the source and target
 -> ``results`` (statistics, ``stats``; whole-job costs, ``cost``) -> ``report``; ``plan`` says what
 a config runs, ``pipeline`` runs it with resume, ``cli`` is the ``lotus`` command. See docs/lotus.md.
 """
+
 from .errors import LotusError
 
 __all__ = ["LotusError"]

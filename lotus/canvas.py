@@ -12,6 +12,7 @@ Because the object's box is known, ``object_recall`` measures how much of the ob
 the share of the object's pixels that lie in the kept patches (random patches keep ``K / N`` of them
 in expectation, whatever the image).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,12 +23,15 @@ from .errors import LotusError
 def check_size(size: int, image_side: int, option: str = "--canvas") -> None:
     """A one-line LotusError unless a ``size`` canvas is larger than ``image_side``-px images."""
     if size <= image_side:
-        raise LotusError(f"{option}: the canvas ({size} px) must be larger than the images ({image_side} px); "
-                         f"use a size above {image_side}, e.g. {2 * image_side}, or 0 for no canvas")
+        raise LotusError(
+            f"{option}: the canvas ({size} px) must be larger than the images ({image_side} px); "
+            f"use a size above {image_side}, e.g. {2 * image_side}, or 0 for no canvas"
+        )
 
 
-def compose(x: torch.Tensor, size: int, *, seed: int, tile: int | None = None,
-            background: str = "clutter") -> tuple[torch.Tensor, torch.Tensor]:
+def compose(
+    x: torch.Tensor, size: int, *, seed: int, tile: int | None = None, background: str = "clutter"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(canvases uint8 [N, 3, size, size], boxes int64 [N, 4] = (top, left, height, width)) of the
     uint8 images ``x`` [N, 3, h, w]: image i at a random position on a mosaic of ``tile``-px crops
     (default h // 8) of random other images j != i at random offsets (``background`` "clutter"), or
@@ -61,7 +65,7 @@ def compose(x: torch.Tensor, size: int, *, seed: int, tile: int | None = None,
             crop = x[other[:, None, None], :, (oy[:, None] + ar)[:, :, None], (ox[:, None] + ar)[:, None, :]]
             y0, x0 = a * tile, b * tile
             th, tw = min(tile, size - y0), min(tile, size - x0)
-            canvas[:, :, y0:y0 + th, x0:x0 + tw] = crop.permute(0, 3, 1, 2)[:, :, :th, :tw]
+            canvas[:, :, y0 : y0 + th, x0 : x0 + tw] = crop.permute(0, 3, 1, 2)[:, :, :th, :tw]
     rows = (top[:, None] + torch.arange(h))[:, :, None]
     cols = (left[:, None] + torch.arange(w))[:, None, :]
     canvas.permute(0, 2, 3, 1)[img[:, None, None], rows, cols] = x.permute(0, 2, 3, 1)

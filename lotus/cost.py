@@ -14,6 +14,7 @@ scoring of the training images by the start model; then the fine-tuning itself (
 steps, re-scoring). Evaluation (per-epoch validation, the report's measurements) is never counted;
 pretraining is listed apart (a user fine-tuning a pretrained model does not pay for it).
 """
+
 from __future__ import annotations
 
 import time
@@ -40,7 +41,7 @@ class Clock:
         self.cpu += time.process_time() - self._c
         return False
 
-    def add(self, other: dict) -> "Clock":
+    def add(self, other: dict) -> Clock:
         self.wall += other["wall"]
         self.cpu += other["cpu"]
         return self

@@ -24,6 +24,7 @@ is what tickets are indexed by. ``loader`` batches a set for one rank: a ``Distr
 orders the images and each rank takes its share of every global batch, so ranks together see
 exactly the batches of a single process.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,14 @@ CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_m
 def default_config(img_size: int) -> dict:
     """The data config of ``lotus_vit`` (and of an ``Images`` set made from tensors): native size,
     no crop, CIFAR statistics, in the shape of timm's ``pretrained_cfg``."""
-    return {"input_size": (3, int(img_size), int(img_size)), "interpolation": "bilinear", "mean": MEAN,
-            "std": STD, "crop_pct": 1.0, "crop_mode": "center"}
+    return {
+        "input_size": (3, int(img_size), int(img_size)),
+        "interpolation": "bilinear",
+        "mean": MEAN,
+        "std": STD,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
 
 
 def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
@@ -71,10 +78,12 @@ class TensorSource:
     """Images held in memory as uint8 [N, 3, H, W] (possibly a strided view, e.g. CIFAR's NHWC);
     ``boxes`` [N, 4] (top, left, height, width in these pixels): where each image's object is, for
     images composed on a canvas (``lotus.canvas``)."""
+
     in_memory = True
 
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str,
-                 boxes: torch.Tensor | None = None):
+    def __init__(
+        self, x: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str, boxes: torch.Tensor | None = None
+    ):
         self.x, self.labels, self.num_classes, self.name, self.boxes = x, labels, num_classes, name, boxes
 
     @property
@@ -87,6 +96,7 @@ class TensorSource:
 
 class FolderSource:
     """A torchvision ImageFolder: paths + labels in memory, each image decoded when it is used."""
+
     in_memory = False
     native_size = None
     boxes = None
@@ -144,9 +154,10 @@ class ImageSet(Dataset):
         if self.source.boxes is None:
             return None
         from .canvas import boxes_in_model_pixels
+
         return boxes_in_model_pixels(self.source.boxes[self.index], self.source.native_size, self.config)
 
-    def for_classes(self, classes) -> "ImageSet":
+    def for_classes(self, classes) -> ImageSet:
         """The images of ``classes`` only, relabelled 0..len(classes)-1 in that order (a task)."""
         classes = [int(c) for c in classes]
         labels = self.source.labels
@@ -158,13 +169,13 @@ class ImageSet(Dataset):
         out.source, out.index = src, self.index[src.labels[self.index] >= 0]
         return out
 
-    def subset(self, idx) -> "ImageSet":
+    def subset(self, idx) -> ImageSet:
         """The images at positions ``idx`` (ids are renumbered 0..len(idx)-1)."""
         out = copy.copy(self)
         out.index = self.index[torch.as_tensor(idx, dtype=torch.long)]
         return out
 
-    def with_config(self, config: dict, workers: int | None = None) -> "ImageSet":
+    def with_config(self, config: dict, workers: int | None = None) -> ImageSet:
         out = copy.copy(self)
         out.config, out._geo = dict(config), None
         if workers is not None:
@@ -219,10 +230,15 @@ class Images(ImageSet):
     """A set made from tensors (uint8 x [N, 3, H, W], int64 y [N]), seen through ``config``
     (default: native size, CIFAR statistics)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, config: dict | None = None,
-                 workers: int = 0):
-        super().__init__(TensorSource(x, y, num_classes, "tensors"), torch.arange(len(y)),
-                         config or default_config(x.shape[-1]), workers)
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, config: dict | None = None, workers: int = 0
+    ):
+        super().__init__(
+            TensorSource(x, y, num_classes, "tensors"),
+            torch.arange(len(y)),
+            config or default_config(x.shape[-1]),
+            workers,
+        )
 
 
 # ---------------------------------------------------------------- batching for one rank
@@ -280,16 +296,33 @@ class Loader:
             raise
 
 
-def loader(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-           world: int = 1, pin_memory: bool = False) -> Loader:
+def loader(
+    data: ImageSet,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
+) -> Loader:
     """Batches of ``data`` for ``rank``: (uint8 images, labels, ids), to pass through ``data.prepare``."""
     if batch_size < 1:
         raise LotusError(f"batch size: expected at least 1, got {batch_size}")
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle,
-                                 seed=seed % (1 << 62), drop_last=False)
+    sampler = DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed % (1 << 62), drop_last=False
+    )
     sampler.set_epoch(epoch)
-    return Loader(DataLoader(data, batch_sampler=GlobalBatches(sampler, len(data), batch_size),
-                             collate_fn=_batch_as_is, num_workers=data.workers, pin_memory=pin_memory))
+    return Loader(
+        DataLoader(
+            data,
+            batch_sampler=GlobalBatches(sampler, len(data), batch_size),
+            collate_fn=_batch_as_is,
+            num_workers=data.workers,
+            pin_memory=pin_memory,
+        )
+    )
 
 
 # ---------------------------------------------------------------- loading sources
@@ -334,8 +367,10 @@ def load_npz(path, num_classes: int | None = None) -> Images:
             keys = set(f.files)
             missing = {"x", "y"} - keys
             if missing:
-                raise LotusError(f"--data: {path} lacks key(s) {', '.join(sorted(missing))}; expected "
-                                 f"x (uint8 [N, 3, H, W]) and y (int64 [N]), found {sorted(keys)}")
+                raise LotusError(
+                    f"--data: {path} lacks key(s) {', '.join(sorted(missing))}; expected "
+                    f"x (uint8 [N, 3, H, W]) and y (int64 [N]), found {sorted(keys)}"
+                )
             x, y = f["x"], f["y"]
     except LotusError:
         raise
@@ -353,8 +388,9 @@ def load_cifar10(root, train: bool = True, num_classes: int | None = None) -> Te
     try:
         ds = CIFAR10(root=str(root), train=train, download=download)
     except Exception as e:  # offline: URLError; a damaged folder: RuntimeError from the checksum test
-        raise LotusError(f"--data cifar10: cannot load CIFAR-10 under --data-root {root} ({type(e).__name__}: {e})"
-                         .splitlines()[0])
+        raise LotusError(
+            f"--data cifar10: cannot load CIFAR-10 under --data-root {root} ({type(e).__name__}: {e})".splitlines()[0]
+        )
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # [N, 32, 32, 3] -> a [N, 3, 32, 32] view
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
     split = "train" if train else "test"
@@ -374,8 +410,9 @@ def load_image_folder(root, num_classes: int | None = None) -> FolderSource:
     try:  # a folder of unreadable files fails here, before a run directory exists
         folder.loader(folder.samples[0][0])
     except Exception as e:
-        raise LotusError(f"--data: cannot decode image {folder.samples[0][0]} ({type(e).__name__}: {e})"
-                         .splitlines()[0])
+        raise LotusError(
+            f"--data: cannot decode image {folder.samples[0][0]} ({type(e).__name__}: {e})".splitlines()[0]
+        )
     return FolderSource(folder, y, classes, str(root))
 
 
@@ -443,8 +480,9 @@ def load_split(cfg: dict, sources=None) -> tuple[ImageSet, ImageSet]:
         if limit:
             n_val = max(1, round(cfg["val_fraction"] * limit)) if 0 < cfg["val_fraction"] < 1 else None
             if n_val is None or limit - n_val < 1:
-                raise LotusError(f"--limit / --val-fraction: {limit} images cannot be split with fraction "
-                                 f"{cfg['val_fraction']}")
+                raise LotusError(
+                    f"--limit / --val-fraction: {limit} images cannot be split with fraction {cfg['val_fraction']}"
+                )
             tr_idx = stratified(train_src.labels, limit - n_val, seed)
             va_idx = stratified(test_src.labels, n_val, seed + 1)
         else:

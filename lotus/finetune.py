@@ -16,6 +16,7 @@ Every arm runs ``--seeds`` times; seed s is the same for every arm (same data or
 initial state), so arms sharing a start model differ only in the patches they see and are paired
 image by image and seed by seed.
 """
+
 from __future__ import annotations
 
 from .data import ImageSet
@@ -40,8 +41,10 @@ def parse_arm(name: str) -> dict:
     else:
         layout, _, method = start.rpartition("-")
         if layout not in ("unstructured", "block", "2:4") or method not in METHODS:
-            raise ValueError(f"arm {name!r}: start must be 'dense' or <layout>-<method> with layout in "
-                             f"unstructured/block/2:4 and method in {', '.join(METHODS)}")
+            raise ValueError(
+                f"arm {name!r}: start must be 'dense' or <layout>-<method> with layout in "
+                f"unstructured/block/2:4 and method in {', '.join(METHODS)}"
+            )
     policy, _, keep = data.partition("@")
     if policy != "full" and policy not in POLICIES:
         raise ValueError(f"arm {name!r}: data must be 'full' or one of {', '.join(POLICIES)}")
@@ -75,19 +78,41 @@ def default_arms(layout: str, policies, extra_keeps=(), isp="isp") -> list[str]:
     return out
 
 
-def finetune(model, train_data: ImageSet, val_data: ImageSet, cfg: dict, *, seed: int, keep_fn=None,
-             augment: bool = False, desc: str = "finetune", evaluate_each_epoch: bool = True,
-             steps: int | None = None) -> dict:
+def finetune(
+    model,
+    train_data: ImageSet,
+    val_data: ImageSet,
+    cfg: dict,
+    *,
+    seed: int,
+    keep_fn=None,
+    augment: bool = False,
+    desc: str = "finetune",
+    evaluate_each_epoch: bool = True,
+    steps: int | None = None,
+) -> dict:
     """Fine-tune ``model`` in place (``steps``: that many steps instead of the run's epochs); returns
     its history plus ``epochs_to_within_1`` (first epoch within 1 point of the final accuracy) and
     ``train_s`` / ``train_cpu_s`` (training seconds, evaluation excluded)."""
-    hist = train(model, train_data, val_data if evaluate_each_epoch else None, epochs=cfg["finetune_epochs"],
-                 steps=steps,
-                 lr=cfg["finetune_lr"], batch_size=cfg.get("finetune_batch_size") or cfg["batch_size"], seed=seed,
-                 optimizer=cfg["optimizer"],
-                 weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"], keep_fn=keep_fn,
-                 augment=augment, eval_batch_size=cfg["eval_batch_size"], clip_grad=cfg.get("clip_grad") or None,
-                 desc=desc)
+    hist = train(
+        model,
+        train_data,
+        val_data if evaluate_each_epoch else None,
+        epochs=cfg["finetune_epochs"],
+        steps=steps,
+        lr=cfg["finetune_lr"],
+        batch_size=cfg.get("finetune_batch_size") or cfg["batch_size"],
+        seed=seed,
+        optimizer=cfg["optimizer"],
+        weight_decay=cfg["weight_decay"],
+        warmup=cfg["warmup"],
+        bf16=cfg["bf16"],
+        keep_fn=keep_fn,
+        augment=augment,
+        eval_batch_size=cfg["eval_batch_size"],
+        clip_grad=cfg.get("clip_grad") or None,
+        desc=desc,
+    )
     hist["final_acc"] = hist["val_acc"][-1] if hist["val_acc"] else None
     hist["epochs_to_within_1"] = epochs_to_within(hist["val_acc"], 1.0)
     return hist

@@ -20,6 +20,7 @@ state_dict), ``hf:DIR`` (a transformers model saved in a local directory: config
 preprocessor config), ``open_clip:ViT-B-32`` (``--checkpoint`` a local open_clip file). Their input
 size and normalisation come from the model's own config.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,22 @@ def build(cfg: dict, num_classes: int, img_size: int | None) -> VisionTransforme
         return families.build(cfg, num_classes, img_size)
     if name == DEFAULT_MODEL:
         if cfg.get("pretrained"):
-            raise LotusError(f"--pretrained: there are no pretrained weights for {DEFAULT_MODEL}; "
-                             "name a timm model with --model (e.g. vit_tiny_patch16_224)")
+            raise LotusError(
+                f"--pretrained: there are no pretrained weights for {DEFAULT_MODEL}; "
+                "name a timm model with --model (e.g. vit_tiny_patch16_224)"
+            )
         img_size = int(img_size or 32)
         if img_size % cfg["patch_size"]:
             raise LotusError(f"--patch-size: {cfg['patch_size']} does not divide the image size {img_size}")
-        model = VisionTransformer(img_size=img_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
-                                  depth=cfg["depth"], num_heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"],
-                                  num_classes=num_classes)
+        model = VisionTransformer(
+            img_size=img_size,
+            patch_size=cfg["patch_size"],
+            embed_dim=cfg["embed_dim"],
+            depth=cfg["depth"],
+            num_heads=cfg["heads"],
+            mlp_ratio=cfg["mlp_ratio"],
+            num_classes=num_classes,
+        )
         model.pretrained_cfg = data_mod.default_config(img_size)
     else:
         kwargs = {} if img_size is None else {"img_size": int(img_size)}
@@ -67,11 +76,15 @@ def build(cfg: dict, num_classes: int, img_size: int | None) -> VisionTransforme
             if not cfg.get("pretrained"):
                 raise LotusError(f"--model {name}: {type(e).__name__}: {e}".splitlines()[0])
             # the hub is unreachable, or has no weights under that name
-            raise LotusError(f"--pretrained: cannot fetch timm weights for {name} ({type(e).__name__}: {e}); "
-                             "offline, pass --checkpoint PATH or train from scratch".splitlines()[0])
+            raise LotusError(
+                f"--pretrained: cannot fetch timm weights for {name} ({type(e).__name__}: {e}); "
+                "offline, pass --checkpoint PATH or train from scratch".splitlines()[0]
+            )
         if not isinstance(model, VisionTransformer):
-            raise LotusError(f"--model: {name} is a {type(model).__name__}, expected a timm VisionTransformer "
-                             "(e.g. vit_tiny_patch16_224, vit_base_patch16_224.augreg_in21k)")
+            raise LotusError(
+                f"--model: {name} is a {type(model).__name__}, expected a timm VisionTransformer "
+                "(e.g. vit_tiny_patch16_224, vit_base_patch16_224.augreg_in21k)"
+            )
         size = model.patch_embed.img_size
         patch = model.patch_embed.patch_size
         if size[0] % patch[0] or size[1] % patch[1]:
@@ -117,6 +130,7 @@ def _weights_and_config(path: Path):
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,8 +143,9 @@ def _weights_and_config(path: Path):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise LotusError(f"--checkpoint: {path} holds no state_dict (name -> tensor), nor one under "
-                         "'state_dict' or 'model'")
+        raise LotusError(
+            f"--checkpoint: {path} holds no state_dict (name -> tensor), nor one under 'state_dict' or 'model'"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}, conf
 
 
@@ -148,13 +163,17 @@ def load_checkpoint(model: torch.nn.Module, path) -> dict:
     try:
         sd = checkpoint_filter_fn(sd, model)
     except Exception as e:
-        raise LotusError(f"--checkpoint: {path} does not match the model ({type(e).__name__}: {e})"
-                         .splitlines()[0])
+        raise LotusError(f"--checkpoint: {path} does not match the model ({type(e).__name__}: {e})".splitlines()[0])
     info = {"head": "loaded"}
     head = model.get_classifier()
     hw = sd.get("head.weight")
-    if isinstance(head, torch.nn.Linear) and hw is not None and hw.ndim == 2 and hw.shape[1] == head.in_features \
-            and hw.shape[0] != head.out_features:
+    if (
+        isinstance(head, torch.nn.Linear)
+        and hw is not None
+        and hw.ndim == 2
+        and hw.shape[1] == head.in_features
+        and hw.shape[0] != head.out_features
+    ):
         # a pretrained classifier for other labels: keep the model's fresh head
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({f"head.{k}": v for k, v in head.state_dict().items()})

@@ -15,6 +15,7 @@ gives a patched model of another family that surface, so nothing else in ``lotus
                       tower + a fresh linear head on its embedding; data config: the tower's
                       ``preprocess_cfg`` (mean / std / size / interpolation)
 """
+
 from __future__ import annotations
 
 import json
@@ -43,14 +44,24 @@ class FamilyViT(nn.Module):
     pooled output where the model has no classifier). ``patch_drop`` (timm's PatchDropout, set by the
     patch-dropout baseline) drops the same number of random patches in training, through the kept path."""
 
-    def __init__(self, net: nn.Module, *, img_size: int, patch_size: int, num_prefix_tokens: int,
-                 pretrained_cfg: dict, head: nn.Module | None = None, call_kwargs: dict | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        img_size: int,
+        patch_size: int,
+        num_prefix_tokens: int,
+        pretrained_cfg: dict,
+        head: nn.Module | None = None,
+        call_kwargs: dict | None = None,
+    ):
         super().__init__()
         self.net = net
         self.head = head
         n = (img_size // patch_size) ** 2
-        self.patch_embed = SimpleNamespace(img_size=(img_size, img_size), patch_size=(patch_size, patch_size),
-                                           num_patches=n)
+        self.patch_embed = SimpleNamespace(
+            img_size=(img_size, img_size), patch_size=(patch_size, patch_size), num_patches=n
+        )
         self.num_prefix_tokens = num_prefix_tokens
         self.pretrained_cfg = pretrained_cfg
         self.patch_drop = nn.Identity()
@@ -67,8 +78,9 @@ class FamilyViT(nn.Module):
             n = self.patch_embed.num_patches
             k = max(1, int(n * (1.0 - prob)))  # timm PatchDropout's count
             keep_idx = random_keep(images.shape[0], n, k / n, device=images.device)
-        return self._logits(self.net(images, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores,
-                                     **self.call_kwargs))
+        return self._logits(
+            self.net(images, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores, **self.call_kwargs)
+        )
 
     def patch_scores(self, images, sink="first", *, return_flagged=False):
         return self.net.patch_scores(images, sink, return_flagged=return_flagged, **self.call_kwargs)
@@ -77,8 +89,10 @@ class FamilyViT(nn.Module):
 def build(cfg: dict, num_classes: int, img_size: int | None) -> FamilyViT:
     name = cfg["model"]
     if cfg.get("pretrained"):
-        raise LotusError(f"--pretrained: not used with --model {name}; give local weights with "
-                         + ("the hf: directory" if name.startswith("hf:") else "--checkpoint PATH"))
+        raise LotusError(
+            f"--pretrained: not used with --model {name}; give local weights with "
+            + ("the hf: directory" if name.startswith("hf:") else "--checkpoint PATH")
+        )
     kind, _, arg = name.partition(":")
     if not arg:
         raise LotusError(f"--model: {name!r} names no model after '{kind}:'")
@@ -93,8 +107,9 @@ def build(cfg: dict, num_classes: int, img_size: int | None) -> FamilyViT:
 
 def _check_size(name, img_size, native):
     if img_size is not None and int(img_size) != native:
-        raise LotusError(f"--img-size: {name} runs at its own size {native} (no position-embedding "
-                         f"interpolation), got {img_size}")
+        raise LotusError(
+            f"--img-size: {name} runs at its own size {native} (no position-embedding interpolation), got {img_size}"
+        )
 
 
 def _load_state(model: nn.Module, path, head_prefix: str) -> None:
@@ -106,6 +121,7 @@ def _load_state(model: nn.Module, path, head_prefix: str) -> None:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,11 +155,17 @@ def _torchvision(arch: str, num_classes: int, img_size, checkpoint) -> FamilyViT
     if checkpoint:
         _load_state(net, checkpoint, "heads.")
     t = tvm.get_model_weights(arch).DEFAULT.transforms()
-    conf = {"input_size": (3, net.image_size, net.image_size), "interpolation": t.interpolation.value,
-            "mean": tuple(t.mean), "std": tuple(t.std), "crop_pct": t.crop_size[0] / t.resize_size[0],
-            "crop_mode": "center"}
-    return FamilyViT(patch_vit(net), img_size=net.image_size, patch_size=net.patch_size, num_prefix_tokens=1,
-                     pretrained_cfg=conf)
+    conf = {
+        "input_size": (3, net.image_size, net.image_size),
+        "interpolation": t.interpolation.value,
+        "mean": tuple(t.mean),
+        "std": tuple(t.std),
+        "crop_pct": t.crop_size[0] / t.resize_size[0],
+        "crop_mode": "center",
+    }
+    return FamilyViT(
+        patch_vit(net), img_size=net.image_size, patch_size=net.patch_size, num_prefix_tokens=1, pretrained_cfg=conf
+    )
 
 
 def _hf_data_config(path: Path, size: int) -> dict:
@@ -161,8 +183,14 @@ def _hf_data_config(path: Path, size: int) -> dict:
         short = resize.get("shortest_edge") if isinstance(resize, dict) else None
         if p.get("do_center_crop") and short and crop.get("height"):
             crop_pct = crop["height"] / short
-    return {"input_size": (3, size, size), "interpolation": resample, "mean": mean, "std": std,
-            "crop_pct": crop_pct, "crop_mode": "center"}
+    return {
+        "input_size": (3, size, size),
+        "interpolation": resample,
+        "mean": mean,
+        "std": std,
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }
 
 
 def _hf(path: Path, num_classes: int, img_size) -> FamilyViT:
@@ -183,8 +211,9 @@ def _hf(path: Path, num_classes: int, img_size) -> FamilyViT:
             head = nn.Linear(net.config.hidden_size, num_classes)
         else:
             conf.num_labels = num_classes  # a classifier for other labels is re-initialised
-            net = transformers.AutoModelForImageClassification.from_pretrained(path, config=conf,
-                                                                               ignore_mismatched_sizes=True)
+            net = transformers.AutoModelForImageClassification.from_pretrained(
+                path, config=conf, ignore_mismatched_sizes=True
+            )
             head = None
     except (OSError, ValueError) as e:
         raise LotusError(f"--model: cannot load hf:{path} ({type(e).__name__}: {e})".splitlines()[0])
@@ -199,8 +228,15 @@ def _hf(path: Path, num_classes: int, img_size) -> FamilyViT:
     patch_vit(net)
     emb = net.get_submodule(net._lotus_embeddings)
     prefix = emb._lotus_info[0]
-    return FamilyViT(net, img_size=size, patch_size=patch, num_prefix_tokens=prefix,
-                     pretrained_cfg=_hf_data_config(path, size), head=head, call_kwargs=kwargs)
+    return FamilyViT(
+        net,
+        img_size=size,
+        patch_size=patch,
+        num_prefix_tokens=prefix,
+        pretrained_cfg=_hf_data_config(path, size),
+        head=head,
+        call_kwargs=kwargs,
+    )
 
 
 def _open_clip(arch: str, num_classes: int, img_size, checkpoint) -> FamilyViT:
@@ -215,18 +251,32 @@ def _open_clip(arch: str, num_classes: int, img_size, checkpoint) -> FamilyViT:
     try:
         model = open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None)
     except Exception as e:
-        raise LotusError(f"--checkpoint: cannot load {checkpoint} into open_clip:{arch} "
-                         f"({type(e).__name__}: {e})".splitlines()[0])
+        raise LotusError(
+            f"--checkpoint: cannot load {checkpoint} into open_clip:{arch} ({type(e).__name__}: {e})".splitlines()[0]
+        )
     visual = model.visual
     from open_clip.transformer import VisionTransformer
+
     if not isinstance(visual, VisionTransformer):
-        raise LotusError(f"--model: open_clip:{arch}'s image tower is a {type(visual).__name__}, expected a "
-                         "VisionTransformer")
+        raise LotusError(
+            f"--model: open_clip:{arch}'s image tower is a {type(visual).__name__}, expected a VisionTransformer"
+        )
     native, patch = int(visual.image_size[0]), int(visual.patch_size[0])
     _check_size(f"open_clip:{arch}", img_size, native)
     pc = getattr(visual, "preprocess_cfg", {}) or {}
-    conf = {"input_size": (3, native, native), "interpolation": pc.get("interpolation", "bicubic"),
-            "mean": tuple(pc.get("mean", IMAGENET[0])), "std": tuple(pc.get("std", IMAGENET[1])),
-            "crop_pct": 1.0, "crop_mode": "center"}
-    return FamilyViT(patch_vit(visual), img_size=native, patch_size=patch, num_prefix_tokens=1,
-                     pretrained_cfg=conf, head=nn.Linear(visual.output_dim, num_classes))
+    conf = {
+        "input_size": (3, native, native),
+        "interpolation": pc.get("interpolation", "bicubic"),
+        "mean": tuple(pc.get("mean", IMAGENET[0])),
+        "std": tuple(pc.get("std", IMAGENET[1])),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    return FamilyViT(
+        patch_vit(visual),
+        img_size=native,
+        patch_size=patch,
+        num_prefix_tokens=1,
+        pretrained_cfg=conf,
+        head=nn.Linear(visual.output_dim, num_classes),
+    )

@@ -16,6 +16,7 @@ Instant Soup) -> tickets/<start>/r<replicate> -> finetune/<arm>/s<seed> -> budge
 compute-matched dense arms' steps, after seed 0 of every other arm) -> timing -> report. Every part
 of a stage that a user pays for records its wall and CPU seconds (``lotus.cost``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,8 +74,9 @@ def num_target(cfg) -> int:
 
 def fresh_model(cfg: dict, num_classes: int | None = None):
     """The run's architecture with fresh weights (no download, no checkpoint): to load saved states."""
-    return model_mod.build(dict(cfg, pretrained=False, checkpoint=None), num_classes or num_target(cfg),
-                           cfg["img_size"])
+    return model_mod.build(
+        dict(cfg, pretrained=False, checkpoint=None), num_classes or num_target(cfg), cfg["img_size"]
+    )
 
 
 def load_model(run: RunDir, cfg: dict, name: str, num_classes: int | None = None):
@@ -99,8 +101,13 @@ def save_model(run: RunDir, name: str, model) -> None:
 
 def pruner_for(cfg, layout: str, score: str | None = None, grad_data=None) -> prune.Pruner:
     score = score or ("l2" if layout == "block" else "l1")
-    return prune.Pruner(layout=layout, block_size=cfg["block_size"], score=score, grad_data=grad_data,
-                        seed=stage_seed(cfg["seed"], "grad-score"))
+    return prune.Pruner(
+        layout=layout,
+        block_size=cfg["block_size"],
+        score=score,
+        grad_data=grad_data,
+        seed=stage_seed(cfg["seed"], "grad-score"),
+    )
 
 
 def load_start(run, cfg, start: str, replicate: int = 0):
@@ -128,17 +135,38 @@ def stage_pretrain(run, cfg):
     torch.manual_seed(stage_seed(cfg["seed"], "model-init"))
     classes = len(cfg["source_classes"]) or num_target(cfg)
     model = model_mod.build(cfg, classes, cfg["img_size"])
-    out = {"head_classes": classes, "n_source_train": len(src_tr) if src_tr is not None else 0,
-           "n_source_val": len(src_va) if src_va is not None else 0, "source_val_acc": None, "history": None,
-           "params": sum(p.numel() for p in model.parameters()), "cost": cost_mod.zero()}
+    out = {
+        "head_classes": classes,
+        "n_source_train": len(src_tr) if src_tr is not None else 0,
+        "n_source_val": len(src_va) if src_va is not None else 0,
+        "source_val_acc": None,
+        "history": None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "cost": cost_mod.zero(),
+    }
     if cfg["pretrain_epochs"] and src_tr is not None:
-        hist = train(model, src_tr, src_va, epochs=cfg["pretrain_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
-                     seed=stage_seed(cfg["seed"], "pretrain"), optimizer=cfg["optimizer"],
-                     weight_decay=cfg["weight_decay"], warmup=cfg["warmup"], bf16=cfg["bf16"],
-                     eval_batch_size=cfg["eval_batch_size"], augment=cfg.get("augment", False),
-                     clip_grad=cfg.get("clip_grad") or None, desc="pretrain")
-        out.update(history=hist, source_val_acc=hist["val_acc"][-1] if hist["val_acc"] else None,
-                   cost={"wall": hist["train_s"], "cpu": hist["train_cpu_s"]})
+        hist = train(
+            model,
+            src_tr,
+            src_va,
+            epochs=cfg["pretrain_epochs"],
+            lr=cfg["lr"],
+            batch_size=cfg["batch_size"],
+            seed=stage_seed(cfg["seed"], "pretrain"),
+            optimizer=cfg["optimizer"],
+            weight_decay=cfg["weight_decay"],
+            warmup=cfg["warmup"],
+            bf16=cfg["bf16"],
+            eval_batch_size=cfg["eval_batch_size"],
+            augment=cfg.get("augment", False),
+            clip_grad=cfg.get("clip_grad") or None,
+            desc="pretrain",
+        )
+        out.update(
+            history=hist,
+            source_val_acc=hist["val_acc"][-1] if hist["val_acc"] else None,
+            cost={"wall": hist["train_s"], "cpu": hist["train_cpu_s"]},
+        )
     save_model(run, "models/pretrained.pt", model)
     return out
 
@@ -155,8 +183,14 @@ def stage_probe(run, cfg):
     save_model(run, "models/start.pt", model)
     if is_main():
         run.save_torch("preds/start.pt", rec)
-    return {**info, "val_acc": _acc(rec), "n_train": len(tr), "n_select": len(sel) if cfg.get("select_fraction") else 0,
-            "n_val": len(va), "cost": {"probe": clock.as_dict()}}
+    return {
+        **info,
+        "val_acc": _acc(rec),
+        "n_train": len(tr),
+        "n_select": len(sel) if cfg.get("select_fraction") else 0,
+        "n_val": len(va),
+        "cost": {"probe": clock.as_dict()},
+    }
 
 
 AUTO_ORDER = ("none", "outlier", "norm")  # "first" scores patches exactly like "none"; ties go to the simpler
@@ -175,26 +209,32 @@ def stage_score(run, cfg):
     for rule in tickets.SINKS:
         r = {}
         for split, d in (("select", sel), ("val", va)):
-            with (choose if split == "select" else Clock()):
+            with choose if split == "select" else Clock():
                 s, f = tickets.score(model, d, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
                 kept = tickets.keep_indices(s, keep)
                 rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
             cover = _cover(d, model)
-            r[split] = {"accuracy": _acc(rec), "flagged_per_image": float(f.sum(1).float().mean()),
-                        "object_recall": None if cover is None else float(object_recall(kept, cover).mean())}
+            r[split] = {
+                "accuracy": _acc(rec),
+                "flagged_per_image": float(f.sum(1).float().mean()),
+                "object_recall": None if cover is None else float(object_recall(kept, cover).mean()),
+            }
             if split == "val" and is_main():
                 run.save_torch(f"preds/sink_{rule}.pt", rec)
         rules[rule] = r
     g = torch.Generator().manual_seed(stage_seed(cfg["seed"], "random-ticket"))
     n = model.patch_embed.num_patches
     from lotus_kernels.select import random_keep
+
     rand = {}
     for split, d in (("select", sel), ("val", va)):
         kept = random_keep(len(d), n, keep, generator=g)
         rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
         cover = _cover(d, model)
-        rand[split] = {"accuracy": _acc(rec),
-                       "object_recall": None if cover is None else float(object_recall(kept, cover).mean())}
+        rand[split] = {
+            "accuracy": _acc(rec),
+            "object_recall": None if cover is None else float(object_recall(kept, cover).mean()),
+        }
         if split == "val" and is_main():
             run.save_torch("preds/sink_random.pt", rec)
     best = max(AUTO_ORDER, key=lambda r: (rules[r]["select"]["accuracy"], -AUTO_ORDER.index(r)))
@@ -208,10 +248,19 @@ def stage_score(run, cfg):
         run.save_torch("tickets/start.pt", {"scores": scores, "flagged": flagged})
         if cfg["overlay_images"] > 0:
             _overlay(run, cfg, model, va, rule, keep)
-    return {"num_patches": n, "keep": keep, "kept": int(tickets.keep_indices(scores[:1], keep).shape[1]),
-            "sink": rule, "sink_option": cfg["sink"], "flagged_per_image": float(flagged.sum(1).float().mean()),
-            "rules": rules, "random": rand, "best_rule_on_select": best, "object_recall_train": recall_train,
-            "cost": {"sink_choice": choose.as_dict(), "train_scores": scoring.as_dict()}}
+    return {
+        "num_patches": n,
+        "keep": keep,
+        "kept": int(tickets.keep_indices(scores[:1], keep).shape[1]),
+        "sink": rule,
+        "sink_option": cfg["sink"],
+        "flagged_per_image": float(flagged.sum(1).float().mean()),
+        "rules": rules,
+        "random": rand,
+        "best_rule_on_select": best,
+        "object_recall_train": recall_train,
+        "cost": {"sink_choice": choose.as_dict(), "train_scores": scoring.as_dict()},
+    }
 
 
 def _overlay(run, cfg, model, data, rule, keep, name="tickets.png"):
@@ -222,8 +271,16 @@ def _overlay(run, cfg, model, data, rule, keep, name="tickets.png"):
     shown = "outlier" if rule in ("none", "first") else rule  # show what a patch rule would change
     sub = data.subset(torch.arange(min(cfg["overlay_images"], len(data))))
     s_fig, f_fig = tickets.score(model, sub, sink=shown, return_flagged=True)
-    fig = tickets.overlay_figure(sub, s_fig, keep, model.patch_embed.patch_size[0], cfg["overlay_images"],
-                                 flagged=f_fig, rule=shown, boxes=sub.boxes)
+    fig = tickets.overlay_figure(
+        sub,
+        s_fig,
+        keep,
+        model.patch_embed.patch_size[0],
+        cfg["overlay_images"],
+        flagged=f_fig,
+        rule=shown,
+        boxes=sub.boxes,
+    )
     run.save_figure(name, fig)
     plt.close(fig)
 
@@ -251,11 +308,22 @@ def stage_sweep(run, cfg):
             pr = pruner_for(cfg, layout, best, grad_data=tr)
             scores = pr.scores(model)
         val_pts = prune.sweep(model, sparsities, _eval(cfg, va), pr)
-        out[layout] = {"scores": by_score, "score": best, "essential_sparsity": ess, "sweep_val": val_pts,
-                       "chosen_on": "select" if cfg.get("select_fraction") else "val", "cost": clock.as_dict()}
+        out[layout] = {
+            "scores": by_score,
+            "score": best,
+            "essential_sparsity": ess,
+            "sweep_val": val_pts,
+            "chosen_on": "select" if cfg.get("select_fraction") else "val",
+            "cost": clock.as_dict(),
+        }
         target = ess or min(s for s in sparsities if s > 0)
-        targets = ([0.5] if layout == "2:4" else [round(target, 6)] if layout != "unstructured"
-                   else sorted({round(target, 6), *(round(x, 6) for x in cfg["compare_sparsities"])}))
+        targets = (
+            [0.5]
+            if layout == "2:4"
+            else [round(target, 6)]
+            if layout != "unstructured"
+            else sorted({round(target, 6), *(round(x, 6) for x in cfg["compare_sparsities"])})
+        )
         if is_main():
             for s in targets:
                 run.save_torch(f"masks/{layout}/oneshot@{s:g}.pt", pr.masks_from(scores, s))
@@ -268,8 +336,14 @@ def ft_batch(cfg) -> int:
 
 
 def _train_kw(cfg) -> dict:
-    return dict(batch_size=ft_batch(cfg), optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"],
-                warmup=cfg["warmup"], bf16=cfg["bf16"], clip_grad=cfg.get("clip_grad") or None)
+    return dict(
+        batch_size=ft_batch(cfg),
+        optimizer=cfg["optimizer"],
+        weight_decay=cfg["weight_decay"],
+        warmup=cfg["warmup"],
+        bf16=cfg["bf16"],
+        clip_grad=cfg.get("clip_grad") or None,
+    )
 
 
 def stage_prune(run, cfg, layout: str, target: float, replicate: int, weak_cache: dict):
@@ -291,8 +365,16 @@ def stage_prune(run, cfg, layout: str, target: float, replicate: int, weak_cache
 
     def recover(m):
         rseed = stage_seed(seed, "recover")
-        train(m, prune.subset_of(tr, cfg["isp_subset"], rseed), None, epochs=cfg["isp_epochs"], lr=cfg["isp_lr"],
-              seed=rseed, desc=f"recover {tag}", **kw)
+        train(
+            m,
+            prune.subset_of(tr, cfg["isp_subset"], rseed),
+            None,
+            epochs=cfg["isp_epochs"],
+            lr=cfg["isp_lr"],
+            seed=rseed,
+            desc=f"recover {tag}",
+            **kw,
+        )
 
     def record(name, model, masks, extra=None):
         rec = _predictions(cfg, model, va)
@@ -304,8 +386,15 @@ def stage_prune(run, cfg, layout: str, target: float, replicate: int, weak_cache
 
     oneshot_masks = run.load_torch(f"masks/{layout}/oneshot@{target:g}.pt")
     record("oneshot", prune.apply_masks(copy.deepcopy(start), oneshot_masks), oneshot_masks, {"cost": cost_mod.zero()})
-    common = dict(rounds=cfg["isp_rounds"], copies=cfg["isp_copies"], subset=cfg["isp_subset"],
-                  train_copy=train_copy, seed=seed, pruner=pr, weak_cache=weak_cache)
+    common = dict(
+        rounds=cfg["isp_rounds"],
+        copies=cfg["isp_copies"],
+        subset=cfg["isp_subset"],
+        train_copy=train_copy,
+        seed=seed,
+        pruner=pr,
+        weak_cache=weak_cache,
+    )
     for name, merge in (("isp", cfg["isp_vote"]), ("issp", "union")):
         clock = Clock()
         with clock:
@@ -319,8 +408,11 @@ def stage_prune(run, cfg, layout: str, target: float, replicate: int, weak_cache
         control = prune.apply_masks(copy.deepcopy(start), oneshot_masks)
         recover(control)
     record("control", control, oneshot_masks, {"merge": "one-shot mask + the recovery pass", "cost": clock.as_dict()})
-    if cfg.get("instant_soup") and layout != "2:4" and (layout == "unstructured"
-                                                         or cfg["isp_recipe"] == "instant-soup"):
+    if (
+        cfg.get("instant_soup")
+        and layout != "2:4"
+        and (layout == "unstructured" or cfg["isp_recipe"] == "instant-soup")
+    ):
         clock = Clock()
         with clock:
             model, masks, log = _instant_soup(cfg, start, tr, target, pr, seed, tag, train_copy)
@@ -356,20 +448,49 @@ def _instant_soup(cfg, start, tr, target, pr, seed, tag, train_copy):
 
     def train_main(m, data, mseed):
         prune._mask_optimizer_state(m, state["opt"], prune.masks_of(m))
-        h = train(m, data, None, epochs=1, lr=cfg["isp_lr"], seed=mseed, desc=f"instant main {tag}",
-                  optimizer_state=state["opt"], schedule=(state["step"], total), **kw)
+        h = train(
+            m,
+            data,
+            None,
+            epochs=1,
+            lr=cfg["isp_lr"],
+            seed=mseed,
+            desc=f"instant main {tag}",
+            optimizer_state=state["opt"],
+            schedule=(state["step"], total),
+            **kw,
+        )
         state["step"] += h["steps"]
         return lr_at(state["step"], total, cfg["isp_lr"], round(cfg["warmup"] * total))
 
     def copy_trainer(m, data, cseed, desc, lr):
-        train(m, data, None, epochs=cfg["isp_epochs"], lr=lr, seed=cseed, desc=desc, schedule=(0, 1000),
-              **dict(kw, warmup=0.5))
+        train(
+            m,
+            data,
+            None,
+            epochs=cfg["isp_epochs"],
+            lr=lr,
+            seed=cseed,
+            desc=desc,
+            schedule=(0, 1000),
+            **dict(kw, warmup=0.5),
+        )
 
-    return prune.instant_soup_prune(start, tr, target=target, copies=cfg["instant_copies"],
-                                    copy_subset=cfg["instant_subset"], main_subset=cfg["instant_main_subset"],
-                                    step=cfg["instant_step"], stop_within=cfg["instant_stop"], train_copy=copy_trainer,
-                                    train_main=train_main, seed=stage_seed(seed, "instant-soup"), pruner=pr,
-                                    label=f"instant {tag}")
+    return prune.instant_soup_prune(
+        start,
+        tr,
+        target=target,
+        copies=cfg["instant_copies"],
+        copy_subset=cfg["instant_subset"],
+        main_subset=cfg["instant_main_subset"],
+        step=cfg["instant_step"],
+        stop_within=cfg["instant_stop"],
+        train_copy=copy_trainer,
+        train_main=train_main,
+        seed=stage_seed(seed, "instant-soup"),
+        pruner=pr,
+        label=f"instant {tag}",
+    )
 
 
 def stage_start_scores(run, cfg, start: str, replicate: int):
@@ -378,8 +499,9 @@ def stage_start_scores(run, cfg, start: str, replicate: int):
     model = load_start(run, cfg, start, replicate)
     clock = Clock()
     with clock:
-        s, f = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg),
-                             return_flagged=True)
+        s, f = tickets.score(
+            model, tr, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg), return_flagged=True
+        )
     name = f"tickets/{start}/r{replicate}.pt"
     if is_main():
         run.save_torch(name, {"scores": s, "flagged": f})
@@ -420,25 +542,53 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
         if spec["policy"] in cost_mod.NEEDS_SCORES:
             scores = run.load_torch(_scores_file(run, spec["start"], r))["scores"]
         keep_fn, augment = tickets.make_policy(
-            spec["policy"], model=model, train_data=tr, scores=scores, keep=keep, sink=sink_rule(run, cfg),
-            seed=stage_seed(cfg["seed"], f"policy/{seed_k}"), batch_size=cfg["eval_batch_size"], mix_top=cfg["mix_top"])
+            spec["policy"],
+            model=model,
+            train_data=tr,
+            scores=scores,
+            keep=keep,
+            sink=sink_rule(run, cfg),
+            seed=stage_seed(cfg["seed"], f"policy/{seed_k}"),
+            batch_size=cfg["eval_batch_size"],
+            mix_top=cfg["mix_top"],
+        )
         cover = _cover(tr, model)
         if cover is not None and not augment:
             keep_fn = _Recall(keep_fn, cover)
-    hist = ft.finetune(model, tr, va, cfg, seed=seed, keep_fn=keep_fn, augment=augment, steps=steps,
-                       desc=f"finetune {arm} s{seed_k}", evaluate_each_epoch=seed_k == 0)
+    hist = ft.finetune(
+        model,
+        tr,
+        va,
+        cfg,
+        seed=seed,
+        keep_fn=keep_fn,
+        augment=augment,
+        steps=steps,
+        desc=f"finetune {arm} s{seed_k}",
+        evaluate_each_epoch=seed_k == 0,
+    )
     rec = _predictions(cfg, model, va)
     save_model(run, f"models/finetune/{arm}/s{seed_k}.pt", model)
     if is_main():
         run.save_torch(f"preds/finetune/{arm}/s{seed_k}.pt", rec)
     after = _attention_after(run, cfg, model, va, arm, seed_k)
     masks = prune.masks_of(model)
-    hist.update({"arm": arm, "seed_index": seed_k, "replicate": r, "accuracy": _acc(rec), "start": spec["start"],
-                 "policy": spec["policy"], "keep": 1.0 if spec["policy"] == "full" else keep,
-                 "layout": spec["layout"], "sparsity": prune.sparsity_of(masks) if masks else 0.0,
-                 "object_recall": keep_fn.sum / max(keep_fn.n, 1) if isinstance(keep_fn, _Recall) else None,
-                 "object_recall_after": after,
-                 "cost": {"wall": hist["train_s"], "cpu": hist["train_cpu_s"]}})
+    hist.update(
+        {
+            "arm": arm,
+            "seed_index": seed_k,
+            "replicate": r,
+            "accuracy": _acc(rec),
+            "start": spec["start"],
+            "policy": spec["policy"],
+            "keep": 1.0 if spec["policy"] == "full" else keep,
+            "layout": spec["layout"],
+            "sparsity": prune.sparsity_of(masks) if masks else 0.0,
+            "object_recall": keep_fn.sum / max(keep_fn.n, 1) if isinstance(keep_fn, _Recall) else None,
+            "object_recall_after": after,
+            "cost": {"wall": hist["train_s"], "cpu": hist["train_cpu_s"]},
+        }
+    )
     return hist
 
 
@@ -494,15 +644,35 @@ def stage_timing(run, cfg):
                 scores = run.load_torch(_scores_file(run, spec["start"], 0))["scores"]
 
             def policy(model, spec=spec, scores=scores, keep=keep):
-                return tickets.make_policy(spec["policy"], model=model, train_data=tr, scores=scores, keep=keep,
-                                           seed=0, sink=sink, mix_top=cfg["mix_top"])[0]
+                return tickets.make_policy(
+                    spec["policy"],
+                    model=model,
+                    train_data=tr,
+                    scores=scores,
+                    keep=keep,
+                    seed=0,
+                    sink=sink,
+                    mix_top=cfg["mix_top"],
+                )[0]
+
             kw["make_keep_fn"] = policy
         setups[arm] = (lambda start=spec["start"]: load_start(run, cfg, start), kw)
-    med = time_steps(setups, tr, batch_size=ft_batch(cfg), rounds=cfg["timing_rounds"],
-                     seed=stage_seed(cfg["seed"], "timing"), optimizer=cfg["optimizer"], bf16=cfg["bf16"])
+    med = time_steps(
+        setups,
+        tr,
+        batch_size=ft_batch(cfg),
+        rounds=cfg["timing_rounds"],
+        seed=stage_seed(cfg["seed"], "timing"),
+        optimizer=cfg["optimizer"],
+        bf16=cfg["bf16"],
+    )
     base = med["dense/full"]
-    return {"step_time_s": med, "ratio_to_dense": {n: t / base for n, t in med.items()},
-            "rounds": cfg["timing_rounds"], "batch_size": ft_batch(cfg)}
+    return {
+        "step_time_s": med,
+        "ratio_to_dense": {n: t / base for n, t in med.items()},
+        "rounds": cfg["timing_rounds"],
+        "batch_size": ft_batch(cfg),
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -530,8 +700,9 @@ def prune_stages(run, cfg, redo=False):
         weak_cache: dict = {}  # round-1 copies of this replicate, shared by its layouts and targets
         for layout in plan.layouts(cfg):
             for s in plan.prune_targets(run, cfg, layout):
-                run_stage(run, plan.prune_stage(layout, s, r), stage_prune, run, cfg, layout, s, r, weak_cache,
-                          redo=redo)
+                run_stage(
+                    run, plan.prune_stage(layout, s, r), stage_prune, run, cfg, layout, s, r, weak_cache, redo=redo
+                )
 
 
 def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
@@ -546,8 +717,9 @@ def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
         if spec["policy"] in cost_mod.NEEDS_SCORES and spec["start"] != "dense":
             for k in range(plan.seeds_of(cfg, arm)):
                 r = plan.replicate_of(cfg, k)
-                run_stage(run, plan.tickets_stage(spec["start"], r), stage_start_scores, run, cfg, spec["start"], r,
-                          redo=redo)
+                run_stage(
+                    run, plan.tickets_stage(spec["start"], r), stage_start_scores, run, cfg, spec["start"], r, redo=redo
+                )
     plain = [a for a in chosen if a not in plan.MATCHED]
     matched = [a for a in chosen if a in plan.MATCHED]
     for k in range(plan.max_seeds(cfg)):  # seed-major: a cut-short run still has every arm at seed 0

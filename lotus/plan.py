@@ -9,6 +9,7 @@ seeds, every other arm ``seeds``. Fine-tuning seed k of an arm that starts from 
 starts from prune replicate ``k % prune_seeds``, so the arm's spread over seeds includes the
 pruning's.
 """
+
 from __future__ import annotations
 
 from . import finetune as ft

@@ -8,6 +8,7 @@ and (c) every fine-tuning arm starts from a head that does not wreck the feature
 steps. The probe's weight decay is chosen on the selection split; L-BFGS on the features of the
 training images (computed once, all patches, no augmentation), full batch, so it is deterministic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,15 +38,15 @@ def features(model, data: ImageSet, *, batch_size: int = 256, bf16: bool = False
     return out
 
 
-def fit_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
-             iters: int = 100) -> torch.nn.Linear:
+def fit_head(
+    feats: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, iters: int = 100
+) -> torch.nn.Linear:
     """Multinomial logistic regression (bias unpenalised) by full-batch L-BFGS, from zeros."""
     head = torch.nn.Linear(feats.shape[1], num_classes).double()
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     x, y = feats.double(), labels.long()
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iters, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -57,8 +58,9 @@ def fit_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, weight
     return head.float()
 
 
-def linear_probe(model, train: ImageSet, select: ImageSet, *, batch_size: int = 256, bf16: bool = False,
-                 weight_decays=WEIGHT_DECAYS) -> dict:
+def linear_probe(
+    model, train: ImageSet, select: ImageSet, *, batch_size: int = 256, bf16: bool = False, weight_decays=WEIGHT_DECAYS
+) -> dict:
     """Replace ``model``'s classifier by a linear probe for ``train``'s classes (in place); the weight
     decay with the best accuracy on ``select`` (ties: the larger). Returns {"weight_decay",
     "select_acc" per candidate}."""

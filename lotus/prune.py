@@ -31,13 +31,14 @@ Instant Soup (``instant_soup_prune``): the recipe of Jaiswal et al. 2023 as thei
             averaging) until it is within 5 points of the target, then a one-shot prune to the
             target. The fine-tune after the last pruning step is the recovery pass all methods get.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -95,13 +96,16 @@ def check_layout(model, layout: str, block_size: int) -> None:
         for n, m in layers.items():
             o, i = weight_of(m).shape
             if o % block_size or i % block_size:
-                raise LotusError(f"--block-size: {block_size} does not divide {n}.weight [{o}, {i}]; "
-                                 f"choose a block size that divides every pruned layer")
+                raise LotusError(
+                    f"--block-size: {block_size} does not divide {n}.weight [{o}, {i}]; "
+                    f"choose a block size that divides every pruned layer"
+                )
     if layout == "2:4":
         for n, m in layers.items():
             if weight_of(m).shape[1] % 4:
-                raise LotusError(f"--layout 2:4: {n}.weight has {weight_of(m).shape[1]} input features, "
-                                 "not a multiple of 4")
+                raise LotusError(
+                    f"--layout 2:4: {n}.weight has {weight_of(m).shape[1]} input features, not a multiple of 4"
+                )
 
 
 def _prune_lowest(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -114,7 +118,7 @@ def _prune_lowest(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str,
         keep[torch.sort(flat, stable=True).indices[:k]] = False
     out, start = {}, 0
     for n, s in scores.items():
-        out[n] = keep[start:start + s.numel()].view_as(s)
+        out[n] = keep[start : start + s.numel()].view_as(s)
         start += s.numel()
     return out
 
@@ -157,7 +161,7 @@ def gradients(model, data: ImageSet, *, images: int = 256, batch_size: int = 128
     grads = {n: torch.zeros_like(weight_of(layer)) for n, layer in layers.items()}
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:images]
     for start in range(0, len(idx), batch_size):
-        b = idx[start:start + batch_size]
+        b = idx[start : start + batch_size]
         m.zero_grad(set_to_none=True)
         xb, yb, _ = data.__getitems__(b.tolist())
         loss = F.cross_entropy(m(data.prepare(xb, dev)), yb.to(dev), reduction="sum")
@@ -173,6 +177,7 @@ def gradients(model, data: ImageSet, *, images: int = 256, batch_size: int = 128
 @dataclass
 class Pruner:
     """How masks are drawn: layout, block size and score (``grad`` needs ``grad_data``)."""
+
     layout: str = "unstructured"
     block_size: int = 16
     score: str = "l2"
@@ -231,7 +236,7 @@ class Pruner:
 
     def granule(self) -> int:
         """Weights per pruning unit (1, or block_size**2)."""
-        return self.block_size ** 2 if self.layout == "block" else 1
+        return self.block_size**2 if self.layout == "block" else 1
 
 
 def magnitude_masks(model, sparsity: float) -> dict[str, torch.Tensor]:
@@ -295,9 +300,11 @@ def vote_24(masks: list[dict], tie: dict) -> dict:
 def union_at(scores: list[dict], sparsity: float, pruner: Pruner, iters: int = 30) -> tuple[dict, float]:
     """Union of K copies' masks whose sparsity is ``sparsity``: every copy prunes at one common
     s' >= sparsity found by bisection (the union keeps more than any copy). Returns (masks, s')."""
+
     def union(s):
         ms = [pruner.masks_from(sc, s) for sc in scores]
         return vote(ms, "any")
+
     lo, hi = sparsity, 0.999
     if sparsity == 0 or sparsity_of(union(hi)) < sparsity:  # cannot reach: prune as hard as allowed
         return union(sparsity if sparsity == 0 else hi), (sparsity if sparsity == 0 else hi)
@@ -350,9 +357,21 @@ def _all_kept(model) -> bool:
     return all(bool(m.all()) for m in masks_of(model).values())
 
 
-def soup_prune(model, train_data: ImageSet, *, target: float, rounds: int, copies: int, subset: float,
-               train_copy: Callable, merge: str, seed: int, pruner: Pruner | None = None,
-               weak_cache: dict | None = None, label: str = "isp") -> tuple[torch.nn.Module, dict, list[dict]]:
+def soup_prune(
+    model,
+    train_data: ImageSet,
+    *,
+    target: float,
+    rounds: int,
+    copies: int,
+    subset: float,
+    train_copy: Callable,
+    merge: str,
+    seed: int,
+    pruner: Pruner | None = None,
+    weak_cache: dict | None = None,
+    label: str = "isp",
+) -> tuple[torch.nn.Module, dict, list[dict]]:
     """The ISP / ISSP loop. ``train_copy(model, data, seed, desc)`` fine-tunes a weak copy.
 
     merge        "any" / "majority" / "all" (ISP vote) or "union" (ISSP, calibrated to the round's
@@ -427,8 +446,9 @@ def _mask_optimizer_state(model, opt_state: dict, masks: dict) -> None:
     groups = opt_state["param_groups"]
     params = optimizer_params(model, max(g.get("weight_decay", 0.0) for g in groups))
     if len(params) != sum(len(g["params"]) for g in groups):
-        raise ValueError(f"optimizer state: {sum(len(g['params']) for g in groups)} parameters, the model "
-                         f"has {len(params)}")
+        raise ValueError(
+            f"optimizer state: {sum(len(g['params']) for g in groups)} parameters, the model has {len(params)}"
+        )
     index = {id(p): i for i, p in enumerate(params)}
     layers = dict(model.named_modules())
     for n, m in masks.items():
@@ -452,10 +472,23 @@ def scores_under(pruner: Pruner, model, masks: dict) -> dict:
     return sc
 
 
-def instant_soup_prune(model, train_data: ImageSet, *, target: float, copies: int, copy_subset: float,
-                       main_subset: float, step: float, stop_within: float, train_copy: Callable,
-                       train_main: Callable, seed: int, pruner: Pruner | None = None, max_iterations: int = 100,
-                       label: str = "instant-soup") -> tuple[torch.nn.Module, dict, list[dict]]:
+def instant_soup_prune(
+    model,
+    train_data: ImageSet,
+    *,
+    target: float,
+    copies: int,
+    copy_subset: float,
+    main_subset: float,
+    step: float,
+    stop_within: float,
+    train_copy: Callable,
+    train_main: Callable,
+    seed: int,
+    pruner: Pruner | None = None,
+    max_iterations: int = 100,
+    label: str = "instant-soup",
+) -> tuple[torch.nn.Module, dict, list[dict]]:
     """Instant Soup Pruning as published. Iteration t:
 
     1. ``lr = train_main(main, data, seed)``: the main model trains one pass over a random
@@ -477,8 +510,11 @@ def instant_soup_prune(model, train_data: ImageSet, *, target: float, copies: in
         sparsify_(main, sparsity=0.0)
     log, merged = [], masks_of(main)
     for t in range(1, max_iterations + 1):
-        lr = train_main(main, subset_of(train_data, main_subset, stage_seed(seed, f"instant-soup/main/{t}")),
-                        stage_seed(seed, f"instant-soup/main/{t}"))
+        lr = train_main(
+            main,
+            subset_of(train_data, main_subset, stage_seed(seed, f"instant-soup/main/{t}")),
+            stage_seed(seed, f"instant-soup/main/{t}"),
+        )
         current = sparsity_of(merged)
         if target - current < stop_within:
             break
@@ -492,8 +528,16 @@ def instant_soup_prune(model, train_data: ImageSet, *, target: float, copies: in
             masks.append(pruner.masks_from(scores_under(pruner, weak, merged), s_copy))
         merged = vote(masks, "any")
         sparsify_(main, masks=merged)
-        log.append({"round": t, "round_target": s_copy, "copy_sparsities": [sparsity_of(m) for m in masks],
-                    "merged_sparsity": sparsity_of(merged), "lr": lr, **disagreement(masks)})
+        log.append(
+            {
+                "round": t,
+                "round_target": s_copy,
+                "copy_sparsities": [sparsity_of(m) for m in masks],
+                "merged_sparsity": sparsity_of(merged),
+                "lr": lr,
+                **disagreement(masks),
+            }
+        )
     if sparsity_of(merged) < target:
         merged = pruner.masks_from(scores_under(pruner, main, merged), target)
         sparsify_(main, masks=merged)

@@ -19,19 +19,37 @@ cost basis  the cost axis counts process CPU seconds without a GPU (robust on a 
             seconds with one (``lotus.cost``).
 bf16 autocast is on by default where a GPU is visible.
 """
+
 from __future__ import annotations
 
 import torch
 
-SCRATCH = {"pretrain_epochs": 30, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "clip_grad": None,
-           "isp_lr": 5e-4, "finetune_lr": 2e-3, "finetune_epochs": 6, "finetune_batch_size": 32}
+SCRATCH = {
+    "pretrain_epochs": 30,
+    "optimizer": "adamw",
+    "lr": 2e-3,
+    "weight_decay": 0.05,
+    "clip_grad": None,
+    "isp_lr": 5e-4,
+    "finetune_lr": 2e-3,
+    "finetune_epochs": 6,
+    "finetune_batch_size": 32,
+}
 
 
 def pretrained(batch_size: int) -> dict:
     scale = batch_size / 512
-    return {"pretrain_epochs": 0, "optimizer": "sgd", "lr": 0.03 * scale, "weight_decay": 0.0, "clip_grad": 1.0,
-            "isp_lr": 0.01 * scale, "finetune_lr": 0.03 * scale, "finetune_epochs": 5,
-            "finetune_batch_size": batch_size}
+    return {
+        "pretrain_epochs": 0,
+        "optimizer": "sgd",
+        "lr": 0.03 * scale,
+        "weight_decay": 0.0,
+        "clip_grad": 1.0,
+        "isp_lr": 0.01 * scale,
+        "finetune_lr": 0.03 * scale,
+        "finetune_epochs": 5,
+        "finetune_batch_size": batch_size,
+    }
 
 
 def resolve(cfg: dict) -> dict:

@@ -3,11 +3,22 @@
 The report formats a results object; it never calls back into the pipeline. ``markdown`` joins one
 function per section, each taking the results object and returning its lines.
 """
+
 from __future__ import annotations
 
 from . import stats
-from .results import (GOAL_COST, GOAL_FT_GAIN, GOAL_POINTS, GOAL_RECALL_RATIO, GOAL_TICKET_POINTS, METHOD_ORDER,
-                      collect, export_predictions, findings, strip_timing)
+from .results import (
+    GOAL_COST,
+    GOAL_FT_GAIN,
+    GOAL_POINTS,
+    GOAL_RECALL_RATIO,
+    GOAL_TICKET_POINTS,
+    METHOD_ORDER,
+    collect,
+    export_predictions,
+    findings,
+    strip_timing,
+)
 from .rundir import RunDir
 
 __all__ = ["write", "markdown", "strip_timing"]
@@ -53,18 +64,39 @@ def cost_rows(res: dict) -> list[dict]:
     rows = []
     ratios = res.get("step_time", {}).get("ratio_to_dense", {})
     if "probe" in res and "start" in st["jobs"]:
-        rows.append({"arm": "start", "layout": "dense", "sparsity": 0.0, "keep": 1.0, "seeds": 1,
-                     "acc": {"mean": res["probe"]["val_acc"], "sd": None}, "vs_dense": None, "vs_start": None,
-                     "job": st["jobs"]["start"], "step_ratio": None, "recall": None})
+        rows.append(
+            {
+                "arm": "start",
+                "layout": "dense",
+                "sparsity": 0.0,
+                "keep": 1.0,
+                "seeds": 1,
+                "acc": {"mean": res["probe"]["val_acc"], "sd": None},
+                "vs_dense": None,
+                "vs_start": None,
+                "job": st["jobs"]["start"],
+                "step_ratio": None,
+                "recall": None,
+            }
+        )
     for arm, per_seed in res.get("finetune", {}).items():
         r0 = per_seed[0]
         rec = [r["object_recall"] for r in per_seed if r.get("object_recall") is not None]
-        rows.append({"arm": arm, "layout": r0["layout"], "sparsity": r0["sparsity"], "keep": r0["keep"],
-                     "acc": st["arms"][arm], "vs_dense": st["vs_dense_full"].get(arm),
-                     "vs_start": st["vs_start"].get(arm), "job": st["jobs"].get(arm), "seeds": len(per_seed),
-                     "step_ratio": ratios.get(arm, ratios.get("dense/full") if arm.startswith("dense/matched")
-                                              else None),
-                     "recall": sum(rec) / len(rec) if rec else None})
+        rows.append(
+            {
+                "arm": arm,
+                "layout": r0["layout"],
+                "sparsity": r0["sparsity"],
+                "keep": r0["keep"],
+                "acc": st["arms"][arm],
+                "vs_dense": st["vs_dense_full"].get(arm),
+                "vs_start": st["vs_start"].get(arm),
+                "job": st["jobs"].get(arm),
+                "seeds": len(per_seed),
+                "step_ratio": ratios.get(arm, ratios.get("dense/full") if arm.startswith("dense/matched") else None),
+                "recall": sum(rec) / len(rec) if rec else None,
+            }
+        )
     return rows
 
 
@@ -72,26 +104,41 @@ def cost_rows(res: dict) -> list[dict]:
 def sec_setting(res: dict) -> list[str]:
     cfg = res["config"]
     L = ["# LOTUS run report", ""]
-    model = f"`{cfg['model']}`" + (f" (patch {cfg['patch_size']}, dim {cfg['embed_dim']}, depth {cfg['depth']}, "
-                                   f"heads {cfg['heads']})" if cfg["model"] == "lotus_vit" else "")
-    canvas = (f"every image placed at a random position on a {cfg['canvas']}x{cfg['canvas']} canvas of other "
-              f"images' pieces" if cfg.get("canvas") else "images as they are")
-    src = (f"classes {_classes(cfg['source_classes'])}" if cfg["source_classes"] else "the checkpoint's own task")
-    L.append(f"Data `{cfg['data']}` ({canvas}); model {model}; source task {src}, target task classes "
-             f"{_classes(cfg['target_classes'])}; run seed {cfg['seed']}, {cfg['threads']} thread(s); layout "
-             f"`{cfg['layout']}`" + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block"
-                                     else "")
-             + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('score', {}).get('sink', cfg['sink'])}`"
-             + (" (`--sink auto`)" if cfg["sink"] == "auto" else "") + ".")
+    model = f"`{cfg['model']}`" + (
+        f" (patch {cfg['patch_size']}, dim {cfg['embed_dim']}, depth {cfg['depth']}, heads {cfg['heads']})"
+        if cfg["model"] == "lotus_vit"
+        else ""
+    )
+    canvas = (
+        f"every image placed at a random position on a {cfg['canvas']}x{cfg['canvas']} canvas of other images' pieces"
+        if cfg.get("canvas")
+        else "images as they are"
+    )
+    src = f"classes {_classes(cfg['source_classes'])}" if cfg["source_classes"] else "the checkpoint's own task"
+    L.append(
+        f"Data `{cfg['data']}` ({canvas}); model {model}; source task {src}, target task classes "
+        f"{_classes(cfg['target_classes'])}; run seed {cfg['seed']}, {cfg['threads']} thread(s); layout "
+        f"`{cfg['layout']}`"
+        + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block" else "")
+        + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('score', {}).get('sink', cfg['sink'])}`"
+        + (" (`--sink auto`)" if cfg["sink"] == "auto" else "")
+        + "."
+    )
     if "pretrain" in res and "probe" in res:
         p, q = res["pretrain"], res["probe"]
-        pre = (f"pretrained from scratch on {p['n_source_train']} source images for {cfg['pretrain_epochs']} epochs "
-               f"({_fmt(p['source_val_acc'], 1, '%')} on {p['n_source_val']} held-out source images)"
-               if p["history"] else "the checkpoint as it is")
-        L += [f"Start model: {pre}, then a linear probe on the target ({q['n_train']} training images, weight decay "
-              f"{q['weight_decay']:g} chosen on {q['n_select']} selection images): **{q['val_acc']:.2f}%** on "
-              f"{q['n_val']} target validation images (every reported accuracy; one image = "
-              f"{100 / q['n_val']:.2f} points); {p['params']:,} parameters.", ""]
+        pre = (
+            f"pretrained from scratch on {p['n_source_train']} source images for {cfg['pretrain_epochs']} epochs "
+            f"({_fmt(p['source_val_acc'], 1, '%')} on {p['n_source_val']} held-out source images)"
+            if p["history"]
+            else "the checkpoint as it is"
+        )
+        L += [
+            f"Start model: {pre}, then a linear probe on the target ({q['n_train']} training images, weight decay "
+            f"{q['weight_decay']:g} chosen on {q['n_select']} selection images): **{q['val_acc']:.2f}%** on "
+            f"{q['n_val']} target validation images (every reported accuracy; one image = "
+            f"{100 / q['n_val']:.2f} points); {p['params']:,} parameters.",
+            "",
+        ]
     return L
 
 
@@ -109,28 +156,37 @@ def sec_goals(res: dict) -> list[str]:
     L = ["## Goals (judged as stated before the run)", ""]
     if "finetune_gain" in g:
         x = g["finetune_gain"]
-        L.append(f"- **Fine-tuning is worth doing** (dense full-data fine-tuning ≥ {GOAL_FT_GAIN:g} points above the "
-                 f"start model's linear probe, one-sided 95% lower bound): {_met(x['met'])}: {x['diff']:+.2f} points, "
-                 f"lower bound {x['lower']:+.2f}.")
+        L.append(
+            f"- **Fine-tuning is worth doing** (dense full-data fine-tuning ≥ {GOAL_FT_GAIN:g} points above the "
+            f"start model's linear probe, one-sided 95% lower bound): {_met(x['met'])}: {x['diff']:+.2f} points, "
+            f"lower bound {x['lower']:+.2f}."
+        )
     if "headline" in g:
         x = g["headline"]
-        L.append(f"- **Headline `{x['arm']}`** (named in the config; whole job ≤ {GOAL_COST:g}x dense full-data "
-                 f"fine-tuning's and one-sided 95% lower bound vs dense full ≥ −{GOAL_POINTS:g} point): "
-                 f"{_met(x['met'])}: job {x['cost_ratio']:.2f}x, {x['diff']:+.2f} points, lower bound "
-                 f"{x['lower']:+.2f}.")
+        L.append(
+            f"- **Headline `{x['arm']}`** (named in the config; whole job ≤ {GOAL_COST:g}x dense full-data "
+            f"fine-tuning's and one-sided 95% lower bound vs dense full ≥ −{GOAL_POINTS:g} point): "
+            f"{_met(x['met'])}: job {x['cost_ratio']:.2f}x, {x['diff']:+.2f} points, lower bound "
+            f"{x['lower']:+.2f}."
+        )
     others = [a for a in g.get("any_arm", []) if a != cfg.get("headline")]
-    L.append("- Other arms meeting the same bar (exploratory, not pre-registered): "
-             + (", ".join(f"`{a}`" for a in others) if others else "none") + ".")
+    L.append(
+        "- Other arms meeting the same bar (exploratory, not pre-registered): "
+        + (", ".join(f"`{a}`" for a in others) if others else "none")
+        + "."
+    )
     if "tickets" in g:
         x = g["tickets"]
         vs = "—" if x["vs_random"] is None else f"{x['vs_random']:+.2f}"
-        L.append(f"- **Tickets where the object is a minority** (attention tickets keep ≥ {GOAL_RECALL_RATIO:g}x "
-                 f"random's object-patch recall at keep ≤ 0.5 and beat random patches by ≥ {GOAL_TICKET_POINTS:g} "
-                 f"points): {_met(x['met'])}: the start model's tickets (rule `{x['rule']}`, chosen on the selection "
-                 f"split) keep "
-                 f"{100 * x['recall']:.1f}% of the object vs random's {100 * x['random_recall']:.1f}% "
-                 f"({x['ratio']:.2f}x); fixed tickets vs random patches {vs} points. The score maps are in "
-                 "tickets.png.")
+        L.append(
+            f"- **Tickets where the object is a minority** (attention tickets keep ≥ {GOAL_RECALL_RATIO:g}x "
+            f"random's object-patch recall at keep ≤ 0.5 and beat random patches by ≥ {GOAL_TICKET_POINTS:g} "
+            f"points): {_met(x['met'])}: the start model's tickets (rule `{x['rule']}`, chosen on the selection "
+            f"split) keep "
+            f"{100 * x['recall']:.1f}% of the object vs random's {100 * x['random_recall']:.1f}% "
+            f"({x['ratio']:.2f}x); fixed tickets vs random patches {vs} points. The score maps are in "
+            "tickets.png."
+        )
     return L + [""]
 
 
@@ -143,32 +199,44 @@ def sec_cost(res: dict) -> list[str]:
     if not rows:
         return []
     cfg, unit = res["config"], _unit(res)
-    L = ["## The whole job: accuracy and cost (headline table)", "",
-         f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}; seeds: "
-         f"{cfg.get('main_seeds')} for the headline `{cfg.get('headline')}`, dense/full and the compute-matched rows, "
-         f"{cfg['seeds']} for the others (pruned starts: seed k from prune replicate k mod "
-         f"{cfg.get('prune_seeds', 1)}). "
-         "Accuracy: mean ± SD over seeds [95% t interval]. Δ: paired on the same images and seeds, the wider of the "
-         "two-level bootstrap and the seed-level t interval (95%; * = significant after Holm over all findings); "
-         f"lower: one-sided 95% lower bound vs dense full. Job: every stage the arm's user pays for ({unit}: "
-         f"the cost basis; wall s beside it), pretraining excluded; x dense: the job over dense full-data "
-         "fine-tuning's. Recall: share of the object's pixels in the patches each step kept (canvas data).", "",
-         f"| arm | seeds | val acc (%) | Δ vs dense full | lower | Δ vs start | job ({unit}) | x dense | wall s "
-         "| step | recall |",
-         "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    L = [
+        "## The whole job: accuracy and cost (headline table)",
+        "",
+        f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}; seeds: "
+        f"{cfg.get('main_seeds')} for the headline `{cfg.get('headline')}`, dense/full and the compute-matched rows, "
+        f"{cfg['seeds']} for the others (pruned starts: seed k from prune replicate k mod "
+        f"{cfg.get('prune_seeds', 1)}). "
+        "Accuracy: mean ± SD over seeds [95% t interval]. Δ: paired on the same images and seeds, the wider of the "
+        "two-level bootstrap and the seed-level t interval (95%; * = significant after Holm over all findings); "
+        f"lower: one-sided 95% lower bound vs dense full. Job: every stage the arm's user pays for ({unit}: "
+        f"the cost basis; wall s beside it), pretraining excluded; x dense: the job over dense full-data "
+        "fine-tuning's. Recall: share of the object's pixels in the patches each step kept (canvas data).",
+        "",
+        f"| arm | seeds | val acc (%) | Δ vs dense full | lower | Δ vs start | job ({unit}) | x dense | wall s "
+        "| step | recall |",
+        "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         j = r["job"] or {}
         lower = r["vs_dense"]["lower"] if r["vs_dense"] else None
-        L.append(f"| {r['arm']} | {r['seeds']} | {_acc(r['acc'])} | {_diff(r['vs_dense'])} | {_fmt(lower, 2)} | "
-                 f"{_diff(r['vs_start'])} | {_fmt(j.get('mean'), 1)} | {_fmt(j.get('ratio'), 2, 'x')} | "
-                 f"{_fmt(j.get('wall'), 1)} | {_fmt(r['step_ratio'], 2, 'x')} | "
-                 f"{_fmt(None if r['recall'] is None else 100 * r['recall'], 1, '%')} |")
+        L.append(
+            f"| {r['arm']} | {r['seeds']} | {_acc(r['acc'])} | {_diff(r['vs_dense'])} | {_fmt(lower, 2)} | "
+            f"{_diff(r['vs_start'])} | {_fmt(j.get('mean'), 1)} | {_fmt(j.get('ratio'), 2, 'x')} | "
+            f"{_fmt(j.get('wall'), 1)} | {_fmt(r['step_ratio'], 2, 'x')} | "
+            f"{_fmt(None if r['recall'] is None else 100 * r['recall'], 1, '%')} |"
+        )
     if "budget" in res:
         b = res["budget"]
-        L += ["", "Compute-matched rows: dense full-data fine-tuning for "
-              + "; ".join(f"`{k}` {v['steps']} steps (the job of `{v['arm']}`, {v['target_s']:.1f} s)"
-                          for k, v in b.items() if isinstance(v, dict) and "steps" in v)
-              + f", at dense/full's {b['dense_step_s'] * 1e3:.0f} ms per step ({_unit(res)})."]
+        L += [
+            "",
+            "Compute-matched rows: dense full-data fine-tuning for "
+            + "; ".join(
+                f"`{k}` {v['steps']} steps (the job of `{v['arm']}`, {v['target_s']:.1f} s)"
+                for k, v in b.items()
+                if isinstance(v, dict) and "steps" in v
+            )
+            + f", at dense/full's {b['dense_step_s'] * 1e3:.0f} ms per step ({_unit(res)}).",
+        ]
     L += ["", "![cost](cost.png)", ""]
     return L + sec_cost_parts(res)
 
@@ -180,8 +248,12 @@ def sec_cost_parts(res: dict) -> list[str]:
     parts = []
     for j in jobs.values():
         parts += [p for p in j["parts"] if p not in parts]
-    L = [f"What each job pays for ({_unit(res)}, mean over seeds):", "",
-         "| arm | " + " | ".join(parts) + " | total |", "|---|" + "---:|" * (len(parts) + 1)]
+    L = [
+        f"What each job pays for ({_unit(res)}, mean over seeds):",
+        "",
+        "| arm | " + " | ".join(parts) + " | total |",
+        "|---|" + "---:|" * (len(parts) + 1),
+    ]
     for arm, j in jobs.items():
         L.append(f"| {arm} | " + " | ".join(_fmt(j["parts"].get(p), 1) for p in parts) + f" | {j['mean']:.1f} |")
     return L + [""]
@@ -192,13 +264,21 @@ def sec_findings(res: dict) -> list[str]:
     rows = findings(st)
     if not rows:
         return []
-    titles = {"vs_dense_full": "vs dense full-data fine-tuning", "vs_start": "vs the start model (linear probe)",
-              "policies_vs_random": "vs random patches at the same token count", "pairs": "fine-tuned pairs",
-              "prune": "pruning, before fine-tuning (over replicates)", "sinks": "sink rules (start model's tickets)"}
-    L = ["## Findings (automatic)", "",
-         f"{st['family_size']} paired comparisons, one family: p is the larger of the bootstrap's and the seed t "
-         "test's, Holm-adjusted in brackets; the interval is the wider of the two (both given where there are "
-         "several seeds or replicates)."]
+    titles = {
+        "vs_dense_full": "vs dense full-data fine-tuning",
+        "vs_start": "vs the start model (linear probe)",
+        "policies_vs_random": "vs random patches at the same token count",
+        "pairs": "fine-tuned pairs",
+        "prune": "pruning, before fine-tuning (over replicates)",
+        "sinks": "sink rules (start model's tickets)",
+    }
+    L = [
+        "## Findings (automatic)",
+        "",
+        f"{st['family_size']} paired comparisons, one family: p is the larger of the bootstrap's and the seed t "
+        "test's, Holm-adjusted in brackets; the interval is the wider of the two (both given where there are "
+        "several seeds or replicates).",
+    ]
     group = None
     for g, name, d in rows:
         if g != group:
@@ -213,43 +293,72 @@ def sec_tickets(res: dict) -> list[str]:
         return []
     t = res["score"]
     rec = t["random"]["val"]["object_recall"] is not None
-    L = ["## Attention tickets and the sink rule", "",
-         f"{t['num_patches']} patches per image, a ticket keeps {t['kept']} (keep {t['keep']:g}). Each rule's tickets "
-         "are judged by the start model's accuracy when it sees only the ticket's patches (no training)"
-         + (" and by their object-patch recall (share of the object's pixels in the kept patches)" if rec else "")
-         + ", on the selection split (which chooses) and the validation split; random patches at the same count "
-         "for reference.", "",
-         "| sink rule | patches changed / image | acc, selection (%) | acc, val (%) |"
-         + (" recall, selection | recall, val |" if rec else ""),
-         "|---|---:|---:|---:|" + ("---:|---:|" if rec else "")]
+    L = [
+        "## Attention tickets and the sink rule",
+        "",
+        f"{t['num_patches']} patches per image, a ticket keeps {t['kept']} (keep {t['keep']:g}). Each rule's tickets "
+        "are judged by the start model's accuracy when it sees only the ticket's patches (no training)"
+        + (" and by their object-patch recall (share of the object's pixels in the kept patches)" if rec else "")
+        + ", on the selection split (which chooses) and the validation split; random patches at the same count "
+        "for reference.",
+        "",
+        "| sink rule | patches changed / image | acc, selection (%) | acc, val (%) |"
+        + (" recall, selection | recall, val |" if rec else ""),
+        "|---|---:|---:|---:|" + ("---:|---:|" if rec else ""),
+    ]
     for rule in sorted(t["rules"], key=lambda x: ("none", "first", "outlier", "norm").index(x)):
         r = t["rules"][rule]
-        L.append(f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
-                 f"{r['val']['accuracy']:.2f} |" + (f" {100 * r['select']['object_recall']:.1f}% | "
-                                                     f"{100 * r['val']['object_recall']:.1f}% |" if rec else ""))
+        L.append(
+            f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
+            f"{r['val']['accuracy']:.2f} |"
+            + (f" {100 * r['select']['object_recall']:.1f}% | {100 * r['val']['object_recall']:.1f}% |" if rec else "")
+        )
     rnd = t["random"]
-    L.append(f"| random patches | — | {rnd['select']['accuracy']:.2f} | {rnd['val']['accuracy']:.2f} |"
-             + (f" {100 * rnd['select']['object_recall']:.1f}% | {100 * rnd['val']['object_recall']:.1f}% |"
-                if rec else ""))
-    L += ["", f"Best rule on the selection split: `{t['best_rule_on_select']}` (by accuracy; ties go to the simpler "
-          f"rule); this run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`). `first` (LOTUS's literal "
-          "rule) only rewrites the class token's own score, which is dropped before ranking patches, so its tickets "
-          "are identical to `none`."
-          + (f" The start model's tickets of the training images keep {100 * t['object_recall_train']:.1f}% of the "
-             "object." if t.get("object_recall_train") is not None else "")
-          + " tickets.png: validation images, the start model's score maps and kept patches"
-          + (" (the object outlined in green)" if rec else "") + ".", "", "![tickets](tickets.png)", ""]
-    after = {a: [r["object_recall_after"] for r in v if r.get("object_recall_after") is not None]
-             for a, v in res.get("finetune", {}).items()}
+    L.append(
+        f"| random patches | — | {rnd['select']['accuracy']:.2f} | {rnd['val']['accuracy']:.2f} |"
+        + (f" {100 * rnd['select']['object_recall']:.1f}% | {100 * rnd['val']['object_recall']:.1f}% |" if rec else "")
+    )
+    L += [
+        "",
+        f"Best rule on the selection split: `{t['best_rule_on_select']}` (by accuracy; ties go to the simpler "
+        f"rule); this run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`). `first` (LOTUS's literal "
+        "rule) only rewrites the class token's own score, which is dropped before ranking patches, so its tickets "
+        "are identical to `none`."
+        + (
+            f" The start model's tickets of the training images keep {100 * t['object_recall_train']:.1f}% of the "
+            "object."
+            if t.get("object_recall_train") is not None
+            else ""
+        )
+        + " tickets.png: validation images, the start model's score maps and kept patches"
+        + (" (the object outlined in green)" if rec else "")
+        + ".",
+        "",
+        "![tickets](tickets.png)",
+        "",
+    ]
+    after = {
+        a: [r["object_recall_after"] for r in v if r.get("object_recall_after") is not None]
+        for a, v in res.get("finetune", {}).items()
+    }
     after = {a: sum(v) / len(v) for a, v in after.items() if v}
     if after:
-        L += ["After fine-tuning: the object-patch recall of each fine-tuned model's *own* tickets of the validation "
-              "images (same rule and keep; mean over seeds) — does fine-tuning teach the attention where the object "
-              f"is? Random: {100 * rnd['val']['object_recall']:.1f}%.", "",
-              "| arm | recall of its own tickets (val) |", "|---|---:|"]
+        L += [
+            "After fine-tuning: the object-patch recall of each fine-tuned model's *own* tickets of the validation "
+            "images (same rule and keep; mean over seeds) — does fine-tuning teach the attention where the object "
+            f"is? Random: {100 * rnd['val']['object_recall']:.1f}%.",
+            "",
+            "| arm | recall of its own tickets (val) |",
+            "|---|---:|",
+        ]
         L += [f"| {a} | {100 * v:.1f}% |" for a, v in after.items()]
-        L += ["", "tickets_finetuned.png: the same images, scored by dense/full (seed 0) after fine-tuning.", "",
-              "![tickets after fine-tuning](tickets_finetuned.png)", ""]
+        L += [
+            "",
+            "tickets_finetuned.png: the same images, scored by dense/full (seed 0) after fine-tuning.",
+            "",
+            "![tickets after fine-tuning](tickets_finetuned.png)",
+            "",
+        ]
     return L
 
 
@@ -260,9 +369,13 @@ def sec_sweeps(res: dict) -> list[str]:
     L = ["## One-shot sweeps (no training)", ""]
     for layout, sw in res["sweep"]["layouts"].items():
         sps = [p["sparsity"] for p in sw["sweep_val"]]
-        L += [f"**{layout}** (score `{sw['score']}`; essential sparsity **{sw['essential_sparsity']:g}**, chosen on "
-              f"the {sw['chosen_on']} split within {cfg['tolerance']:g} point of the start model)", "",
-              "| score / split | " + " | ".join(f"{s:g}" for s in sps) + " |", "|---|" + "---:|" * len(sps)]
+        L += [
+            f"**{layout}** (score `{sw['score']}`; essential sparsity **{sw['essential_sparsity']:g}**, chosen on "
+            f"the {sw['chosen_on']} split within {cfg['tolerance']:g} point of the start model)",
+            "",
+            "| score / split | " + " | ".join(f"{s:g}" for s in sps) + " |",
+            "|---|" + "---:|" * len(sps),
+        ]
         for sc, pts in sw["scores"].items():
             L.append(f"| {sc} / selection | " + " | ".join(f"{p['accuracy']:.1f}" for p in pts) + " |")
         L += [f"| {sw['score']} / val | " + " | ".join(f"{p['accuracy']:.1f}" for p in sw["sweep_val"]) + " |", ""]
@@ -298,15 +411,19 @@ def sec_prune(res: dict) -> list[str]:
     if not res.get("prune"):
         return []
     st = res["stats"]
-    L = ["## ISP, ISSP, the matched control and Instant Soup (before fine-tuning, val)", "",
-         "Every method but one-shot ends with the same recovery pass after its final mask (one pass over a "
-         f"{res['config']['isp_subset']:g} share of the training images, same images, order and steps); control = "
-         "the one-shot mask with exactly that pass, so method − control is what the method adds at equal "
-         "post-mask training. Accuracy: mean ± SD over replicates (each its own seeds); Δ paired over replicates "
-         f"and images; cost: {_unit(res)} per replicate, recovery included.", "",
-         "| layout @ target | method | replicates | actual sparsity | acc (%) | Δ vs one-shot at its sparsity "
-         "| Δ vs control | cost |",
-         "|---|---|---:|---:|---|---|---|---:|"]
+    L = [
+        "## ISP, ISSP, the matched control and Instant Soup (before fine-tuning, val)",
+        "",
+        "Every method but one-shot ends with the same recovery pass after its final mask (one pass over a "
+        f"{res['config']['isp_subset']:g} share of the training images, same images, order and steps); control = "
+        "the one-shot mask with exactly that pass, so method − control is what the method adds at equal "
+        "post-mask training. Accuracy: mean ± SD over replicates (each its own seeds); Δ paired over replicates "
+        f"and images; cost: {_unit(res)} per replicate, recovery included.",
+        "",
+        "| layout @ target | method | replicates | actual sparsity | acc (%) | Δ vs one-shot at its sparsity "
+        "| Δ vs control | cost |",
+        "|---|---|---:|---:|---|---|---|---:|",
+    ]
     basis = _basis(res)
     for tag, reps in res["prune"].items():
         cmp = st["prune"].get(tag, {})
@@ -316,11 +433,16 @@ def sec_prune(res: dict) -> list[str]:
             ms = [r["methods"][name] for r in reps]
             acc = stats.summary([m["accuracy"] for m in ms])
             c = sum(m["cost"][basis] for m in ms) / len(ms)
-            L.append(f"| {tag} | {name} | {len(ms)} | {sum(m['sparsity'] for m in ms) / len(ms):.4f} | {_acc(acc)} | "
-                     f"{_diff(cmp.get(f'{name} vs one-shot at its sparsity'))} | {_diff(cmp.get(f'{name} vs control'))}"
-                     f" | {c:.1f} |")
-    L += ["", "Per round (replicate 0): copy sparsities, mean pairwise Jaccard of the copies' kept weights, share "
-          "of the merged kept weights that only one copy keeps, merged sparsity:"]
+            L.append(
+                f"| {tag} | {name} | {len(ms)} | {sum(m['sparsity'] for m in ms) / len(ms):.4f} | {_acc(acc)} | "
+                f"{_diff(cmp.get(f'{name} vs one-shot at its sparsity'))} | {_diff(cmp.get(f'{name} vs control'))}"
+                f" | {c:.1f} |"
+            )
+    L += [
+        "",
+        "Per round (replicate 0): copy sparsities, mean pairwise Jaccard of the copies' kept weights, share "
+        "of the merged kept weights that only one copy keeps, merged sparsity:",
+    ]
     for tag, reps in res["prune"].items():
         for name in METHOD_ORDER:
             m = reps[0]["methods"].get(name, {})
@@ -336,20 +458,30 @@ def sec_prune(res: dict) -> list[str]:
 def _round(x: dict) -> str:
     if x["round"] == "final":
         return f"one-shot to {x['merged_sparsity']:.3f}"
-    return (f"r{x['round']} target {x['round_target']:.3f}"
-            + (f" (copies at {x['copy_sparsity']:.3f})" if "copy_sparsity" in x else "")
-            + f", Jaccard {x.get('jaccard', 1):.3f}, single-copy {x.get('single_copy_share', 0):.3f}"
-            + f" -> {x['merged_sparsity']:.3f}")
+    return (
+        f"r{x['round']} target {x['round_target']:.3f}"
+        + (f" (copies at {x['copy_sparsity']:.3f})" if "copy_sparsity" in x else "")
+        + f", Jaccard {x.get('jaccard', 1):.3f}, single-copy {x.get('single_copy_share', 0):.3f}"
+        + f" -> {x['merged_sparsity']:.3f}"
+    )
 
 
 def sec_steps(res: dict) -> list[str]:
     if "step_time" not in res:
         return []
     s = res["step_time"]
-    return ["## Train-step time", "", f"Batch {s['batch_size']}, median of {s['rounds']} interleaved rounds (wall).",
+    return (
+        [
+            "## Train-step time",
             "",
-            "| arm | step (ms) | vs dense full |", "|---|---:|---:|"] + [
-        f"| {n} | {1e3 * t:.1f} | {s['ratio_to_dense'][n]:.2f}x |" for n, t in s["step_time_s"].items()] + [""]
+            f"Batch {s['batch_size']}, median of {s['rounds']} interleaved rounds (wall).",
+            "",
+            "| arm | step (ms) | vs dense full |",
+            "|---|---:|---:|",
+        ]
+        + [f"| {n} | {1e3 * t:.1f} | {s['ratio_to_dense'][n]:.2f}x |" for n, t in s["step_time_s"].items()]
+        + [""]
+    )
 
 
 def sec_plots(plots: list[str]) -> list[str]:
@@ -361,14 +493,25 @@ def sec_stages(res: dict) -> list[str]:
     t = res["timing"]
     if not t:
         return []
-    L = ["## Seconds per stage", "", "Wall and process CPU seconds of every stage of this run (evaluation included; "
-         "pretraining is not part of any job).", "", "| stage | wall s | CPU s |", "|---|---:|---:|"]
+    L = [
+        "## Seconds per stage",
+        "",
+        "Wall and process CPU seconds of every stage of this run (evaluation included; "
+        "pretraining is not part of any job).",
+        "",
+        "| stage | wall s | CPU s |",
+        "|---|---:|---:|",
+    ]
     L += [f"| {k} | {v['wall']:.1f} | {_fmt(v['cpu'], 1)} |" for k, v in t.items()]
     wall = sum(v["wall"] for v in t.values())
     cpu = sum(v["cpu"] or 0.0 for v in t.values())
-    L += [f"| total | {wall:.1f} | {cpu:.1f} |", "",
-          "Timings come from whatever machine ran this report: on a shared CPU wall time grows with the load, "
-          "process CPU time much less (the cost basis). Accuracies are on the held-out target validation split.", ""]
+    L += [
+        f"| total | {wall:.1f} | {cpu:.1f} |",
+        "",
+        "Timings come from whatever machine ran this report: on a shared CPU wall time grows with the load, "
+        "process CPU time much less (the cost basis). Accuracies are on the held-out target validation split.",
+        "",
+    ]
     return L
 
 
@@ -386,6 +529,7 @@ def markdown(res: dict, plots: list[str]) -> str:
 # ---------------------------------------------------------------- plots
 def _colors():
     import matplotlib.pyplot as plt
+
     c = plt.get_cmap("tab20").colors
     return [c[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i in range(20)]
 
@@ -409,12 +553,19 @@ def plot_cost(res: dict):
         if r0["val_acc"]:
             acc0 = _start_acc(res, r0["start"])  # the model this arm starts from (seed 0's replicate)
             xs = ([prefix] if acc0 is not None else []) + [prefix + c for c in r0[f"epoch_{basis}"]]
-            ax.plot(xs, ([acc0] if acc0 is not None else []) + r0["val_acc"], "-" if arm.endswith("/full") else "--",
-                    lw=1, color=color, alpha=0.7)
+            ax.plot(
+                xs,
+                ([acc0] if acc0 is not None else []) + r0["val_acc"],
+                "-" if arm.endswith("/full") else "--",
+                lw=1,
+                color=color,
+                alpha=0.7,
+            )
         a = st["arms"][arm]
         mk = "*" if arm == res["config"].get("headline") else "s" if arm.endswith("/full") else "o"
-        ax.errorbar(st["jobs"][arm]["mean"], a["mean"], yerr=a["sd"] or 0.0, fmt=mk, ms=7, capsize=3, color=color,
-                    label=arm)
+        ax.errorbar(
+            st["jobs"][arm]["mean"], a["mean"], yerr=a["sd"] or 0.0, fmt=mk, ms=7, capsize=3, color=color, label=arm
+        )
     if "dense/full" in st["jobs"]:
         d = st["jobs"]["dense/full"]["mean"]
         ax.axvline(GOAL_COST * d, color="g", ls=":", label=f"{GOAL_COST:g}x dense full's job")
@@ -445,19 +596,36 @@ def plot_sparsity(res: dict):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (layout, sw) in enumerate(res["sweep"]["layouts"].items()):
         xs = [p["sparsity"] for p in sw["sweep_val"]]
-        ax.plot(xs, [p["accuracy"] for p in sw["sweep_val"]], "o-", color=f"C{i}", label=f"{layout} one-shot "
-                f"({sw['score']}), val")
+        ax.plot(
+            xs,
+            [p["accuracy"] for p in sw["sweep_val"]],
+            "o-",
+            color=f"C{i}",
+            label=f"{layout} one-shot ({sw['score']}), val",
+        )
         for sc, pts in sw["scores"].items():
-            ax.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], ":", color=f"C{i}", alpha=0.6,
-                    label=f"{layout} {sc}, selection")
+            ax.plot(
+                [p["sparsity"] for p in pts],
+                [p["accuracy"] for p in pts],
+                ":",
+                color=f"C{i}",
+                alpha=0.6,
+                label=f"{layout} {sc}, selection",
+            )
         ax.axvline(sw["essential_sparsity"], color=f"C{i}", ls="--", alpha=0.5)
     for tag, reps in res.get("prune", {}).items():
         for name, mk in (("isp", "s"), ("issp", "D"), ("control", "x"), ("instant", "^")):
             for r in reps:
                 if name in r["methods"]:
                     m = r["methods"][name]
-                    ax.plot(m["sparsity"], m["accuracy"], mk, color="C3" if r["layout"] == "unstructured" else "C4",
-                            ms=6, alpha=0.7)
+                    ax.plot(
+                        m["sparsity"],
+                        m["accuracy"],
+                        mk,
+                        color="C3" if r["layout"] == "unstructured" else "C4",
+                        ms=6,
+                        alpha=0.7,
+                    )
     ax.set_xlabel("sparsity of the pruned linear layers")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("One-shot sweeps (lines); ISP ■ ISSP ◆ control × Instant Soup ▲ (val, every replicate)")
@@ -483,13 +651,16 @@ def plot_steps(res: dict):
 
 def _plots(run: RunDir, res: dict) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    for name, fn, ok in (("cost.png", plot_cost, "finetune" in res and "costs" in res),
-                         ("sparsity.png", plot_sparsity, "sweep" in res),
-                         ("step_time.png", plot_steps, "step_time" in res)):
+    for name, fn, ok in (
+        ("cost.png", plot_cost, "finetune" in res and "costs" in res),
+        ("sparsity.png", plot_sparsity, "sweep" in res),
+        ("step_time.png", plot_steps, "step_time" in res),
+    ):
         if ok:
             fig = fn(res)
             run.save_figure(name, fig)

@@ -9,6 +9,7 @@ is judged on the headline arm named in the config before the run: its whole job 
 ``GOAL_COST`` of dense full-data fine-tuning's, and its one-sided 95% lower bound against dense full
 at least ``-GOAL_POINTS`` (an equivalence bound against the margin, not a point estimate).
 """
+
 from __future__ import annotations
 
 import statistics as pystats
@@ -21,10 +22,34 @@ from .rundir import RunDir
 GOAL_COST, GOAL_POINTS, GOAL_FT_GAIN = 0.5, 1.0, 10.0
 GOAL_RECALL_RATIO, GOAL_TICKET_POINTS = 1.5, 2.0
 METHOD_ORDER = ("oneshot", "isp", "issp", "control", "instant")
-TIMING_KEYS = ("step_time_s", "images_per_s", "wall_s", "cpu_s", "step_time", "ratio_to_dense", "train_s",
-               "train_cpu_s", "finetune_s", "score_s", "seconds", "score_seconds", "cost", "costs", "wall", "cpu",
-               "reused_cost", "dense_step_s", "jobs_s0", "target_s", "lr", "steps", "epoch_wall", "epoch_cpu",
-               "jobs", "goals")
+TIMING_KEYS = (
+    "step_time_s",
+    "images_per_s",
+    "wall_s",
+    "cpu_s",
+    "step_time",
+    "ratio_to_dense",
+    "train_s",
+    "train_cpu_s",
+    "finetune_s",
+    "score_s",
+    "seconds",
+    "score_seconds",
+    "cost",
+    "costs",
+    "wall",
+    "cpu",
+    "reused_cost",
+    "dense_step_s",
+    "jobs_s0",
+    "target_s",
+    "lr",
+    "steps",
+    "epoch_wall",
+    "epoch_cpu",
+    "jobs",
+    "goals",
+)
 
 
 def strip_timing(obj):
@@ -57,8 +82,11 @@ def collect(run: RunDir) -> dict:
         res["prune"] = {}
         for layout in plan.layouts(cfg):
             for s in plan.prune_targets(run, cfg, layout):
-                reps = [take(plan.prune_stage(layout, s, r)) for r in plan.replicates(cfg)
-                        if run.done(plan.prune_stage(layout, s, r))]
+                reps = [
+                    take(plan.prune_stage(layout, s, r))
+                    for r in plan.replicates(cfg)
+                    if run.done(plan.prune_stage(layout, s, r))
+                ]
                 if reps:
                     res["prune"][plan.prune_tag(layout, s)] = reps
     arms = plan.arms(cfg)
@@ -73,14 +101,16 @@ def collect(run: RunDir) -> dict:
     if run.done("budget"):
         res["budget"] = take("budget")
     for arm in arms:
-        per_seed = [take(f"finetune/{arm}/s{k}") for k in range(plan.seeds_of(cfg, arm))
-                    if run.done(f"finetune/{arm}/s{k}")]
+        per_seed = [
+            take(f"finetune/{arm}/s{k}") for k in range(plan.seeds_of(cfg, arm)) if run.done(f"finetune/{arm}/s{k}")
+        ]
         if per_seed:
             fts[arm] = per_seed
     if fts:
         res["finetune"] = fts
-        res["costs"] = {arm: [cost.job(run, cfg, arm, r["seed_index"], r) for r in per_seed]
-                        for arm, per_seed in fts.items()}
+        res["costs"] = {
+            arm: [cost.job(run, cfg, arm, r["seed_index"], r) for r in per_seed] for arm, per_seed in fts.items()
+        }
         res["costs"]["start"] = [cost.job(run, cfg, "start", 0)]
     if run.done("timing"):
         r = take("timing")
@@ -106,19 +136,34 @@ def statistics(run: RunDir, res: dict) -> dict:
     """Per-arm summaries, costs, the paired comparisons (one Holm family), and the goals."""
     cfg = res["config"]
     basis = cfg.get("cost_basis", "cpu")
-    out: dict = {"arms": {}, "jobs": {}, "vs_dense_full": {}, "vs_start": {}, "policies_vs_random": {}, "pairs": {},
-                 "prune": {}, "sinks": {}, "basis": basis}
+    out: dict = {
+        "arms": {},
+        "jobs": {},
+        "vs_dense_full": {},
+        "vs_start": {},
+        "policies_vs_random": {},
+        "pairs": {},
+        "prune": {},
+        "sinks": {},
+        "basis": basis,
+    }
     fts = res.get("finetune", {})
-    mats = {arm: _matrix([_preds(run, f"preds/finetune/{arm}/s{r['seed_index']}.pt") for r in per_seed])
-            for arm, per_seed in fts.items()}
+    mats = {
+        arm: _matrix([_preds(run, f"preds/finetune/{arm}/s{r['seed_index']}.pt") for r in per_seed])
+        for arm, per_seed in fts.items()
+    }
     start = _preds(run, "preds/start.pt")
     for arm, per_seed in fts.items():
         out["arms"][arm] = stats.summary([r["accuracy"] for r in per_seed])
     for arm, jobs in res.get("costs", {}).items():
         tot = [j["total"][basis] for j in jobs]
         parts = {p: pystats.fmean(j["parts"][p][basis] for j in jobs) for p in jobs[0]["parts"]}
-        out["jobs"][arm] = {"mean": pystats.fmean(tot), "per_seed": tot, "parts": parts,
-                            "wall": pystats.fmean(j["total"]["wall"] for j in jobs)}
+        out["jobs"][arm] = {
+            "mean": pystats.fmean(tot),
+            "per_seed": tot,
+            "parts": parts,
+            "wall": pystats.fmean(j["total"]["wall"] for j in jobs),
+        }
     dense_job = out["jobs"].get("dense/full", {}).get("mean")
     if dense_job:
         for arm, j in out["jobs"].items():
@@ -142,8 +187,12 @@ def statistics(run: RunDir, res: dict) -> dict:
         rnd = f"{st}/random" + (f"@{keep}" if keep else "")
         if policy not in ("full", "random") and not policy.startswith("matched") and rnd in fts:
             out["policies_vs_random"][arm] = paired(arm, rnd)
-    pairs = [("unstructured-isp/full", "unstructured-oneshot/full"), ("dense/fixed", "dense/random"),
-             (f"{cfg['layout']}-isp/full", "unstructured-isp/full"), (f"{cfg['layout']}-isp/fixed", "dense/fixed")]
+    pairs = [
+        ("unstructured-isp/full", "unstructured-oneshot/full"),
+        ("dense/fixed", "dense/random"),
+        (f"{cfg['layout']}-isp/full", "unstructured-isp/full"),
+        (f"{cfg['layout']}-isp/fixed", "dense/fixed"),
+    ]
     head = cfg.get("headline")
     for m in plan.MATCHED:
         pairs.append((head, m))
@@ -155,13 +204,17 @@ def statistics(run: RunDir, res: dict) -> dict:
 
         def mat(name):
             return _matrix([_preds(run, f"preds/{tag}/r{r['replicate']}/{name}.pt") for r in reps])
+
         for name in METHOD_ORDER[1:]:
             if name not in reps[0]["methods"]:
                 continue
             mine = mat(name)
             refs = [r["methods"][name].get("oneshot_at_actual") for r in reps]  # each replicate's own
-            ref = None if None in refs else _matrix([_preds(run, f"preds/{tag}/r{r['replicate']}/{n}.pt")
-                                                     for r, n in zip(reps, refs)])
+            ref = (
+                None
+                if None in refs
+                else _matrix([_preds(run, f"preds/{tag}/r{r['replicate']}/{n}.pt") for r, n in zip(reps, refs)])
+            )
             if ref is not None and mine is not None and ref.shape == mine.shape:
                 cmp[f"{name} vs one-shot at its sparsity"] = stats.compare(mine, ref)
             ctrl = mat("control")
@@ -207,27 +260,47 @@ def goals(res: dict, st: dict) -> dict:
     out = {}
     d = st["vs_start"].get("dense/full")
     if d:
-        out["finetune_gain"] = {"diff": d["diff"], "lower": d["lower"], "met": d["lower"] >= GOAL_FT_GAIN,
-                                "vs": "linear probe (the start model)"}
+        out["finetune_gain"] = {
+            "diff": d["diff"],
+            "lower": d["lower"],
+            "met": d["lower"] >= GOAL_FT_GAIN,
+            "vs": "linear probe (the start model)",
+        }
     h = st["vs_dense_full"].get(head)
     if h and head in st["jobs"] and "ratio" in st["jobs"][head]:
         ratio = st["jobs"][head]["ratio"]
-        out["headline"] = {"arm": head, "cost_ratio": ratio, "diff": h["diff"], "lower": h["lower"],
-                           "met": ratio <= GOAL_COST and h["lower"] >= -GOAL_POINTS}
-    any_arm = [a for a, j in st["jobs"].items() if a in st["vs_dense_full"] and st["vs_dense_full"][a]
-               and j.get("ratio", 9) <= GOAL_COST and st["vs_dense_full"][a]["lower"] >= -GOAL_POINTS]
+        out["headline"] = {
+            "arm": head,
+            "cost_ratio": ratio,
+            "diff": h["diff"],
+            "lower": h["lower"],
+            "met": ratio <= GOAL_COST and h["lower"] >= -GOAL_POINTS,
+        }
+    any_arm = [
+        a
+        for a, j in st["jobs"].items()
+        if a in st["vs_dense_full"]
+        and st["vs_dense_full"][a]
+        and j.get("ratio", 9) <= GOAL_COST
+        and st["vs_dense_full"][a]["lower"] >= -GOAL_POINTS
+    ]
     out["any_arm"] = any_arm
     sc = res.get("score")
     if sc and sc["random"]["select"]["object_recall"] is not None:
         best = sc["sink"]  # the rule the run chose on the selection split
         rr = sc["rules"][best]["val"]["object_recall"] / max(sc["random"]["val"]["object_recall"], 1e-9)
-        tick = st["policies_vs_random"].get("dense/fixed") or st["policies_vs_random"].get(
-            f"{cfg['layout']}-isp/fixed")
-        out["tickets"] = {"rule": best, "recall": sc["rules"][best]["val"]["object_recall"],
-                          "random_recall": sc["random"]["val"]["object_recall"], "ratio": rr,
-                          "vs_random": tick["diff"] if tick else None,
-                          "met": rr >= GOAL_RECALL_RATIO and cfg["keep_ratio"] <= 0.5 and bool(tick)
-                          and tick["diff"] >= GOAL_TICKET_POINTS}
+        tick = st["policies_vs_random"].get("dense/fixed") or st["policies_vs_random"].get(f"{cfg['layout']}-isp/fixed")
+        out["tickets"] = {
+            "rule": best,
+            "recall": sc["rules"][best]["val"]["object_recall"],
+            "random_recall": sc["random"]["val"]["object_recall"],
+            "ratio": rr,
+            "vs_random": tick["diff"] if tick else None,
+            "met": rr >= GOAL_RECALL_RATIO
+            and cfg["keep_ratio"] <= 0.5
+            and bool(tick)
+            and tick["diff"] >= GOAL_TICKET_POINTS,
+        }
     return out
 
 

@@ -5,6 +5,7 @@ Every file is written to a temporary name in the same directory and moved into p
 counts as done only when its marker ``stages/<name>.json`` exists; it is written last, after all of
 the stage's outputs, so a killed stage is simply redone from scratch on resume.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,25 +51,29 @@ class RunDir:
 
     # ------------------------------------------------------------ creation
     @classmethod
-    def create(cls, root, config: dict) -> "RunDir":
+    def create(cls, root, config: dict) -> RunDir:
         """A new run: ``root`` must not exist or be an empty directory (never overwrite a run)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise LotusError(f"--out: {root} exists and is not a directory")
         if root.is_dir() and any(root.iterdir()):
-            raise LotusError(f"--out: {root} already exists and is not empty; pass --resume {root} "
-                             "to continue that run, or choose a new directory")
+            raise LotusError(
+                f"--out: {root} already exists and is not empty; pass --resume {root} "
+                "to continue that run, or choose a new directory"
+            )
         root.mkdir(parents=True, exist_ok=True)
         run = cls(root)
         run.write_json("config.json", config)
         return run
 
     @classmethod
-    def open(cls, root) -> "RunDir":
+    def open(cls, root) -> RunDir:
         root = Path(root)
         if not (root / "config.json").is_file():
-            raise LotusError(f"run directory: {root} has no config.json (not a lotus run; "
-                             "start one with `lotus run --data ... --out DIR`)")
+            raise LotusError(
+                f"run directory: {root} has no config.json (not a lotus run; "
+                "start one with `lotus run --data ... --out DIR`)"
+            )
         return cls(root)
 
     def remove_stale_temporaries(self) -> None:
@@ -136,8 +141,10 @@ class RunDir:
 
     def result(self, stage: str) -> dict:
         if not self.done(stage):
-            raise LotusError(f"run directory: stage {stage!r} has not finished in {self.root} "
-                             f"(run `lotus run --resume {self.root}` or that stage's command)")
+            raise LotusError(
+                f"run directory: stage {stage!r} has not finished in {self.root} "
+                f"(run `lotus run --resume {self.root}` or that stage's command)"
+            )
         return self.read_json(self._marker(stage))
 
     def mark_done(self, stage: str, result: dict) -> None:

@@ -15,6 +15,7 @@ signal and the shared difficulty of the images cancels.
   summary(acc_per_seed)      mean, SD (n - 1) and a 95% t interval over seeds
   fmt_p(p)                   "0.012", or "< 0.001" (a bootstrap p is never exactly 0)
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,9 @@ def _as_matrix(x, name: str) -> torch.Tensor:
     if t.ndim == 1:
         t = t[None]
     if t.ndim != 2 or t.shape[1] == 0:
-        raise ValueError(f"{name}: expected per-image correctness [images] or [seeds, images], got shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected per-image correctness [images] or [seeds, images], got shape {tuple(t.shape)}"
+        )
     return t.bool()
 
 
@@ -115,7 +117,7 @@ def mcnemar(a, b) -> dict:
     n10 = int((~a & b).sum())
     n = n01 + n10
     k = min(n01, n10)
-    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
     return {"a_only": n01, "b_only": n10, "p": p}
 
 
@@ -128,7 +130,7 @@ def paired_bootstrap(a, b, *, n_boot: int = 2000, seed: int = 0, level: float = 
     ``lower`` the one-sided ``level`` lower bound. ``p`` is the two-sided bootstrap p-value (twice the
     smaller tail around 0; its resolution is 2 / n_boot)."""
     a, b = _pair(a, b)
-    d = (a.double() - b.double())  # [S, N] in {-1, 0, 1}
+    d = a.double() - b.double()  # [S, N] in {-1, 0, 1}
     s, n = d.shape
     g = torch.Generator().manual_seed(seed)
     # per replicate: mean over resampled seeds of the mean over resampled images, in chunks (all
@@ -138,7 +140,7 @@ def paired_bootstrap(a, b, *, n_boot: int = 2000, seed: int = 0, level: float = 
         m = min(100, n_boot - i)
         rows = torch.randint(0, s, (m, s), generator=g)
         cols = torch.randint(0, n, (m, n), generator=g)
-        boot[i:i + m] = d[rows].gather(2, cols[:, None, :].expand(-1, s, -1)).mean((1, 2)) * 100.0
+        boot[i : i + m] = d[rows].gather(2, cols[:, None, :].expand(-1, s, -1)).mean((1, 2)) * 100.0
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2, 1 - level], dtype=boot.dtype)
     lo, hi, lower = torch.quantile(boot, q).tolist()
     diff = float(d.mean()) * 100.0
@@ -168,8 +170,17 @@ def t_interval(values, *, level: float = LEVEL) -> dict | None:
         p = 1.0 if mean == 0 else 0.0
     else:
         p = 2.0 * (1.0 - t_cdf(abs(mean) / se, df))
-    return {"diff": mean, "lo": mean - two * se, "hi": mean + two * se, "lower": mean - one * se, "p": p,
-            "seeds": len(v), "se": se, "df": df, "method": "seed t"}
+    return {
+        "diff": mean,
+        "lo": mean - two * se,
+        "hi": mean + two * se,
+        "lower": mean - one * se,
+        "p": p,
+        "seeds": len(v),
+        "se": se,
+        "df": df,
+        "method": "seed t",
+    }
 
 
 def compare(a, b, *, seed: int = 0) -> dict:
@@ -231,8 +242,10 @@ def verdict(diff: dict, p_adjusted: float | None = None, alpha: float = 0.05) ->
 def describe(diff: dict, unit: str = "points", p_adjusted: float | None = None) -> str:
     """'+1.23 points [95% CI -0.40, +2.90], p = 0.140 (Holm 0.840), not significant'."""
     holm_txt = "" if p_adjusted is None else f" (Holm {fmt_p(p_adjusted)})"
-    return (f"{diff['diff']:+.2f} {unit} [95% CI {diff['lo']:+.2f}, {diff['hi']:+.2f}], p {_p_eq(diff['p'])}"
-            f"{holm_txt}, {verdict(diff, p_adjusted)}")
+    return (
+        f"{diff['diff']:+.2f} {unit} [95% CI {diff['lo']:+.2f}, {diff['hi']:+.2f}], p {_p_eq(diff['p'])}"
+        f"{holm_txt}, {verdict(diff, p_adjusted)}"
+    )
 
 
 def _p_eq(p: float) -> str:

@@ -14,6 +14,7 @@ source images on the same canvas, on a plain background (``source_background``, 
 pretrained on object-centric images, fine-tuned where the object is a minority of the frame) or on
 clutter too.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,11 +75,15 @@ def check_source(cfg: dict) -> None:
     if cfg["source_classes"]:
         return
     if cfg.get("recipe") != "pretrained":
-        raise LotusError("--source-classes none: a model trained from scratch needs a source task "
-                         "(or pass --checkpoint / --pretrained)")
+        raise LotusError(
+            "--source-classes none: a model trained from scratch needs a source task "
+            "(or pass --checkpoint / --pretrained)"
+        )
     if cfg.get("pretrain_epochs"):
-        raise LotusError("--pretrain-epochs: no source classes to pretrain on (pass --source-classes, or "
-                         "--pretrain-epochs 0 to start from the checkpoint as it is)")
+        raise LotusError(
+            "--pretrain-epochs: no source classes to pretrain on (pass --source-classes, or "
+            "--pretrain-epochs 0 to start from the checkpoint as it is)"
+        )
 
 
 def _canvas(images: data_mod.ImageSet, cfg: dict, name: str) -> data_mod.ImageSet:
@@ -90,13 +95,21 @@ def _canvas(images: data_mod.ImageSet, cfg: dict, name: str) -> data_mod.ImageSe
     x = images.source.batch(images.index)
     side = cfg.get("image_side") or x.shape[-1]
     if x.shape[-1] != side:  # other data (``lotus evaluate``): objects at the run's size, then its canvas
-        x = torch.nn.functional.interpolate(x.float(), size=(side, side), mode="bilinear", antialias=True,
-                                            align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        x = (
+            torch.nn.functional.interpolate(
+                x.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
+            )
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
     background = cfg.get("source_background", "plain") if name.startswith("source/") else "clutter"
-    canv, boxes = canvas_mod.compose(x, size, seed=stage_seed(cfg["seed"], f"canvas/{name}"),
-                                     tile=cfg.get("canvas_tile"), background=background)
-    src = data_mod.TensorSource(canv, images.y.clone(), images.num_classes, f"{images.source.name}@canvas{size}",
-                                boxes=boxes)
+    canv, boxes = canvas_mod.compose(
+        x, size, seed=stage_seed(cfg["seed"], f"canvas/{name}"), tile=cfg.get("canvas_tile"), background=background
+    )
+    src = data_mod.TensorSource(
+        canv, images.y.clone(), images.num_classes, f"{images.source.name}@canvas{size}", boxes=boxes
+    )
     return data_mod.ImageSet(src, torch.arange(len(images)), images.config, images.workers)
 
 

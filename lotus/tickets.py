@@ -21,6 +21,7 @@ through the same kept-patch path (so their costs differ only by what choosing co
   mix            the top ``mix_top`` share of the kept patches by the fixed ticket's scores, the rest
                  drawn at random from the other patches every step
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,7 @@ def _sink(rule: str | None):
 
 
 @torch.no_grad()
-def score(model, data: ImageSet, *, batch_size: int = 256, sink: str | None = "first",
-          return_flagged: bool = False):
+def score(model, data: ImageSet, *, batch_size: int = 256, sink: str | None = "first", return_flagged: bool = False):
     """[N, num_patches] float32 patch scores of every image in ``data``, row i for image id i (and
     the bool mask of the patches the sink rule changed, with ``return_flagged``)."""
     dev = device()
@@ -123,7 +123,7 @@ class _Mix:
         self.k = num_keep(n, keep)
         self.k_top = min(self.k, max(0, round(top * self.k)))
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        self.top, self.rest = order[:, :self.k_top], order[:, self.k_top:]
+        self.top, self.rest = order[:, : self.k_top], order[:, self.k_top :]
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, x, idx):
@@ -132,8 +132,18 @@ class _Mix:
         return torch.cat([self.top[idx], rest.gather(1, pick)], 1).sort(dim=1).values
 
 
-def make_policy(policy: str, *, model, train_data: ImageSet, scores: torch.Tensor | None, keep: float, seed: int,
-                sink="first", batch_size: int = 256, mix_top: float = 0.5):
+def make_policy(
+    policy: str,
+    *,
+    model,
+    train_data: ImageSet,
+    scores: torch.Tensor | None,
+    keep: float,
+    seed: int,
+    sink="first",
+    batch_size: int = 256,
+    mix_top: float = 0.5,
+):
     """(keep_fn for ``train(keep_fn=...)``, augment flag) of ``policy`` at ``keep``; ``scores`` [N, P]
     are the start model's scores of ``train_data`` (for fixed / rescore_epoch / mix)."""
     n = model.patch_embed.num_patches
@@ -145,8 +155,9 @@ def make_policy(policy: str, *, model, train_data: ImageSet, scores: torch.Tenso
         return _Table(keep_indices(scores, keep)), False
     if policy == "fixed_random":
         g = torch.Generator().manual_seed(seed)
-        return _Table(torch.rand(len(train_data), n, generator=g).topk(num_keep(n, keep), dim=1)
-                      .indices.sort(dim=1).values), False
+        return _Table(
+            torch.rand(len(train_data), n, generator=g).topk(num_keep(n, keep), dim=1).indices.sort(dim=1).values
+        ), False
     if policy == "random":
         return _Random(n, keep, seed), False
     if policy == "rescore_epoch":
@@ -173,12 +184,21 @@ def ticket_predict(model, data: ImageSet, keep_idx: torch.Tensor, *, batch_size:
 
 
 # ---------------------------------------------------------------- figure
-def overlay_figure(data: ImageSet, scores: torch.Tensor, keep_ratio: float, patch_size: int, n_images: int = 8,
-                   flagged: torch.Tensor | None = None, rule: str | None = None, boxes: torch.Tensor | None = None):
+def overlay_figure(
+    data: ImageSet,
+    scores: torch.Tensor,
+    keep_ratio: float,
+    patch_size: int,
+    n_images: int = 8,
+    flagged: torch.Tensor | None = None,
+    rule: str | None = None,
+    boxes: torch.Tensor | None = None,
+):
     """Per image: the picture, its score map (patches the sink rule changed outlined in red), and the
     kept patches (dropped ones greyed). ``scores`` are the scores after the rule; ``boxes`` [N, 4]
     (top, left, height, width in model pixels): the object of canvas images, outlined in green."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -203,8 +223,11 @@ def overlay_figure(data: ImageSet, scores: torch.Tensor, keep_ratio: float, patc
         if boxes is not None:
             top, left, h, w = boxes[i].tolist()
             for r, scale in ((0, 1.0), (1, 1.0 / patch_size), (2, 1.0)):  # pixels / patches; edges at -0.5
-                axes[r, i].add_patch(Rectangle((left * scale - 0.5, top * scale - 0.5), w * scale, h * scale,
-                                               fill=False, ec="lime", lw=1.2))
+                axes[r, i].add_patch(
+                    Rectangle(
+                        (left * scale - 0.5, top * scale - 0.5), w * scale, h * scale, fill=False, ec="lime", lw=1.2
+                    )
+                )
         for r in range(3):
             axes[r, i].set_xticks([])
             axes[r, i].set_yticks([])

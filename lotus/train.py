@@ -12,6 +12,7 @@ DDP-aware (``torchrun``): each rank loads its share of every global batch and ea
 its sum of per-sample losses over the *global* batch size times the world size, so DDP's gradient
 average equals the single-process gradient of the global batch mean, shards even or not.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,13 +61,20 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-             whole: bool = False):
+def _batches(data: ImageSet, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, whole: bool = False):
     """This rank's batches of ``data`` (uint8 images, labels, ids); see ``data.loader``. ``whole``:
     every image on this process (a per-image record made by one rank)."""
     rank, size = (0, 1) if whole else world()
-    return loader(data, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world=size,
-                  pin_memory=torch.cuda.is_available())
+    return loader(
+        data,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world=size,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 # ---------------------------------------------------------------- evaluation
@@ -77,8 +85,9 @@ def evaluate(model, data: ImageSet, *, batch_size: int = 256, bf16: bool = False
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64)
-    for xb, yb, _ in tqdm(_batches(data, batch_size, shuffle=False), desc=desc, leave=False,
-                          disable=None if is_main() else True):
+    for xb, yb, _ in tqdm(
+        _batches(data, batch_size, shuffle=False), desc=desc, leave=False, disable=None if is_main() else True
+    ):
         x = data.prepare(xb, dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).argmax(dim=1).cpu()
@@ -116,8 +125,13 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: int = 4, positions: torch.Tensor | None = None,
-                  total: int | None = None) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    shift: int = 4,
+    positions: torch.Tensor | None = None,
+    total: int | None = None,
+) -> torch.Tensor:
     """Random horizontal flips and translations by up to ``shift`` pixels (zero fill, i.e. the mean
     after normalisation), drawn from ``gen`` for the whole global batch of ``total`` images (default
     ``len(x)``), of which ``x`` holds the ``positions`` (default all): DDP ranks, each holding its
@@ -131,7 +145,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: int = 4, positio
     x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     padded = F.pad(x, (shift,) * 4)
     off = off.tolist()
-    return torch.stack([padded[i, :, off[0][i]:off[0][i] + h, off[1][i]:off[1][i] + w] for i in range(b)])
+    return torch.stack([padded[i, :, off[0][i] : off[0][i] + h, off[1][i] : off[1][i] + w] for i in range(b)])
 
 
 OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}  # ours -> timm's name (SGD: momentum 0.9, not Nesterov)
@@ -154,12 +168,30 @@ def optimizer_params(model, weight_decay: float) -> list:
     return [p for g in make_optimizer(model, "sgd", 0.0, weight_decay).param_groups for p in g["params"]]
 
 
-def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int, lr: float, batch_size: int,
-          seed: int, optimizer: str = "adamw", weight_decay: float = 0.05, warmup: float = 0.1,
-          bf16: bool = False, keep_idx: torch.Tensor | None = None, patch_drop_keep: float | None = None,
-          eval_batch_size: int = 256, augment: bool = False, clip_grad: float | None = None,
-          desc: str = "train", keep_fn=None, optimizer_state: dict | None = None, steps: int | None = None,
-          schedule: tuple[int, int] | None = None) -> dict:
+def train(
+    model,
+    train_data: ImageSet,
+    val_data: ImageSet | None,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.05,
+    warmup: float = 0.1,
+    bf16: bool = False,
+    keep_idx: torch.Tensor | None = None,
+    patch_drop_keep: float | None = None,
+    eval_batch_size: int = 256,
+    augment: bool = False,
+    clip_grad: float | None = None,
+    desc: str = "train",
+    keep_fn=None,
+    optimizer_state: dict | None = None,
+    steps: int | None = None,
+    schedule: tuple[int, int] | None = None,
+) -> dict:
     """Train ``model`` in place; returns the history (val accuracy per epoch, losses, step times).
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
@@ -214,8 +246,15 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
     last = epochs * steps_per_epoch if steps is None else steps
     offset, total = schedule if schedule is not None else (0, last)
     warm = round(warmup * total)
-    hist = {"epoch": [], "val_acc": [], "train_loss": [], "step_time_s": None, "images_per_s": None,
-            "epoch_wall": [], "epoch_cpu": []}
+    hist = {
+        "epoch": [],
+        "val_acc": [],
+        "train_loss": [],
+        "step_time_s": None,
+        "images_per_s": None,
+        "epoch_wall": [],
+        "epoch_cpu": [],
+    }
     times, step = [], 0
     spent = {"wall": 0.0, "cpu": 0.0}  # training time, evaluation excluded
     seen = torch.zeros(size, dtype=torch.float64)  # images each rank trained on (its shard of every batch)
@@ -238,8 +277,9 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                     g["lr"] = lr_at(offset + step, total, lr, warm)
                 x = train_data.prepare(xb, dev)
                 if augment:
-                    x = augment_batch(x, aug_gen, shift, positions=my_positions(start, n_global, rank, size),
-                                      total=n_global)
+                    x = augment_batch(
+                        x, aug_gen, shift, positions=my_positions(start, n_global, rank, size), total=n_global
+                    )
                 y = yb.to(dev, non_blocking=True)
                 kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[ids].to(dev)}
                 if keep_fn is not None:  # tickets are indexed by image id
@@ -271,8 +311,9 @@ def train(model, train_data: ImageSet, val_data: ImageSet | None, *, epochs: int
                 acc = evaluate(model, val_data, batch_size=eval_batch_size, bf16=bf16, desc="eval")
                 hist["val_acc"].append(acc)
                 if rank == 0:
-                    tqdm.write(f"  {desc} epoch {epoch + 1}/{epochs}: loss {hist['train_loss'][-1]:.3f}, "
-                               f"val acc {acc:.2f}%")
+                    tqdm.write(
+                        f"  {desc} epoch {epoch + 1}/{epochs}: loss {hist['train_loss'][-1]:.3f}, val acc {acc:.2f}%"
+                    )
     finally:
         model.patch_drop = saved_patch_drop
     if size > 1:
@@ -296,8 +337,17 @@ def epochs_to_within(accs: list[float], points: float = 1.0) -> int | None:
     return next(i + 1 for i, a in enumerate(accs) if a >= accs[-1] - points)
 
 
-def time_steps(setups: dict, data: ImageSet, *, batch_size: int, rounds: int, seed: int, optimizer: str = "adamw",
-               lr: float = 1e-4, bf16: bool = False) -> dict:
+def time_steps(
+    setups: dict,
+    data: ImageSet,
+    *,
+    batch_size: int,
+    rounds: int,
+    seed: int,
+    optimizer: str = "adamw",
+    lr: float = 1e-4,
+    bf16: bool = False,
+) -> dict:
     """Median seconds of one training step per configuration, measured in interleaved rounds on one
     fixed batch so that a busy machine slows every configuration alike.
 

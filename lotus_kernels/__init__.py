@@ -5,9 +5,10 @@ Public API: ``ops`` (registered torch ops), ``nn`` (modules), ``select_keep``, `
 what, per op), ``cpu_isa`` / ``cpu_isas`` /
 ``cpu_kernel_path`` (which x86 ISA the CPU kernels use).
 """
-from . import _version
 
 import torch as _torch
+
+from . import _version
 
 _why = _version.problem("torch", _torch.__version__, _version.TORCH)
 if _why and not _version.allowed_anyway():
@@ -16,11 +17,25 @@ if _why and not _version.allowed_anyway():
 from . import nn, ops  # noqa: E402
 from ._backend import backend_errors, backends, use_backend
 from ._capabilities import capabilities
+from .families import patch_vit
 from .isa import cpu_isa, cpu_isas, cpu_kernel_path
 from .select import select_keep
 from .sparsify import densify_, sparsify_
-from .families import patch_vit
 
 __version__ = _version.__version__
-__all__ = ["ops", "nn", "select_keep", "patch_vit", "sparsify_", "densify_", "backends", "backend_errors", "capabilities",
-           "use_backend", "cpu_isa", "cpu_isas", "cpu_kernel_path", "__version__"]
+__all__ = [
+    "ops",
+    "nn",
+    "select_keep",
+    "patch_vit",
+    "sparsify_",
+    "densify_",
+    "backends",
+    "backend_errors",
+    "capabilities",
+    "use_backend",
+    "cpu_isa",
+    "cpu_isas",
+    "cpu_kernel_path",
+    "__version__",
+]

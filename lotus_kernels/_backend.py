@@ -11,6 +11,7 @@ then cuda, an order not yet measured on a GPU; see docs/design/ops_and_backends.
 ``LOTUS_KERNELS_BACKEND`` or the ``use_backend`` context manager force one; forcing one that is not
 built, or that cannot run on the tensors' device, raises instead of silently falling back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,7 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -51,9 +52,11 @@ def _build_mismatch() -> str | None:
     built, running = _build_info.TORCH_VERSION, torch.__version__
     if built.split("+")[0] == running.split("+")[0] and _build_info.TORCH_CUDA == torch.version.cuda:
         return None
-    return (f"the compiled extensions were built against torch {built} (CUDA {_build_info.TORCH_CUDA}), this is "
-            f"torch {running} (CUDA {torch.version.cuda}): rebuild them (`pip install --no-build-isolation .`, or "
-            f"`make build` in a checkout)")
+    return (
+        f"the compiled extensions were built against torch {built} (CUDA {_build_info.TORCH_CUDA}), this is "
+        f"torch {running} (CUDA {torch.version.cuda}): rebuild them (`pip install --no-build-isolation .`, or "
+        f"`make build` in a checkout)"
+    )
 
 
 def _triton_problem() -> str | None:
@@ -61,6 +64,7 @@ def _triton_problem() -> str | None:
     if err is not None:
         return err
     import triton
+
     why = _version.problem("triton", triton.__version__, _version.TRITON)
     if why and not _version.allowed_anyway():
         return why
@@ -149,8 +153,10 @@ def select(device: torch.device, op: str) -> str:
         return _default(device, implemented)
     _check_name(name, f"{ENV_BACKEND}" if _forced is None else "use_backend")
     if name not in implemented:
-        raise NotImplementedError(f"{op}: the {name!r} backend has no kernel for this op "
-                                  f"(available: {', '.join(implemented)}; see lotus_kernels.capabilities())")
+        raise NotImplementedError(
+            f"{op}: the {name!r} backend has no kernel for this op "
+            f"(available: {', '.join(implemented)}; see lotus_kernels.capabilities())"
+        )
     why = _load_status()[name]
     if why is not None:
         raise RuntimeError(f"lotus_kernels backend {name!r} was requested but is not available: {why}")

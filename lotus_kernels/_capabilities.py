@@ -17,6 +17,7 @@ Columns:
                ``lotus_kernels.triton.<module>.<name>``) the op launches, for the consistency test
   module       the Triton module holding those launchers
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,13 +47,18 @@ _ALL = ("reference", "cpu", "cuda", "triton")
 
 CAPABILITIES: dict[str, Capability] = {
     "token_gather": Capability(_ALL, ("gather_tokens", "scatter_tokens"), "token_gather"),
-    "patch_embed_gather": Capability(_ALL, ("im2col_gather", "col2im_scatter", "patch_embed_gather"),
-                                     "patch_embed_gather"),
+    "patch_embed_gather": Capability(
+        _ALL, ("im2col_gather", "col2im_scatter", "patch_embed_gather"), "patch_embed_gather"
+    ),
     # No CUDA C++ attention: on CUDA tensors Triton (fused) or PyTorch's SDPA + a Triton CLS-row kernel.
     "attention": Capability(("reference", "cpu", "triton"), ("attention_fwd", "attention_bwd"), "attention"),
     "block_sparse_linear": Capability(
-        _ALL, ("bsr_linear_fwd", "bsr_linear_bwd_input", "bsr_linear_bwd_weight"), "block_sparse_linear",
-        mixed_input=("cpu",), fused_bias=("cpu",)),
+        _ALL,
+        ("bsr_linear_fwd", "bsr_linear_bwd_input", "bsr_linear_bwd_weight"),
+        "block_sparse_linear",
+        mixed_input=("cpu",),
+        fused_bias=("cpu",),
+    ),
     # dW = (dy^T x) masked: one GEMM (torch.mm, every device) then the masked zeroing, a C++ kernel on
     # the CPU; no GPU kernel, so on CUDA tensors the default is the reference (the same mm + masked_fill).
     "masked_weight_grad": Capability(("reference", "cpu"), ("masked_fill_grad_",)),
@@ -69,6 +75,12 @@ def capability(op: str) -> Capability:
 def capabilities() -> dict[str, dict]:
     """Which backend implements what, per op, as plain data (e.g. for a log or a bug report):
     ``{'attention': {'backends': ('reference', 'cpu', 'triton'), 'dtypes': (...), ...}, ...}``."""
-    return {op: {"backends": c.backends, "dtypes": tuple(str(d).removeprefix("torch.") for d in c.dtypes),
-                 "mixed_input": c.mixed_input, "fused_bias": c.fused_bias}
-            for op, c in CAPABILITIES.items()}
+    return {
+        op: {
+            "backends": c.backends,
+            "dtypes": tuple(str(d).removeprefix("torch.") for d in c.dtypes),
+            "mixed_input": c.mixed_input,
+            "fused_bias": c.fused_bias,
+        }
+        for op, c in CAPABILITIES.items()
+    }

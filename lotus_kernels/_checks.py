@@ -1,5 +1,6 @@
 """Argument checks shared by the ops. Each op validates once, before dispatch, so every backend
 refuses bad input the same way; messages name the argument and say what was expected."""
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,11 @@ def index_range(name: str, idx: torch.Tensor, n: int) -> None:
         ok_n = hi + 1
     else:
         lo, hi = torch.aminmax(idx)
-        device_assert((lo >= 0) & (hi < n), f"{name}: an index is out of range; expected values in [0, {n}) "
-                                            f"(set {ENV_SYNC_CHECKS}=1 to have the bad value named)")
+        device_assert(
+            (lo >= 0) & (hi < n),
+            f"{name}: an index is out of range; expected values in [0, {n}) "
+            f"(set {ENV_SYNC_CHECKS}=1 to have the bad value named)",
+        )
         ok_n = n
     if stamp is None:
         return
@@ -120,6 +124,7 @@ def autocast_inputs(*tensors):
     if first is None or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
-                                                                            torch.bfloat16) else t
-                 for t in tensors)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )

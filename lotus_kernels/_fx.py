@@ -7,6 +7,7 @@ instead (``record``), so the traced graph calls the wrapper, checks and autocast
 runs. TorchScript compiles the same wrappers down to the registered op (their
 ``torch.jit.is_scripting()`` branch). See docs/design/fx_torchscript.md.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ built so that tools which read a forward's signature or source see the base forw
   ``inspect.signature``, ``help`` and ``torch.export`` (which binds call arguments by signature) see
   the keep arguments.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -5,6 +5,7 @@ use these ranges. Each end of every range is tested in CI (`.ci/run`: `make test
 
 No torch or triton import here: setup.py executes this file before torch is known to be usable.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,10 @@ def problem(name: str, version: str, bounds) -> str | None:
     lo, hi = bounds
     if lo <= major_minor(version) <= hi:
         return None
-    return (f"lotus-kernels supports {name} {describe(bounds)} (tested in CI), found {name} {version}; "
-            f"install a supported {name}, or set {ENV_ALLOW}=1 to try anyway")
+    return (
+        f"lotus-kernels supports {name} {describe(bounds)} (tested in CI), found {name} {version}; "
+        f"install a supported {name}, or set {ENV_ALLOW}=1 to try anyway"
+    )
 
 
 def allowed_anyway() -> bool:

@@ -12,9 +12,8 @@ A call takes the best variant the CPU supports, capped by the environment variab
 on every call, so a test can force each variant. bf16 / fp16 inputs that have no variant of their
 own at the chosen level run the fp32 one on fp32 copies (reported as e.g. ``"avx2 (fp32 copies)"``).
 """
-from __future__ import annotations
 
-import os
+from __future__ import annotations
 
 import torch
 
@@ -40,7 +39,7 @@ def cpu_isa(capped: bool = True) -> str:
 def cpu_isas() -> tuple[str, ...]:
     """Every level this CPU can run, lowest first (each is a valid ``LOTUS_KERNELS_CPU_ISA``)."""
     best = CPU_ISAS.index(cpu_isa(capped=False))
-    return CPU_ISAS[:best + 1]
+    return CPU_ISAS[: best + 1]
 
 
 def cpu_kernel_path(op: str, dtype: torch.dtype = torch.float32, block_size: int = 32) -> str:
@@ -49,4 +48,3 @@ def cpu_kernel_path(op: str, dtype: torch.dtype = torch.float32, block_size: int
     Ops: ``block_sparse_linear.fwd`` / ``.bwd_input`` / ``.bwd_weight`` (``block_size`` matters),
     ``masked_weight_grad``, ``attention``."""
     return _ops().cpu_kernel_path(op, dtype, block_size)
-

@@ -1,4 +1,5 @@
 """Which patches to keep: top-k by score, or uniformly at random."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,7 @@ def select_keep(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor, got {scores.dtype}")
     if scores.shape[1] == 0:
-        raise ValueError("scores: expected at least one patch per row, got shape "
-                         f"{tuple(scores.shape)}")
+        raise ValueError(f"scores: expected at least one patch per row, got shape {tuple(scores.shape)}")
     if not _checks.host_reads_are_free(scores.device):  # checked on the device: no host sync
         _checks.device_assert(~torch.isnan(scores).any(), "scores: contains NaN; patch scores must be finite or +-inf")
     elif torch.isnan(scores).any():

@@ -13,6 +13,7 @@ Measurements are cached per machine in a small JSON file (like torch's BSR Trito
 threads, shape, rows, sparsity and layout, so a cache copied to another machine is never reused
 for it. ``measure=`` injects another timer (tests use a fake one: no test depends on timing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,8 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -36,30 +37,34 @@ ENV_CACHE = "LOTUS_KERNELS_AUTO_CACHE"
 @dataclasses.dataclass(frozen=True)
 class Case:
     """What one measurement depends on. ``layout`` "dense" or "block<bs>"."""
+
     layout: str
     out_features: int
     in_features: int
     tokens: int
     sparsity: float
     dtype: str
-    device: str     # where to measure: "cpu", "cuda:0"
-    machine: str    # what it is: CPU model + kernel ISA, or the GPU's name
+    device: str  # where to measure: "cpu", "cuda:0"
+    machine: str  # what it is: CPU model + kernel ISA, or the GPU's name
     threads: int
 
     def key(self) -> str:
-        return (f"{self.machine}|{self.dtype}|threads={self.threads}|{self.out_features}x{self.in_features}|"
-                f"rows={self.tokens}|sparsity={self.sparsity:.4g}|{self.layout}")
+        return (
+            f"{self.machine}|{self.dtype}|threads={self.threads}|{self.out_features}x{self.in_features}|"
+            f"rows={self.tokens}|sparsity={self.sparsity:.4g}|{self.layout}"
+        )
 
 
 @dataclasses.dataclass
 class Choice:
     """What ``layout="auto"`` chose for one layer, and why."""
+
     name: str
     shape: tuple[int, int]
-    layout: str                     # "dense" or "block"
+    layout: str  # "dense" or "block"
     block_size: int | None
     dense_ms: float
-    sparse_ms: dict[int, float]     # block size -> ms (only the sizes that divide the shape)
+    sparse_ms: dict[int, float]  # block size -> ms (only the sizes that divide the shape)
     reason: str
 
     @property
@@ -77,8 +82,10 @@ class Report(list):
             best = min(c.sparse_ms.items(), key=lambda kv: kv[1], default=None)
             sparse = f"{best[1]:.3f}@{best[0]}" if best else "-"
             choice = c.layout if c.block_size is None else f"block{c.block_size}"
-            lines.append(f"{c.name:40s} {c.shape[0]:>5d}x{c.shape[1]:<5d} {choice:>9s} {c.dense_ms:9.3f} "
-                         f"{sparse:>12s}  {c.reason}")
+            lines.append(
+                f"{c.name:40s} {c.shape[0]:>5d}x{c.shape[1]:<5d} {choice:>9s} {c.dense_ms:9.3f} "
+                f"{sparse:>12s}  {c.reason}"
+            )
         return "\n".join(lines)
 
 
@@ -87,6 +94,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     from .isa import cpu_isa
+
     return f"cpu:{_cpu_model()}:{cpu_isa()}"
 
 
@@ -98,6 +106,7 @@ def _cpu_model() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or platform.machine()
 
 
@@ -127,6 +136,7 @@ def _time_layer(case: Case, repeats: int, warmup: int) -> float:
         lin(x).backward(g)
         x.grad = None
         lin.zero_grad(set_to_none=True)
+
     for _ in range(warmup):
         step()
     times = []
@@ -192,8 +202,15 @@ class Timings:
 
 
 # ---------------------------------------------------------------- deciding
-def choose(layers: dict[str, nn.Linear], *, sparsity: float, tokens: int, min_speedup: float,
-           block_sizes=BLOCK_SIZES, measure=None) -> Report:
+def choose(
+    layers: dict[str, nn.Linear],
+    *,
+    sparsity: float,
+    tokens: int,
+    min_speedup: float,
+    block_sizes=BLOCK_SIZES,
+    measure=None,
+) -> Report:
     """One ``Choice`` per layer (see the module docstring)."""
     timings = Timings(measure)
     threads = torch.get_num_threads()
@@ -202,25 +219,56 @@ def choose(layers: dict[str, nn.Linear], *, sparsity: float, tokens: int, min_sp
         for name, layer in layers.items():
             w = layer.weight
             out_f, in_f = w.shape
-            base = dict(out_features=out_f, in_features=in_f, tokens=tokens, sparsity=round(float(sparsity), 4),
-                        dtype=str(w.dtype).removeprefix("torch."), device=str(w.device), machine=device_name(w.device),
-                        threads=threads)
+            base = dict(
+                out_features=out_f,
+                in_features=in_f,
+                tokens=tokens,
+                sparsity=round(float(sparsity), 4),
+                dtype=str(w.dtype).removeprefix("torch."),
+                device=str(w.device),
+                machine=device_name(w.device),
+                threads=threads,
+            )
             dense = timings.seconds(Case(layout="dense", **base))
-            sparse = {bs: timings.seconds(Case(layout=f"block{bs}", **base))
-                      for bs in block_sizes if out_f % bs == 0 and in_f % bs == 0}
+            sparse = {
+                bs: timings.seconds(Case(layout=f"block{bs}", **base))
+                for bs in block_sizes
+                if out_f % bs == 0 and in_f % bs == 0
+            }
             ms = {bs: 1e3 * t for bs, t in sparse.items()}
             if not sparse:
-                c = Choice(name, (out_f, in_f), "dense", None, 1e3 * dense, ms,
-                           f"no block size in {tuple(block_sizes)} divides the shape")
+                c = Choice(
+                    name,
+                    (out_f, in_f),
+                    "dense",
+                    None,
+                    1e3 * dense,
+                    ms,
+                    f"no block size in {tuple(block_sizes)} divides the shape",
+                )
             else:
                 bs = min(sparse, key=sparse.get)
                 speedup = dense / sparse[bs]
                 if speedup >= min_speedup:
-                    c = Choice(name, (out_f, in_f), "block", bs, 1e3 * dense, ms,
-                               f"block {bs} is {speedup:.2f}x dense (>= min_speedup {min_speedup:g})")
+                    c = Choice(
+                        name,
+                        (out_f, in_f),
+                        "block",
+                        bs,
+                        1e3 * dense,
+                        ms,
+                        f"block {bs} is {speedup:.2f}x dense (>= min_speedup {min_speedup:g})",
+                    )
                 else:
-                    c = Choice(name, (out_f, in_f), "dense", None, 1e3 * dense, ms,
-                               f"best sparse (block {bs}) is {speedup:.2f}x dense (< min_speedup {min_speedup:g})")
+                    c = Choice(
+                        name,
+                        (out_f, in_f),
+                        "dense",
+                        None,
+                        1e3 * dense,
+                        ms,
+                        f"best sparse (block {bs}) is {speedup:.2f}x dense (< min_speedup {min_speedup:g})",
+                    )
             log.info("sparsify_(layout='auto') %s %s: %s", name, c.shape, c.reason)
             report.append(c)
     finally:

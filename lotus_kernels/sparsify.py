@@ -12,10 +12,11 @@
 
 Layers are swapped for new modules with new parameters: build the optimizer after ``sparsify_``.
 """
+
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -69,8 +70,7 @@ def _under(name: str, roots: Iterable[str]) -> bool:
 def _prunable(m: nn.Module) -> bool:
     # A Linear subclass with a forward of its own (quantised, LoRA, ...) computes something else
     # than x @ W.T + b: swapping it for a MaskedLinear would silently change the model.
-    return isinstance(m, SPARSE_LAYERS) or (
-        isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
+    return isinstance(m, SPARSE_LAYERS) or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward)
 
 
 def _targets(model: nn.Module, include, exclude) -> dict[str, nn.Module]:
@@ -119,7 +119,7 @@ def _masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: 
     keep = _prune_smallest(flat, round(sparsity * flat.numel()))
     out, start = {}, 0
     for n, s in scores.items():
-        out[n] = keep[start: start + s.numel()].view_as(s).to(s.device)
+        out[n] = keep[start : start + s.numel()].view_as(s).to(s.device)
         start += s.numel()
     return out
 
@@ -169,8 +169,9 @@ def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) ->
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     if layout == "auto" and masks is not None:
-        raise ValueError("masks: not used with layout 'auto' (it chooses the layers and block sizes; "
-                         "pass sparsity=...)")
+        raise ValueError(
+            "masks: not used with layout 'auto' (it chooses the layers and block sizes; pass sparsity=...)"
+        )
     if layout == "block" and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
         raise ValueError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
     if scope not in SCOPES:
@@ -186,8 +187,10 @@ def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) ->
     if layout == "2:4":
         # 2:4 fixes the pattern (2 of every 4) and so the sparsity: only 0.5 or None is meaningful.
         if sparsity is not None and sparsity != 0.5:
-            raise ValueError(f"sparsity: layout '2:4' prunes exactly 0.5 (2 of every 4 weights); got {sparsity!r} "
-                             "(pass sparsity=None or 0.5)")
+            raise ValueError(
+                f"sparsity: layout '2:4' prunes exactly 0.5 (2 of every 4 weights); got {sparsity!r} "
+                "(pass sparsity=None or 0.5)"
+            )
         if scope != "global":
             raise ValueError("scope: not used with layout '2:4' (every group of 4 is pruned on its own)")
         return
@@ -198,9 +201,20 @@ def _check_args(sparsity, masks, layout, scope, include, exclude, block_size) ->
 
 
 @torch.no_grad()
-def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[str, torch.Tensor] | None = None,
-              layout: str = "unstructured", scope: str = "global", include=None, exclude=None,
-              block_size: int = 32, min_speedup: float = 1.0, tokens: int = 1024, measure=None) -> nn.Module:
+def sparsify_(
+    model: nn.Module,
+    *,
+    sparsity: float | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    layout: str = "unstructured",
+    scope: str = "global",
+    include=None,
+    exclude=None,
+    block_size: int = 32,
+    min_speedup: float = 1.0,
+    tokens: int = 1024,
+    measure=None,
+) -> nn.Module:
     """Prune ``model``'s linear layers in place and return ``model``. ``layout="unstructured"``: each
     targeted ``nn.Linear`` becomes a ``MaskedLinear`` (an existing one gets the new mask);
     ``layout="block"``: a ``BlockSparseLinear`` storing only the kept ``block_size`` blocks.
@@ -229,8 +243,10 @@ def sparsify_(model: nn.Module, *, sparsity: float | None = None, masks: dict[st
     """
     _check_args(sparsity, masks, layout, scope, include, exclude, block_size)
     if isinstance(model, (nn.Linear, *SPARSE_LAYERS)):
-        raise ValueError("model: is itself a linear layer and cannot be swapped in place; "
-                         "use MaskedLinear.from_linear(linear, mask) or BlockSparseLinear.from_linear")
+        raise ValueError(
+            "model: is itself a linear layer and cannot be swapped in place; "
+            "use MaskedLinear.from_linear(linear, mask) or BlockSparseLinear.from_linear"
+        )
     if masks is None:
         layers = _targets(model, _patterns("include", include), _patterns("exclude", exclude))
         if not layers:
@@ -281,22 +297,29 @@ def _sparsify_auto(model, layers, sparsity, scope, min_speedup, tokens, measure)
     from . import sparse_auto
 
     if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not min_speedup > 0:
-        raise ValueError(f"min_speedup: expected a positive number (sparse must be this many times faster "
-                         f"than dense), got {min_speedup!r}")
+        raise ValueError(
+            f"min_speedup: expected a positive number (sparse must be this many times faster "
+            f"than dense), got {min_speedup!r}"
+        )
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens: expected a positive int (rows per layer call to measure), got {tokens!r}")
     dense = {n: (m if isinstance(m, nn.Linear) else m.to_linear()) for n, m in layers.items()}
-    report = sparse_auto.choose(dense, sparsity=sparsity, tokens=tokens, min_speedup=float(min_speedup),
-                                measure=measure)
+    report = sparse_auto.choose(
+        dense, sparsity=sparsity, tokens=tokens, min_speedup=float(min_speedup), measure=measure
+    )
     new = {}
     for bs in sorted({c.block_size for c in report if c.block_size is not None}):
         group = {c.name: dense[c.name] for c in report if c.block_size == bs}
         for n, mask in block_masks(group, sparsity, scope, bs).items():
-            new[id(layers[n])] = BlockSparseLinear.from_linear(group[n], mask.to(group[n].weight.device),
-                                                               block_size=bs)
+            new[id(layers[n])] = BlockSparseLinear.from_linear(group[n], mask.to(group[n].weight.device), block_size=bs)
     # a layer that was sparse and is now chosen dense becomes the nn.Linear of its current weight
-    new.update({id(layers[c.name]): dense[c.name] for c in report
-                if c.block_size is None and dense[c.name] is not layers[c.name]})
+    new.update(
+        {
+            id(layers[c.name]): dense[c.name]
+            for c in report
+            if c.block_size is None and dense[c.name] is not layers[c.name]
+        }
+    )
     _swap(model, new)
     model.sparsify_report = report
     return model
@@ -307,7 +330,8 @@ def densify_(model: nn.Module) -> nn.Module:
     ``nn.Linear`` holding its (masked / block-sparse / 2:4) weight. Returns ``model``."""
     sparse = SPARSE_LAYERS
     if isinstance(model, sparse):
-        raise ValueError(f"model: is itself a {type(model).__name__} and cannot be swapped in place; "
-                         "use model.to_linear()")
+        raise ValueError(
+            f"model: is itself a {type(model).__name__} and cannot be swapped in place; use model.to_linear()"
+        )
     _swap(model, {id(m): m.to_linear() for m in model.modules() if isinstance(m, sparse)})
     return model

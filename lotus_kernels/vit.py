@@ -16,6 +16,7 @@ The model's class is swapped for a subclass defined in this module, so ``torch.s
 ``state_dict`` work as before (the parameters are untouched). torch.fx traces, and TorchScript
 compiles, timm's own forward (``_keep_forward``, docs/design/fx_torchscript.md).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -44,7 +45,7 @@ class KeptPatchesMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        base = super(KeptPatchesMixin, cls).forward
+        base = super().forward
         if "forward" not in cls.__dict__:
             cls.forward = keep_forward(cls, base, _FORWARD_DOC)
         cls._base_forward_args = tuple(inspect.signature(base).parameters)[1:]  # after self
@@ -69,8 +70,9 @@ class KeptPatchesMixin:
         is_causal) must be left at their defaults (None / False)."""
         names = self._base_forward_args
         if len(args) > len(names):
-            raise TypeError(f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), "
-                            f"got {len(args)}")
+            raise TypeError(
+                f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), got {len(args)}"
+            )
         given = dict(zip(names, args), **kwargs)
         if names[0] not in given:
             raise TypeError(f"forward: missing the images argument {names[0]!r}")
@@ -81,8 +83,11 @@ class KeptPatchesMixin:
         return x
 
     def __prepare_scriptable__(self):
-        warnings.warn(f"{type(self).__name__}: TorchScript compiles the model's own (timm) forward; keep_idx / "
-                      "keep_ratio / scores exist in eager mode and under torch.compile only", stacklevel=2)
+        warnings.warn(
+            f"{type(self).__name__}: TorchScript compiles the model's own (timm) forward; keep_idx / "
+            "keep_ratio / scores exist in eager mode and under torch.compile only",
+            stacklevel=2,
+        )
         return self
 
     def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
@@ -95,8 +100,9 @@ class KeptPatchesMixin:
         n = self.patch_embed.num_patches
         _checks.tensor("images", images, ndim=4)
         if isinstance(keep_idx, (list, tuple)):
-            raise ValueError("keep_idx: a ragged list of index tensors has no single [B, K] index; "
-                             "call the model with it instead")
+            raise ValueError(
+                "keep_idx: a ragged list of index tensors has no single [B, K] index; call the model with it instead"
+            )
         if keep_idx is not None:
             if keep_ratio is not None or scores is not None:
                 raise ValueError("keep_idx: give either keep_idx or keep_ratio (+ scores), not both")
@@ -106,8 +112,9 @@ class KeptPatchesMixin:
             return random_keep(images.shape[0], n, keep_ratio, device=images.device)
         _checks.tensor("scores", scores, ndim=2)
         if tuple(scores.shape) != (images.shape[0], n):
-            raise ValueError(f"scores: expected shape ({images.shape[0]}, {n}) (one score per patch), "
-                             f"got {tuple(scores.shape)}")
+            raise ValueError(
+                f"scores: expected shape ({images.shape[0]}, {n}) (one score per patch), got {tuple(scores.shape)}"
+            )
         return select_keep(scores, keep_ratio).to(images.device)
 
     def embed_kept(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
@@ -139,6 +146,7 @@ class KeptPatchesMixin:
         x = self.norm_pre(self.embed_kept(images, keep_idx))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             from timm.models._manipulate import checkpoint_seq
+
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -179,8 +187,13 @@ def _check_supported(model) -> None:
         raise TypeError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
     pe = model.patch_embed
     proj = getattr(pe, "proj", None)
-    if not isinstance(proj, nn.Conv2d) or tuple(proj.stride) != tuple(proj.kernel_size) or any(proj.padding) \
-            or proj.groups != 1 or tuple(proj.dilation) != (1, 1):
+    if (
+        not isinstance(proj, nn.Conv2d)
+        or tuple(proj.stride) != tuple(proj.kernel_size)
+        or any(proj.padding)
+        or proj.groups != 1
+        or tuple(proj.dilation) != (1, 1)
+    ):
         raise ValueError("model.patch_embed.proj: expected a non-overlapping Conv2d (stride == kernel, no padding)")
     if getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False):
         raise ValueError("model: dynamic_img_size / dynamic_img_pad ViTs are not supported by patch_vit")

@@ -13,6 +13,7 @@ supported (clear error): attention dropout in train mode (the fused op has no dr
 attention pooling heads, other block types. Every image must keep at least one patch (an empty
 index tensor is an error, as K = 0 is for the [B, K] path).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ def check_ragged_keep(images: torch.Tensor, keep_idx, num_patches: int) -> None:
     Shapes, dtypes and devices are checked per image on the host; the values once for the whole
     batch (one range check of all indices together: no host sync on a GPU, see ``_checks.index_range``)."""
     if len(keep_idx) != images.shape[0]:
-        raise ValueError(f"keep_idx: got {len(keep_idx)} index tensors for a batch of {images.shape[0]} images "
-                         f"(expected one per image)")
+        raise ValueError(
+            f"keep_idx: got {len(keep_idx)} index tensors for a batch of {images.shape[0]} images "
+            f"(expected one per image)"
+        )
     for i, idx in enumerate(keep_idx):
         name = f"keep_idx[{i}]"
         _checks.tensor(name, idx, ndim=1)
@@ -61,19 +64,25 @@ def check_ragged_model(model) -> None:
 
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise NotImplementedError(f"model.blocks[{i}]: ragged keep_idx needs timm Block + Attention, got "
-                                      f"{type(blk).__name__} / {type(getattr(blk, 'attn', None)).__name__}")
+            raise NotImplementedError(
+                f"model.blocks[{i}]: ragged keep_idx needs timm Block + Attention, got "
+                f"{type(blk).__name__} / {type(getattr(blk, 'attn', None)).__name__}"
+            )
         for name in ("drop_path1", "drop_path2"):
             if not isinstance(getattr(blk, name), (nn.Identity, DropPath)):
                 raise NotImplementedError(f"model.blocks[{i}].{name}: expected Identity or timm DropPath")
         if model.training and blk.attn.attn_drop.p > 0:
-            raise NotImplementedError(f"model.blocks[{i}].attn.attn_drop: attention dropout (p = "
-                                      f"{blk.attn.attn_drop.p}) is not supported with ragged keep_idx in train mode")
+            raise NotImplementedError(
+                f"model.blocks[{i}].attn.attn_drop: attention dropout (p = "
+                f"{blk.attn.attn_drop.p}) is not supported with ragged keep_idx in train mode"
+            )
     if getattr(model, "attn_pool", None) is not None:
         raise NotImplementedError("model.attn_pool: attention-pooling heads are not supported with ragged keep_idx")
     if model.global_pool not in ("token", "avg", "max", "avgmax"):
-        raise NotImplementedError(f"model.global_pool: {model.global_pool!r} is not supported with ragged keep_idx "
-                                  f"(expected 'token', 'avg', 'max' or 'avgmax')")
+        raise NotImplementedError(
+            f"model.global_pool: {model.global_pool!r} is not supported with ragged keep_idx "
+            f"(expected 'token', 'avg', 'max' or 'avgmax')"
+        )
 
 
 class Packing:
@@ -85,12 +94,13 @@ class Packing:
         for n in lengths:
             cu.append(cu[-1] + n)
         self.num = len(lengths)
-        self.total = cu[-1]                                     # T
+        self.total = cu[-1]  # T
         self.longest = max(lengths)
-        self.lengths = _to_device(lengths, device)              # [B] tokens per image
-        self.cu = _to_device(cu, device)                        # [B + 1]
-        self.seg = torch.repeat_interleave(torch.arange(self.num, device=device), self.lengths,
-                                           output_size=self.total)  # [T]; output_size: no sync
+        self.lengths = _to_device(lengths, device)  # [B] tokens per image
+        self.cu = _to_device(cu, device)  # [B + 1]
+        self.seg = torch.repeat_interleave(
+            torch.arange(self.num, device=device), self.lengths, output_size=self.total
+        )  # [T]; output_size: no sync
         self.pos = torch.arange(self.total, device=device) - self.cu[self.seg]  # position in image
 
 
@@ -145,15 +155,15 @@ def forward_ragged(model, images: torch.Tensor, keep_idx) -> torch.Tensor:
     """Logits [B, classes] of ``model`` run on each image's own kept patches (see module docstring)."""
     check_ragged_keep(images, keep_idx, model.patch_embed.num_patches)
     check_ragged_model(model)
-    kept = [len(i) for i in keep_idx]                         # host ints: no device read
+    kept = [len(i) for i in keep_idx]  # host ints: no device read
     kmax = max(kept)
     # Embed as one [B, kmax] batch (the shorter lists padded with their own last index), then keep
     # each image's real rows: the padding rows never reach a block.
     padded = torch.stack([torch.cat([i, i[-1:].expand(kmax - len(i))]) for i in keep_idx])
-    x = model.embed_kept(images, padded)                       # [B, P + kmax, C]
+    x = model.embed_kept(images, padded)  # [B, P + kmax, C]
     n_prefix = x.shape[1] - kmax
     pk = Packing([k + n_prefix for k in kept], images.device)
-    rows = pk.seg * x.shape[1] + pk.pos                        # image-major row of each packed token
+    rows = pk.seg * x.shape[1] + pk.pos  # image-major row of each packed token
     x = model.norm_pre(x.reshape(-1, x.shape[-1])[rows])[None]  # [1, T, C]
     for blk in model.blocks:
         if model.grad_checkpointing and torch.is_grad_enabled():

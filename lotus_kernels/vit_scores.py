@@ -5,6 +5,7 @@ no-grad forward up to the last block and replaces only that block's attention by
 ``ops.attention(..., return_scores="cls")``: the scores come out of the fused kernel, instead of the
 usual recipe (``fused_attn = False`` plus a hook on the softmax) that materialises [B, H, N, N].
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,13 +38,15 @@ def _check_scorable(model) -> None:
         raise ValueError("model: patch scores are class-token attention, but this model has no class token")
     last = model.blocks[-1]
     if type(last) is not Block or type(last.attn) is not Attention:
-        raise ValueError(f"model.blocks[-1]: expected a timm Block with timm Attention, got "
-                         f"{type(last).__name__} / {type(getattr(last, 'attn', None)).__name__}")
+        raise ValueError(
+            f"model.blocks[-1]: expected a timm Block with timm Attention, got "
+            f"{type(last).__name__} / {type(getattr(last, 'attn', None)).__name__}"
+        )
 
 
 SINK_RULES = (None, "first", "outlier", "norm")
-OUTLIER_Z = 5.0       # token norms: roughly symmetric, a clear gap for artifact tokens
-OUTLIER_Z_LOG = 3.5   # attention shares are heavy-tailed (near log-normal): judged on log scale
+OUTLIER_Z = 5.0  # token norms: roughly symmetric, a clear gap for artifact tokens
+OUTLIER_Z_LOG = 3.5  # attention shares are heavy-tailed (near log-normal): judged on log scale
 
 
 def outliers(values: torch.Tensor, z: float = OUTLIER_Z) -> torch.Tensor:

@@ -10,6 +10,7 @@ The mode enters the package's own custom ops (runs their Python body under the m
 and launchers inside them are seen too. ``torch._assert_async`` is not a read: on a GPU it is a
 device-side check (on the CPU it runs synchronously, where that costs nothing).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,20 @@ from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _PY_READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__")
-_SIZE_FROM_VALUES = {"nonzero", "masked_select", "unique_dim", "_unique", "_unique2", "unique_consecutive",
-                     "bincount", "equal", "is_nonzero", "item", "_local_scalar_dense", "allclose"}
+_SIZE_FROM_VALUES = {
+    "nonzero",
+    "masked_select",
+    "unique_dim",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "bincount",
+    "equal",
+    "is_nonzero",
+    "item",
+    "_local_scalar_dense",
+    "allclose",
+}
 
 
 class _Mode(TorchDispatchMode):
@@ -34,16 +47,23 @@ class _Mode(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in _SIZE_FROM_VALUES:
             self.reads.append(f"aten.{name}")
-        elif name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor") \
-                and kwargs.get("output_size") is None:
+        elif (
+            name == "repeat_interleave"
+            and func._overloadname in ("Tensor", "self_Tensor")
+            and kwargs.get("output_size") is None
+        ):
             self.reads.append("aten.repeat_interleave without output_size")
         elif name in ("index", "index_put", "index_put_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        ):
             self.reads.append(f"aten.{name} with a boolean mask")
         elif name in ("_to_copy", "copy_", "to"):
             src = args[1] if name == "copy_" else args[0]
-            dst_cpu = (args[0].device.type == "cpu") if name == "copy_" else (
-                torch.device(kwargs.get("device") or src.device).type == "cpu")
+            dst_cpu = (
+                (args[0].device.type == "cpu")
+                if name == "copy_"
+                else (torch.device(kwargs.get("device") or src.device).type == "cpu")
+            )
             if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_cpu:
                 self.reads.append(f"aten.{name} device -> host")
         opdef = custom_ops.OPDEFS.get(f"{func.namespace}::{name}") if func.namespace == "lotus_kernels" else None
@@ -63,6 +83,7 @@ def host_reads():
         def read(t, *a, **k):
             reads.append(f"Tensor.{name}")
             return orig(t, *a, **k)
+
         return read
 
     try:

@@ -10,6 +10,7 @@
     one GPU launch each, a few microseconds apiece at small sizes).
 Works on CPU tensors under the interpreter and on CUDA tensors alike.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,27 @@ from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
-VIEWS = {"detach", "view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "t", "transpose", "permute",
-         "expand", "as_strided", "alias", "_reshape_alias", "unbind", "split", "chunk", "narrow", "diagonal"}
+VIEWS = {
+    "detach",
+    "view",
+    "_unsafe_view",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "as_strided",
+    "alias",
+    "_reshape_alias",
+    "unbind",
+    "split",
+    "chunk",
+    "narrow",
+    "diagonal",
+}
 
 
 @dataclass
@@ -77,6 +97,7 @@ def launches():
                 return orig(fn, *args, **kwargs)
             finally:
                 mode.paused = False
+
         return run
 
     try:

@@ -33,13 +33,20 @@ BACKENDS = kernel_backends()
 def backends_for(op: str):
     """The (backend, device) pairs of BACKENDS that ``op`` has kernels for (lotus_kernels/_capabilities.py)."""
     from lotus_kernels._capabilities import capability
+
     return [(b, d) for b, d in BACKENDS if b in capability(op).backends]
+
+
 BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
 
 
 def tolerance(dtype):
-    return {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
-            torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
+    return {
+        torch.float64: dict(rtol=1e-10, atol=1e-10),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+    }[dtype]
 
 
 @pytest.fixture(autouse=True)
@@ -71,9 +78,16 @@ def pytest_collection_modifyitems(config, items):
         return
     for item in items:
         callspec = getattr(item, "callspec", None)
-        on_gpu = "cuda" in item.keywords or item.nodeid.startswith("tests/triton/") or \
-            getattr(item, "originalname", item.name).startswith("test_cuda") or (
-            callspec is not None and any(v == "cuda" or (isinstance(v, torch.device) and v.type == "cuda")
-                                         for v in callspec.params.values()))
+        on_gpu = (
+            "cuda" in item.keywords
+            or item.nodeid.startswith("tests/triton/")
+            or getattr(item, "originalname", item.name).startswith("test_cuda")
+            or (
+                callspec is not None
+                and any(
+                    v == "cuda" or (isinstance(v, torch.device) and v.type == "cuda") for v in callspec.params.values()
+                )
+            )
+        )
         if on_gpu:
             item.add_marker(pytest.mark.cuda)

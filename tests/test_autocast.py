@@ -1,5 +1,6 @@
 """Under torch.autocast the ops take the autocast dtype, as F.linear / SDPA do, and gradients flow
 back to the fp32 parameters (pruned weights' gradients stay exactly zero)."""
+
 import pytest
 import torch
 
@@ -11,7 +12,10 @@ def _layers():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
     mask = torch.rand(32, 64) < 0.5
-    return {"masked": MaskedLinear.from_linear(lin, mask), "block": BlockSparseLinear.from_linear(lin, density=0.5, block_size=16)}
+    return {
+        "masked": MaskedLinear.from_linear(lin, mask),
+        "block": BlockSparseLinear.from_linear(lin, density=0.5, block_size=16),
+    }
 
 
 @pytest.mark.parametrize("kind", ["masked", "block"])
@@ -53,4 +57,4 @@ def test_block_sparse_fp32_input_needs_no_cast_nodes():
     (dx,) = torch.autograd.grad(y.float().sum(), x)
     (dx_cast,) = torch.autograd.grad(y_cast.float().sum(), x)
     assert dx.dtype == torch.float32
-    torch.testing.assert_close(dx, dx_cast, rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(dx, dx_cast, rtol=2**-7, atol=2**-7)

@@ -14,8 +14,10 @@ def test_cpu_extension_is_built():
     assert lotus_kernels.backends()["cpu"], lotus_kernels.backend_errors().get("cpu")
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("LOTUS_BUILD_CUDA") == "0",
-                    reason="no nvcc: the CUDA extension is not built")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or os.environ.get("LOTUS_BUILD_CUDA") == "0",
+    reason="no nvcc: the CUDA extension is not built",
+)
 def test_cuda_extension_is_built_and_loads():
     # Loading registers the CUDA kernels with the dispatcher even with no GPU to run them.
     importlib.import_module("lotus_kernels._cuda")
@@ -69,6 +71,7 @@ def test_import_works_without_the_extensions_and_says_so():
     # for the missing one. Run in a fresh interpreter with the extensions made unimportable.
     import subprocess
     import sys
+
     code = """
 import sys
 sys.modules["lotus_kernels._C"] = None
@@ -92,11 +95,17 @@ print("ok")
 
 
 def test_forcing_a_backend_an_op_has_no_kernel_for_names_the_op():
-    with lotus_kernels.use_backend("cuda"), pytest.raises(NotImplementedError, match="attention: the 'cuda' backend has no kernel"):
+    with (
+        lotus_kernels.use_backend("cuda"),
+        pytest.raises(NotImplementedError, match="attention: the 'cuda' backend has no kernel"),
+    ):
         lotus_kernels.ops.attention(*[torch.randn(1, 1, 3, 4)] * 3)
     # the default skips it instead: CPU tensors still get the C++ kernel
     assert _backend.select(torch.device("cpu"), "attention") == "cpu"
-    with lotus_kernels.use_backend("triton"), pytest.raises(NotImplementedError, match="masked_weight_grad: the 'triton'"):
+    with (
+        lotus_kernels.use_backend("triton"),
+        pytest.raises(NotImplementedError, match="masked_weight_grad: the 'triton'"),
+    ):
         _backend.select(torch.device("cpu"), "masked_weight_grad")
 
 
@@ -104,9 +113,13 @@ def test_gpu_default_prefers_triton_then_cuda(monkeypatch):
     # Triton first on CUDA tensors until `make gpu-check` measures otherwise; the CUDA C++ kernels
     # when Triton is missing, the reference when neither is there.
     from lotus_kernels import _backend
+
     dev = torch.device("cuda", 0)
-    for ok, want in (({"triton": True, "cuda": True}, "triton"), ({"triton": False, "cuda": True}, "cuda"),
-                     ({"triton": False, "cuda": False}, "reference")):
+    for ok, want in (
+        ({"triton": True, "cuda": True}, "triton"),
+        ({"triton": False, "cuda": True}, "cuda"),
+        ({"triton": False, "cuda": False}, "reference"),
+    ):
         monkeypatch.setattr(_backend, "backends", lambda ok=ok: {"reference": True, "cpu": True, **ok})
         assert _backend.select(dev, "block_sparse_linear") == want
     # an op without a GPU kernel runs the reference on CUDA tensors

@@ -97,12 +97,26 @@ def test_torch_compile_fullgraph_forward_backward_matches_eager():
 BAD = [
     (lambda: BlockSparseLinear(48, 64, block_size=32), ValueError, r"block_size: 32 does not divide"),
     (lambda: BlockSparseLinear(64, 64, block_size=8), ValueError, "block_size: expected one of 16, 32, 64, got 8"),
-    (lambda: BlockSparseLinear(64, 64, density=0.0), ValueError, r"density: expected a fraction of blocks to keep in \(0, 1\]"),
-    (lambda: BlockSparseLinear.from_linear(nn.Linear(64, 64), torch.ones(2, 2, dtype=torch.bool), density=0.5),
-     ValueError, "mask / density: give at most one"),
-    (lambda: BlockSparseLinear.from_linear(nn.Linear(64, 64), torch.ones(3, 2, dtype=torch.bool)),
-     ValueError, r"mask: expected an elementwise mask of shape \(64, 64\) or a block mask of shape \(2, 2\)"),
-    (lambda: BlockSparseLinear.from_linear(nn.Linear(64, 64), torch.ones(2, 2)), TypeError, "mask: expected a bool tensor"),
+    (
+        lambda: BlockSparseLinear(64, 64, density=0.0),
+        ValueError,
+        r"density: expected a fraction of blocks to keep in \(0, 1\]",
+    ),
+    (
+        lambda: BlockSparseLinear.from_linear(nn.Linear(64, 64), torch.ones(2, 2, dtype=torch.bool), density=0.5),
+        ValueError,
+        "mask / density: give at most one",
+    ),
+    (
+        lambda: BlockSparseLinear.from_linear(nn.Linear(64, 64), torch.ones(3, 2, dtype=torch.bool)),
+        ValueError,
+        r"mask: expected an elementwise mask of shape \(64, 64\) or a block mask of shape \(2, 2\)",
+    ),
+    (
+        lambda: BlockSparseLinear.from_linear(nn.Linear(64, 64), torch.ones(2, 2)),
+        TypeError,
+        "mask: expected a bool tensor",
+    ),
     (lambda: BlockSparseLinear.from_linear(nn.Conv2d(1, 1, 1)), TypeError, "linear: expected an nn.Linear"),
 ]
 
@@ -123,8 +137,10 @@ def test_sparsify_block_global_prunes_exact_fraction_of_smallest_blocks():
     total = sum(m.block_mask.numel() for m in layers.values())
     kept = sum(int(m.block_mask.sum()) for m in layers.values())
     assert total - kept == round(0.5 * total)
-    norms = {n: before[n].view(m.out_features // 16, 16, m.in_features // 16, 16).square().sum((1, 3)).sqrt()
-             for n, m in layers.items()}
+    norms = {
+        n: before[n].view(m.out_features // 16, 16, m.in_features // 16, 16).square().sum((1, 3)).sqrt()
+        for n, m in layers.items()
+    }
     # global: a layer may keep all its blocks or none, so compare over all layers at once
     kept_min = torch.cat([norms[n][m.block_mask] for n, m in layers.items()]).min()
     pruned_max = torch.cat([norms[n][~m.block_mask] for n, m in layers.items()]).max()
@@ -135,8 +151,9 @@ def test_sparsify_block_global_prunes_exact_fraction_of_smallest_blocks():
 
 def test_sparsify_block_layer_scope_and_outputs_match_a_block_masked_dense_model():
     dense = tiny_vit()
-    model = sparsify_(copy.deepcopy(dense), sparsity=0.5, layout="block", block_size=16, scope="layer",
-                      include=["*.mlp.*"])
+    model = sparsify_(
+        copy.deepcopy(dense), sparsity=0.5, layout="block", block_size=16, scope="layer", include=["*.mlp.*"]
+    )
     layers = blocks_of(model)
     assert sorted(layers) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
     ref = copy.deepcopy(dense)
@@ -153,7 +170,7 @@ def test_sparsify_block_layer_scope_and_outputs_match_a_block_masked_dense_model
         got = torch.zeros_like(want)
         bs = 16
         for k, (r, c) in enumerate(m.block_mask.nonzero().tolist()):
-            got[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = m.values.grad[k]
+            got[r * bs : (r + 1) * bs, c * bs : (c + 1) * bs] = m.values.grad[k]
         torch.testing.assert_close(got, block_masked(want, m.block_mask, bs), rtol=1e-4, atol=1e-5)
 
 
@@ -186,14 +203,33 @@ def test_sparsify_block_with_masks_and_resparsify_from_other_layouts():
 
 
 SPARSIFY_BAD = [
-    (lambda m: sparsify_(m, sparsity=0.5, layout="block", block_size=64), ValueError,
-     r"block_size: 64 does not divide blocks.0.attn.qkv.weight's shape \(96, 32\)"),
-    (lambda m: sparsify_(m, sparsity=0.5, layout="block", block_size=24), ValueError,
-     "block_size: expected one of 16, 32, 64, got 24"),
-    (lambda m: sparsify_(m, masks={"head": torch.ones(3, 3, dtype=torch.bool)}, layout="block", block_size=16,),
-     ValueError, r"block_size: 16 does not divide head.weight's shape \(10, 32\)"),
-    (lambda m: sparsify_(m, masks={"blocks.0.mlp.fc1": torch.ones(3, 3, dtype=torch.bool)}, layout="block",
-                         block_size=16), ValueError, r"masks\['blocks.0.mlp.fc1'\]: expected an elementwise mask"),
+    (
+        lambda m: sparsify_(m, sparsity=0.5, layout="block", block_size=64),
+        ValueError,
+        r"block_size: 64 does not divide blocks.0.attn.qkv.weight's shape \(96, 32\)",
+    ),
+    (
+        lambda m: sparsify_(m, sparsity=0.5, layout="block", block_size=24),
+        ValueError,
+        "block_size: expected one of 16, 32, 64, got 24",
+    ),
+    (
+        lambda m: sparsify_(
+            m,
+            masks={"head": torch.ones(3, 3, dtype=torch.bool)},
+            layout="block",
+            block_size=16,
+        ),
+        ValueError,
+        r"block_size: 16 does not divide head.weight's shape \(10, 32\)",
+    ),
+    (
+        lambda m: sparsify_(
+            m, masks={"blocks.0.mlp.fc1": torch.ones(3, 3, dtype=torch.bool)}, layout="block", block_size=16
+        ),
+        ValueError,
+        r"masks\['blocks.0.mlp.fc1'\]: expected an elementwise mask",
+    ),
 ]
 
 

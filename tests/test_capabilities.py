@@ -1,6 +1,7 @@
 """The per-op capability table (lotus_kernels/_capabilities.py) against what is built, and select's
 use of it: every backend an op lists has its kernels, and forcing one it does not list is an error
 naming the op, for every op."""
+
 import importlib
 import sys
 

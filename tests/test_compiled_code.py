@@ -9,6 +9,7 @@ Not under tests/triton/ on purpose: ``make gpu-check`` runs that folder on the G
 are for measuring, and this needs no GPU. The committed table (benchmarks/results/gpu/compiled_sm90.md)
 comes from the full run: ``python tools/compiled_code.py --cuda``.
 """
+
 import json
 import os
 import subprocess
@@ -37,17 +38,36 @@ def test_every_gpu_kernel_compiles_and_the_hot_path_uses_wgmma_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     jobs = str(max(1, min(4, os.cpu_count() or 1)))
-    done = subprocess.run([sys.executable, str(TOOL), "--check", "--lean", "--jobs", jobs], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--check", "--lean", "--jobs", jobs],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert "FAIL" not in done.stdout and ": ok" in done.stdout.splitlines()[-1]
 
 
 def test_the_check_fails_on_a_slow_or_spilling_hot_path_and_an_oversized_default():
     ct = tool()
-    good = dict(arch="sm_90", kernel="_bsr_product_kernel", dtype="bf16", config="BS=32", num_warps=4, num_stages=3,
-                origin="default", hot=True, error=None, mma="wgmma", stack_bytes=0, spill_stores=0, spill_loads=0,
-                smem_total=40000)
+    good = dict(
+        arch="sm_90",
+        kernel="_bsr_product_kernel",
+        dtype="bf16",
+        config="BS=32",
+        num_warps=4,
+        num_stages=3,
+        origin="default",
+        hot=True,
+        error=None,
+        mma="wgmma",
+        stack_bytes=0,
+        spill_stores=0,
+        spill_loads=0,
+        smem_total=40000,
+    )
     assert ct.problems([good]) == []
     assert "without wgmma" in ct.problems([{**good, "mma": "mma.sync"}])[0]
     assert "spills" in ct.problems([{**good, "spill_stores": 2, "stack_bytes": 8}])[0]
@@ -73,6 +93,8 @@ def test_committed_table_lists_every_variant_of_the_current_configs():
     ct = tool()
     rows = json.loads(TABLE.read_text())["triton"]
     listed = {(r["arch"], r["kernel"], r["dtype"], r["config"], r["num_warps"], r["num_stages"]) for r in rows}
-    now = {(f"sm_{v.arch}", v.kernel.rsplit(".", 1)[1], v.dtype, v.label(), v.num_warps, v.num_stages)
-           for v in ct.all_variants()}
+    now = {
+        (f"sm_{v.arch}", v.kernel.rsplit(".", 1)[1], v.dtype, v.label(), v.num_warps, v.num_stages)
+        for v in ct.all_variants()
+    }
     assert listed == now, f"stale table: {len(now - listed)} variants missing, {len(listed - now)} gone"

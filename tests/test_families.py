@@ -3,6 +3,7 @@
 Every kept-patch output is compared with an independent definition built from the model's own
 pieces: embed every patch the model's way, gather the prefix + kept tokens, run the rest of the
 model. Patch scores are compared with the attention map the model's own attention returns."""
+
 import io
 
 import pytest
@@ -22,30 +23,43 @@ N = 16  # 32x32 images, patch 8
 # ---------------------------------------------------------------- models
 def tv_model(**kw):
     from torchvision.models.vision_transformer import VisionTransformer
-    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
-                          num_classes=10, **kw)
+
+    m = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10, **kw
+    )
     torch.nn.init.normal_(m.heads.head.weight, std=0.1)  # torchvision zero-inits the head: the outputs would be all 0
     return m
 
 
 def hf_model(name, **kw):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install "
-                                                              "lotus-kernels[hf])")
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                  attn_implementation="eager")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install lotus-kernels[hf])"
+    )
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        attn_implementation="eager",
+    )
     common.update(kw)
     if name == "vit":
-        return transformers.ViTForImageClassification(transformers.ViTConfig(intermediate_size=128, num_labels=10,
-                                                                             **common))
+        return transformers.ViTForImageClassification(
+            transformers.ViTConfig(intermediate_size=128, num_labels=10, **common)
+        )
     if name == "deit":
         return transformers.DeiTForImageClassificationWithTeacher(
-            transformers.DeiTConfig(intermediate_size=128, num_labels=10, **common))
+            transformers.DeiTConfig(intermediate_size=128, num_labels=10, **common)
+        )
     if name == "dinov2":
-        return transformers.Dinov2ForImageClassification(transformers.Dinov2Config(mlp_ratio=2, num_labels=10,
-                                                                                   **common))
+        return transformers.Dinov2ForImageClassification(
+            transformers.Dinov2Config(mlp_ratio=2, num_labels=10, **common)
+        )
     if name == "clip":
         return transformers.CLIPVisionModelWithProjection(
-            transformers.CLIPVisionConfig(intermediate_size=128, projection_dim=16, **common))
+            transformers.CLIPVisionConfig(intermediate_size=128, projection_dim=16, **common)
+        )
     if name == "siglip":
         return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(intermediate_size=128, **common))
     raise ValueError(name)
@@ -54,8 +68,8 @@ def hf_model(name, **kw):
 def oc_model(**kw):
     pytest.importorskip("open_clip", reason="open_clip is not installed (pip install lotus-kernels[open_clip])")
     from open_clip.transformer import VisionTransformer
-    return VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=2, output_dim=16,
-                             **kw)
+
+    return VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=2, output_dim=16, **kw)
 
 
 HF = ["vit", "deit", "dinov2", "clip", "siglip"]
@@ -136,8 +150,9 @@ def test_kept_patches_match_the_model_on_gathered_tokens_forward_and_backward(fa
         else:
             # sums over B * K patches in another order: relative to the gradient's scale
             scale = float(q.grad.abs().max())
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale + 1e-6,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale + 1e-6, msg=lambda m: f"{name}: {m}"
+            )
 
 
 @pytest.mark.parametrize("family", ["tv", "oc:tok"])
@@ -159,22 +174,23 @@ def test_ragged_keep_lists_match_each_image_on_its_own(family):
     out = model(images, keep_idx=lists)
     got = output(out)
     for i, idx in enumerate(lists):
-        alone = model(images[i:i + 1], keep_idx=idx[None])
+        alone = model(images[i : i + 1], keep_idx=idx[None])
         torch.testing.assert_close(got[i], output(alone)[0], **TOL)
     got.sum().backward()  # differentiable end to end
 
 
 def test_transformers_ragged_hidden_states_are_padded_per_image():
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                    image_size=32, patch_size=8)
+    config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
     model = patch_vit(transformers.ViTModel(config).eval())  # last_hidden_state + pooler
     images = torch.randn(2, 3, 32, 32)
     lists = [torch.tensor([1, 2, 9]), torch.tensor([4])]
     out = model(images, keep_idx=lists)
     assert out.last_hidden_state.shape == (2, 1 + 3, 64)
     for i, idx in enumerate(lists):
-        alone = model(images[i:i + 1], keep_idx=idx[None])
+        alone = model(images[i : i + 1], keep_idx=idx[None])
         k = 1 + len(idx)
         torch.testing.assert_close(out.last_hidden_state[i, :k], alone.last_hidden_state[0], **TOL)
         assert not out.last_hidden_state[i, k:].any()
@@ -213,7 +229,7 @@ def reference_scores(family, model, images):
     if family.startswith("hf"):
         att = model(images, output_attentions=True).attentions[-1]  # [B, H, T, T], eager attention
         if family == "hf:siglip":
-            return att.mean(1).mean(1)          # received attention, every query a patch
+            return att.mean(1).mean(1)  # received attention, every query a patch
         p = 2 if family == "hf:deit" else 1
         return att[:, :, 0, p:].mean(1)
     seen = []
@@ -266,14 +282,18 @@ def test_torch_compile_fullgraph_with_keep_idx_matches_eager(family):
 
     def step(images, idx, *_):
         return output(model(images, keep_idx=idx)).square().sum()
+
     images, idx = torch.randn(2, 3, 32, 32), torch.tensor([[0, 4, 8, 9], [1, 2, 3, 15]])
     assert_compiled_matches_eager(step, (images, idx, *params), params, rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------- bad input
 def test_unsupported_model_gets_one_line_naming_class_and_families():
-    with pytest.raises(TypeError, match=r"model: patch_vit does not support torch.nn.modules.linear.Linear; "
-                                        r"supported: timm .*torchvision.*transformers.*open_clip") as e:
+    with pytest.raises(
+        TypeError,
+        match=r"model: patch_vit does not support torch.nn.modules.linear.Linear; "
+        r"supported: timm .*torchvision.*transformers.*open_clip",
+    ) as e:
         patch_vit(torch.nn.Linear(2, 2))
     assert "\n" not in str(e.value)
 

@@ -3,6 +3,7 @@ timm / torchvision feature extraction) forward and backward, TorchScript (direct
 graph), features_only, forward_intermediates and the default-config API. Written after the
 properties timm's own tests/test_models.py checks, on tiny configs of the real timm models.
 """
+
 import copy
 import inspect
 import io
@@ -108,8 +109,9 @@ def test_fx_trace_forward_and_backward_match_eager(arch, variant):
 def test_fx_records_sparse_layers_as_one_node_each(variant):
     _, model = pair("vit", variant)
     gm = torch.fx.symbolic_trace(model)
-    wrapper = {"unstructured": lk.ops.masked_linear, "block": lk.ops.block_sparse_linear,
-               "2:4": lk.ops.masked_linear}[variant]  # a traced 2:4 layer runs its masked product
+    wrapper = {"unstructured": lk.ops.masked_linear, "block": lk.ops.block_sparse_linear, "2:4": lk.ops.masked_linear}[
+        variant
+    ]  # a traced 2:4 layer runs its masked product
     n_sparse = sum(isinstance(m, (MaskedLinear, BlockSparseLinear, SemiStructuredLinear)) for m in model.modules())
     assert n_sparse == 8  # qkv, proj, fc1, fc2 of 2 blocks (not the head)
     assert sum(n.op == "call_function" and n.target is wrapper for n in gm.graph.nodes) == n_sparse
@@ -121,12 +123,16 @@ def test_timm_feature_extraction_keeps_sparse_layers_as_named_leaves(arch, varia
     extraction uses): a sparse layer is one node named like the nn.Linear it replaced, and a
     feature extractor returns what the module outputs."""
     ref, model = pair(arch, variant)
-    assert get_graph_node_names(model, tracer_kwargs=TIMM_TRACER) == get_graph_node_names(ref, tracer_kwargs=TIMM_TRACER)
+    assert get_graph_node_names(model, tracer_kwargs=TIMM_TRACER) == get_graph_node_names(
+        ref, tracer_kwargs=TIMM_TRACER
+    )
     nodes = {"blocks.1.mlp.fc1": "fc1", "blocks.1.attn.qkv": "qkv", "norm": "norm"}
     fe = create_feature_extractor(model, return_nodes=nodes, tracer_kwargs=TIMM_TRACER)
     seen = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
-             for n, k in nodes.items()]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+        for n, k in nodes.items()
+    ]
     x = images(arch)
     with torch.no_grad():
         out = fe(x)

@@ -3,6 +3,7 @@ run on tiny CPU sizes: the result files (the lent machine returns at most 8, no 
 summary printed last, the test passes and their deadline, the tuned-config table round trip. The
 build + tests + benchmarks run end to end (Python 3.12, torch 2.11, as on the lent GPU host) is
 `make gpu-check-dry-run` in CI."""
+
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ def gpu_check(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_check
+
     return gpu_check
 
 
@@ -35,8 +37,22 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():
 
 def test_dry_run_writes_its_result_files_only_and_prints_the_summary_last(gpu_check, tmp_path, capsys):
     out = tmp_path / "out"
-    assert gpu_check.main(["--dry-run", "--skip-build", "--skip-tests", "--out", str(out),
-                           "--sections", "attention", "semi24", "cpu_threads"]) == 0
+    assert (
+        gpu_check.main(
+            [
+                "--dry-run",
+                "--skip-build",
+                "--skip-tests",
+                "--out",
+                str(out),
+                "--sections",
+                "attention",
+                "semi24",
+                "cpu_threads",
+            ]
+        )
+        == 0
+    )
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(set(gpu_check.RESULT_FILES) - {"pytest.log"}) and len(gpu_check.RESULT_FILES) <= 8
     assert all(p.is_file() for p in out.iterdir())
@@ -59,11 +75,14 @@ def test_unknown_section_is_refused_naming_the_choices(gpu_check, capsys):
 
 
 def test_test_passes_report_failures_and_stop_at_the_deadline(gpu_check, tmp_path, monkeypatch):
-    (tmp_path / "test_a.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_ok():\n    pass\n\n"
-                                        "@pytest.mark.cuda\ndef test_bad():\n    assert 1 == 2\n\n"
-                                        "def test_cpu_only():\n    pass\n")
-    (tmp_path / "test_b.py").write_text("import time\n\nimport pytest\n\n@pytest.mark.cuda\ndef test_slow():\n"
-                                        "    time.sleep(600)\n")
+    (tmp_path / "test_a.py").write_text(
+        "import pytest\n\n@pytest.mark.cuda\ndef test_ok():\n    pass\n\n"
+        "@pytest.mark.cuda\ndef test_bad():\n    assert 1 == 2\n\n"
+        "def test_cpu_only():\n    pass\n"
+    )
+    (tmp_path / "test_b.py").write_text(
+        "import time\n\nimport pytest\n\n@pytest.mark.cuda\ndef test_slow():\n    time.sleep(600)\n"
+    )
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: x\n")
     monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
     monkeypatch.setattr(gpu_check, "MIN_PASS_SECONDS", 2)
@@ -87,6 +106,7 @@ def test_tuned_configs_round_trip_into_the_committed_table(tmp_path):
     import importlib.util
 
     from lotus_kernels.triton import _configs
+
     copy = tmp_path / "_configs_copy.py"
     copy.write_text(Path(_configs.__file__).read_text())
     key = ("bsr_fwd", "sm90-132sm", "bfloat16", (32, 16384, 1024, 4096))

@@ -1,6 +1,7 @@
 """Kernels on a GPU at the sizes real training uses (ViT-B/16, batch 16), which the Triton interpreter
 cannot afford: every backend against the plain-PyTorch reference in fp32 / bf16 / fp16, the autotuned
 configs and the split-M weight gradient included. Run by ``make gpu-check`` (marker ``cuda``)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,11 @@ from lotus_kernels.ops.patch_embed_gather import patch_embed_gather_reference
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU_BACKENDS = [b for b in ("triton", "cuda") if lotus_kernels.backends().get(b)] if torch.cuda.is_available() else []
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-3), torch.bfloat16: dict(rtol=3e-2, atol=1e-1),
-       torch.float16: dict(rtol=5e-3, atol=2e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=1e-1),
+    torch.float16: dict(rtol=5e-3, atol=2e-2),
+}
 M = 16 * 197  # tokens of a ViT-B/16 batch of 16
 
 
@@ -29,7 +33,7 @@ def rel_err(got, want):
 def test_block_sparse_linear_vit_b(backend, dtype, out_f, in_f, bs, density):
     torch.manual_seed(0)
     dev = "cuda"
-    w = torch.randn(out_f, in_f, device=dev) / in_f ** 0.5
+    w = torch.randn(out_f, in_f, device=dev) / in_f**0.5
     mask = torch.rand(out_f // bs, in_f // bs, device=dev) < density
     fmt = bsr_from_dense(w, mask, bs)
     values = fmt[0].to(dtype).requires_grad_()
@@ -62,6 +66,7 @@ def test_block_sparse_weight_gradient_is_deterministic_at_low_density(backend):
     def dvalues():
         with lotus_kernels.use_backend(backend):
             return torch.autograd.grad(block_sparse_linear(x, values, *fmt[1:]), values, g)[0]
+
     first = dvalues()
     assert all(torch.equal(first, dvalues()) for _ in range(3))
 
@@ -122,6 +127,7 @@ def test_attention_varlen_sdpa_path_on_packed_sequences(dtype, monkeypatch):
     if not lotus_kernels.backends().get("triton"):
         pytest.skip("triton is not available")
     from lotus_kernels.ops.attention import attention_reference_varlen
+
     monkeypatch.setenv("LOTUS_KERNELS_ATTENTION_PATH", "sdpa")
     torch.manual_seed(5)
     lens = [197, 0, 98, 1, 150, 0, 197]
@@ -145,9 +151,11 @@ def test_whole_step_has_no_sync_with_default_backends_on_a_vit_b_sized_batch():
     # first (tuning) step, no synchronising CUDA call at all.
     timm = pytest.importorskip("timm")
     from lotus_kernels import patch_vit, sparsify_
+
     torch.manual_seed(4)
-    model = timm.models.vision_transformer.VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=2,
-                                                             num_heads=6, num_classes=10)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=384, depth=2, num_heads=6, num_classes=10
+    )
     patch_vit(model)
     sparsify_(model, sparsity=0.5, layout="block", block_size=32, include=["*.mlp.*"])
     model.cuda().train()
@@ -165,6 +173,7 @@ def test_whole_step_has_no_sync_with_default_backends_on_a_vit_b_sized_batch():
             for p in opt_params:
                 p.add_(p.grad, alpha=-1e-3)
                 p.grad = None
+
     step(0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

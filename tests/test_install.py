@@ -2,6 +2,7 @@
 venv's python from any directory, with no PYTHONPATH: the `lotus` script, `python -m lotus` and
 `python benchmarks/bench_<name>.py`. Skipped where the package is not installed into this
 interpreter (a worktree sharing another checkout's venv)."""
+
 import importlib.metadata
 import os
 import subprocess
@@ -22,13 +23,19 @@ def _installed_here() -> bool:
         importlib.metadata.distribution("lotus-kernels")
     except importlib.metadata.PackageNotFoundError:
         return False
-    r = subprocess.run([sys.executable, "-c", "import lotus_kernels; print(lotus_kernels.__file__)"], cwd="/",
-                       env=_clean_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import lotus_kernels; print(lotus_kernels.__file__)"],
+        cwd="/",
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+    )
     return r.returncode == 0 and Path(r.stdout.strip()).resolve().is_relative_to(REPO)
 
 
-pytestmark = pytest.mark.skipif(not _installed_here(), reason="lotus-kernels is not installed from this tree "
-                                "into this interpreter (make install)")
+pytestmark = pytest.mark.skipif(
+    not _installed_here(), reason="lotus-kernels is not installed from this tree into this interpreter (make install)"
+)
 
 
 def test_lotus_script_and_module(tmp_path):
@@ -40,7 +47,13 @@ def test_lotus_script_and_module(tmp_path):
 
 
 def test_benchmark_scripts_import_the_package(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gather.py"), "--help"], cwd=tmp_path,
-                       env=_clean_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_gather.py"), "--help"],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "No module named" not in r.stderr

@@ -5,6 +5,7 @@ backward + optimizer update, compiles into one graph.
 On this CPU the GPU code path of the value checks is forced (``_checks.host_reads_are_free`` patched
 to False: checks on the device instead of reads); on a GPU the same tests run on CUDA tensors, where
 ``torch.cuda.set_sync_debug_mode("error")`` also fails any synchronising call the counter could miss."""
+
 import copy
 
 import pytest
@@ -21,8 +22,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def tiny_vit(device):
     torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
-                                                             num_heads=2, num_classes=5)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5
+    )
     patch_vit(model)
     sparsify_(model, sparsity=0.5, layout="block", block_size=16, include=["*.mlp.*"])
     return model.to(device).train()
@@ -44,6 +46,7 @@ def make_step(model, lr=0.05, momentum=0.9, amp=False):
                 p.add_(b, alpha=-lr)
                 p.grad = None
         return loss.detach()
+
     return step
 
 
@@ -118,8 +121,10 @@ def test_device_side_checks_still_refuse_bad_indices(gpu_checks):
 
 
 @pytest.mark.slow  # ~30 s of inductor compilation on 2 cores
-@pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
-                    reason="this torch cannot trace Tensor.backward() inside a graph (no trace_autograd_ops)")
+@pytest.mark.skipif(
+    not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+    reason="this torch cannot trace Tensor.backward() inside a graph (no trace_autograd_ops)",
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_whole_train_step_compiles_fullgraph_and_matches_eager(device):
     eager_model = tiny_vit(device)
@@ -139,6 +144,7 @@ def test_whole_train_step_compiles_fullgraph_and_matches_eager(device):
 def test_varlen_attention_checks_cu_seqlens_on_the_device_when_max_seqlen_is_given(gpu_checks, backend):
     import lotus_kernels
     from lotus_kernels.ops import attention
+
     if backend is not None and not lotus_kernels.backends()[backend]:
         pytest.skip(f"no {backend} backend here")
     q = torch.randn(5, 2, 8)
@@ -146,8 +152,15 @@ def test_varlen_attention_checks_cu_seqlens_on_the_device_when_max_seqlen_is_giv
         with host_reads() as reads:
             out, sc = attention(q, q, q, cu_seqlens=torch.tensor([0, 2, 5]), max_seqlen=3, return_scores="cls")
         assert reads == [] and out.shape == q.shape and sc.shape == (5,)
-        for cu, max_seqlen in (([0, 3, 5], 2), ([0, 4, 3], 4), ([1, 2, 5], 4), ([0, 2, 4], 4), ([0, 2, 6], 4),
-                               ([0, 6, 5], 6), ([5], 4)):
+        for cu, max_seqlen in (
+            ([0, 3, 5], 2),
+            ([0, 4, 3], 4),
+            ([1, 2, 5], 4),
+            ([0, 2, 4], 4),
+            ([0, 2, 6], 4),
+            ([0, 6, 5], 6),
+            ([5], 4),
+        ):
             for offsets in (torch.tensor(cu), torch.tensor(cu, dtype=torch.int32)):
                 with pytest.raises(RuntimeError, match="cu_seqlens: expected non-decreasing offsets from 0 to T = 5"):
                     attention(q, q, q, cu_seqlens=offsets, max_seqlen=max_seqlen)
@@ -157,6 +170,7 @@ def test_positional_gradient_by_token_reads_nothing_back(gpu_checks):
     # The GPU path of the pos-embed gradient (sort-based index_put without torch's own range check,
     # which reads min/max back) runs here on CPU tensors.
     from lotus_kernels.ops.patch_embed_gather import table_grad
+
     rows, idx = torch.randn(40, 8), torch.randint(0, 16, (40,))
     with host_reads() as reads:
         got = table_grad(rows, idx, 16, by_token=True)

@@ -1,5 +1,6 @@
 """The roofline predictions beside bench_gpu's rows (benchmarks/roofline.py) and the goals they move: no
 timing here, the rows are built from made-up times at the benchmark's real (ViT-B) sizes."""
+
 import sys
 from pathlib import Path
 
@@ -43,8 +44,12 @@ def test_a_goal_below_the_floor_moves_to_floor_plus_10_percent(shape):
 
 def test_attention_goal_takes_the_faster_path_and_its_floor():
     shape = {"shape": "64x12x197x64", "backend": "triton", "path": "sdpa"}
-    times = {"SDPA flash fwd": [30e-6] * 3, "fwd + cls scores": [40e-6] * 3,
-             "fwd + cls scores, fused kernel": [33e-6] * 3, "fwd + cls scores, sdpa + cls-row kernel": [40e-6] * 3}
+    times = {
+        "SDPA flash fwd": [30e-6] * 3,
+        "fwd + cls scores": [40e-6] * 3,
+        "fwd + cls scores, fused kernel": [33e-6] * 3,
+        "fwd + cls scores, sdpa + cls-row kernel": [40e-6] * 3,
+    }
     rows = bench_gpu.rows_from("attention", times, "SDPA flash fwd", shape)
     by = {r["config"]: r for r in rows}
     # the cls-row kernel reads K once more (a quarter of the forward's bytes); the fused kernel only its scores

@@ -35,12 +35,15 @@ def test_keep_ratio_outside_unit_interval_is_refused(r):
         select_keep(torch.randn(2, 8), r)
 
 
-@pytest.mark.parametrize("scores,exc,match", [
-    (torch.randn(8), ValueError, "scores: expected a 2-D tensor, got 1-D"),
-    (torch.ones(2, 8, dtype=torch.long), TypeError, "scores: expected a floating-point tensor"),
-    (torch.randn(2, 0), ValueError, "scores: expected at least one patch per row"),
-    (torch.tensor([[0.0, float("nan")]]), ValueError, "scores: contains NaN"),
-])
+@pytest.mark.parametrize(
+    "scores,exc,match",
+    [
+        (torch.randn(8), ValueError, "scores: expected a 2-D tensor, got 1-D"),
+        (torch.ones(2, 8, dtype=torch.long), TypeError, "scores: expected a floating-point tensor"),
+        (torch.randn(2, 0), ValueError, "scores: expected at least one patch per row"),
+        (torch.tensor([[0.0, float("nan")]]), ValueError, "scores: contains NaN"),
+    ],
+)
 def test_bad_scores_are_refused(scores, exc, match):
     with pytest.raises(exc, match=match):
         select_keep(scores, 0.5)

@@ -53,7 +53,9 @@ def make(in_f=16, out_f=8, bias=True, dtype=torch.float32, device="cpu"):
 def test_cpu_falls_back_with_a_warning_and_matches_masked_reference(bias):
     lin, layer = make(bias=bias)
     x = torch.randn(2, 5, 16, requires_grad=True)
-    with pytest.warns(SemiStructuredFallbackWarning, match=r"need CUDA.*falling back to a dense matmul with the 2:4-masked"):
+    with pytest.warns(
+        SemiStructuredFallbackWarning, match=r"need CUDA.*falling back to a dense matmul with the 2:4-masked"
+    ):
         y = layer(x)
     with warnings.catch_warnings():  # once per layer
         warnings.simplefilter("error", SemiStructuredFallbackWarning)
@@ -83,8 +85,11 @@ def test_strict_raises_instead_of_falling_back():
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_optimizer_step_keeps_pruned_weights_zero(opt):
     _, layer = make(in_f=32, out_f=16)
-    optim = (torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) if opt == "sgd"
-             else torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.01))
+    optim = (
+        torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        if opt == "sgd"
+        else torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.01)
+    )
     for _ in range(3):
         optim.zero_grad()
         quiet(layer, torch.randn(4, 32)).pow(2).sum().backward()
@@ -160,8 +165,9 @@ def test_kernel_requirements_are_named():
     assert exc is TypeError and "float16 or bfloat16" in msg and "float32" in msg
     exc, msg = kernel_unsupported("cuda", bf16, 100, 128, capability=(9, 0), backend_cls=cls)
     assert exc is ValueError and "out_features=100 must be a positive multiple of 16" in msg
-    exc, msg = kernel_unsupported("cuda", bf16, 64, 36, capability=(9, 0),
-                                  backend_cls=torch.sparse.SparseSemiStructuredTensorCUTLASS)
+    exc, msg = kernel_unsupported(
+        "cuda", bf16, 64, 36, capability=(9, 0), backend_cls=torch.sparse.SparseSemiStructuredTensorCUTLASS
+    )
     assert exc is ValueError and "in_features=36 must be a positive multiple of 64" in msg
 
 
@@ -235,15 +241,18 @@ def test_transposable_mask_is_2_4_both_ways_and_best_per_tile():
     from itertools import product
 
     from lotus_kernels.ops.semi_structured_linear import is_transposable
+
     w = torch.randn(8, 12)
     mask = semi_structured_mask(w, transposable=True)
     assert mask.dtype == torch.bool and is_transposable(mask)
     assert (mask.reshape(8, 3, 4).sum(-1) == 2).all() and (mask.t().reshape(12, 2, 4).sum(-1) == 2).all()
     # brute force on one tile: no 2-per-row-and-column pattern keeps more magnitude
     tile = w[:4, 4:8].abs()
-    best = max(sum(tile[i, j] for i in range(4) for j in range(4) if p[i][j])
-               for p in product([r for r in product((0, 1), repeat=4) if sum(r) == 2], repeat=4)
-               if all(sum(c) == 2 for c in zip(*p)))
+    best = max(
+        sum(tile[i, j] for i in range(4) for j in range(4) if p[i][j])
+        for p in product([r for r in product((0, 1), repeat=4) if sum(r) == 2], repeat=4)
+        if all(sum(c) == 2 for c in zip(*p))
+    )
     torch.testing.assert_close(tile[mask[:4, 4:8]].sum(), torch.as_tensor(best))
     assert not is_transposable(semi_structured_mask(torch.arange(64.0).reshape(8, 8)))  # row-wise only
     with pytest.raises(ValueError, match="out_features=6 must be a multiple of 4 for a transposable"):
@@ -252,6 +261,7 @@ def test_transposable_mask_is_2_4_both_ways_and_best_per_tile():
 
 def test_gemm_dtype_follows_autocast():
     from lotus_kernels.ops.semi_structured_linear import gemm_dtype
+
     w = torch.randn(8, 8)
     assert gemm_dtype(w) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -267,6 +277,7 @@ def test_kernel_path_compresses_once_per_optimizer_step(monkeypatch, transposabl
     # counting identity (F.linear on the masked dense weight), so the caching and the gradients of
     # the kernel path's autograd function can be checked here.
     import lotus_kernels.nn.semi_structured_linear as mod
+
     monkeypatch.setattr(mod, "kernel_unsupported", lambda *a, **k: None)
     calls = []
     lin = nn.Linear(16, 8)

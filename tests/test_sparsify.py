@@ -13,8 +13,16 @@ from .conftest import assert_compiled_matches_eager
 
 def tiny_vit(seed=0):
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=32,
-                             depth=2, num_heads=2, num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
 
 
 def images(n=2):
@@ -122,7 +130,9 @@ def test_resparsifying_updates_existing_masks():
     model = sparsify_(tiny_vit(), sparsity=0.3)
     sparsify_(model, sparsity=0.6)  # already-pruned zeros rank lowest, so the 30% stay pruned
     layers = masked(model)
-    assert sum(int((~m.mask).sum()) for m in layers.values()) == round(0.6 * sum(m.mask.numel() for m in layers.values()))
+    assert sum(int((~m.mask).sum()) for m in layers.values()) == round(
+        0.6 * sum(m.mask.numel() for m in layers.values())
+    )
 
 
 # ---------------------------------------------------------------- the pruned model computes the masked one
@@ -140,10 +150,14 @@ def test_outputs_and_grads_match_a_masked_dense_model():
         assert not m.weight.grad[~m.mask].any()
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
-], ids=["sgd_momentum_wd", "adamw"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+    ],
+    ids=["sgd_momentum_wd", "adamw"],
+)
 def test_optimizer_steps_keep_pruned_weights_at_zero(make_opt):
     model = sparsify_(tiny_vit(), sparsity=0.5).train()
     start = {n: m.weight.detach().clone() for n, m in masked(model).items()}
@@ -215,36 +229,93 @@ def test_densify_restores_nn_linear():
 def test_torch_compile_fullgraph_forward_backward_matches_eager():
     layer = MaskedLinear.from_linear(nn.Linear(24, 40), torch.rand(40, 24) < 0.5)
     x = torch.randn(3, 5, 24, requires_grad=True)
-    got_grads = assert_compiled_matches_eager(lambda x: torch.tanh(layer(x)).square().sum(), (x,),
-                                              (x, layer.weight, layer.bias))
+    got_grads = assert_compiled_matches_eager(
+        lambda x: torch.tanh(layer(x)).square().sum(), (x,), (x, layer.weight, layer.bias)
+    )
     assert not got_grads[1][~layer.mask].any()
 
 
 # ---------------------------------------------------------------- bad input
 LIN = nn.Linear(3, 4)
 BAD = [
-    (lambda m: sparsify_(m, sparsity=0.3, layout="2:4"), ValueError, "sparsity: layout '2:4' prunes exactly 0.5 \\(2 of every 4 weights\\); got 0.3"),
+    (
+        lambda m: sparsify_(m, sparsity=0.3, layout="2:4"),
+        ValueError,
+        "sparsity: layout '2:4' prunes exactly 0.5 \\(2 of every 4 weights\\); got 0.3",
+    ),
     (lambda m: sparsify_(m, layout="2:4", scope="layer"), ValueError, "scope: not used with layout '2:4'"),
-    (lambda m: sparsify_(m, layout="2:4", masks={"head": torch.ones(10, 32, dtype=torch.bool)}), ValueError, "masks\\['head'\\]: expected a 2:4 pattern .* row 0, columns 0..3 keep 4"),
-    (lambda m: sparsify_(m, sparsity=0.5, layout="csr"), ValueError, "layout: expected one of 'unstructured', 'block', '2:4', 'auto', got 'csr'"),
+    (
+        lambda m: sparsify_(m, layout="2:4", masks={"head": torch.ones(10, 32, dtype=torch.bool)}),
+        ValueError,
+        "masks\\['head'\\]: expected a 2:4 pattern .* row 0, columns 0..3 keep 4",
+    ),
+    (
+        lambda m: sparsify_(m, sparsity=0.5, layout="csr"),
+        ValueError,
+        "layout: expected one of 'unstructured', 'block', '2:4', 'auto', got 'csr'",
+    ),
     (lambda m: sparsify_(m, sparsity=1.0), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got 1.0"),
     (lambda m: sparsify_(m, sparsity=-0.1), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got -0.1"),
     (lambda m: sparsify_(m, sparsity="0.5"), ValueError, "sparsity: expected a fraction in \\[0, 1\\), got '0.5'"),
-    (lambda m: sparsify_(m), ValueError, "sparsity: expected a fraction in \\[0, 1\\) to prune, or masks=...; got neither"),
-    (lambda m: sparsify_(m, sparsity=0.5, scope="model"), ValueError, "scope: expected one of 'global', 'layer', got 'model'"),
+    (
+        lambda m: sparsify_(m),
+        ValueError,
+        "sparsity: expected a fraction in \\[0, 1\\) to prune, or masks=...; got neither",
+    ),
+    (
+        lambda m: sparsify_(m, sparsity=0.5, scope="model"),
+        ValueError,
+        "scope: expected one of 'global', 'layer', got 'model'",
+    ),
     (lambda m: sparsify_(m, sparsity=0.5, masks={}), ValueError, "sparsity: must be None when masks is given"),
-    (lambda m: sparsify_(m, masks={"head": torch.ones(10, 32, dtype=torch.bool)}, include=["head"]), ValueError, "include / exclude: not used with masks"),
-    (lambda m: sparsify_(m, masks={"blocks.0.norm1": torch.ones(32, dtype=torch.bool)}), ValueError, "masks: 'blocks.0.norm1' is not an nn.Linear \\(nor a lotus sparse linear\\) in the model"),
-    (lambda m: sparsify_(m, masks={"head": torch.ones(32, 10, dtype=torch.bool)}), ValueError, "masks\\['head'\\]: expected shape \\(10, 32\\) to match head.weight, got \\(32, 10\\)"),
-    (lambda m: sparsify_(m, masks={"head": torch.ones(10, 32)}), TypeError, "masks\\['head'\\]: expected a bool tensor"),
-    (lambda m: sparsify_(m, sparsity=0.5, include=["blocks.*.mlp.fc3"]), ValueError, "include: pattern 'blocks.\\*.mlp.fc3' matches no nn.Linear"),
+    (
+        lambda m: sparsify_(m, masks={"head": torch.ones(10, 32, dtype=torch.bool)}, include=["head"]),
+        ValueError,
+        "include / exclude: not used with masks",
+    ),
+    (
+        lambda m: sparsify_(m, masks={"blocks.0.norm1": torch.ones(32, dtype=torch.bool)}),
+        ValueError,
+        "masks: 'blocks.0.norm1' is not an nn.Linear \\(nor a lotus sparse linear\\) in the model",
+    ),
+    (
+        lambda m: sparsify_(m, masks={"head": torch.ones(32, 10, dtype=torch.bool)}),
+        ValueError,
+        "masks\\['head'\\]: expected shape \\(10, 32\\) to match head.weight, got \\(32, 10\\)",
+    ),
+    (
+        lambda m: sparsify_(m, masks={"head": torch.ones(10, 32)}),
+        TypeError,
+        "masks\\['head'\\]: expected a bool tensor",
+    ),
+    (
+        lambda m: sparsify_(m, sparsity=0.5, include=["blocks.*.mlp.fc3"]),
+        ValueError,
+        "include: pattern 'blocks.\\*.mlp.fc3' matches no nn.Linear",
+    ),
     (lambda m: sparsify_(m, sparsity=0.5, exclude=[3]), TypeError, "exclude: expected a list of fnmatch patterns"),
     (lambda m: sparsify_(m, sparsity=0.5, exclude=["*"]), ValueError, "model: has no nn.Linear to sparsify"),
     (lambda m: sparsify_(LIN, sparsity=0.5), ValueError, "model: is itself a linear layer"),
-    (lambda m: MaskedLinear.from_linear(LIN, torch.ones(4, 3)), TypeError, "mask: expected a bool tensor \\(True = keep\\), got float32"),
-    (lambda m: MaskedLinear.from_linear(LIN, torch.ones(3, 4, dtype=torch.bool)), ValueError, "mask: expected shape \\(4, 3\\) to match linear.weight"),
-    (lambda m: MaskedLinear.from_linear(nn.Conv2d(1, 1, 1), torch.ones(1, 1, dtype=torch.bool)), TypeError, "linear: expected an nn.Linear, got Conv2d"),
-    (lambda m: MaskedLinear(3, 4).set_mask_(torch.ones(4, 3, dtype=torch.uint8)), TypeError, "mask: expected a bool tensor"),
+    (
+        lambda m: MaskedLinear.from_linear(LIN, torch.ones(4, 3)),
+        TypeError,
+        "mask: expected a bool tensor \\(True = keep\\), got float32",
+    ),
+    (
+        lambda m: MaskedLinear.from_linear(LIN, torch.ones(3, 4, dtype=torch.bool)),
+        ValueError,
+        "mask: expected shape \\(4, 3\\) to match linear.weight",
+    ),
+    (
+        lambda m: MaskedLinear.from_linear(nn.Conv2d(1, 1, 1), torch.ones(1, 1, dtype=torch.bool)),
+        TypeError,
+        "linear: expected an nn.Linear, got Conv2d",
+    ),
+    (
+        lambda m: MaskedLinear(3, 4).set_mask_(torch.ones(4, 3, dtype=torch.uint8)),
+        TypeError,
+        "mask: expected a bool tensor",
+    ),
 ]
 
 

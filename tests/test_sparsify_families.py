@@ -1,5 +1,6 @@
 """sparsify_ on the torchvision / transformers / open_clip families, and layout="auto" (with an
 injected fake timer: nothing here depends on how fast this machine is)."""
+
 import json
 
 import pytest
@@ -26,16 +27,51 @@ EXPECTED = {
     "tv": per_layer("mlp.0", "mlp.3", prefix="encoder.layers.encoder_layer_{i}"),
     "oc:tok": per_layer("mlp.c_fc", "mlp.c_proj", prefix="transformer.resblocks.{i}"),
     # transformers >= 5.10 names (q/k/v/o_proj, mlp.fc1/fc2); classifier / pooler / projection dense
-    "hf:vit": per_layer("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1",
-                        "mlp.fc2", prefix="vit.layers.{i}"),
-    "hf:deit": per_layer("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
-                         "mlp.fc1", "mlp.fc2", prefix="deit.layers.{i}"),
-    "hf:dinov2": per_layer("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
-                           "mlp.fc1", "mlp.fc2", prefix="dinov2.encoder.layer.{i}"),
-    "hf:clip": per_layer("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                         "mlp.fc1", "mlp.fc2", prefix="vision_model.encoder.layers.{i}"),
-    "hf:siglip": per_layer("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                           "mlp.fc1", "mlp.fc2", prefix="encoder.layers.{i}"),
+    "hf:vit": per_layer(
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+        prefix="vit.layers.{i}",
+    ),
+    "hf:deit": per_layer(
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+        prefix="deit.layers.{i}",
+    ),
+    "hf:dinov2": per_layer(
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.o_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+        prefix="dinov2.encoder.layer.{i}",
+    ),
+    "hf:clip": per_layer(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+        prefix="vision_model.encoder.layers.{i}",
+    ),
+    "hf:siglip": per_layer(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+        prefix="encoder.layers.{i}",
+    ),
 }
 
 
@@ -44,6 +80,7 @@ def test_default_targets_are_the_block_linears_and_heads_stay_dense(family):
     model = make(family).eval()
     if family.startswith("hf"):
         import transformers
+
         if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 10):
             pytest.skip("layer names of transformers < 5.10 differ (query/key/value, intermediate/output)")
     patch_vit(model)
@@ -115,6 +152,7 @@ def test_auto_min_speedup_and_the_cache(cache):
 
     def fail(case):
         raise AssertionError(f"measured again: {case}")
+
     sparsify_(make("tv"), sparsity=0.5, layout="auto", measure=fail)  # everything from the cache
     # another sparsity is another case: measured
     timer2 = FakeTimer({16: 0.6, 32: 0.4, 64: 0.5})
@@ -136,13 +174,16 @@ def test_default_timer_runs_inside_sparsify(cache):
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
     sparsify_(model, sparsity=0.5, layout="auto", tokens=8)
     assert [c.name for c in model.sparsify_report] == ["0", "2"]
-    assert all(c.dense_ms > 0 and set(c.sparse_ms) == {16, 32} - ({32} if c.shape[0] == 16 else set())
-               for c in model.sparsify_report)
+    assert all(
+        c.dense_ms > 0 and set(c.sparse_ms) == {16, 32} - ({32} if c.shape[0] == 16 else set())
+        for c in model.sparsify_report
+    )
     assert len(json.loads(cache.read_text())) == 3 + 2  # (dense, block16, block32) + (dense, block16)
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     from lotus_kernels.sparse_auto import cache_path
+
     monkeypatch.delenv("LOTUS_KERNELS_AUTO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_path() == tmp_path / "lotus_kernels" / "sparse_auto.json"

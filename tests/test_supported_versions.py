@@ -2,6 +2,7 @@
 installed, and a torch / triton outside the range, or extensions built against another torch, get one
 clear line naming the versions instead of an undefined symbol. CI runs this file on both ends of the
 range (`make test`, `make test-oldest`)."""
+
 import json
 import os
 import subprocess
@@ -37,8 +38,17 @@ def test_pyproject_declares_the_same_ranges():
     assert "torch==" not in text  # a pin would make pip replace the user's torch
 
 
-@pytest.mark.parametrize("version, ok", [("2.11.0+cu130", True), ("2.14.1", True), ("2.12.0a0+git1234", True),
-                                         ("2.10.0", False), ("2.15.0", False), ("1.13.1", False)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("2.11.0+cu130", True),
+        ("2.14.1", True),
+        ("2.12.0a0+git1234", True),
+        ("2.10.0", False),
+        ("2.15.0", False),
+        ("1.13.1", False),
+    ],
+)
 def test_torch_range(version, ok):
     why = _version.problem("torch", version, _version.TORCH)
     assert (why is None) == ok
@@ -48,8 +58,14 @@ def test_torch_range(version, ok):
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
 
 
 def test_import_refuses_an_unsupported_torch_in_one_line():
@@ -57,18 +73,25 @@ def test_import_refuses_an_unsupported_torch_in_one_line():
     done = _python(code)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last == ("ImportError: lotus-kernels supports torch 2.11 to 2.14 (tested in CI), found torch 2.10.1; "
-                    f"install a supported torch, or set {_version.ENV_ALLOW}=1 to try anyway")
+    assert last == (
+        "ImportError: lotus-kernels supports torch 2.11 to 2.14 (tested in CI), found torch 2.10.1; "
+        f"install a supported torch, or set {_version.ENV_ALLOW}=1 to try anyway"
+    )
     assert _python(code, **{_version.ENV_ALLOW: "1"}).returncode == 0
 
 
 def test_build_refuses_an_unsupported_torch_in_one_line():
-    code = ("import runpy, sys, torch; torch.__version__ = '2.15.0'; sys.argv = ['setup.py', '--version']\n"
-            "runpy.run_path('setup.py', run_name='__main__')")
+    code = (
+        "import runpy, sys, torch; torch.__version__ = '2.15.0'; sys.argv = ['setup.py', '--version']\n"
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
     done = _python(code)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "lotus-kernels supports torch 2.11 to 2.14 (tested in CI), found torch 2.15.0;")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("lotus-kernels supports torch 2.11 to 2.14 (tested in CI), found torch 2.15.0;")
+    )
 
 
 def test_extensions_built_for_another_torch_say_so_instead_of_an_undefined_symbol(monkeypatch):
@@ -78,8 +101,12 @@ def test_extensions_built_for_another_torch_say_so_instead_of_an_undefined_symbo
     monkeypatch.setattr(lotus_kernels, "_build_info", fake, raising=False)
     monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
     why = _backend._build_mismatch()
-    assert why.startswith("the compiled extensions were built against torch 2.11.0+cu130 (CUDA 13.0), this is torch "
-                          "2.14.1+cu130") and "rebuild them" in why
+    assert (
+        why.startswith(
+            "the compiled extensions were built against torch 2.11.0+cu130 (CUDA 13.0), this is torch 2.14.1+cu130"
+        )
+        and "rebuild them" in why
+    )
     fake.TORCH_VERSION, fake.TORCH_CUDA = "2.14.1+cu130", torch.version.cuda
     assert _backend._build_mismatch() is None
 
@@ -96,7 +123,8 @@ def test_triton_outside_the_range_disables_the_triton_backend_with_the_reason(mo
     monkeypatch.delenv(_version.ENV_ALLOW, raising=False)
     assert _backend._triton_problem() == (
         "lotus-kernels supports triton 3.6 to 3.8 (tested in CI), found triton 3.5.1; install a supported triton, "
-        f"or set {_version.ENV_ALLOW}=1 to try anyway")
+        f"or set {_version.ENV_ALLOW}=1 to try anyway"
+    )
 
 
 def test_pip_install_keeps_the_installed_torch(tmp_path):
@@ -104,9 +132,26 @@ def test_pip_install_keeps_the_installed_torch(tmp_path):
     # range, as CI runs it) without installing: only lotus-kernels itself may be new; torch,
     # torchvision and triton stay as they are. --no-index: nothing may need downloading either.
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation", "--no-index",
-                           "--quiet", "--disable-pip-version-check", "--report", str(report), f"{ROOT}[lotus]"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "LOTUS_BUILD_EXT": "0"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            str(report),
+            f"{ROOT}[lotus]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LOTUS_BUILD_EXT": "0"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(item["metadata"]["name"] for item in json.loads(report.read_text())["install"])
     assert names == ["lotus-kernels"], names

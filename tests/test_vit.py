@@ -37,13 +37,22 @@ def test_unpatched_forward_is_unchanged_and_keep_all_matches_timm(name):
         assert torch.equal(model(images), want)
         everything = torch.arange(196).expand(2, -1)
         torch.testing.assert_close(model(images, keep_idx=everything), want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(model(images, keep_ratio=1.0, scores=torch.randn(2, 196)), want,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(images, keep_ratio=1.0, scores=torch.randn(2, 196)), want, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("kw", [{}, dict(class_token=False, global_pool="avg"), dict(reg_tokens=2),
-                                dict(no_embed_class=True), dict(no_embed_class=True, reg_tokens=1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(class_token=False, global_pool="avg"),
+        dict(reg_tokens=2),
+        dict(no_embed_class=True),
+        dict(no_embed_class=True, reg_tokens=1),
+    ],
+)
 def test_kept_patches_match_explicit_gather_forward_and_backward(backend, device, kw):
     model = tiny_vit(**kw).to(device)
     ref_model = tiny_vit(**kw).to(device)
@@ -67,8 +76,9 @@ def test_patch_embed_norm_is_applied_before_positions():
     ref.load_state_dict(model.state_dict())
     patch_vit(model)
     images, idx = torch.randn(2, 3, 32, 32), torch.tensor([[0, 5, 63], [2, 2, 9]])
-    torch.testing.assert_close(model(images, keep_idx=idx), explicit_gather_forward(ref, images, idx),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model(images, keep_idx=idx), explicit_gather_forward(ref, images, idx), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_keep_ratio_uses_top_scores_and_works_in_eval_mode():
@@ -106,24 +116,42 @@ def test_patching_twice_is_harmless():
     assert patch_vit(patch_vit(model)) is model
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(keep_ratio=0.0), ValueError, "keep_ratio: expected a number in \\(0, 1\\]"),
-    (dict(keep_ratio=1.5), ValueError, "keep_ratio"),
-    (dict(scores=torch.randn(2, 64)), ValueError, "scores: given without keep_ratio"),
-    (dict(keep_ratio=0.5, scores=torch.randn(2, 63)), ValueError, "scores: expected shape \\(2, 64\\)"),
-    (dict(keep_idx=torch.tensor([[0, 64], [1, 2]])), IndexError, "idx: index 64 is out of range"),
-    (dict(keep_idx=torch.tensor([[0, 1]])), ValueError, "keep_idx: batch size 1 does not match images's batch size 2"),
-    (dict(keep_idx=torch.zeros(2, 0, dtype=torch.long)), ValueError, "K >= 1"),
-    (dict(keep_idx=torch.tensor([[0.0], [1.0]])), TypeError, "keep_idx: expected an int64"),
-    (dict(keep_idx=torch.tensor([[0], [1]]), keep_ratio=0.5), ValueError, "either keep_idx or keep_ratio"),
-    (dict(keep_idx=[torch.tensor([0])]), ValueError, "keep_idx: got 1 index tensors for a batch of 2 images"),
-    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1, 64])]), IndexError, "keep_idx\\[1\\]: index 64 is out of range"),
-    (dict(keep_idx=[torch.tensor([0]), torch.tensor([], dtype=torch.long)]), ValueError,
-     "keep_idx\\[1\\]: expected at least one patch index"),
-    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1.0])]), TypeError, "keep_idx\\[1\\]: expected an int64"),
-    (dict(keep_idx=[torch.tensor([[0]]), torch.tensor([1])]), ValueError, "keep_idx\\[0\\]: expected a 1-D tensor"),
-    (dict(keep_idx=[torch.tensor([0]), torch.tensor([1])], keep_ratio=0.5), ValueError, "either keep_idx or keep_ratio"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(keep_ratio=0.0), ValueError, "keep_ratio: expected a number in \\(0, 1\\]"),
+        (dict(keep_ratio=1.5), ValueError, "keep_ratio"),
+        (dict(scores=torch.randn(2, 64)), ValueError, "scores: given without keep_ratio"),
+        (dict(keep_ratio=0.5, scores=torch.randn(2, 63)), ValueError, "scores: expected shape \\(2, 64\\)"),
+        (dict(keep_idx=torch.tensor([[0, 64], [1, 2]])), IndexError, "idx: index 64 is out of range"),
+        (
+            dict(keep_idx=torch.tensor([[0, 1]])),
+            ValueError,
+            "keep_idx: batch size 1 does not match images's batch size 2",
+        ),
+        (dict(keep_idx=torch.zeros(2, 0, dtype=torch.long)), ValueError, "K >= 1"),
+        (dict(keep_idx=torch.tensor([[0.0], [1.0]])), TypeError, "keep_idx: expected an int64"),
+        (dict(keep_idx=torch.tensor([[0], [1]]), keep_ratio=0.5), ValueError, "either keep_idx or keep_ratio"),
+        (dict(keep_idx=[torch.tensor([0])]), ValueError, "keep_idx: got 1 index tensors for a batch of 2 images"),
+        (
+            dict(keep_idx=[torch.tensor([0]), torch.tensor([1, 64])]),
+            IndexError,
+            "keep_idx\\[1\\]: index 64 is out of range",
+        ),
+        (
+            dict(keep_idx=[torch.tensor([0]), torch.tensor([], dtype=torch.long)]),
+            ValueError,
+            "keep_idx\\[1\\]: expected at least one patch index",
+        ),
+        (dict(keep_idx=[torch.tensor([0]), torch.tensor([1.0])]), TypeError, "keep_idx\\[1\\]: expected an int64"),
+        (dict(keep_idx=[torch.tensor([[0]]), torch.tensor([1])]), ValueError, "keep_idx\\[0\\]: expected a 1-D tensor"),
+        (
+            dict(keep_idx=[torch.tensor([0]), torch.tensor([1])], keep_ratio=0.5),
+            ValueError,
+            "either keep_idx or keep_ratio",
+        ),
+    ],
+)
 def test_bad_keep_arguments(kwargs, exc, match):
     model = patch_vit(tiny_vit())
     with pytest.raises(exc, match=match):
@@ -141,8 +169,14 @@ def test_non_vit_is_refused():
 
 
 # ---------------------------------------------------------------- ragged keep lists (varlen attention)
-RAGGED_KW = [{}, dict(class_token=False, global_pool="avg"), dict(reg_tokens=2), dict(no_embed_class=True),
-             dict(qk_norm=True, init_values=1e-2), dict(global_pool="avgmax", reg_tokens=1)]
+RAGGED_KW = [
+    {},
+    dict(class_token=False, global_pool="avg"),
+    dict(reg_tokens=2),
+    dict(no_embed_class=True),
+    dict(qk_norm=True, init_values=1e-2),
+    dict(global_pool="avgmax", reg_tokens=1),
+]
 
 
 def ragged_idx(lengths, device):
@@ -152,10 +186,13 @@ def ragged_idx(lengths, device):
 RAGGED_IDS = ["plain", "avg", "reg2", "no_embed_class", "qknorm-ls", "avgmax"]
 # Every model variant in eval and train mode on the reference and C++ kernels; the Triton interpreter
 # is slow, so it gets the plain model in eval mode only (same kernels, fewer calls).
-RAGGED_CASES = [pytest.param(b, d, kw, train, id=f"{b}-{d}-{name}-{'train' if train else 'eval'}")
-                for b, d in [("reference", "cpu"), *BACKENDS]
-                for kw, name in zip(RAGGED_KW, RAGGED_IDS) for train in (False, True)
-                if b != "triton" or (not kw and not train)]
+RAGGED_CASES = [
+    pytest.param(b, d, kw, train, id=f"{b}-{d}-{name}-{'train' if train else 'eval'}")
+    for b, d in [("reference", "cpu"), *BACKENDS]
+    for kw, name in zip(RAGGED_KW, RAGGED_IDS)
+    for train in (False, True)
+    if b != "triton" or (not kw and not train)
+]
 
 
 @pytest.mark.parametrize("backend,device,kw,train", RAGGED_CASES)
@@ -167,7 +204,7 @@ def test_ragged_keep_matches_each_image_alone(backend, device, kw, train):
     with lotus_kernels.use_backend(backend):
         out = model(images, keep_idx=idx)
         grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
-    want = torch.cat([model(images[i:i + 1], keep_idx=idx[i][None]) for i in range(3)])
+    want = torch.cat([model(images[i : i + 1], keep_idx=idx[i][None]) for i in range(3)])
     want_grads = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
     assert out.shape == (3, 10)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
@@ -184,7 +221,7 @@ def test_ragged_drop_path_is_per_image_and_full_drop_matches():
     branch that others drop, so identical images come out different."""
     model = patch_vit(tiny_vit(drop_path_rate=1.0)).train()
     images, idx = torch.randn(2, 3, 32, 32), ragged_idx((5, 11), "cpu")
-    want = torch.cat([model(images[i:i + 1], keep_idx=idx[i][None]) for i in range(2)])
+    want = torch.cat([model(images[i : i + 1], keep_idx=idx[i][None]) for i in range(2)])
     torch.testing.assert_close(model(images, keep_idx=idx), want, rtol=1e-5, atol=1e-6)
     model = patch_vit(tiny_vit(drop_path_rate=0.5)).train()
     same = patch_vit(tiny_vit(drop_path_rate=0.5)).eval()

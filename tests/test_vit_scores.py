@@ -30,7 +30,7 @@ def hooked_scores(model, images):
     finally:
         hook.remove()
         attn.fused_attn = True
-    return apply_sink(probs[0][:, :, 0, :].mean(1))[:, model.num_prefix_tokens:]
+    return apply_sink(probs[0][:, :, 0, :].mean(1))[:, model.num_prefix_tokens :]
 
 
 @pytest.mark.parametrize("backend,device", IMPLS, ids=[f"{b}-{d}" for b, d in IMPLS])

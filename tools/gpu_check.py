@@ -26,6 +26,7 @@ failures), 1 if not.
 
     python3 tools/gpu_check.py [--budget 300] [--out DIR] [--skip-build] [--skip-tests] [--sections ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def no_gpu_line() -> str | None:
     except Exception as e:  # noqa: BLE001
         return f"gpu-check: skipped, {sys.executable} cannot import torch ({type(e).__name__}); nothing to check"
     if not torch.cuda.is_available():
-        return (f"gpu-check: skipped, no CUDA GPU visible to torch {torch.__version__} here; "
-                f"run `make gpu-check` where a GPU is lent")
+        return (
+            f"gpu-check: skipped, no CUDA GPU visible to torch {torch.__version__} here; "
+            f"run `make gpu-check` where a GPU is lent"
+        )
     return None
 
 
@@ -78,18 +81,28 @@ def elapsed() -> float:
 
 def environment() -> dict:
     import torch
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "cpu_count": os.cpu_count()}
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
-                   capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                   gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
+        env.update(
+            gpu=torch.cuda.get_device_name(0),
+            sms=props.multi_processor_count,
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        )
     else:  # --dry-run
         env.update(gpu="none (dry run on the CPU)", capability="-", sms=0, gpu_memory_gib=0)
     try:
         import triton
+
         env["triton"] = triton.__version__
     except Exception as e:  # noqa: BLE001
         env["triton"] = f"unavailable: {type(e).__name__}"
@@ -100,8 +113,9 @@ def environment() -> dict:
     except Exception:  # noqa: BLE001
         env["nvcc"] = "not found"
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True, timeout=10).stdout.strip()
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         env["git_commit"] = "unknown"
     return env
@@ -115,20 +129,30 @@ def build(log, dry_run: bool) -> dict:
     extensions' slowest (docs/design/gpu_check.md). ninja keeps the objects: a second run recompiles
     nothing."""
     import torch
+
     if dry_run or not torch.cuda.is_available():
         major, minor = 9, 0
     else:
         major, minor = torch.cuda.get_device_capability(0)
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", MAX_JOBS=str(os.cpu_count() or 4),
-               LOTUS_BUILD_CUDA="1")
+    env = dict(
+        os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", MAX_JOBS=str(os.cpu_count() or 4), LOTUS_BUILD_CUDA="1"
+    )
     t0 = time.monotonic()
     procs = {}
     for name in ("_C", "_cuda"):
         cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--build-temp", f"build/gpu_check{name}"]
-        log(f"build: {' '.join(cmd)} (LOTUS_BUILD_ONLY={name}, TORCH_CUDA_ARCH_LIST={major}.{minor}, "
-            f"MAX_JOBS={env['MAX_JOBS']})")
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, LOTUS_BUILD_ONLY=name), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+        log(
+            f"build: {' '.join(cmd)} (LOTUS_BUILD_ONLY={name}, TORCH_CUDA_ARCH_LIST={major}.{minor}, "
+            f"MAX_JOBS={env['MAX_JOBS']})"
+        )
+        procs[name] = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env, LOTUS_BUILD_ONLY=name),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     codes = {}
     for name, proc in procs.items():
         out, err = proc.communicate()
@@ -175,8 +199,9 @@ def _build_jit(log, env) -> bool:
         nvcc = "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else shutil.which("nvcc")
         if nvcc:
             env["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    done = subprocess.run([sys.executable, "-c", _JIT_BUILD, str(ROOT)], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _JIT_BUILD, str(ROOT)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     if done.returncode != 0:
         log(done.stdout[-3000:], done.stderr[-6000:])
     log(f"build (jit): exit {done.returncode}")
@@ -202,6 +227,7 @@ def run_tests(log, deadline: float, out_dir: Path) -> dict:
     workers = []
     try:
         import xdist  # noqa: F401
+
         workers = ["-n", str(min(16, os.cpu_count() or 1))]
     except ImportError:
         pass
@@ -214,13 +240,32 @@ def run_tests(log, deadline: float, out_dir: Path) -> dict:
                 result["passes"][name] = "skipped: out of time"
                 log(f"tests {name}: skipped (out of time)")
                 continue
-            cmd = [sys.executable, "-m", "pytest", *paths, "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rfE",
-                   "--no-header", *workers]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pytest",
+                *paths,
+                "-m",
+                "cuda",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-rfE",
+                "--no-header",
+                *workers,
+            ]
             log(f"tests {name}: {' '.join(cmd[3:])} (timeout {left:.0f} s)")
             t0 = time.monotonic()
             # its own process group, so that on a timeout the xdist workers (which hold the GPU) go too
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 out, _ = proc.communicate(timeout=left)
                 rc = proc.returncode
@@ -231,8 +276,14 @@ def run_tests(log, deadline: float, out_dir: Path) -> dict:
             took = time.monotonic() - t0
             full.write(f"===== pass {name}: exit {rc} in {took:.0f} s\n{out}\n")
             lines = out.strip().splitlines()
-            summary = next((ln.strip("= ") for ln in reversed(lines)
-                            if re.search(r"\d+ (passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s", ln)), "")
+            summary = next(
+                (
+                    ln.strip("= ")
+                    for ln in reversed(lines)
+                    if re.search(r"\d+ (passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s", ln)
+                ),
+                "",
+            )
             for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary):
                 result["counts"][k] = result["counts"].get(k, 0) + int(v)
             result["failed"] += [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:50]
@@ -257,14 +308,18 @@ def bench_cpu_threads(smoke: bool, deadline: float, log) -> list[dict]:
 
     import lotus_kernels as lk
     from lotus_kernels.nn import BlockSparseLinear
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_gpu
+
     m, in_f, out_f = (64, 64, 128) if smoke else (8 * 197, 768, 3072)
     rows, before = [], torch.get_num_threads()
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f)
-    layers = {"dense": dense, **{f"lotus d={d}": BlockSparseLinear.from_linear(dense, density=d, block_size=32)
-                                 for d in (0.5, 0.1)}}
+    layers = {
+        "dense": dense,
+        **{f"lotus d={d}": BlockSparseLinear.from_linear(dense, density=d, block_size=32) for d in (0.5, 0.1)},
+    }
     x = torch.randn(m, in_f, requires_grad=True)
     g = torch.randn(m, out_f)
     timer = bench_gpu.Timer(torch.device("cpu"), warmup=1, rounds=2 if smoke else 5, reps=1)
@@ -276,11 +331,20 @@ def bench_cpu_threads(smoke: bool, deadline: float, log) -> list[dict]:
 
             def step(layer):
                 return lambda: torch.autograd.grad(layer(x), (x, *layer.parameters()), g)
+
             times = timer.run({name: step(layer) for name, layer in layers.items()})
-            for r in bench_gpu.rows_from("cpu_threads", times, "dense",
-                                         {"shape": f"{m}x{in_f}->{out_f}", "threads": threads, "dtype": "fp32",
-                                          "pass": "fwd+bwd", "kernel": lk.cpu_kernel_path("block_sparse_linear.fwd",
-                                                                                          torch.float32)}):
+            for r in bench_gpu.rows_from(
+                "cpu_threads",
+                times,
+                "dense",
+                {
+                    "shape": f"{m}x{in_f}->{out_f}",
+                    "threads": threads,
+                    "dtype": "fp32",
+                    "pass": "fwd+bwd",
+                    "kernel": lk.cpu_kernel_path("block_sparse_linear.fwd", torch.float32),
+                },
+            ):
                 rows.append(r)
             log(f"bench cpu_threads {threads}: " + ", ".join(f"{r['config']} {r['ratio']:.3f}" for r in rows[-3:]))
     finally:
@@ -290,8 +354,10 @@ def bench_cpu_threads(smoke: bool, deadline: float, log) -> list[dict]:
 
 def plot(rows, goals, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     shown = [g for g in goals if g["value"] is not None]
     fig, ax = plt.subplots(figsize=(10, 0.35 * max(len(shown), 4) + 1.5))
     labels = [f"{g['section']}: {g['goal']}" for g in shown]
@@ -310,33 +376,58 @@ def plot(rows, goals, path: Path) -> None:
 
 def markdown(report: dict) -> str:
     env, rows, goals = report["environment"], report["rows"], report["goals"]
-    lines = [f"# make gpu-check on {env['gpu']}", "",
-             f"{env['date']}, commit {env['git_commit']}: torch {env['torch']} (CUDA {env['torch_cuda']}), triton "
-             f"{env['triton']}, nvcc {env['nvcc']}, sm {env['capability']}, {env['sms']} SMs, Python {env['python']}, "
-             f"{env['cpu_count']} CPUs; backends {report['backends']}", "",
-             f"Build: {report['build']}", "", f"Tests: {report['tests'].get('summary')}; passes: "
-             f"{report['tests'].get('passes')}", "",
-             "## Goals", "", "| section | goal | measured | target | met |", "|---|---|---|---|---|"]
+    lines = [
+        f"# make gpu-check on {env['gpu']}",
+        "",
+        f"{env['date']}, commit {env['git_commit']}: torch {env['torch']} (CUDA {env['torch_cuda']}), triton "
+        f"{env['triton']}, nvcc {env['nvcc']}, sm {env['capability']}, {env['sms']} SMs, Python {env['python']}, "
+        f"{env['cpu_count']} CPUs; backends {report['backends']}",
+        "",
+        f"Build: {report['build']}",
+        "",
+        f"Tests: {report['tests'].get('summary')}; passes: {report['tests'].get('passes')}",
+        "",
+        "## Goals",
+        "",
+        "| section | goal | measured | target | met |",
+        "|---|---|---|---|---|",
+    ]
     for g in goals:
         v = "n/a" if g["value"] is None else f"{g['value']:.3f}"
-        lines.append(f"| {g['section']} | {g['goal']} | {v} | {g['kind']} {g['target']} | "
-                     f"{'n/a' if g['met'] is None else ('yes' if g['met'] else 'NO')} |")
-    lines += ["", "## All rows (median of interleaved rounds; CUDA events on the GPU)", "",
-              "Predicted: the roofline time of the row (bench_gpu.py); measured / predicted > 1 is the gap to it.", "",
-              "| section | config | detail | median ms | predicted ms | measured / predicted | ratio | paired |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {g['section']} | {g['goal']} | {v} | {g['kind']} {g['target']} | "
+            f"{'n/a' if g['met'] is None else ('yes' if g['met'] else 'NO')} |"
+        )
+    lines += [
+        "",
+        "## All rows (median of interleaved rounds; CUDA events on the GPU)",
+        "",
+        "Predicted: the roofline time of the row (bench_gpu.py); measured / predicted > 1 is the gap to it.",
+        "",
+        "| section | config | detail | median ms | predicted ms | measured / predicted | ratio | paired |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        detail = ", ".join(f"{k}={r[k]}" for k in ("shape", "density", "pass", "backend", "threads", "dtype", "best")
-                           if k in r)
+        detail = ", ".join(
+            f"{k}={r[k]}" for k in ("shape", "density", "pass", "backend", "threads", "dtype", "best") if k in r
+        )
         med = "" if r.get("median_ms") is None else f"{r['median_ms']:.3f}"
         pred = r.get("predicted_ms")
         vs = "" if pred is None or r.get("median_ms") is None else f"{r['median_ms'] / pred:.2f}"
         paired = "" if r.get("ratio_paired") is None else f"{r['ratio_paired']:.3f}"
-        lines.append(f"| {r['section']} | {r['config']} | {detail} | {med} | {'' if pred is None else f'{pred:.3f}'} | "
-                     f"{vs} | {r['ratio']:.3f} | {paired} |")
-    lines += ["", f"Bench status: {report['bench_status']}", "",
-              "Autotuned Triton configs (table format; `python3 tools/gpu_check.py --apply-configs "
-              "benchmarks/results/gpu/gpu_check.json` writes them into lotus_kernels/triton/_configs.py):", "", "```"]
+        lines.append(
+            f"| {r['section']} | {r['config']} | {detail} | {med} | {'' if pred is None else f'{pred:.3f}'} | "
+            f"{vs} | {r['ratio']:.3f} | {paired} |"
+        )
+    lines += [
+        "",
+        f"Bench status: {report['bench_status']}",
+        "",
+        "Autotuned Triton configs (table format; `python3 tools/gpu_check.py --apply-configs "
+        "benchmarks/results/gpu/gpu_check.json` writes them into lotus_kernels/triton/_configs.py):",
+        "",
+        "```",
+    ]
     lines += [f"{tuple(k)!r}: {v!r}" for k, v in report.get("tuned_table", [])] + ["```", ""]
     return "\n".join(lines)
 
@@ -350,8 +441,11 @@ def _status(step: dict) -> str:
 
 def summary(report: dict) -> str:
     env, goals = report["environment"], report["goals"]
-    out = ["=" * 78, f"gpu-check summary: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
-           f"{elapsed():.0f} s", f"build: {_status(report['build'])}; tests: {_status(report['tests'])}"]
+    out = [
+        "=" * 78,
+        f"gpu-check summary: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {elapsed():.0f} s",
+        f"build: {_status(report['build'])}; tests: {_status(report['tests'])}",
+    ]
     for f in report["tests"].get("failed", [])[:8]:
         out.append(f"  {f[:150]}")
     out.append(f"{'goal':58s} {'measured':>9s} {'target':>9s}")
@@ -370,8 +464,10 @@ def summary(report: dict) -> str:
         counts = {}
         for name, _ in wins.values():
             counts[name] = counts.get(name, 0) + 1
-        out.append(f"block-sparse fastest backend per (shape, density): {counts} "
-                   f"(default order on CUDA: {report['backend_order']})")
+        out.append(
+            f"block-sparse fastest backend per (shape, density): {counts} "
+            f"(default order on CUDA: {report['backend_order']})"
+        )
     out.append(f"results: {report['out_dir']}/{{{','.join(RESULT_FILES)}}}")
     return "\n".join(out)
 
@@ -380,6 +476,7 @@ def apply_configs(path: Path) -> int:
     """Merge the ``tuned_table`` of a gpu_check.json into the committed config table."""
     sys.path.insert(0, str(ROOT))
     from lotus_kernels.triton import _configs
+
     entries = json.loads(Path(path).read_text()).get("tuned_table", [])
     table = {tuple(tuple(x) if isinstance(x, list) else x for x in key): cfg for key, cfg in entries}
     _configs.write_table(table)
@@ -397,16 +494,30 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=300, help="seconds for the whole check (default 300)")
     p.add_argument("--skip-build", action="store_true", help="reuse the extensions built by an earlier run")
     p.add_argument("--skip-tests", action="store_true")
-    p.add_argument("--sections", nargs="*", default=None,
-                   help=f"benchmark sections, in this order by default: {' '.join(SECTIONS)}")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"results folder (default {DEFAULT_OUT.relative_to(ROOT)}); receives {len(RESULT_FILES)} files")
-    p.add_argument("--dry-run", action="store_true",
-                   help="without a GPU: the same steps, where the GPU's absence stubs them out (the build for "
-                        "sm_90, `pytest -m cuda` selecting nothing, the benchmarks on tiny CPU sizes)")
-    p.add_argument("--apply-configs", type=Path, metavar="JSON",
-                   help="write the autotuned configs of a gpu_check.json into lotus_kernels/triton/_configs.py; "
-                        "runs nothing else")
+    p.add_argument(
+        "--sections",
+        nargs="*",
+        default=None,
+        help=f"benchmark sections, in this order by default: {' '.join(SECTIONS)}",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default {DEFAULT_OUT.relative_to(ROOT)}); receives {len(RESULT_FILES)} files",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="without a GPU: the same steps, where the GPU's absence stubs them out (the build for "
+        "sm_90, `pytest -m cuda` selecting nothing, the benchmarks on tiny CPU sizes)",
+    )
+    p.add_argument(
+        "--apply-configs",
+        type=Path,
+        metavar="JSON",
+        help="write the autotuned configs of a gpu_check.json into lotus_kernels/triton/_configs.py; runs nothing else",
+    )
     args = p.parse_args(argv)
     if args.apply_configs:
         return apply_configs(args.apply_configs)
@@ -423,9 +534,17 @@ def main(argv=None) -> int:
     log = Log(out_dir / "gpu_check.log")
     env = environment()
     log(f"gpu-check: {env}")
-    report = {"out_dir": str(out_dir), "environment": env, "budget_s": args.budget, "build": {"skipped": True},
-              "tests": {"skipped": True},
-              "rows": [], "goals": [], "bench_status": {}, "tuned_configs": {}}
+    report = {
+        "out_dir": str(out_dir),
+        "environment": env,
+        "budget_s": args.budget,
+        "build": {"skipped": True},
+        "tests": {"skipped": True},
+        "rows": [],
+        "goals": [],
+        "bench_status": {},
+        "tuned_configs": {},
+    }
     if not args.skip_build:
         report["build"] = build(log, args.dry_run)
     sys.path.insert(0, str(ROOT))
@@ -439,10 +558,12 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_gpu
+
     report["backends"] = lotus_kernels.backends()
     report["backend_errors"] = lotus_kernels.backend_errors()
     report["backend_order"] = _backend.PREFERENCE["cuda"]
     import torch
+
     device = torch.device("cpu" if args.dry_run else "cuda")
     sections = args.sections or list(SECTIONS)
     gpu_sections = [s for s in sections if s != "cpu_threads"]
@@ -459,14 +580,21 @@ def main(argv=None) -> int:
             status["cpu_threads"] = f"error: {type(e).__name__}: {e}"
             log(traceback.format_exc())
     tuned = _configs.tuned_table()
-    report.update(rows=rows, bench_status=status, goals=bench_gpu.goal_rows(rows), tuned_configs=_configs.tuned_configs(),
-                  tuned_table=[[list(k), v] for k, v in tuned.items()])
+    report.update(
+        rows=rows,
+        bench_status=status,
+        goals=bench_gpu.goal_rows(rows),
+        tuned_configs=_configs.tuned_configs(),
+        tuned_table=[[list(k), v] for k, v in tuned.items()],
+    )
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out_dir / "gpu_check.md").write_text(markdown(report))
     (out_dir / "tuned_table.py").write_text(
         "# The autotuner's winners of this run, in lotus_kernels/triton/_configs.py's TABLE format\n"
         f"# ({env['gpu']}, torch {env['torch']}, triton {env['triton']}); `--apply-configs gpu_check.json` merges them.\n"
-        + _configs.table_source(tuned) + "\n")
+        + _configs.table_source(tuned)
+        + "\n"
+    )
     try:
         plot(rows, report["goals"], out_dir / "gpu_check.png")
     except Exception as e:  # noqa: BLE001

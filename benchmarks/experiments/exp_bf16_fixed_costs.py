@@ -16,6 +16,7 @@ rounded back): torch's CPU bf16 flash-attention backward is slower than its fp32
 without AMX, and does not shrink with the token count as fp32 does.
 Prints only (no result files): loaded-machine numbers are indicative.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ def layers(args):
             base = torch.nn.Linear(in_f, out_f)
             # fp32 x: as the benchmark and as qkv / fc1 see it (LayerNorm runs fp32 under CPU autocast);
             # bf16 x: as fc2 / proj see it (GELU / attention output already bf16): no cast either way.
-            x = torch.randn(args.m, in_f, dtype=torch.bfloat16 if args.x_dtype == "bf16" else torch.float32,
-                            requires_grad=True)
+            x = torch.randn(
+                args.m, in_f, dtype=torch.bfloat16 if args.x_dtype == "bf16" else torch.float32, requires_grad=True
+            )
             g = torch.randn(args.m, out_f, dtype=dtype)
 
             def train(layer, cast_x=False):
@@ -91,7 +93,9 @@ def layers(args):
                     y.backward(g)
                     layer.zero_grad(set_to_none=True)
                     x.grad = None
+
                 return fn
+
             configs = {"dense": (train(copy.deepcopy(base)), FUSED)}
             cast = amp and x.dtype == torch.float32
             for d in map(float, args.densities.split(",")):
@@ -102,18 +106,24 @@ def layers(args):
                     configs[f"cast@{d:g}"] = (train(ours, cast_x=True), FUSED)
             cpu, wall = interleaved(configs, args.rounds, set_variant, args.gc_per_call)
             dc, dw = min(cpu["dense"]), min(wall["dense"])
-            print(f"{args.dtype} (x {args.x_dtype}) {args.threads} thread(s) {args.m}x{in_f}->{out_f}: dense CPU {dc * 1e3:.2f} ms, "
-                  f"wall {dw * 1e3:.2f} ms (min of {args.rounds})")
+            print(
+                f"{args.dtype} (x {args.x_dtype}) {args.threads} thread(s) {args.m}x{in_f}->{out_f}: dense CPU {dc * 1e3:.2f} ms, "
+                f"wall {dw * 1e3:.2f} ms (min of {args.rounds})"
+            )
             for d in map(float, args.densities.split(",")):
                 s, f = min(cpu[f"separate@{d:g}"]), min(cpu[f"fused@{d:g}"])
-                print(f"  d = {d:g}: separate {s * 1e3:6.2f} ms ({s / dc:.3f}), fused {f * 1e3:6.2f} ms ({f / dc:.3f}) "
-                      f"CPU time; saved {(s - f) * 1e3:+.3f} ms; wall median fused / dense "
-                      f"{statistics.median(wall[f'fused@{d:g}']) / statistics.median(wall['dense']):.3f}")
+                print(
+                    f"  d = {d:g}: separate {s * 1e3:6.2f} ms ({s / dc:.3f}), fused {f * 1e3:6.2f} ms ({f / dc:.3f}) "
+                    f"CPU time; saved {(s - f) * 1e3:+.3f} ms; wall median fused / dense "
+                    f"{statistics.median(wall[f'fused@{d:g}']) / statistics.median(wall['dense']):.3f}"
+                )
                 if cast:
                     c = min(cpu[f"cast@{d:g}"])
-                    print(f"          x cast first (before) {c * 1e3:6.2f} ms ({c / dc:.3f}) CPU time; fused saves "
-                          f"{(c - f) * 1e3:+.3f} ms; wall median cast / dense "
-                          f"{statistics.median(wall[f'cast@{d:g}']) / statistics.median(wall['dense']):.3f}")
+                    print(
+                        f"          x cast first (before) {c * 1e3:6.2f} ms ({c / dc:.3f}) CPU time; fused saves "
+                        f"{(c - f) * 1e3:+.3f} ms; wall median cast / dense "
+                        f"{statistics.median(wall[f'cast@{d:g}']) / statistics.median(wall['dense']):.3f}"
+                    )
     finally:
         set_variant(FUSED)
 
@@ -122,6 +132,7 @@ def step(args):
     import timm
 
     import lotus_kernels
+
     sdpa = F.scaled_dot_product_attention
 
     def sdpa_fp32(q, k, v, *a, **kw):
@@ -135,9 +146,15 @@ def step(args):
     images = torch.randn(8, 3, 224, 224)
     labels = torch.randint(base.num_classes, (8,))
     dense = lotus_kernels.patch_vit(copy.deepcopy(base)).train()
-    sparse = lotus_kernels.patch_vit(lotus_kernels.sparsify_(
-        copy.deepcopy(base), sparsity=0.5, layout="block", block_size=32,
-        include=["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"])).train()
+    sparse = lotus_kernels.patch_vit(
+        lotus_kernels.sparsify_(
+            copy.deepcopy(base),
+            sparsity=0.5,
+            layout="block",
+            block_size=32,
+            include=["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"],
+        )
+    ).train()
 
     def make(model, **kw):
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -148,7 +165,9 @@ def step(args):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return fn
+
     configs = {}
     for name, attn in (("bf16 SDPA", sdpa), ("fp32 SDPA", sdpa_fp32)):
         configs[f"dense, {name}"] = (make(dense), attn)
@@ -176,7 +195,9 @@ def main():
     p.add_argument("--shapes", default="384x1536,1536x384")
     p.add_argument("--densities", default="0.1,0.3,0.5")
     p.add_argument("--m", type=int, default=1576)
-    p.add_argument("--gc-per-call", action="store_true", help="layers: gc.collect() before every call (as the benchmark)")
+    p.add_argument(
+        "--gc-per-call", action="store_true", help="layers: gc.collect() before every call (as the benchmark)"
+    )
     p.add_argument("--x-dtype", default="fp32", choices=("fp32", "bf16"), help="layers: the input's dtype")
     p.add_argument("--rounds", type=int, default=None, help="default: 15 (layers), 5 (step)")
     args = p.parse_args()

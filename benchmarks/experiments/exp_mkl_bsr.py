@@ -14,6 +14,7 @@ Layouts: ours computes y [M, out] = x W^T with x, y row-major. MKL puts the spar
 left, so y^T = W x^T: either column-major dense operands (x, y as they are) or row-major ones (x^T,
 y^T: two transposes, timed separately and not added to MKL's time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def load_mkl(lib_dir: str):
 
 def run(mkl, in_f, out_f, d, m, bs, rounds):
     import torch
+
     import lotus_kernels as lk
     from lotus_kernels.ops import bsr_from_dense
+
     lk.backends()
     C = torch.ops.lotus_kernels_C
     g = torch.Generator().manual_seed(0)
@@ -57,8 +60,21 @@ def run(mkl, in_f, out_f, d, m, bs, rounds):
     cr32, col32 = crow.to(torch.int32), col.to(torch.int32)
     descr = _Descr(GENERAL, 121, 131)
     h = ctypes.c_void_p()
-    assert mkl.mkl_sparse_s_create_bsr(ctypes.byref(h), 0, ROW_MAJOR, out_f // bs, in_f // bs, bs, cr32.data_ptr(),
-                                       cr32.data_ptr() + 4, col32.data_ptr(), values.data_ptr()) == 0
+    assert (
+        mkl.mkl_sparse_s_create_bsr(
+            ctypes.byref(h),
+            0,
+            ROW_MAJOR,
+            out_f // bs,
+            in_f // bs,
+            bs,
+            cr32.data_ptr(),
+            cr32.data_ptr() + 4,
+            col32.data_ptr(),
+            values.data_ptr(),
+        )
+        == 0
+    )
     for op in (NON_TRANSPOSE, TRANSPOSE):
         for layout in (ROW_MAJOR, COL_MAJOR):
             mkl.mkl_sparse_set_mm_hint(h, op, descr, layout, m, 1000)
@@ -66,15 +82,19 @@ def run(mkl, in_f, out_f, d, m, bs, rounds):
     assert mkl.mkl_sparse_optimize(h) == 0
     t_opt = time.process_time() - t0
     fns = {
-        "mkl fwd col-major": lambda: mkl.mkl_sparse_s_mm(NON_TRANSPOSE, 1.0, h, descr, COL_MAJOR, x.data_ptr(), m, in_f,
-                                                         0.0, y.data_ptr(), out_f),
-        "mkl fwd row-major": lambda: mkl.mkl_sparse_s_mm(NON_TRANSPOSE, 1.0, h, descr, ROW_MAJOR, xt.data_ptr(), m, m,
-                                                         0.0, yt.data_ptr(), m),
-        "mkl bwd_input row-major": lambda: mkl.mkl_sparse_s_mm(TRANSPOSE, 1.0, h, descr, ROW_MAJOR, dyt.data_ptr(), m,
-                                                               m, 0.0, dxt.data_ptr(), m),
+        "mkl fwd col-major": lambda: mkl.mkl_sparse_s_mm(
+            NON_TRANSPOSE, 1.0, h, descr, COL_MAJOR, x.data_ptr(), m, in_f, 0.0, y.data_ptr(), out_f
+        ),
+        "mkl fwd row-major": lambda: mkl.mkl_sparse_s_mm(
+            NON_TRANSPOSE, 1.0, h, descr, ROW_MAJOR, xt.data_ptr(), m, m, 0.0, yt.data_ptr(), m
+        ),
+        "mkl bwd_input row-major": lambda: mkl.mkl_sparse_s_mm(
+            TRANSPOSE, 1.0, h, descr, ROW_MAJOR, dyt.data_ptr(), m, m, 0.0, dxt.data_ptr(), m
+        ),
         "transposes (x, y)": lambda: (xt.copy_(x.t()), y.copy_(yt.t())),
-        f"ours fwd [{lk.cpu_kernel_path('block_sparse_linear.fwd')}]": lambda: C.bsr_linear_fwd(x, values, crow, col,
-                                                                                                  None, y),
+        f"ours fwd [{lk.cpu_kernel_path('block_sparse_linear.fwd')}]": lambda: C.bsr_linear_fwd(
+            x, values, crow, col, None, y
+        ),
         "ours bwd_input": lambda: C.bsr_linear_bwd_input(dy, values, ccol, row, perm, dx),
         "dense fwd (torch.mm, MKL sgemm)": lambda: torch.mm(x, w.t(), out=y),
     }
@@ -112,6 +132,7 @@ def main():
     args = p.parse_args()
     mkl = load_mkl(args.mkl_lib)
     import torch
+
     torch.set_num_threads(1)
     for shape in args.shapes.split(","):
         in_f, out_f = map(int, shape.split("x"))

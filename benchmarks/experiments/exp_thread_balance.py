@@ -10,6 +10,7 @@ show; sum / busiest says how evenly the work is split (= threads when perfectly 
     PYTHONPATH=. python benchmarks/experiments/exp_thread_balance.py --threads 2 --shapes 384x1536,1536x384 \\
         --dtypes fp32,bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,17 +63,23 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     densities = [float(d) for d in args.densities.split(",")]
-    print(f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; per config: busiest thread ms, "
-          "sum / busiest, busiest / dense busiest")
+    print(
+        f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; per config: busiest thread ms, "
+        "sum / busiest, busiest / dense busiest"
+    )
     for dt in args.dtypes.split(","):
         for shape in args.shapes.split(","):
             in_f, out_f = map(int, shape.split("x"))
-            configs, _ = bench.block_layer_configs(in_f, out_f, args.m, densities, 32, torch.device("cpu"),
-                                                   bench.DTYPES[dt])
+            configs, _ = bench.block_layer_configs(
+                in_f, out_f, args.m, densities, 32, torch.device("cpu"), bench.DTYPES[dt]
+            )
             res = {k: busy(fn, args.calls) for k, fn in configs.items() if k == "dense" or k.startswith("lotus")}
             dense = res["dense"][0]
-            print(f"{dt} {args.m}x{in_f}->{out_f}: " + " | ".join(
-                f"{k} {t[0]:.1f} ms, {sum(t) / t[0]:.2f}, {t[0] / dense:.3f}" for k, t in res.items()), flush=True)
+            print(
+                f"{dt} {args.m}x{in_f}->{out_f}: "
+                + " | ".join(f"{k} {t[0]:.1f} ms, {sum(t) / t[0]:.2f}, {t[0] / dense:.3f}" for k, t in res.items()),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

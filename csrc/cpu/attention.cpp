@@ -43,8 +43,8 @@ struct Seqs {
   int64_t len(int64_t b) const { return cu ? cu[b + 1] - cu[b] : N; }
   int64_t ld() const { return cu ? H * D : D; }
   int64_t x(int64_t b, int64_t h) const { return cu ? (cu[b] * H + h) * D : (b * H + h) * N * D; }  // q/k/v/out
-  int64_t row(int64_t b, int64_t h) const { return cu ? h * T + cu[b] : (b * H + h) * N; }       // lse
-  int64_t tok(int64_t b) const { return cu ? cu[b] : b * N; }                                     // scores
+  int64_t row(int64_t b, int64_t h) const { return cu ? h * T + cu[b] : (b * H + h) * N; }          // lse
+  int64_t tok(int64_t b) const { return cu ? cu[b] : b * N; }                                       // scores
 };
 
 // The BLAS that libtorch_cpu carries (MKL on x86 wheels). Weak, so that a torch built without a
@@ -61,8 +61,8 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 // 2.4x as long for the ViT-S forward (45 vs 19 ms, scalar exp in both); the fallback loop below is
 // only for a torch without a BLAS.
 template <typename T>
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
+          T beta, T* c, int64_t ldc) {
   const int im = m, in = n, ik = k, ila = lda, ilb = ldb, ilc = ldc;
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_) return sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
@@ -105,27 +105,27 @@ inline std::pair<const acc_t*, int64_t> rows_acc(const scalar_t* src, int64_t ld
 // vectors) and chosen per op call by lotus::cpu_isa(), so LOTUS_KERNELS_CPU_ISA caps them too. (They
 // were `target_clones("avx2", "default")`, resolved once at load time by CPU feature, not "arch=",
 // whose resolver matches CPU models and picked the SSE2 copy on this AMD EPYC.)
-#define LOTUS_EXP_SUB(NAME, ...)                                                              \
-  __attribute__((__VA_ARGS__)) void NAME(float* __restrict x, int64_t n, float sub) {        \
-    for (int64_t j = 0; j < n; ++j) {                                                         \
-      const float v = x[j] - sub;                                                             \
-      const float c = v > -87.0f ? v : -87.0f;                                                \
-      const float t = c * 1.44269504088896341f;                                               \
-      const float r = (t + 12582912.0f) - 12582912.0f; /* round to nearest, |t| < 2^22 */     \
-      const float f = (c - r * 0.693145751953125f) - r * 1.428606765330187e-06f;              \
-      float p = 1.0f / 720.0f;                                                                \
-      p = p * f + 1.0f / 120.0f;                                                              \
-      p = p * f + 1.0f / 24.0f;                                                               \
-      p = p * f + 1.0f / 6.0f;                                                                \
-      p = p * f + 0.5f;                                                                       \
-      p = p * f + 1.0f;                                                                       \
-      p = p * f + 1.0f;                                                                       \
-      const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;                             \
-      float two_n;                                                                            \
-      std::memcpy(&two_n, &bits, sizeof two_n);                                               \
-      const float y = p * two_n;                                                              \
-      x[j] = v < -87.0f ? 0.0f : y;                                                           \
-    }                                                                                         \
+#define LOTUS_EXP_SUB(NAME, ...)                                                          \
+  __attribute__((__VA_ARGS__)) void NAME(float* __restrict x, int64_t n, float sub) {     \
+    for (int64_t j = 0; j < n; ++j) {                                                     \
+      const float v = x[j] - sub;                                                         \
+      const float c = v > -87.0f ? v : -87.0f;                                            \
+      const float t = c * 1.44269504088896341f;                                           \
+      const float r = (t + 12582912.0f) - 12582912.0f; /* round to nearest, |t| < 2^22 */ \
+      const float f = (c - r * 0.693145751953125f) - r * 1.428606765330187e-06f;          \
+      float p = 1.0f / 720.0f;                                                            \
+      p = p * f + 1.0f / 120.0f;                                                          \
+      p = p * f + 1.0f / 24.0f;                                                           \
+      p = p * f + 1.0f / 6.0f;                                                            \
+      p = p * f + 0.5f;                                                                   \
+      p = p * f + 1.0f;                                                                   \
+      p = p * f + 1.0f;                                                                   \
+      const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;                         \
+      float two_n;                                                                        \
+      std::memcpy(&two_n, &bits, sizeof two_n);                                           \
+      const float y = p * two_n;                                                          \
+      x[j] = v < -87.0f ? 0.0f : y;                                                       \
+    }                                                                                     \
   }
 
 // Row max / sum of a score row. Reassociation is allowed here (the order of a sum over one key
@@ -134,30 +134,30 @@ inline std::pair<const acc_t*, int64_t> rows_acc(const scalar_t* src, int64_t ld
 // The max is written on GCC vector types: GCC does not vectorise a float max reduction without
 // finite-math-only (which the -inf of padded keys rules out), and the scalar vmaxss chain it made
 // instead cost more than exp_sub. Two W-lane accumulators; vector ?: is a compare + blend.
-#define LOTUS_ROW_MAX(NAME, VEC, W, ...)                                                      \
-  __attribute__((__VA_ARGS__)) float NAME(const float* x, int64_t n) {                        \
-    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();                        \
-    VEC m0, m1;                                                                               \
-    for (int w = 0; w < W; ++w) m0[w] = m1[w] = NEG_INF;                                      \
-    int64_t j = 0;                                                                            \
-    for (; j + 2 * W <= n; j += 2 * W) {                                                      \
-      VEC a, b;                                                                               \
-      std::memcpy(&a, x + j, sizeof a);                                                       \
-      std::memcpy(&b, x + j + W, sizeof b);                                                   \
-      m0 = a > m0 ? a : m0;                                                                   \
-      m1 = b > m1 ? b : m1;                                                                   \
-    }                                                                                         \
-    m0 = m1 > m0 ? m1 : m0;                                                                   \
-    float m = NEG_INF;                                                                        \
-    for (int w = 0; w < W; ++w) m = m0[w] > m ? m0[w] : m;                                    \
-    for (; j < n; ++j) m = x[j] > m ? x[j] : m;                                               \
-    return m;                                                                                 \
+#define LOTUS_ROW_MAX(NAME, VEC, W, ...)                               \
+  __attribute__((__VA_ARGS__)) float NAME(const float* x, int64_t n) { \
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity(); \
+    VEC m0, m1;                                                        \
+    for (int w = 0; w < W; ++w) m0[w] = m1[w] = NEG_INF;               \
+    int64_t j = 0;                                                     \
+    for (; j + 2 * W <= n; j += 2 * W) {                               \
+      VEC a, b;                                                        \
+      std::memcpy(&a, x + j, sizeof a);                                \
+      std::memcpy(&b, x + j + W, sizeof b);                            \
+      m0 = a > m0 ? a : m0;                                            \
+      m1 = b > m1 ? b : m1;                                            \
+    }                                                                  \
+    m0 = m1 > m0 ? m1 : m0;                                            \
+    float m = NEG_INF;                                                 \
+    for (int w = 0; w < W; ++w) m = m0[w] > m ? m0[w] : m;             \
+    for (; j < n; ++j) m = x[j] > m ? x[j] : m;                        \
+    return m;                                                          \
   }
-#define LOTUS_ROW_SUM(NAME, ...)                                                              \
-  __attribute__((__VA_ARGS__)) float NAME(const float* x, int64_t n) {                        \
-    float s = 0.0f;                                                                           \
-    for (int64_t j = 0; j < n; ++j) s += x[j];                                                \
-    return s;                                                                                 \
+#define LOTUS_ROW_SUM(NAME, ...)                                       \
+  __attribute__((__VA_ARGS__)) float NAME(const float* x, int64_t n) { \
+    float s = 0.0f;                                                    \
+    for (int64_t j = 0; j < n; ++j) s += x[j];                         \
+    return s;                                                          \
   }
 
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -193,14 +193,22 @@ const SoftmaxFns kSoftmaxTable[] = {
     {lotus::Isa::kDefault, exp_sub_default, row_max_default, row_sum_default},
 };
 
-const SoftmaxFns& softmax_fns() { return lotus::best_within_cap(kSoftmaxTable); }
+const SoftmaxFns& softmax_fns() {
+  return lotus::best_within_cap(kSoftmaxTable);
+}
 
 // Set by each op call (from softmax_fns()) before any kernel loop runs; read by the wrappers below.
 std::atomic<const SoftmaxFns*> g_softmax{&kSoftmaxTable[std::size(kSoftmaxTable) - 1]};
 
-inline void exp_sub(float* x, int64_t n, float sub) { g_softmax.load(std::memory_order_relaxed)->exp_sub(x, n, sub); }
-inline float row_max(const float* x, int64_t n) { return g_softmax.load(std::memory_order_relaxed)->row_max(x, n); }
-inline float row_sum(const float* x, int64_t n) { return g_softmax.load(std::memory_order_relaxed)->row_sum(x, n); }
+inline void exp_sub(float* x, int64_t n, float sub) {
+  g_softmax.load(std::memory_order_relaxed)->exp_sub(x, n, sub);
+}
+inline float row_max(const float* x, int64_t n) {
+  return g_softmax.load(std::memory_order_relaxed)->row_max(x, n);
+}
+inline float row_sum(const float* x, int64_t n) {
+  return g_softmax.load(std::memory_order_relaxed)->row_sum(x, n);
+}
 
 inline void exp_sub(double* x, int64_t n, double sub) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
@@ -472,8 +480,8 @@ void fwd_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, const boo
 
 template <typename scalar_t>
 void bwd_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
-              const at::opmath_type<scalar_t>* lse, const bool* mask, scalar_t* dq, scalar_t* dk, scalar_t* dv,
-              Seqs sq, double scale_d) {
+              const at::opmath_type<scalar_t>* lse, const bool* mask, scalar_t* dq, scalar_t* dk, scalar_t* dv, Seqs sq,
+              double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = sq.H, N = sq.N, D = sq.D, ld = sq.ld();
   const acc_t scale = static_cast<acc_t>(scale_d);
@@ -583,8 +591,8 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t rows = sq.cu ? sq.H * sq.T : sq.B * sq.H * sq.N, toks = sq.cu ? sq.T : sq.B * sq.N;
   TORCH_CHECK(scores_mode >= 0 && scores_mode <= 2, "attention (cpu): scores_mode must be 0, 1 or 2");
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == rows, "attention (cpu): bad lse");
-  TORCH_CHECK(scores_mode == 0 || (scores.is_contiguous() && scores.numel() == toks &&
-                                   scores.scalar_type() == lse.scalar_type()),
+  TORCH_CHECK(scores_mode == 0 ||
+                  (scores.is_contiguous() && scores.numel() == toks && scores.scalar_type() == lse.scalar_type()),
               "attention (cpu): bad scores");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

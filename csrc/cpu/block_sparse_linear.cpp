@@ -49,16 +49,18 @@ using lotus::Isa;
 template <typename Kernel>
 struct Entry {
   Isa isa;
-  at::ScalarType dtype;            // what the kernel reads and writes
-  const Kernel* const* kernel;     // null where this build has no such kernel
+  at::ScalarType dtype;         // what the kernel reads and writes
+  const Kernel* const* kernel;  // null where this build has no such kernel
 };
 
-const Entry<bsr::PanelKernel> kPanelTable[] = {  // fwd and bwd_input
+const Entry<bsr::PanelKernel> kPanelTable[] = {
+    // fwd and bwd_input
     {Isa::kAvx512Bf16, at::kBFloat16, &bsr::kAvx512Bf16Panel},
     {Isa::kAvx512, at::kFloat, &bsr::kAvx512Fp32Panel},
     {Isa::kAvx2, at::kFloat, &bsr::kAvx2Fp32Panel},
 };
-const Entry<bsr::WeightKernel> kWeightTable[] = {  // bwd_weight
+const Entry<bsr::WeightKernel> kWeightTable[] = {
+    // bwd_weight
     {Isa::kAvx512Bf16, at::kBFloat16, &bsr::kAvx512Bf16Weight},
     {Isa::kAvx512, at::kFloat, &bsr::kAvx512Fp32Weight},
     {Isa::kAvx2, at::kFloat, &bsr::kAvx2Fp32Weight},
@@ -70,7 +72,9 @@ struct Choice {
   bool convert;                // run on fp32 copies of bf16 / fp16 inputs
 };
 
-bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+bool low_precision(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf;
+}
 
 // The first entry within the cap that this build has, for this block size, whose dtype is the
 // input's or fp32 for a bf16 / fp16 input (then run on fp32 copies); none: the plain loops.
@@ -120,7 +124,9 @@ class Scratch {
   }
   char* get() const { return ptr_; }
   template <typename T>
-  T* as() const { return reinterpret_cast<T*>(ptr_); }
+  T* as() const {
+    return reinterpret_cast<T*>(ptr_);
+  }
 
  private:
   std::unique_ptr<char[]> own_;
@@ -182,7 +188,8 @@ void panel_gemm(const bsr::PanelKernel& k, const void* a, int64_t M, const bsr::
 Scratch pack_weight(const bsr::PanelKernel& k, const at::Tensor& values, bool transpose) {
   const int64_t nnzb = values.size(0), bs = values.size(1);
   Scratch bp(kPackedWeight, nnzb * bs * bs * k.elem + bsr::kPanelSlack);
-  at::parallel_for(0, nnzb, 16, [&](int64_t b, int64_t e) { k.pack_b(values.const_data_ptr(), bs, b, e, transpose, bp.get()); });
+  at::parallel_for(0, nnzb, 16,
+                   [&](int64_t b, int64_t e) { k.pack_b(values.const_data_ptr(), bs, b, e, transpose, bp.get()); });
   return bp;
 }
 
@@ -328,7 +335,6 @@ void bwd_weight_plain(const T* dy, const T* x, int64_t M, int64_t out_f, int64_t
   });
 }
 
-
 // ---------------------------------------------------------------- entry points
 // Mixed calls (autocast with an fp32 activation, see the op's Python wrapper): x (fwd, bwd_weight) or
 // dx (bwd_input) fp32 while values and the rest are bf16 / fp16. The native bf16 kernels convert while
@@ -340,10 +346,10 @@ bool mixed_ok(const at::Tensor& act, const at::Tensor& values) {
 }
 
 // act: the fp32-or-values-dtype activation (fwd: x, bwd_input: dx); other: values' dtype (out / dy).
-void check_common(const at::Tensor& a, const at::Tensor& values, const at::Tensor& out, const char* name,
-                  bool fwd) {
+void check_common(const at::Tensor& a, const at::Tensor& values, const at::Tensor& out, const char* name, bool fwd) {
   TORCH_CHECK(a.dim() == 2 && values.dim() == 3 && out.dim() == 2, name, ": expected 2-D activations, 3-D values");
-  TORCH_CHECK(a.is_contiguous() && values.is_contiguous() && out.is_contiguous(), name, ": expected contiguous tensors");
+  TORCH_CHECK(a.is_contiguous() && values.is_contiguous() && out.is_contiguous(), name,
+              ": expected contiguous tensors");
   const at::Tensor& act = fwd ? a : out;
   const at::Tensor& other = fwd ? out : a;
   TORCH_CHECK(other.scalar_type() == values.scalar_type() && mixed_ok(act, values), name,
@@ -358,7 +364,9 @@ const bsr::PanelKernel* native_mixed(at::ScalarType dtype, int64_t bs, bool for_
   return (for_out ? k->compute_f32_out != nullptr : k->pack_a_f32 != nullptr) ? k : nullptr;
 }
 
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+at::Tensor f32(const at::Tensor& t) {
+  return t.to(at::kFloat).contiguous();
+}
 std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
 }
@@ -473,11 +481,11 @@ void bsr_linear_bwd_input_bias_cpu(const at::Tensor& dy, const at::Tensor& value
 void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                                at::Tensor& dvalues) {
   TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dvalues.dim() == 3, "bsr_linear_bwd_weight: bad ranks");
-  TORCH_CHECK(dy.is_contiguous() && x.is_contiguous() && dvalues.is_contiguous() && crow.is_contiguous() &&
-                  col.is_contiguous(),
-              "bsr_linear_bwd_weight: expected contiguous tensors");
-  TORCH_CHECK(dy.scalar_type() == dvalues.scalar_type() && mixed_ok(x, dvalues), "bsr_linear_bwd_weight: ",
-              "expected one float dtype (or an fp32 x with bf16 / fp16 dy)");
+  TORCH_CHECK(
+      dy.is_contiguous() && x.is_contiguous() && dvalues.is_contiguous() && crow.is_contiguous() && col.is_contiguous(),
+      "bsr_linear_bwd_weight: expected contiguous tensors");
+  TORCH_CHECK(dy.scalar_type() == dvalues.scalar_type() && mixed_ok(x, dvalues),
+              "bsr_linear_bwd_weight: ", "expected one float dtype (or an fp32 x with bf16 / fp16 dy)");
   const int64_t M = dy.size(0), out_f = dy.size(1), in = x.size(1), bs = dvalues.size(1), nnzb = dvalues.size(0),
                 R = crow.numel() - 1;
   if (nnzb == 0) return;
@@ -525,8 +533,12 @@ void bsr_linear_bwd_weight_cpu(const at::Tensor& dy, const at::Tensor& x, const 
   });
 }
 
-std::string fwd_path(at::ScalarType dtype, int64_t bs) { return path_name(choose(kPanelTable, dtype, bs)); }
-std::string weight_path(at::ScalarType dtype, int64_t bs) { return path_name(choose(kWeightTable, dtype, bs)); }
+std::string fwd_path(at::ScalarType dtype, int64_t bs) {
+  return path_name(choose(kPanelTable, dtype, bs));
+}
+std::string weight_path(at::ScalarType dtype, int64_t bs) {
+  return path_name(choose(kWeightTable, dtype, bs));
+}
 const lotus::KernelPathRegistrar kFwdPath("block_sparse_linear.fwd", fwd_path);
 const lotus::KernelPathRegistrar kBwdInputPath("block_sparse_linear.bwd_input", fwd_path);
 const lotus::KernelPathRegistrar kBwdWeightPath("block_sparse_linear.bwd_weight", weight_path);

@@ -20,8 +20,8 @@ Isa probe() {
   // __builtin_cpu_supports also checks that the OS saves the ymm / zmm state (XGETBV).
   __builtin_cpu_init();
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Isa::kDefault;
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")))
     return Isa::kAvx2;
   if (!__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512;
   return Isa::kAvx512Bf16;
@@ -39,7 +39,9 @@ Isa parse_cap(const char* value) {
 
 }  // namespace
 
-const char* isa_name(Isa isa) { return kNames[static_cast<int>(isa)]; }
+const char* isa_name(Isa isa) {
+  return kNames[static_cast<int>(isa)];
+}
 
 Isa cpu_isa_supported() {
   static const Isa best = probe();
@@ -68,7 +70,9 @@ std::map<std::string, KernelPathFn>& path_registry() {
 }
 
 // capped: the level kernels use now (after LOTUS_KERNELS_CPU_ISA); else the CPU's own.
-std::string cpu_isa_op(bool capped) { return isa_name(capped ? cpu_isa() : cpu_isa_supported()); }
+std::string cpu_isa_op(bool capped) {
+  return isa_name(capped ? cpu_isa() : cpu_isa_supported());
+}
 
 std::string cpu_kernel_path_op(const std::string& op, c10::ScalarType dtype, int64_t block_size) {
   const auto& registry = path_registry();
@@ -83,7 +87,9 @@ std::string cpu_kernel_path_op(const std::string& op, c10::ScalarType dtype, int
 
 }  // namespace
 
-KernelPathRegistrar::KernelPathRegistrar(const char* op, KernelPathFn fn) { path_registry()[op] = fn; }
+KernelPathRegistrar::KernelPathRegistrar(const char* op, KernelPathFn fn) {
+  path_registry()[op] = fn;
+}
 
 }  // namespace lotus
 

@@ -25,13 +25,13 @@ using uint_of_size = std::conditional_t<N == 2, uint16_t, std::conditional_t<N =
 // Works on the bit patterns: all-zero bits is +0.0 in every IEEE type, so one integer select per
 // element zeroes even inf/NaN gradients (a multiply by 0 would keep NaN and let a pruned weight
 // drift), and the loop is a plain compare + and that the compiler vectorises for bf16/half as well.
-#define LOTUS_ZERO_WHERE_FALSE(NAME, BITS, ...)                                                  \
+#define LOTUS_ZERO_WHERE_FALSE(NAME, BITS, ...)                                                        \
   __attribute__((__VA_ARGS__)) void NAME(BITS* __restrict g, const uint8_t* __restrict m, int64_t n) { \
-    for (int64_t i = 0; i < n; ++i) g[i] = m[i] ? g[i] : BITS(0);                                \
+    for (int64_t i = 0; i < n; ++i) g[i] = m[i] ? g[i] : BITS(0);                                      \
   }
-#define LOTUS_ZERO_VARIANTS(SUFFIX, ...)                                      \
-  LOTUS_ZERO_WHERE_FALSE(zero16_##SUFFIX, uint16_t, __VA_ARGS__)              \
-  LOTUS_ZERO_WHERE_FALSE(zero32_##SUFFIX, uint32_t, __VA_ARGS__)              \
+#define LOTUS_ZERO_VARIANTS(SUFFIX, ...)                         \
+  LOTUS_ZERO_WHERE_FALSE(zero16_##SUFFIX, uint16_t, __VA_ARGS__) \
+  LOTUS_ZERO_WHERE_FALSE(zero32_##SUFFIX, uint32_t, __VA_ARGS__) \
   LOTUS_ZERO_WHERE_FALSE(zero64_##SUFFIX, uint64_t, __VA_ARGS__)
 
 LOTUS_ZERO_VARIANTS(default, optimize("tree-vectorize"))
@@ -46,6 +46,7 @@ struct ZeroFns {
   void (*z32)(uint32_t* __restrict, const uint8_t* __restrict, int64_t);
   void (*z64)(uint64_t* __restrict, const uint8_t* __restrict, int64_t);
 };
+// clang-format off: the table keeps one row per ISA, preprocessor lines included
 const ZeroFns kZeroTable[] = {  // best first
 #if defined(__x86_64__) || defined(_M_X64)
     {lotus::Isa::kAvx512, zero16_avx512, zero32_avx512, zero64_avx512},
@@ -53,15 +54,21 @@ const ZeroFns kZeroTable[] = {  // best first
 #endif
     {lotus::Isa::kDefault, zero16_default, zero32_default, zero64_default},
 };
+// clang-format on
 
-const ZeroFns& zero_fns() { return lotus::best_within_cap(kZeroTable); }
+const ZeroFns& zero_fns() {
+  return lotus::best_within_cap(kZeroTable);
+}
 
 template <typename bits_t>
 void zero_where_false(const ZeroFns& fns, bits_t* g, const uint8_t* m, int64_t n) {
   at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    if constexpr (sizeof(bits_t) == 2) fns.z16(g + begin, m + begin, end - begin);
-    else if constexpr (sizeof(bits_t) == 4) fns.z32(g + begin, m + begin, end - begin);
-    else fns.z64(g + begin, m + begin, end - begin);
+    if constexpr (sizeof(bits_t) == 2)
+      fns.z16(g + begin, m + begin, end - begin);
+    else if constexpr (sizeof(bits_t) == 4)
+      fns.z32(g + begin, m + begin, end - begin);
+    else
+      fns.z64(g + begin, m + begin, end - begin);
   });
 }
 
@@ -78,7 +85,9 @@ void masked_fill_grad_cpu(at::Tensor& grad, const at::Tensor& mask) {
   });
 }
 
-std::string masked_path(at::ScalarType, int64_t) { return lotus::isa_name(zero_fns().isa); }
+std::string masked_path(at::ScalarType, int64_t) {
+  return lotus::isa_name(zero_fns().isa);
+}
 const lotus::KernelPathRegistrar kMaskedPath("masked_weight_grad", masked_path);
 
 }  // namespace

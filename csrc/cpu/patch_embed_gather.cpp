@@ -22,15 +22,15 @@ Geometry geometry(const at::Tensor& images, const at::Tensor& idx, int64_t ph, i
   TORCH_CHECK(idx.scalar_type() == at::kLong, "lotus_kernels_C: idx must be int64");
   TORCH_CHECK(ph > 0 && pw > 0 && images.size(2) % ph == 0 && images.size(3) % pw == 0,
               "lotus_kernels_C: patch size must divide the image");
-  Geometry g{images.size(0), images.size(1), images.size(2), images.size(3), ph, pw,
-             images.size(3) / pw, idx.size(1), images.size(1) * ph * pw};
+  Geometry g{images.size(0),      images.size(1), images.size(2),          images.size(3), ph, pw,
+             images.size(3) / pw, idx.size(1),    images.size(1) * ph * pw};
   return g;
 }
 
 // Unfold kept patches of rows [begin, end) of the flattened (b, k) index into dst (row stride L).
 // Each (c, i) line of a patch is pw contiguous pixels: a memcpy.
-void unfold_rows(const char* img, const int64_t* ix, char* dst, const Geometry& g, int64_t esize,
-                 int64_t begin, int64_t end) {
+void unfold_rows(const char* img, const int64_t* ix, char* dst, const Geometry& g, int64_t esize, int64_t begin,
+                 int64_t end) {
   const int64_t line = g.pw * esize;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / g.K, n = ix[r];
@@ -38,8 +38,7 @@ void unfold_rows(const char* img, const int64_t* ix, char* dst, const Geometry& 
     char* d = dst + (r - begin) * g.L * esize;
     for (int64_t c = 0; c < g.C; ++c) {
       const char* plane = img + ((b * g.C + c) * g.H * g.W) * esize;
-      for (int64_t i = 0; i < g.ph; ++i, d += line)
-        std::memcpy(d, plane + ((y0 + i) * g.W + x0) * esize, line);
+      for (int64_t i = 0; i < g.ph; ++i, d += line) std::memcpy(d, plane + ((y0 + i) * g.W + x0) * esize, line);
     }
   }
 }
@@ -58,7 +57,8 @@ void im2col_gather_cpu(const at::Tensor& images, const at::Tensor& idx, int64_t 
 // Adjoint of im2col_gather. One task owns one (b, c) plane, so duplicate patches are summed by one
 // thread in order (deterministic, no atomics); fp32 accumulation for reduced precision.
 void col2im_scatter_cpu(const at::Tensor& cols, const at::Tensor& idx, int64_t ph, int64_t pw, at::Tensor& out) {
-  TORCH_CHECK(cols.is_contiguous() && out.is_contiguous() && idx.is_contiguous(), "col2im_scatter: expected contiguous");
+  TORCH_CHECK(cols.is_contiguous() && out.is_contiguous() && idx.is_contiguous(),
+              "col2im_scatter: expected contiguous");
   TORCH_CHECK(idx.scalar_type() == at::kLong && cols.scalar_type() == out.scalar_type(), "col2im_scatter: dtypes");
   const int64_t B = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3), K = idx.size(1);
   const int64_t gw = W / pw, L = C * ph * pw;
@@ -109,9 +109,8 @@ void patch_embed_gather_cpu(const at::Tensor& images, const at::Tensor& idx, con
   at::Tensor cols = at::empty({M, g.L}, images.options());
   const char* img = static_cast<const char*>(images.const_data_ptr());
   char* cdst = static_cast<char*>(cols.mutable_data_ptr());
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    unfold_rows(img, ix, cdst + begin * g.L * es, g, es, begin, end);
-  });
+  at::parallel_for(
+      0, M, 16, [&](int64_t begin, int64_t end) { unfold_rows(img, ix, cdst + begin * g.L * es, g, es, begin, end); });
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "patch_embed_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;

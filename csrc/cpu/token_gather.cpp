@@ -42,8 +42,7 @@ void gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx, at::Tensor& o
 // ones are added, and tokens no row aims at are zeroed. (Zero-filling first and adding everything
 // would touch the output twice; this kernel is memory-bound.)
 template <typename scalar_t>
-void scatter_rows(const scalar_t* src, const int64_t* ix, scalar_t* dst, int64_t B, int64_t N,
-                  int64_t K, int64_t C) {
+void scatter_rows(const scalar_t* src, const int64_t* ix, scalar_t* dst, int64_t B, int64_t N, int64_t K, int64_t C) {
   // Split channels only when images alone give too few tasks (e.g. B = 1 for a shared table's
   // gradient); slices stay >= 64 channels so each row segment is still a long contiguous run.
   const int64_t want = (2 * at::get_num_threads() + B - 1) / B;
@@ -64,7 +63,8 @@ void scatter_rows(const scalar_t* src, const int64_t* ix, scalar_t* dst, int64_t
           seen[n] = 1;
         } else {
           using acc_t = at::opmath_type<scalar_t>;  // bf16/fp16 add in fp32, round once per add
-          for (int64_t c = 0; c < cw; ++c) d[c] = static_cast<scalar_t>(static_cast<acc_t>(d[c]) + static_cast<acc_t>(s[c]));
+          for (int64_t c = 0; c < cw; ++c)
+            d[c] = static_cast<scalar_t>(static_cast<acc_t>(d[c]) + static_cast<acc_t>(s[c]));
         }
       }
       for (int64_t n = 0; n < N; ++n)
@@ -79,7 +79,7 @@ void scatter_tokens_cpu(const at::Tensor& src, const at::Tensor& idx, at::Tensor
   TORCH_CHECK(out.size(0) == B && out.size(2) == C && idx.size(1) == K, "scatter_tokens: bad shapes");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "scatter_tokens_cpu", [&] {
     scatter_rows<scalar_t>(src.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-                                  out.mutable_data_ptr<scalar_t>(), B, N, K, C);
+                           out.mutable_data_ptr<scalar_t>(), B, N, K, C);
   });
 }
 

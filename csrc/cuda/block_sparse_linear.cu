@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kBsrThreads)
       hi = mid - 1;
     }
   }
-  const T* g_blk = dy + lo * BS;    // column r*BS of row 0
+  const T* g_blk = dy + lo * BS;     // column r*BS of row 0
   const T* x_blk = x + col[k] * BS;  // column c*BS of row 0
 
   acc_t acc[OPT];
@@ -222,9 +222,8 @@ __global__ void __launch_bounds__(kBsrThreads)
 
 // dvalues[e] = sum over s = 0..S-1 of partial[s][e], in that order, rounded once. One element per thread.
 template <typename T>
-__global__ void __launch_bounds__(kBsrThreads)
-    sum_partials_kernel(const at::opmath_type<T>* __restrict__ partial, T* __restrict__ dvalues, int64_t S,
-                        int64_t numel) {
+__global__ void __launch_bounds__(kBsrThreads) sum_partials_kernel(const at::opmath_type<T>* __restrict__ partial,
+                                                                   T* __restrict__ dvalues, int64_t S, int64_t numel) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kBsrThreads + threadIdx.x;
   if (e >= numel) return;
   at::opmath_type<T> v = partial[e];
@@ -252,12 +251,12 @@ __device__ __forceinline__ void stage_rows(uint16_t (*dst)[LDS], const uint16_t*
 }
 
 // ---------------------------------------------------------------- fwd / bwd_input, bf16 / fp16 on tensor cores
-// The same product for T = bf16 or fp16 with WMMA (launched on sm80+: m16n16k16, 16-bit in, fp32 accumulate): the CTA's output
-// tile TM x BS (TM = 2048 / BS, as in the FMA kernel) is 8 fragments of 16 x 16, one per warp. Shared
-// tiles hold raw bf16 bits (copied, never converted); B is values[k] as stored, read as col_major for
-// fwd (W^T) and row_major for bwd_input (W). Rows padded by 8 elements (16 B): WMMA needs ldm % 8 == 0
-// and 32-byte aligned fragment pointers, which 16-row steps of (BS + 8) * 2 bytes keep. The fp32 tile
-// goes through shared memory for the epilogue (bias, rounding, rows past M).
+// The same product for T = bf16 or fp16 with WMMA (launched on sm80+: m16n16k16, 16-bit in, fp32 accumulate): the CTA's
+// output tile TM x BS (TM = 2048 / BS, as in the FMA kernel) is 8 fragments of 16 x 16, one per warp. Shared tiles hold
+// raw bf16 bits (copied, never converted); B is values[k] as stored, read as col_major for fwd (W^T) and row_major for
+// bwd_input (W). Rows padded by 8 elements (16 B): WMMA needs ldm % 8 == 0 and 32-byte aligned fragment pointers, which
+// 16-row steps of (BS + 8) * 2 bytes keep. The fp32 tile goes through shared memory for the epilogue (bias, rounding,
+// rows past M).
 template <typename T, int BS, bool kTransW, bool kVec>
 __global__ void __launch_bounds__(kBsrThreads)
     block_row_product_wmma_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ values,
@@ -335,10 +334,10 @@ __global__ void __launch_bounds__(kBsrThreads)
   namespace wmma = nvcuda::wmma;
   constexpr int kWarps = kBsrThreads / 32, NF = BS / 16, F = NF * NF;
   constexpr int S = F >= kWarps ? 1 : kWarps / F;  // ways M is split
-  constexpr int WPS = kWarps / S;                 // warps per split
-  constexpr int FPW = F / WPS;                    // fragments per warp
-  constexpr int TK = 16 * S > 64 ? 16 * S : 64;   // rows of M staged at once
-  constexpr int ROWS = TK / S;                    // rows of a chunk per split
+  constexpr int WPS = kWarps / S;                  // warps per split
+  constexpr int FPW = F / WPS;                     // fragments per warp
+  constexpr int TK = 16 * S > 64 ? 16 * S : 64;    // rows of M staged at once
+  constexpr int ROWS = TK / S;                     // rows of a chunk per split
   constexpr int LDS = BS + 8, LDC = BS + 4;
   static_assert(F % WPS == 0 && ROWS % 16 == 0, "fragments and rows divide evenly");
   __shared__ __align__(32) uint16_t gs[TK][LDS];
@@ -407,6 +406,7 @@ __global__ void __launch_bounds__(kBsrThreads)
 }
 
 // Every instantiation the host code launches (see the build-time note at the top).
+// clang-format off: explicit instantiations, one macro line per variant (the formatter would merge them)
 #define LOTUS_BSR_INST_BS(T, BS)                                                                                   \
   template __global__ void block_row_product_kernel<T, BS, true>(const T*, const T*, const int64_t*, const int64_t*, \
                                                                  const int64_t*, const T*, T*, int64_t, int64_t,  \
@@ -443,6 +443,7 @@ LOTUS_BSR_WMMA_INST_T(c10::BFloat16)
 LOTUS_BSR_WMMA_INST_T(c10::Half)
 #undef LOTUS_BSR_WMMA_INST_T
 #undef LOTUS_BSR_WMMA_INST_BS
+// clang-format on
 #undef LOTUS_BSR_WGRAD_WMMA_INST
 #undef LOTUS_BSR_WMMA_INST
 #undef LOTUS_BSR_INST
@@ -458,8 +459,8 @@ using lotus::check_cuda;
 using lotus::word_bytes;
 
 void check_index(const char* op, const at::Tensor& t, const char* name, int64_t len) {
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == len, op, ": expected ", name,
-              " int64 [", len, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == len, op, ": expected ", name, " int64 [",
+              len, "], got ", t.sizes());
 }
 
 // Block size from values [nnzb, bs, bs]; the kernels exist for 16, 32 and 64.
@@ -475,9 +476,15 @@ int64_t check_values(const char* op, const at::Tensor& values, const at::Tensor&
 template <typename F>
 void dispatch_bs(int64_t bs, F&& f) {
   switch (bs) {
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 32: f(std::integral_constant<int, 32>{}); break;
-    default: f(std::integral_constant<int, 64>{}); break;
+    case 16:
+      f(std::integral_constant<int, 16>{});
+      break;
+    case 32:
+      f(std::integral_constant<int, 32>{});
+      break;
+    default:
+      f(std::integral_constant<int, 64>{});
+      break;
   }
 }
 

@@ -15,7 +15,9 @@ namespace lotus {
 constexpr int kThreads = 256;         // threads per block of the copy / gather kernels
 constexpr int kScatterThreads = 128;  // threads per block of the ordered scatters
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Widest word (16, 8, 4, 2 or 1 bytes) that divides every size and every pointer, so that a copy
 // can move whole words without looking at the dtype.

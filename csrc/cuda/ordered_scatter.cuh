@@ -28,9 +28,9 @@ static_assert(kTile % kGroup == 0, "groups must not straddle tiles");
 // thread of the block must call it (it holds barriers); inactive ones (past the end of the
 // element chunk) only help stage the tiles.
 template <typename T, typename Offset>
-__device__ __forceinline__ void ordered_scatter_add(const T* __restrict__ src, int64_t src_stride,
-                                                    T* __restrict__ out, const int64_t* __restrict__ idx,
-                                                    int64_t K, bool active, Offset offset) {
+__device__ __forceinline__ void ordered_scatter_add(const T* __restrict__ src, int64_t src_stride, T* __restrict__ out,
+                                                    const int64_t* __restrict__ idx, int64_t K, bool active,
+                                                    Offset offset) {
   using acc_t = at::opmath_type<T>;
   __shared__ int64_t s_off[kTile];             // offset(idx[k0 + t])
   __shared__ bool s_distinct[kTile / kGroup];  // the group's offsets are pairwise distinct

@@ -41,15 +41,15 @@ namespace {
 // so the writes are coalesced and the reads come in contiguous runs of one patch row.
 template <typename Wd>
 __global__ void im2col_gather_kernel(const Wd* __restrict__ images, const int64_t* __restrict__ idx,
-                                     Wd* __restrict__ out, int64_t rows, int64_t K, int64_t Cin, int64_t H,
-                                     int64_t Ww, int ph, int pww, int64_t gw) {
+                                     Wd* __restrict__ out, int64_t rows, int64_t K, int64_t Cin, int64_t H, int64_t Ww,
+                                     int ph, int pww, int64_t gw) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   const int64_t b = row / K, n = idx[row];
   const int64_t r = n / gw, q = n - r * gw;
   const Wd* base = images + (b * Cin * H + r * ph) * Ww + q * pww;  // pixel (c=0, i=0, j=0) of the patch
-  const int slab = ph * pww;                                         // words per channel in a column
-  const int L = static_cast<int>(Cin) * slab;                        // < 2^31, checked by the host
+  const int slab = ph * pww;                                        // words per channel in a column
+  const int L = static_cast<int>(Cin) * slab;                       // < 2^31, checked by the host
   Wd* dst = out + row * L;
   for (int v = threadIdx.x; v < L; v += blockDim.x) {
     const int c = v / slab, rem = v - c * slab;
@@ -67,9 +67,9 @@ __global__ void im2col_gather_kernel(const Wd* __restrict__ images, const int64_
 // other thread touches them. (Owning one pixel and searching all k for matches would cost O(N*K)
 // per pixel.)
 template <typename T>
-__global__ void col2im_scatter_kernel(const T* __restrict__ cols, const int64_t* __restrict__ idx,
-                                      T* __restrict__ out, int64_t K, int64_t L, int64_t Cin, int64_t H, int64_t W,
-                                      int ph, int pw, int64_t gw) {
+__global__ void col2im_scatter_kernel(const T* __restrict__ cols, const int64_t* __restrict__ idx, T* __restrict__ out,
+                                      int64_t K, int64_t L, int64_t Cin, int64_t H, int64_t W, int ph, int pw,
+                                      int64_t gw) {
   const int64_t b = blockIdx.x;
   const int64_t l = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t slab = static_cast<int64_t>(ph) * pw;
@@ -111,9 +111,9 @@ LOTUS_IM2COL_INST(uint32_t)
 LOTUS_IM2COL_INST(uint16_t)
 LOTUS_IM2COL_INST(uint8_t)
 #undef LOTUS_IM2COL_INST
-#define LOTUS_TYPED_INST(T)                                                                                        \
-  template __global__ void col2im_scatter_kernel<T>(const T*, const int64_t*, T*, int64_t, int64_t, int64_t,       \
-                                                    int64_t, int64_t, int, int, int64_t);                          \
+#define LOTUS_TYPED_INST(T)                                                                                           \
+  template __global__ void col2im_scatter_kernel<T>(const T*, const int64_t*, T*, int64_t, int64_t, int64_t, int64_t, \
+                                                    int64_t, int, int, int64_t);                                      \
   template __global__ void embed_init_kernel<T>(const T*, const T*, const int64_t*, T*, int64_t, int64_t);
 LOTUS_TYPED_INST(float)
 LOTUS_TYPED_INST(double)
@@ -160,22 +160,33 @@ void launch_im2col(const at::Tensor& images, const at::Tensor& idx, int64_t ph, 
   auto launch = [&](auto word) {
     using Wd = decltype(word);
     im2col_gather_kernel<Wd><<<grid, block, 0, stream>>>(
-        static_cast<const Wd*>(images.const_data_ptr()), idx.const_data_ptr<int64_t>(), static_cast<Wd*>(out), rows,
-        K, Cin, H, Ww, static_cast<int>(ph), static_cast<int>(pww), W / pw);
+        static_cast<const Wd*>(images.const_data_ptr()), idx.const_data_ptr<int64_t>(), static_cast<Wd*>(out), rows, K,
+        Cin, H, Ww, static_cast<int>(ph), static_cast<int>(pww), W / pw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (ws) {
-    case 16: launch(uint4{}); break;
-    case 8: launch(uint2{}); break;
-    case 4: launch(uint32_t{}); break;
-    case 2: launch(uint16_t{}); break;
-    default: launch(uint8_t{}); break;
+    case 16:
+      launch(uint4{});
+      break;
+    case 8:
+      launch(uint2{});
+      break;
+    case 4:
+      launch(uint32_t{});
+      break;
+    case 2:
+      launch(uint16_t{});
+      break;
+    default:
+      launch(uint8_t{});
+      break;
   }
 }
 
 void im2col_gather_cuda(const at::Tensor& images, const at::Tensor& idx, int64_t ph, int64_t pw, at::Tensor& out) {
   check_cuda("im2col_gather", {&images, &idx, &out});
-  TORCH_CHECK(images.dim() == 4 && idx.dim() == 2 && out.dim() == 3, "im2col_gather: expected images [B, Cin, H, W], "
+  TORCH_CHECK(images.dim() == 4 && idx.dim() == 2 && out.dim() == 3,
+              "im2col_gather: expected images [B, Cin, H, W], "
               "idx [B, K] and out [B, K, Cin*ph*pw]");
   TORCH_CHECK(idx.scalar_type() == at::kLong, "im2col_gather: idx must be int64");
   TORCH_CHECK(out.scalar_type() == images.scalar_type(), "im2col_gather: out must have the dtype of images");
@@ -190,7 +201,8 @@ void im2col_gather_cuda(const at::Tensor& images, const at::Tensor& idx, int64_t
 
 void col2im_scatter_cuda(const at::Tensor& cols, const at::Tensor& idx, int64_t ph, int64_t pw, at::Tensor& out) {
   check_cuda("col2im_scatter", {&cols, &idx, &out});
-  TORCH_CHECK(cols.dim() == 3 && idx.dim() == 2 && out.dim() == 4, "col2im_scatter: expected cols [B, K, Cin*ph*pw], "
+  TORCH_CHECK(cols.dim() == 3 && idx.dim() == 2 && out.dim() == 4,
+              "col2im_scatter: expected cols [B, K, Cin*ph*pw], "
               "idx [B, K] and out [B, Cin, H, W]");
   TORCH_CHECK(idx.scalar_type() == at::kLong, "col2im_scatter: idx must be int64");
   TORCH_CHECK(out.scalar_type() == cols.scalar_type(), "col2im_scatter: out must have the dtype of cols");
@@ -235,7 +247,8 @@ void patch_embed_gather_cuda(const at::Tensor& images, const at::Tensor& idx, co
     if (!opt->has_value()) continue;
     const at::Tensor& t = **opt;
     check_cuda("patch_embed_gather", {&images, &t});
-    TORCH_CHECK(t.scalar_type() == images.scalar_type(), "patch_embed_gather: bias and pos must have the dtype of images");
+    TORCH_CHECK(t.scalar_type() == images.scalar_type(),
+                "patch_embed_gather: bias and pos must have the dtype of images");
   }
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == D), "patch_embed_gather: expected bias [D]");
   TORCH_CHECK(!pos.has_value() || (pos->dim() == 2 && pos->size(0) == N && pos->size(1) == D),

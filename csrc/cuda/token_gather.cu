@@ -51,8 +51,8 @@ __global__ void gather_rows_kernel(const W* __restrict__ x, const int64_t* __res
 // block owns (batch b, a chunk of channels) and each thread owns one channel c, so out[b, :, c] is
 // touched by that thread only; index n goes to offset n * C.
 template <typename T>
-__global__ void scatter_tokens_kernel(const T* __restrict__ src, const int64_t* __restrict__ idx,
-                                      T* __restrict__ out, int64_t K, int64_t N, int64_t C) {
+__global__ void scatter_tokens_kernel(const T* __restrict__ src, const int64_t* __restrict__ idx, T* __restrict__ out,
+                                      int64_t K, int64_t N, int64_t C) {
   const int64_t b = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   lotus::ordered_scatter_add(src + b * K * C + c, C, out + b * N * C + c, idx + b * K, K, c < C,
@@ -93,8 +93,8 @@ void launch_gather(const at::Tensor& x, const at::Tensor& idx, at::Tensor& out, 
   const int64_t blocks = ceil_div(rows, block.y);
   TORCH_CHECK(blocks <= INT32_MAX, "gather_tokens: too many rows (", rows, ")");
   gather_rows_kernel<W><<<static_cast<unsigned>(blocks), block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const W*>(x.const_data_ptr()), idx.const_data_ptr<int64_t>(), static_cast<W*>(out.data_ptr()),
-      rows, K, N, V);
+      static_cast<const W*>(x.const_data_ptr()), idx.const_data_ptr<int64_t>(), static_cast<W*>(out.data_ptr()), rows,
+      K, N, V);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -117,11 +117,21 @@ void gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx, at::Tensor& 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t row_bytes = x.size(2) * x.element_size();
   switch (word_bytes({row_bytes}, {x.const_data_ptr(), out.const_data_ptr()})) {
-    case 16: launch_gather<uint4>(x, idx, out, row_bytes); break;
-    case 8: launch_gather<uint2>(x, idx, out, row_bytes); break;
-    case 4: launch_gather<uint32_t>(x, idx, out, row_bytes); break;
-    case 2: launch_gather<uint16_t>(x, idx, out, row_bytes); break;
-    default: launch_gather<uint8_t>(x, idx, out, row_bytes); break;
+    case 16:
+      launch_gather<uint4>(x, idx, out, row_bytes);
+      break;
+    case 8:
+      launch_gather<uint2>(x, idx, out, row_bytes);
+      break;
+    case 4:
+      launch_gather<uint32_t>(x, idx, out, row_bytes);
+      break;
+    case 2:
+      launch_gather<uint16_t>(x, idx, out, row_bytes);
+      break;
+    default:
+      launch_gather<uint8_t>(x, idx, out, row_bytes);
+      break;
   }
 }
 

@@ -11,6 +11,7 @@ run the network on the kept patches only (never embedded otherwise, train and ev
 ``model.patch_scores(images)`` gives [B, N] last-block attention scores. The model's class is swapped
 for a ``Lotus<Class>`` subclass: parameters, ``state_dict`` and ``torch.save`` are as before.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -31,28 +32,35 @@ def _family(model):
     mods = {c.__module__.split(".", 1)[0] for c in type(model).__mro__}
     if "transformers" in mods:
         from . import hf
+
         if isinstance(model, hf.classes()):
             return "hf", hf
     if "open_clip" in mods:
         from . import open_clip
+
         if isinstance(model, open_clip.classes()):
             return "open_clip", open_clip
     return None
 
 
-SUPPORTED = ("timm VisionTransformer; torchvision VisionTransformer; transformers ViT/DeiT/Dinov2/CLIPVision/"
-             "SiglipVision models; open_clip VisionTransformer (a CLIP model's .visual)")
+SUPPORTED = (
+    "timm VisionTransformer; torchvision VisionTransformer; transformers ViT/DeiT/Dinov2/CLIPVision/"
+    "SiglipVision models; open_clip VisionTransformer (a CLIP model's .visual)"
+)
 
 
 def patch_vit(model: nn.Module) -> nn.Module:
     """Give ``model`` the kept-patch forward and ``patch_scores`` (in place; returns the model)."""
     fam = _family(model)
     if fam is None:
-        raise TypeError(f"model: patch_vit does not support {type(model).__module__}.{type(model).__qualname__}; "
-                        f"supported: {SUPPORTED}")
+        raise TypeError(
+            f"model: patch_vit does not support {type(model).__module__}.{type(model).__qualname__}; "
+            f"supported: {SUPPORTED}"
+        )
     name, module = fam
     if name == "timm":
         from ..vit import patch_vit as patch_timm
+
         return patch_timm(model)
     return module.patch(model)
 
@@ -66,7 +74,10 @@ def head_names(model: nn.Module) -> set[str]:
         if fam is None or fam[1] is None:
             continue
         own = sub.named_modules()
-        heads = fam[1].head_names(sub) if hasattr(fam[1], "head_names") else \
-            {n for n, _ in own if n.rsplit(".", 1)[-1] in fam[1].HEAD_NAMES}
+        heads = (
+            fam[1].head_names(sub)
+            if hasattr(fam[1], "head_names")
+            else {n for n, _ in own if n.rsplit(".", 1)[-1] in fam[1].HEAD_NAMES}
+        )
         names.update(f"{prefix}.{n}" if prefix else n for n in heads)
     return names

@@ -10,10 +10,11 @@ and the forwards it needs. The [B, K] path runs the model's own blocks; only the
 ``patch_scores`` go through ``run_block``, which computes the same pre-norm block with
 ``ops.attention`` (packed varlen / scores).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,21 +33,27 @@ def _identity(x):
 @dataclasses.dataclass
 class BlockParts:
     """One pre-norm block: x += ls1(proj(attn(qkv(norm1(x))))); x += ls2(mlp(norm2(x)))."""
+
     norm1: Callable
-    qkv: Callable            # [..., C] -> (q, k, v), each [..., H, hd]
-    proj: Callable           # [..., H * hd] -> [..., C] (out projection and its dropout)
+    qkv: Callable  # [..., C] -> (q, k, v), each [..., H, hd]
+    proj: Callable  # [..., H * hd] -> [..., C] (out projection and its dropout)
     norm2: Callable
     mlp: Callable
     scale: float
     ls1: Callable = _identity
     ls2: Callable = _identity
-    drop_path1: nn.Module | None = None   # timm-style DropPath (one draw per image)
+    drop_path1: nn.Module | None = None  # timm-style DropPath (one draw per image)
     drop_path2: nn.Module | None = None
-    attn_dropout: float = 0.0             # the block's attention-probability dropout
+    attn_dropout: float = 0.0  # the block's attention-probability dropout
 
 
-def attend(parts: BlockParts, h: torch.Tensor, pk: Packing | None = None, return_scores: str | None = None,
-           sink: str | None = None):
+def attend(
+    parts: BlockParts,
+    h: torch.Tensor,
+    pk: Packing | None = None,
+    return_scores: str | None = None,
+    sink: str | None = None,
+):
     """The block's attention on h [B, N, C] (or packed [1, T, C] with ``pk``): (output, scores or None)."""
     q, k, v = parts.qkv(h)
     if pk is not None:
@@ -66,8 +73,9 @@ def _dp(mod, x, pk):
 
 def run_block(parts: BlockParts, x: torch.Tensor, pk: Packing | None = None) -> torch.Tensor:
     if pk is not None and parts.attn_dropout > 0 and torch.is_grad_enabled() and _training(parts):
-        raise NotImplementedError(f"attention dropout (p = {parts.attn_dropout}) is not supported with ragged "
-                                  "keep_idx in train mode")
+        raise NotImplementedError(
+            f"attention dropout (p = {parts.attn_dropout}) is not supported with ragged keep_idx in train mode"
+        )
     a, _ = attend(parts, parts.norm1(x), pk)
     x = x + _dp(parts.drop_path1, parts.ls1(a), pk)
     return x + _dp(parts.drop_path2, parts.ls2(parts.mlp(parts.norm2(x))), pk)
@@ -85,6 +93,7 @@ def split_qkv(fused: torch.Tensor, heads: int):
 def separate_qkv(q_lin, k_lin, v_lin, heads: int):
     def qkv(h):
         return tuple(lin(h).unflatten(-1, (heads, -1)) for lin in (q_lin, k_lin, v_lin))
+
     return qkv
 
 
@@ -103,8 +112,9 @@ def check_keep_args(keep_idx, keep_ratio, scores) -> bool:
 def keep_indices(images: torch.Tensor, n: int, *, keep_idx=None, keep_ratio=None, scores=None) -> torch.Tensor:
     """The [B, K] patch indices a kept-patch forward uses (values checked by the ops)."""
     if isinstance(keep_idx, (list, tuple)):
-        raise ValueError("keep_idx: a ragged list of index tensors has no single [B, K] index; "
-                         "call the model with it instead")
+        raise ValueError(
+            "keep_idx: a ragged list of index tensors has no single [B, K] index; call the model with it instead"
+        )
     if keep_idx is not None:
         _checks.index_tensor("keep_idx", keep_idx, batch=images.shape[0], batch_name="images")
         if not torch.compiler.is_compiling():  # named here; under compile the op's own check names ``idx``
@@ -114,8 +124,9 @@ def keep_indices(images: torch.Tensor, n: int, *, keep_idx=None, keep_ratio=None
         return random_keep(images.shape[0], n, keep_ratio, device=images.device)
     _checks.tensor("scores", scores, ndim=2)
     if tuple(scores.shape) != (images.shape[0], n):
-        raise ValueError(f"scores: expected shape ({images.shape[0]}, {n}) (one score per patch), "
-                         f"got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores: expected shape ({images.shape[0]}, {n}) (one score per patch), got {tuple(scores.shape)}"
+        )
     return select_keep(scores, keep_ratio).to(images.device)
 
 
@@ -127,9 +138,11 @@ def check_grid(images: torch.Tensor, size: tuple[int, int], patch: tuple[int, in
     """Number of patches of ``images`` at the model's input ``size``; a mismatch names ``images``."""
     _checks.tensor("images", images, ndim=4)
     if tuple(images.shape[-2:]) != tuple(size):
-        raise ValueError(f"images: expected spatial size {tuple(size)} (the model's patch grid "
-                         f"{size[0] // patch[0]}x{size[1] // patch[1]} of {patch[0]}x{patch[1]} patches), got "
-                         f"{tuple(images.shape[-2:])}{hint}")
+        raise ValueError(
+            f"images: expected spatial size {tuple(size)} (the model's patch grid "
+            f"{size[0] // patch[0]}x{size[1] // patch[1]} of {patch[0]}x{patch[1]} patches), got "
+            f"{tuple(images.shape[-2:])}{hint}"
+        )
     return (size[0] // patch[0]) * (size[1] // patch[1])
 
 
@@ -170,8 +183,7 @@ def pool_mean(x: torch.Tensor, pk: Packing, skip: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- patch scores
 @torch.no_grad()
-def patch_scores(x: torch.Tensor, blocks: list[BlockParts], n_prefix: int, sink: str | None,
-                 return_flagged: bool):
+def patch_scores(x: torch.Tensor, blocks: list[BlockParts], n_prefix: int, sink: str | None, return_flagged: bool):
     """[B, N] scores from the last block's attention on all tokens x [B, P + N, C] (blocks before it
     applied here): class-token attention where there is a class token (P > 0), else the mean
     attention each patch receives. ``sink`` as in ``vit_scores.vit_patch_scores``; "first" only ever

@@ -17,6 +17,7 @@ one varlen sequence through the generic block of ``_common`` (the layer's own mo
 with ``cu_seqlens``), then apply the class's own norm, pooling and head per image, for the classes in
 ``RAGGED_CLASSES`` (logits / pooled outputs; no labels or hidden-state lists).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,6 +54,7 @@ def _embedding_classes() -> dict[type, tuple]:
 
 def classes() -> tuple:
     from transformers import PreTrainedModel
+
     return (PreTrainedModel,)
 
 
@@ -66,8 +68,10 @@ def _find_embeddings(model) -> tuple[str, nn.Module]:
     found = [(n, m) for n, m in model.named_modules() if type(m) in known or isinstance(m, _KeptEmbeddingsMixin)]
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
-        raise TypeError(f"model: patch_vit supports transformers models with one vision embeddings module "
-                        f"({', '.join(_EMBEDDINGS)}); {type(model).__name__} has {what}")
+        raise TypeError(
+            f"model: patch_vit supports transformers models with one vision embeddings module "
+            f"({', '.join(_EMBEDDINGS)}); {type(model).__name__} has {what}"
+        )
     return found[0]
 
 
@@ -105,7 +109,7 @@ def _pos_table(emb) -> torch.Tensor:
 
 def _prefix_tokens(emb) -> list[torch.Tensor]:
     """The [1, 1, D] prefix tokens in sequence order."""
-    if hasattr(emb, "class_embedding"):      # CLIP: a [D] vector
+    if hasattr(emb, "class_embedding"):  # CLIP: a [D] vector
         return [emb.class_embedding[None, None]]
     return [t for t in (getattr(emb, "cls_token", None), getattr(emb, "distillation_token", None)) if t is not None]
 
@@ -120,8 +124,12 @@ def grid(emb, images: torch.Tensor, interpolate: bool) -> tuple[int, torch.Tenso
     if (h, w) == size:
         return (h // patch[0]) * (w // patch[1]), pos
     if not (interpolate or always):
-        _common.check_grid(images, size, patch, "; pass interpolate_pos_encoding=True to interpolate the "
-                                                "position embeddings to another size")
+        _common.check_grid(
+            images,
+            size,
+            patch,
+            "; pass interpolate_pos_encoding=True to interpolate the position embeddings to another size",
+        )
     if h % patch[0] or w % patch[1]:
         raise ValueError(f"images: expected height and width divisible by the patch size {patch}, got {(h, w)}")
     n = (h // patch[0]) * (w // patch[1])
@@ -136,7 +144,7 @@ def embed(emb, images: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> to
     p = len(prefix)
     x = patch_embed_gather(images.to(conv.weight.dtype), idx, conv.weight, conv.bias, pos[:, p:])
     if p:
-        toks = torch.cat([t + pos[:, i:i + 1] for i, t in enumerate(prefix)], dim=1)
+        toks = torch.cat([t + pos[:, i : i + 1] for i, t in enumerate(prefix)], dim=1)
         x = torch.cat([toks.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
     drop = getattr(emb, "dropout", None)
     return drop(x) if drop is not None else x
@@ -184,6 +192,7 @@ def block_parts(layer) -> _common.BlockParts:
 
         def mlp(h):
             return output.dropout(output.dense(inter(h)))
+
     if None in (norm1, norm2, q, k, v, out, mlp, heads):
         raise NotImplementedError(f"{type(layer).__name__}: this layer layout is not supported by patch_scores")
     scale = _first(attn, "scaling", "scale")
@@ -195,8 +204,16 @@ def block_parts(layer) -> _common.BlockParts:
         out, mlp = (lambda o: drop(out_(o))), (lambda h: drop(mlp_(h)))
     ls1 = getattr(layer, "layer_scale1", None) or _common._identity
     ls2 = getattr(layer, "layer_scale2", None) or _common._identity
-    return _common.BlockParts(norm1=norm1, qkv=_common.separate_qkv(q, k, v, heads), proj=out, norm2=norm2,
-                              mlp=mlp, scale=scale, ls1=ls1, ls2=ls2)
+    return _common.BlockParts(
+        norm1=norm1,
+        qkv=_common.separate_qkv(q, k, v, heads),
+        proj=out,
+        norm2=norm2,
+        mlp=mlp,
+        scale=scale,
+        ls1=ls1,
+        ls2=ls2,
+    )
 
 
 def _encoder_parts(model, emb_name: str):
@@ -220,8 +237,10 @@ class KeptPatchesMixin:
             return super().forward(*args, **kwargs)
         images = args[0] if args else kwargs.get("pixel_values")
         if kwargs.get("bool_masked_pos") is not None:
-            raise ValueError("bool_masked_pos: not supported together with keep_idx / keep_ratio (dropped patches "
-                             "are not masked, they are gone)")
+            raise ValueError(
+                "bool_masked_pos: not supported together with keep_idx / keep_ratio (dropped patches "
+                "are not masked, they are gone)"
+            )
         emb = self.get_submodule(self._lotus_embeddings)
         n, pos = grid(emb, images, bool(kwargs.get("interpolate_pos_encoding")))
         if isinstance(keep_idx, (list, tuple)):
@@ -233,13 +252,20 @@ class KeptPatchesMixin:
         finally:
             emb._lotus_keep = None
 
-    def keep_indices(self, images, *, keep_idx=None, keep_ratio=None, scores=None,
-                     interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def keep_indices(
+        self, images, *, keep_idx=None, keep_ratio=None, scores=None, interpolate_pos_encoding: bool = False
+    ) -> torch.Tensor:
         n, _ = grid(self.get_submodule(self._lotus_embeddings), images, interpolate_pos_encoding)
         return _common.keep_indices(images, n, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
 
-    def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False,
-                     interpolate_pos_encoding: bool = False):
+    def patch_scores(
+        self,
+        images: torch.Tensor,
+        sink: str | None = "first",
+        *,
+        return_flagged: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ):
         """[B, N] last-layer attention scores: class-token attention (ViT, DeiT, DINOv2, CLIP), or the mean
         attention each patch receives (SigLIP: no class token). Averaged over heads."""
         emb = self.get_submodule(self._lotus_embeddings)
@@ -252,9 +278,18 @@ class KeptPatchesMixin:
 
 
 # ---------------------------------------------------------------- ragged keep lists
-RAGGED_CLASSES = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-                  "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
-                  "CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel")
+RAGGED_CLASSES = (
+    "ViTModel",
+    "ViTForImageClassification",
+    "DeiTModel",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "Dinov2Model",
+    "Dinov2ForImageClassification",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
+    "SiglipVisionModel",
+)
 
 
 def _base_class_name(model) -> str:
@@ -270,12 +305,15 @@ def forward_ragged(model, images, keep_idx, n, pos, kwargs):
 
     name = _base_class_name(model)
     if name not in RAGGED_CLASSES:
-        raise NotImplementedError(f"keep_idx: ragged keep lists are supported for {', '.join(RAGGED_CLASSES)}; "
-                                  f"got {name} (pass a [B, K] index tensor)")
+        raise NotImplementedError(
+            f"keep_idx: ragged keep lists are supported for {', '.join(RAGGED_CLASSES)}; "
+            f"got {name} (pass a [B, K] index tensor)"
+        )
     extra = sorted(k for k, v in kwargs.items() if v not in (None, False) and k != "interpolate_pos_encoding")
     if extra:
-        raise NotImplementedError(f"keep_idx: ragged keep lists take no {', '.join(extra)} (logits / pooled "
-                                  "outputs only)")
+        raise NotImplementedError(
+            f"keep_idx: ragged keep lists take no {', '.join(extra)} (logits / pooled outputs only)"
+        )
     emb_name = model._lotus_embeddings
     emb = model.get_submodule(emb_name)
     owner = model.get_submodule(emb_name.rsplit(".", 1)[0] if "." in emb_name else "")
@@ -288,7 +326,7 @@ def forward_ragged(model, images, keep_idx, n, pos, kwargs):
             raise NotImplementedError("keep_idx: ragged keep lists do not support DINOv2 drop_path in training")
         x = _common.run_block(block_parts(layer), x, pk)
     x = x[0]
-    if hasattr(owner, "layernorm"):        # ViT, DeiT, DINOv2: a final norm on every token
+    if hasattr(owner, "layernorm"):  # ViT, DeiT, DINOv2: a final norm on every token
         x = owner.layernorm(x)
     if name.startswith("Siglip"):
         x = owner.post_layernorm(x)
@@ -299,7 +337,7 @@ def forward_ragged(model, images, keep_idx, n, pos, kwargs):
         pooled = owner.pooler(_common.unpack(x, pk)) if getattr(owner, "pooler", None) is not None else None
     elif name.startswith("DeiT"):
         pooled = owner.pooler(_common.unpack(x, pk)) if getattr(owner, "pooler", None) is not None else None
-    else:                                  # Dinov2Model: the class token
+    else:  # Dinov2Model: the class token
         pooled = _common.pool_first(x, pk)
     hidden = _common.unpack(x, pk)
     first = _common.pool_first(x, pk)
@@ -313,14 +351,17 @@ def forward_ragged(model, images, keep_idx, n, pos, kwargs):
         return mo.ImageClassifierOutput(logits=model.classifier(torch.cat([first, _common.pool_mean(x, pk, p)], 1)))
     if name == "CLIPVisionModelWithProjection":
         from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
         return CLIPVisionModelOutput(image_embeds=model.visual_projection(pooled), last_hidden_state=hidden)
     return mo.BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 
 
 def _deit_teacher_output(model, cls_logits, dist_logits):
     from transformers.models.deit.modeling_deit import DeiTForImageClassificationWithTeacherOutput
-    return DeiTForImageClassificationWithTeacherOutput(logits=(cls_logits + dist_logits) / 2, cls_logits=cls_logits,
-                                                       distillation_logits=dist_logits)
+
+    return DeiTForImageClassificationWithTeacherOutput(
+        logits=(cls_logits + dist_logits) / 2, cls_logits=cls_logits, distillation_logits=dist_logits
+    )
 
 
 def _siglip_pool(owner, x, pk):

@@ -9,6 +9,7 @@ dropped ones and acts in eval mode too), then runs the tower's own ``ln_pre``, `
 attentional pooler; the [B, K] path takes any tower. open_clip has no run-time position
 interpolation: images must be ``image_size``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,7 @@ HEAD_NAMES = ("attn_pool", "attn_pool_contrastive")
 
 def classes() -> tuple:
     from open_clip.transformer import VisionTransformer
+
     return (VisionTransformer,)
 
 
@@ -33,16 +35,21 @@ def check(model) -> None:
 
 
 def check_images(model, images) -> int:
-    return _common.check_grid(images, tuple(model.image_size), tuple(model.patch_size),
-                              " (open_clip resizes position embeddings when loading weights, not per call)")
+    return _common.check_grid(
+        images,
+        tuple(model.image_size),
+        tuple(model.patch_size),
+        " (open_clip resizes position embeddings when loading weights, not per call)",
+    )
 
 
 def embed(model, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[B, 1 + K, D] before ``ln_pre``: class token, kept patches, positional table added."""
     conv = model.conv1
     pos = model.positional_embedding.to(images.dtype)
-    x = patch_embed_gather(images, idx, conv.weight.to(images.dtype),
-                           None if conv.bias is None else conv.bias.to(images.dtype), pos[1:])
+    x = patch_embed_gather(
+        images, idx, conv.weight.to(images.dtype), None if conv.bias is None else conv.bias.to(images.dtype), pos[1:]
+    )
     cls = (model.class_embedding.to(x.dtype) + pos[0])[None, None].expand(x.shape[0], -1, -1)
     return torch.cat([cls, x], dim=1)
 
@@ -51,17 +58,27 @@ def block_parts(blk) -> _common.BlockParts:
     from open_clip.transformer import ResidualAttentionBlock
 
     if type(blk) is not ResidualAttentionBlock or hasattr(blk, "ln_1_kv"):
-        raise NotImplementedError(f"{type(blk).__name__}: ragged keep_idx / patch_scores need open_clip's "
-                                  "ResidualAttentionBlock (nn.MultiheadAttention self-attention)")
+        raise NotImplementedError(
+            f"{type(blk).__name__}: ragged keep_idx / patch_scores need open_clip's "
+            "ResidualAttentionBlock (nn.MultiheadAttention self-attention)"
+        )
     mha = blk.attn
     heads = mha.num_heads
 
     def qkv(h):
         return _common.split_qkv(F.linear(h, mha.in_proj_weight, mha.in_proj_bias), heads)
 
-    return _common.BlockParts(norm1=blk.ln_1, qkv=qkv, proj=mha.out_proj, norm2=blk.ln_2, mlp=blk.mlp,
-                              scale=(mha.embed_dim // heads) ** -0.5, ls1=blk.ls_1, ls2=blk.ls_2,
-                              attn_dropout=mha.dropout)
+    return _common.BlockParts(
+        norm1=blk.ln_1,
+        qkv=qkv,
+        proj=mha.out_proj,
+        norm2=blk.ln_2,
+        mlp=blk.mlp,
+        scale=(mha.embed_dim // heads) ** -0.5,
+        ls1=blk.ls_1,
+        ls2=blk.ls_2,
+        attn_dropout=mha.dropout,
+    )
 
 
 def _output(model, pooled, tokens):
@@ -86,8 +103,9 @@ class KeptPatchesMixin:
 
     def _forward_ragged(self, x, keep_idx, n):
         if self.attn_pool is not None or self.pool_type not in ("tok", "avg") or self.output_tokens:
-            raise NotImplementedError("keep_idx: ragged keep lists need token or average pooling without "
-                                      "attentional pooler nor output_tokens")
+            raise NotImplementedError(
+                "keep_idx: ragged keep lists need token or average pooling without attentional pooler nor output_tokens"
+            )
         t, pk, p = _common.pack(x, keep_idx, n, lambda idx: embed(self, x, idx))
         t = self.ln_pre(t)
         for blk in self.transformer.resblocks:
@@ -101,8 +119,9 @@ class KeptPatchesMixin:
         return _output(self, pooled, None)
 
     def keep_indices(self, images, *, keep_idx=None, keep_ratio=None, scores=None) -> torch.Tensor:
-        return _common.keep_indices(images, check_images(self, images), keep_idx=keep_idx, keep_ratio=keep_ratio,
-                                    scores=scores)
+        return _common.keep_indices(
+            images, check_images(self, images), keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores
+        )
 
     def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
         """[B, N] class-token attention of the last block, averaged over heads."""
@@ -110,8 +129,7 @@ class KeptPatchesMixin:
         all_idx = torch.arange(n, device=images.device).expand(images.shape[0], n)
         with torch.no_grad():
             x = self.ln_pre(embed(self, images, all_idx))
-        return _common.patch_scores(x, [block_parts(b) for b in self.transformer.resblocks], 1, sink,
-                                    return_flagged)
+        return _common.patch_scores(x, [block_parts(b) for b in self.transformer.resblocks], 1, sink, return_flagged)
 
 
 def patch(model):

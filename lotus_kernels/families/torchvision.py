@@ -6,6 +6,7 @@ embedding and the class row onto the class token: the same sums). The [B, K] pat
 model's own ``encoder.layers``, ``encoder.ln`` and ``heads``. torchvision has no positional
 interpolation: images must be ``model.image_size`` square, as its own forward asserts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,13 +27,16 @@ HEAD_NAMES = ("heads",)
 
 def check(model) -> None:
     if not isinstance(model.conv_proj, nn.Conv2d):
-        raise ValueError("model.conv_proj: a convolutional stem (conv_stem_configs) is not supported by patch_vit; "
-                         "expected the plain patch Conv2d")
+        raise ValueError(
+            "model.conv_proj: a convolutional stem (conv_stem_configs) is not supported by patch_vit; "
+            "expected the plain patch Conv2d"
+        )
     for i, blk in enumerate(model.encoder.layers):
         mha = blk.self_attention
         if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
-            raise ValueError(f"model.encoder.layers[{i}].self_attention: expected a fused in_proj (q, k, v of the "
-                             "model width)")
+            raise ValueError(
+                f"model.encoder.layers[{i}].self_attention: expected a fused in_proj (q, k, v of the model width)"
+            )
 
 
 def num_patches(model) -> int:
@@ -59,8 +63,15 @@ def block_parts(blk) -> _common.BlockParts:
     def qkv(h):
         return _common.split_qkv(F.linear(h, mha.in_proj_weight, mha.in_proj_bias), heads)
 
-    return _common.BlockParts(norm1=blk.ln_1, qkv=qkv, proj=lambda o: blk.dropout(mha.out_proj(o)), norm2=blk.ln_2,
-                              mlp=blk.mlp, scale=(mha.embed_dim // heads) ** -0.5, attn_dropout=mha.dropout)
+    return _common.BlockParts(
+        norm1=blk.ln_1,
+        qkv=qkv,
+        proj=lambda o: blk.dropout(mha.out_proj(o)),
+        norm2=blk.ln_2,
+        mlp=blk.mlp,
+        scale=(mha.embed_dim // heads) ** -0.5,
+        attn_dropout=mha.dropout,
+    )
 
 
 class KeptPatchesMixin:
@@ -80,8 +91,9 @@ class KeptPatchesMixin:
         return self.heads(t[:, 0])
 
     def keep_indices(self, images, *, keep_idx=None, keep_ratio=None, scores=None) -> torch.Tensor:
-        return _common.keep_indices(images, check_images(self, images), keep_idx=keep_idx, keep_ratio=keep_ratio,
-                                    scores=scores)
+        return _common.keep_indices(
+            images, check_images(self, images), keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores
+        )
 
     def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
         """[B, N] class-token attention of the last encoder layer, averaged over heads."""

@@ -5,6 +5,7 @@ The invariant is established when the mask is set (construction, ``from_linear``
 ``load_state_dict``) and kept by training, because the ops zero the weight's gradient there. It is
 not re-checked per forward: that would cost a pass over the weight every call.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,12 @@ class MaskedWeightLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding a copy of the masked weight and the bias."""
-        return linear_from(self.weight.masked_fill(~self.mask, 0), self.bias,
-                           requires_grad=self.weight.requires_grad, training=self.training)
+        return linear_from(
+            self.weight.masked_fill(~self.mask, 0),
+            self.bias,
+            requires_grad=self.weight.requires_grad,
+            training=self.training,
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state dict may carry nonzero weights at pruned positions (e.g. saved from a dense model,
@@ -71,5 +76,7 @@ class MaskedWeightLinear(nn.Module):
         self._zero_pruned()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, density={self.density:.3f}"
+        )

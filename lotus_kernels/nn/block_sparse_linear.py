@@ -10,6 +10,7 @@ the same pattern (e.g. a fresh ``sparsify_`` of the same model, or ``BlockSparse
 with the same mask) restores it exactly; loading one with another pattern raises (the values of
 one pattern mean nothing in another), naming the layer and both block counts.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.block_sparse_linear import (BLOCK_SIZES, block_sparse_linear, bsr_from_dense, bsr_to_dense,
-                                       check_block_size)
+from ..ops.block_sparse_linear import BLOCK_SIZES, block_sparse_linear, bsr_from_dense, bsr_to_dense, check_block_size
 from ._convert import linear_from
 
 _PATTERN = ("crow", "col", "ccol", "row", "perm")
@@ -64,8 +64,10 @@ def to_block_mask(mask: torch.Tensor, shape, block_size: int, name: str = "mask"
         return mask.reshape(o // bs, bs, i // bs, bs).any(3).any(1)
     if tuple(mask.shape) == (o // bs, i // bs):
         return mask
-    raise ValueError(f"{name}: expected an elementwise mask of shape {(o, i)} or a block mask of shape "
-                     f"{(o // bs, i // bs)} (block_size {bs}), got {tuple(mask.shape)}")
+    raise ValueError(
+        f"{name}: expected an elementwise mask of shape {(o, i)} or a block mask of shape "
+        f"{(o // bs, i // bs)} (block_size {bs}), got {tuple(mask.shape)}"
+    )
 
 
 class BlockSparseLinear(nn.Module):
@@ -80,8 +82,17 @@ class BlockSparseLinear(nn.Module):
     # once, so the second model scripted failed with "Can't redefine method").
     __jit_unused_properties__ = ["weight", "block_mask", "density"]
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int = 32,
-                 density: float = 1.0, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        block_size: int = 32,
+        density: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_block_size(block_size, out_features, in_features, where="(out_features, in_features)")
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
@@ -136,8 +147,9 @@ class BlockSparseLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *, block_size: int = 32,
-                    density: float | None = None) -> "BlockSparseLinear":
+    def from_linear(
+        cls, linear: nn.Linear, mask: torch.Tensor | None = None, *, block_size: int = 32, density: float | None = None
+    ) -> BlockSparseLinear:
         """A BlockSparseLinear with a copy of ``linear``'s blocks and bias (``linear`` is untouched).
         Which blocks: ``mask`` (bool; a block mask [out // bs, in // bs], or an elementwise mask
         [out, in] of which a block is kept whole if any entry is), or ``density`` (keep that fraction
@@ -154,8 +166,9 @@ class BlockSparseLinear(nn.Module):
         elif density is not None:
             block_mask = density_block_mask(w, block_size, density)
         else:
-            block_mask = torch.ones(w.shape[0] // block_size, w.shape[1] // block_size, dtype=torch.bool,
-                                    device=w.device)
+            block_mask = torch.ones(
+                w.shape[0] // block_size, w.shape[1] // block_size, dtype=torch.bool, device=w.device
+            )
         # Not skip_init: the pattern is computed from values, which a meta-device build cannot do.
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -171,26 +184,33 @@ class BlockSparseLinear(nn.Module):
         blocks) and the bias, copied."""
         return linear_from(self.weight, self.bias, requires_grad=self.values.requires_grad, training=self.training)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # The pattern is structural (it sizes ``values``): a state dict of another pattern is refused
         # with one clear message instead of torch's size mismatch or, worse, a silent adoption.
         theirs = {n: state_dict.get(prefix + n) for n in ("crow", "col")}
         if all(isinstance(t, torch.Tensor) for t in theirs.values()):
-            same = all(t.shape == getattr(self, n).shape and torch.equal(t.to(getattr(self, n).device), getattr(self, n))
-                       for n, t in theirs.items())
+            same = all(
+                t.shape == getattr(self, n).shape and torch.equal(t.to(getattr(self, n).device), getattr(self, n))
+                for n, t in theirs.items()
+            )
             if not same:
                 error_msgs.append(
                     f"{prefix or 'BlockSparseLinear'}: the state dict's block pattern ({theirs['col'].numel()} "
                     f"stored blocks) differs from this layer's ({self.col.numel()} stored blocks); build the layer "
-                    "with the same mask (e.g. sparsify_ the same model the same way) before loading")
+                    "with the same mask (e.g. sparsify_ the same model the same way) before loading"
+                )
                 return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block_size={self.block_size}, density={self.density:.3f}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, density={self.density:.3f}"
+        )
 
 
 __all__ = ["BlockSparseLinear", "BLOCK_SIZES"]

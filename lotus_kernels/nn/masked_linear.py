@@ -6,6 +6,7 @@ gradient is zero there (``ops.masked_linear``). It is not re-checked per forward
 pass over the weight every call. Writing into ``weight`` directly can break it; call
 ``set_mask_(layer.mask)`` afterwards to restore it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ class MaskedLinear(MaskedWeightLinear):
         return masked_linear(input, self.weight, self.mask, self.bias)
 
     @torch.no_grad()
-    def set_mask_(self, mask: torch.Tensor) -> "MaskedLinear":
+    def set_mask_(self, mask: torch.Tensor) -> MaskedLinear:
         """Replace the mask (True = keep) and zero the weights it prunes. A weight pruned before and
         kept now restarts from zero."""
         check_mask("mask", mask, self.weight.shape, "weight [out_features, in_features]")
@@ -34,7 +35,7 @@ class MaskedLinear(MaskedWeightLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> "MaskedLinear":
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> MaskedLinear:
         """A MaskedLinear with ``linear``'s weight (times ``mask``) and bias, copied: ``linear`` is
         left untouched. Keeps device, dtype, ``requires_grad`` and train/eval mode."""
         if not isinstance(linear, nn.Linear):

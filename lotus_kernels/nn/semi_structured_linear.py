@@ -20,6 +20,7 @@ warning: the compressed weights live in a Python-side cache keyed on the weight'
 graph cannot carry. Same result, no 2:4 speed-up. timm's FX tracer keeps the layer as a leaf, so its
 graphs call this forward and get the kernels where they run.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,8 +31,13 @@ from torch import nn
 
 from .. import _checks, _fx
 from ..ops.masked_linear import _masked_weight_grad, masked_linear
-from ..ops.semi_structured_linear import (check_semi_structured_mask, gemm_dtype, is_transposable, kernel_unsupported,
-                                          semi_structured_mask)
+from ..ops.semi_structured_linear import (
+    check_semi_structured_mask,
+    gemm_dtype,
+    is_transposable,
+    kernel_unsupported,
+    semi_structured_mask,
+)
 from ._convert import masked_layer_from_linear
 from ._masked_weight import MaskedWeightLinear
 
@@ -80,8 +86,9 @@ class SemiStructuredLinear(MaskedWeightLinear):
     """``y = x @ weight.T + bias`` with ``weight`` [out, in] 2:4 sparse where the bool buffer ``mask``
     is True. On construction the mask is the 2:4 magnitude mask of the initial weight."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 strict: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, strict: bool = False
+    ):
         if in_features % 4 != 0:
             raise ValueError(f"in_features={in_features} must be a multiple of 4 for 2:4 sparsity")
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -111,8 +118,10 @@ class SemiStructuredLinear(MaskedWeightLinear):
         if None in (key[0], key[3]) or self._compressed is None or self._compressed[0] != key:
             wd = w.detach().to(dtype).contiguous()
             wt_c = None
-            if self.mask_is_transposable() and kernel_unsupported(w.device, dtype, self.in_features,
-                                                                  self.out_features) is None:
+            if (
+                self.mask_is_transposable()
+                and kernel_unsupported(w.device, dtype, self.in_features, self.out_features) is None
+            ):
                 wt_c = self._compress(wd.t().contiguous())
             self._compressed = (key, self._compress(wd), wt_c)
         return self._compressed[1], self._compressed[2]
@@ -136,8 +145,10 @@ class SemiStructuredLinear(MaskedWeightLinear):
             return masked_linear(input, self.weight, self.mask, self.bias)
         if _fx.is_proxy(input, self.weight):
             if self.strict:
-                raise RuntimeError("SemiStructuredLinear(strict=True): a torch.fx graph runs the dense masked "
-                                   "product; trace with the layer as a leaf module to keep the 2:4 kernels")
+                raise RuntimeError(
+                    "SemiStructuredLinear(strict=True): a torch.fx graph runs the dense masked "
+                    "product; trace with the layer as a leaf module to keep the 2:4 kernels"
+                )
             return masked_linear(input, self.weight, self.mask, self.bias)
         dtype = gemm_dtype(self.weight)
         why = kernel_unsupported(self.weight.device, dtype, self.out_features, self.in_features)
@@ -155,22 +166,28 @@ class SemiStructuredLinear(MaskedWeightLinear):
             raise exc(f"SemiStructuredLinear(strict=True): {msg}")
         if not self._warned:
             self._warned = True
-            warnings.warn(f"SemiStructuredLinear: 2:4 sparse kernels need CUDA (sm80+) with fp16/bf16 and "
-                          f"tile-aligned shapes ({msg}); falling back to a dense matmul with the 2:4-masked "
-                          f"weight (lotus_kernels.ops.masked_linear: same result, no speed-up)",
-                          SemiStructuredFallbackWarning, stacklevel=4)  # the caller of module(x)
+            warnings.warn(
+                f"SemiStructuredLinear: 2:4 sparse kernels need CUDA (sm80+) with fp16/bf16 and "
+                f"tile-aligned shapes ({msg}); falling back to a dense matmul with the 2:4-masked "
+                f"weight (lotus_kernels.ops.masked_linear: same result, no speed-up)",
+                SemiStructuredFallbackWarning,
+                stacklevel=4,
+            )  # the caller of module(x)
         return masked_linear(input, self.weight, self.mask, self.bias)
 
     def __prepare_scriptable__(self):
         if self.strict:
-            raise RuntimeError("SemiStructuredLinear(strict=True): TorchScript would run the dense masked product "
-                               "(the 2:4 kernels are eager / torch.compile only)")
+            raise RuntimeError(
+                "SemiStructuredLinear(strict=True): TorchScript would run the dense masked product "
+                "(the 2:4 kernels are eager / torch.compile only)"
+            )
         return self
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, *,
-                    strict: bool = False, transposable: bool = False) -> "SemiStructuredLinear":
+    def from_linear(
+        cls, linear: nn.Linear, mask: torch.Tensor | None = None, *, strict: bool = False, transposable: bool = False
+    ) -> SemiStructuredLinear:
         """A copy of ``linear`` pruned 2:4: by ``mask`` (bool [out, in], at most 2 True in every group
         of 4 along in_features) or, if None, by magnitude (``semi_structured_mask``; with
         ``transposable=True`` 2:4 along both axes, so the input gradient is sparse too). ``linear`` is

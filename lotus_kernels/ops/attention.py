@@ -44,11 +44,11 @@ over each sequence's first query row (Triton on a GPU: ``triton.attention.cls_ro
 ops on the CPU backend), sink rule included. "received" scores always take the fused kernel (they need
 every query's lse). The choice is the measured faster one: see ``DEFAULT_PATH``.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +177,14 @@ def attention_reference_varlen(q, k, v, cu_seqlens, *, scale=None, return_scores
     for s, e in _sequences(cu_seqlens):
         if e == s:
             continue
-        r = attention_reference(_as_batch(q, s, e), _as_batch(k, s, e), _as_batch(v, s, e), scale=scale,
-                                return_scores=return_scores, sink=sink)
+        r = attention_reference(
+            _as_batch(q, s, e),
+            _as_batch(k, s, e),
+            _as_batch(v, s, e),
+            scale=scale,
+            return_scores=return_scores,
+            sink=sink,
+        )
         o, sc = (r, None) if return_scores is None else r
         outs.append(o[0].transpose(0, 1))
         scores.append(sc)
@@ -237,8 +243,10 @@ def _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens=Non
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
         if t.dim() != (3 if packed else 4):
-            raise ValueError(f"{name}: expected a {3 if packed else 4}-D tensor {layout}, got "
-                             f"{t.dim()}-D with shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected a {3 if packed else 4}-D tensor {layout}, got "
+                f"{t.dim()}-D with shape {tuple(t.shape)}"
+            )
     _checks.same_dtype(q=q, k=k, v=v)
     if k.shape != q.shape:
         raise ValueError(f"k: expected shape {tuple(q.shape)} (like q {layout}), got {tuple(k.shape)}")
@@ -251,22 +259,29 @@ def _check(q, k, v, scale, key_padding_mask, return_scores, sink, cu_seqlens=Non
         raise ValueError(f"q: expected N >= 1 tokens and D >= 1 channels, got shape {tuple(q.shape)}")
     if key_padding_mask is not None:
         if packed:
-            raise ValueError("key_padding_mask: cannot be combined with cu_seqlens (packed sequences need no "
-                             "padding: drop the padded tokens instead)")
+            raise ValueError(
+                "key_padding_mask: cannot be combined with cu_seqlens (packed sequences need no "
+                "padding: drop the padded tokens instead)"
+            )
         _checks.tensor("key_padding_mask", key_padding_mask, ndim=2)
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask: expected a bool tensor (True = padded key), got "
-                            f"{str(key_padding_mask.dtype).replace('torch.', '')}")
+            raise TypeError(
+                f"key_padding_mask: expected a bool tensor (True = padded key), got "
+                f"{str(key_padding_mask.dtype).replace('torch.', '')}"
+            )
         if tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
-            raise ValueError(f"key_padding_mask: expected shape ({q.shape[0]}, {q.shape[2]}) ([B, N]), "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask: expected shape ({q.shape[0]}, {q.shape[2]}) ([B, N]), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
     _checks.same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     if return_scores not in SCORE_MODES:
         raise ValueError(f"return_scores: expected None, 'cls' or 'received', got {return_scores!r}")
     if sink not in SINKS:
         raise ValueError(f"sink: expected 'mean' or None, got {sink!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if not packed:
         if max_seqlen is not None:
@@ -298,17 +313,21 @@ def _check_cu_seqlens(cu, q, max_seqlen) -> int:
             ok = (cu[0] == 0) & (cu[-1] == T)
             if lens.numel():
                 ok = ok & (lens.min() >= 0) & (lens.max() <= max_seqlen)
-        _checks.device_assert(ok, f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T} with no sequence "
-                                  f"longer than max_seqlen = {max_seqlen} (set {_checks.ENV_SYNC_CHECKS}=1 for the "
-                                  "offending value)")
+        _checks.device_assert(
+            ok,
+            f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T} with no sequence "
+            f"longer than max_seqlen = {max_seqlen} (set {_checks.ENV_SYNC_CHECKS}=1 for the "
+            "offending value)",
+        )
         return max_seqlen
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"cu_seqlens: expected to start at 0, got cu_seqlens[0] = {vals[0]}")
     for i, (a, b) in enumerate(zip(vals[:-1], vals[1:])):
         if b < a:
-            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {a} > "
-                             f"cu_seqlens[{i + 1}] = {b}")
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}] = {a} > cu_seqlens[{i + 1}] = {b}"
+            )
     if vals[-1] != T:
         raise ValueError(f"cu_seqlens: expected to end at T = {T} (q's token count), got cu_seqlens[-1] = {vals[-1]}")
     longest = max((b - a for a, b in zip(vals[:-1], vals[1:])), default=0)
@@ -339,7 +358,7 @@ def _varlen_sdpa_ok(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _path(q, backend: str, scores_mode: int, packed: bool) -> str:
-    """"sdpa" or "fused" for these inputs on ``backend`` (module docstring)."""
+    """ "sdpa" or "fused" for these inputs on ``backend`` (module docstring)."""
     return _path_of(backend, q.device.type, q.dtype, scores_mode, packed, packed and q.shape[0] == 0)
 
 
@@ -373,7 +392,7 @@ def _sdpa_out(q, k, v, scale, key_padding_mask, cu_seqlens, max_seqlen):
 
 
 def _cls_row_torch(q, k, key_padding_mask, scale, sink):
-    """"cls" scores of padded q, k [B, H, N, D] from the first query row only, in PyTorch ops (the CPU
+    """ "cls" scores of padded q, k [B, H, N, D] from the first query row only, in PyTorch ops (the CPU
     backend's cls-row kernel: a [B, H, 1, N] product and a softmax)."""
     acc = _acc_dtype(q.dtype)
     s = (q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1))[:, :, 0] * scale  # [B, H, N]
@@ -387,16 +406,31 @@ def _cls_row_torch(q, k, key_padding_mask, scale, sink):
 
 
 @torch.library.custom_op("lotus_kernels::attention_cls_scores", mutates_args=())
-def _cls_scores(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float, sink: bool) -> torch.Tensor:
+def _cls_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    sink: bool,
+) -> torch.Tensor:
     """Final "cls" scores (sink rule applied when ``sink``) from q's first row and k: the score half of
     the "sdpa" path."""
     backend = _kernel_backend(q.device)
     scores_shape = _shapes(q, cu_seqlens is not None, 1)[1]
     if backend == "triton":
         scores = _backend.new_output(scores_shape, q, _acc_dtype(q.dtype))
-        _backend.triton_kernels("attention").cls_row_scores(q.contiguous(), k.contiguous(), _contig(key_padding_mask),
-                                                            _contig(cu_seqlens), max_seqlen, scale, sink, scores)
+        _backend.triton_kernels("attention").cls_row_scores(
+            q.contiguous(),
+            k.contiguous(),
+            _contig(key_padding_mask),
+            _contig(cu_seqlens),
+            max_seqlen,
+            scale,
+            sink,
+            scores,
+        )
         return scores
     assert cu_seqlens is None, "packed sequences take the fused path off CUDA"
     return _cls_row_torch(q, k, key_padding_mask, scale, sink)
@@ -426,9 +460,17 @@ def _apply_sink_any(scores, key_padding_mask, cu_seqlens):
 
 
 @torch.library.custom_op("lotus_kernels::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                   cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float,
-                   scores_mode: int, sink: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    scores_mode: int,
+    sink: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, scores): scores final (the sink rule applied when ``sink``)."""
     backend = _kernel_backend(q.device)
     packed = cu_seqlens is not None
@@ -449,8 +491,9 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
         return out, lse, scores
     args = (q.contiguous(), k.contiguous(), v.contiguous(), _contig(key_padding_mask))
     if backend == "triton":  # cls scores come out of its score kernel final (sink included); int32 offsets read as is
-        _backend.triton_kernels("attention").attention_fwd(*args, _contig(cu_seqlens), max_seqlen, scale, scores_mode,
-                                                          out, lse, scores, sink=sink)
+        _backend.triton_kernels("attention").attention_fwd(
+            *args, _contig(cu_seqlens), max_seqlen, scale, scores_mode, out, lse, scores, sink=sink
+        )
         if sink and scores_mode == 2:
             scores = _apply_sink_any(scores, key_padding_mask, cu_seqlens)
         return out, lse, scores
@@ -469,9 +512,18 @@ def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scores_mode, sin
 
 
 @torch.library.custom_op("lotus_kernels::attention_bwd", mutates_args=())
-def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                   max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _kernel_backend(q.device)
     if backend == "reference":
         if cu_seqlens is not None:
@@ -482,9 +534,24 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         return dq, dk, dv
     if backend != "triton" and cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64)  # the C++ kernels read int64 (Triton's either)
-    _backend.launch(backend, "attention", "attention_bwd", dout.contiguous(), q.contiguous(), k.contiguous(),
-                    v.contiguous(), out.contiguous(), lse.contiguous(), _contig(key_padding_mask),
-                    _contig(cu_seqlens), max_seqlen, scale, dq, dk, dv)
+    _backend.launch(
+        backend,
+        "attention",
+        "attention_bwd",
+        dout.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out.contiguous(),
+        lse.contiguous(),
+        _contig(key_padding_mask),
+        _contig(cu_seqlens),
+        max_seqlen,
+        scale,
+        dq,
+        dk,
+        dv,
+    )
     return dq, dk, dv
 
 
@@ -513,9 +580,18 @@ _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 # ---------------------------------------------------------------- public API
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              key_padding_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-              max_seqlen: int | None = None, return_scores: str | None = None, sink: str | None = "mean"):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    return_scores: str | None = None,
+    sink: str | None = "mean",
+):
     """softmax(scale * q k^T) v for q, k, v [B, H, N, D]; ``scale`` defaults to D ** -0.5.
 
     ``key_padding_mask`` [B, N] bool, True = padded key (excluded from every softmax).

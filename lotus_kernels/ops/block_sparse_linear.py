@@ -27,6 +27,7 @@ than a bf16 dx cast back, so dx is *more* accurate: within the fp32 sums' error 
 not bf16's); every other path casts inside the op (x.to(values.dtype), dx computed in dy's dtype
 then .to(float32)).
 """
+
 from __future__ import annotations
 
 import weakref
@@ -48,8 +49,10 @@ def check_block_size(block_size, out_features: int, in_features: int, where: str
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
     if out_features % block_size or in_features % block_size:
-        raise ValueError(f"block_size: {block_size} does not divide {where}'s shape ({out_features}, {in_features}) "
-                         "(out_features and in_features must both be multiples of it; there is no padding)")
+        raise ValueError(
+            f"block_size: {block_size} does not divide {where}'s shape ({out_features}, {in_features}) "
+            "(out_features and in_features must both be multiples of it; there is no padding)"
+        )
 
 
 def bsr_indices(block_mask: torch.Tensor):
@@ -75,10 +78,14 @@ def bsr_from_dense(weight: torch.Tensor, block_mask: torch.Tensor, block_size: i
     bs = block_size
     _checks.tensor("block_mask", block_mask, ndim=2)
     if block_mask.dtype != torch.bool:
-        raise TypeError(f"block_mask: expected a bool tensor (True = keep), got {str(block_mask.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"block_mask: expected a bool tensor (True = keep), got {str(block_mask.dtype).replace('torch.', '')}"
+        )
     if tuple(block_mask.shape) != (out_f // bs, in_f // bs):
-        raise ValueError(f"block_mask: expected shape {(out_f // bs, in_f // bs)} (weight shape / block_size), "
-                         f"got {tuple(block_mask.shape)}")
+        raise ValueError(
+            f"block_mask: expected shape {(out_f // bs, in_f // bs)} (weight shape / block_size), "
+            f"got {tuple(block_mask.shape)}"
+        )
     block_mask = block_mask.to(weight.device)
     crow, col, ccol, row, perm = bsr_indices(block_mask)
     blocks = weight.detach().reshape(out_f // bs, bs, in_f // bs, bs).transpose(1, 2)
@@ -182,8 +189,10 @@ def _check_pattern(crow, col, ccol, row, perm) -> None:
     nnzb, R, Cb = col.numel(), crow.numel() - 1, ccol.numel() - 1
     for name, ptr in (("crow", crow), ("ccol", ccol)):
         if int(ptr[0]) != 0 or int(ptr[-1]) != nnzb or bool((ptr.diff() < 0).any()):
-            raise ValueError(f"{name}: expected non-decreasing pointers from 0 to nnzb = {nnzb}, "
-                             f"got {ptr.tolist() if ptr.numel() <= 16 else 'other values'}")
+            raise ValueError(
+                f"{name}: expected non-decreasing pointers from 0 to nnzb = {nnzb}, "
+                f"got {ptr.tolist() if ptr.numel() <= 16 else 'other values'}"
+            )
     _checks.index_range("col", col, Cb)
     _checks.index_range("row", row, R)
     _checks.index_range("perm", perm, nnzb)
@@ -191,13 +200,19 @@ def _check_pattern(crow, col, ccol, row, perm) -> None:
         return
     brow = block_rows(crow)
     if bool(((brow[1:] == brow[:-1]) & (col[1:] <= col[:-1])).any()):
-        raise ValueError("col: expected strictly increasing block columns inside each block row (sorted, no duplicates)")
+        raise ValueError(
+            "col: expected strictly increasing block columns inside each block row (sorted, no duplicates)"
+        )
     bcol = block_rows(ccol)
     if bool(((bcol[1:] == bcol[:-1]) & (row[1:] <= row[:-1])).any()):
-        raise ValueError("row: expected strictly increasing block rows inside each block column (sorted, no duplicates)")
+        raise ValueError(
+            "row: expected strictly increasing block rows inside each block column (sorted, no duplicates)"
+        )
     if not (bool((col[perm] == bcol).all()) and bool((brow[perm] == row).all())):
-        raise ValueError("perm / ccol / row: the BSC view does not describe the same blocks as crow / col "
-                         "(build all five with bsr_indices or bsr_from_dense)")
+        raise ValueError(
+            "perm / ccol / row: the BSC view does not describe the same blocks as crow / col "
+            "(build all five with bsr_indices or bsr_from_dense)"
+        )
 
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -214,13 +229,16 @@ def _check(x, values, crow, col, ccol, row, perm, bias, allow_mixed: bool = Fals
     out_f, in_f = (crow.numel() - 1) * bs, (ccol.numel() - 1) * bs
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"x: expected shape [..., {in_f}] (in_features = (ccol.numel() - 1) * block size), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected shape [..., {in_f}] (in_features = (ccol.numel() - 1) * block size), got {tuple(x.shape)}"
+        )
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
         if bias.shape[0] != out_f:
-            raise ValueError(f"bias: expected shape ({out_f},) (out_features = (crow.numel() - 1) * block size), "
-                             f"got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias: expected shape ({out_f},) (out_features = (crow.numel() - 1) * block size), "
+                f"got {tuple(bias.shape)}"
+            )
     _checks.same_device(x=x, values=values, crow=crow, bias=bias)
     if not (allow_mixed and _mixed(x, values)):
         _checks.same_dtype(x=x, values=values, bias=bias)
@@ -238,8 +256,10 @@ def _check_sizes(x, values, crow, col, ccol, bias) -> None:
     graph (or a direct ``torch.ops`` call) reaches the op without the wrapper's ``_check``, and a
     wrong in_features or block count would read out of bounds. A few integer compares per call."""
     if values.dim() != 3 or values.shape[0] != col.shape[0]:
-        raise ValueError(f"values: expected shape [nnzb = {col.shape[0]}, bs, bs] (one block per col entry), "
-                         f"got {tuple(values.shape)}")
+        raise ValueError(
+            f"values: expected shape [nnzb = {col.shape[0]}, bs, bs] (one block per col entry), "
+            f"got {tuple(values.shape)}"
+        )
     bs = values.shape[-1]
     in_f, out_f = (ccol.shape[0] - 1) * bs, (crow.shape[0] - 1) * bs
     if x.dim() == 0 or x.shape[-1] != in_f:
@@ -251,8 +271,16 @@ def _check_sizes(x, values, crow, col, ccol, bias) -> None:
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear", mutates_args=())
-def _bsl_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor,
-             row: torch.Tensor, perm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _bsl_fwd(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    perm: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     _check_sizes(x, values, crow, col, ccol, bias)
     check_pattern(crow, col, ccol, row, perm)
     backend = _kernel_backend(x)
@@ -263,8 +291,17 @@ def _bsl_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: tor
     out_f = (crow.numel() - 1) * values.shape[-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = _backend.new_output((x2.shape[0], out_f), x, values.dtype)
-    _backend.launch(backend, _MODULE, "bsr_linear_fwd", x2, values.contiguous(), crow.contiguous(),
-                    col.contiguous(), None if bias is None else bias.contiguous(), out)
+    _backend.launch(
+        backend,
+        _MODULE,
+        "bsr_linear_fwd",
+        x2,
+        values.contiguous(),
+        crow.contiguous(),
+        col.contiguous(),
+        None if bias is None else bias.contiguous(),
+        out,
+    )
     return out.reshape(*x.shape[:-1], out_f)
 
 
@@ -283,14 +320,31 @@ def _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm, dx_fp32=F
     if backend == "reference":
         return _bwd_input_reference(dy, values, crow, col, ccol)
     dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy, _dx_dtype(dy, dx_fp32))
-    _backend.launch(backend, _MODULE, "bsr_linear_bwd_input", dy.contiguous(), values.contiguous(),
-                    ccol.contiguous(), row.contiguous(), perm.contiguous(), dx)
+    _backend.launch(
+        backend,
+        _MODULE,
+        "bsr_linear_bwd_input",
+        dy.contiguous(),
+        values.contiguous(),
+        ccol.contiguous(),
+        row.contiguous(),
+        perm.contiguous(),
+        dx,
+    )
     return dx
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input", mutates_args=())
-def _bsl_bwd_input(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                   ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor, dx_fp32: bool = False) -> torch.Tensor:
+def _bsl_bwd_input(
+    dy: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    perm: torch.Tensor,
+    dx_fp32: bool = False,
+) -> torch.Tensor:
     """dx [M, in] = dy [M, out] @ W (dx_fp32: dx in fp32 for an fp32 x of a mixed call)."""
     return _bwd_input_kernel(_kernel_backend(dy), dy, values, crow, col, ccol, row, perm, dx_fp32)
 
@@ -301,9 +355,16 @@ def _(dy, values, crow, col, ccol, row, perm, dx_fp32=False):
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_input_bias", mutates_args=())
-def _bsl_bwd_input_bias(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                        ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor,
-                        dx_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _bsl_bwd_input_bias(
+    dy: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    perm: torch.Tensor,
+    dx_fp32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) = (dy @ W, dy.sum(0)). The CPU kernels add dy's columns up while packing dy for dx
     (a bias layer's backward then reads dy once, not twice); the other backends sum separately."""
     backend = _kernel_backend(dy)
@@ -311,20 +372,40 @@ def _bsl_bwd_input_bias(dy: torch.Tensor, values: torch.Tensor, crow: torch.Tens
         return _bwd_input_kernel(backend, dy, values, crow, col, ccol, row, perm, dx_fp32), dy.sum(0)
     dx = _backend.new_output((dy.shape[0], (ccol.numel() - 1) * values.shape[-1]), dy, _dx_dtype(dy, dx_fp32))
     db = _backend.new_output((dy.shape[1],), dy)
-    _backend.launch(backend, _MODULE, "bsr_linear_bwd_input_bias", dy.contiguous(), values.contiguous(),
-                    ccol.contiguous(), row.contiguous(), perm.contiguous(), dx, db)
+    _backend.launch(
+        backend,
+        _MODULE,
+        "bsr_linear_bwd_input_bias",
+        dy.contiguous(),
+        values.contiguous(),
+        ccol.contiguous(),
+        row.contiguous(),
+        perm.contiguous(),
+        dx,
+        db,
+    )
     return dx, db
 
 
 @_bsl_bwd_input_bias.register_fake
 def _(dy, values, crow, col, ccol, row, perm, dx_fp32=False):
-    return (dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1], dtype=_dx_dtype(dy, dx_fp32)),
-            dy.new_empty(dy.shape[1]))
+    return (
+        dy.new_empty(dy.shape[0], (ccol.shape[0] - 1) * values.shape[-1], dtype=_dx_dtype(dy, dx_fp32)),
+        dy.new_empty(dy.shape[1]),
+    )
 
 
 @torch.library.custom_op("lotus_kernels::block_sparse_linear_bwd_weight", mutates_args=())
-def _bsl_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ccol: torch.Tensor,
-                    row: torch.Tensor, perm: torch.Tensor, block_size: int) -> torch.Tensor:
+def _bsl_bwd_weight(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    perm: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
     """dvalues [nnzb, bs, bs]: the stored blocks of dy [M, out]^T @ x [M, in] (x may be fp32 with a bf16 /
     fp16 dy: a mixed call, computed as x.to(dy.dtype))."""
     backend = _kernel_backend(dy)
@@ -333,8 +414,16 @@ def _bsl_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
     if backend == "reference":
         return _bwd_weight_reference(dy, x, crow, col, block_size)
     dv = _backend.new_output((col.numel(), block_size, block_size), dy)
-    _backend.launch(backend, _MODULE, "bsr_linear_bwd_weight", dy.contiguous(), x.contiguous(), crow.contiguous(),
-                    col.contiguous(), dv)
+    _backend.launch(
+        backend,
+        _MODULE,
+        "bsr_linear_bwd_weight",
+        dy.contiguous(),
+        x.contiguous(),
+        crow.contiguous(),
+        col.contiguous(),
+        dv,
+    )
     return dv
 
 
@@ -423,9 +512,16 @@ _bsl_bwd_weight.register_autograd(_bwd_weight_backward, setup_context=_bwd_weigh
 
 
 # ---------------------------------------------------------------- public API
-def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                        ccol: torch.Tensor, row: torch.Tensor, perm: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+def block_sparse_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    perm: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for the block-sparse weight W stored as (values, crow, col, ccol, row,
     perm) (see the module docstring; ``bsr_from_dense`` builds them). Gradients flow to ``x``,
     ``values`` (stored blocks only) and ``bias``.
@@ -439,8 +535,12 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tenso
         return torch.ops.lotus_kernels.block_sparse_linear(x, values, crow, col, ccol, row, perm, bias)
     if _fx.is_proxy(x, values, crow, col, ccol, row, perm, bias):
         return _fx.record(block_sparse_linear, x, values, crow, col, ccol, row, perm, bias)
-    mixed = (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
-             and torch.get_autocast_dtype(x.device.type) in _LOW)
+    mixed = (
+        isinstance(x, torch.Tensor)
+        and x.dtype == torch.float32
+        and torch.is_autocast_enabled(x.device.type)
+        and torch.get_autocast_dtype(x.device.type) in _LOW
+    )
     if mixed:
         values, bias = _checks.autocast_inputs(values, bias)
     else:

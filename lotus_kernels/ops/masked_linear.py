@@ -9,6 +9,7 @@ either. Only the weight gradient is masked: dweight = (dy^T @ x) zeroed where ``
 the zeroing one in-place pass over dweight (``masked_weight_grad``). With a zero gradient, SGD
 (momentum, weight decay) and AdamW leave pruned weights at exactly zero.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,9 @@ def check_linear_args(x, weight, mask, bias) -> None:
     check_mask("mask", mask, weight.shape, "weight [out_features, in_features]")
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x: expected shape [..., {in_features}] (last dim = weight's in_features), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected shape [..., {in_features}] (last dim = weight's in_features), got {tuple(x.shape)}"
+        )
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
         if bias.shape[0] != out_features:
@@ -96,8 +98,9 @@ _masked_weight_grad.register_autograd(_mwg_backward, setup_context=_mwg_setup)
 
 # ---------------------------------------------------------------- masked_linear op
 @torch.library.custom_op("lotus_kernels::masked_linear", mutates_args=())
-def _masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def _masked_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return F.linear(x, weight, bias)  # weight is already zero where mask is False
 
 
@@ -129,8 +132,9 @@ _masked_linear.register_autograd(_ml_backward, setup_context=_ml_setup)
 
 
 # ---------------------------------------------------------------- public API
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+def masked_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a ``weight`` [out, in] pruned by the bool ``mask`` [out, in]
     (True = kept). ``weight`` must already be zero where ``mask`` is False (not checked: that would
     cost a pass over the weight per call); its gradient is zero there.

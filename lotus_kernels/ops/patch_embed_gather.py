@@ -8,6 +8,7 @@ and kept patch indices ``idx`` [B, K] into the row-major (H/ph) x (W/pw) grid:
 Dropped patches are never unfolded nor multiplied. The im2col of kept patches (``im2col_gather``)
 and its adjoint (``col2im_scatter``) are ops of their own, used by the backward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,9 @@ def im2col_gather_reference(images: torch.Tensor, idx: torch.Tensor, ph: int, pw
     return torch.gather(cols, 1, idx.unsqueeze(-1).expand(-1, -1, cols.shape[-1]))
 
 
-def col2im_scatter_reference(cols: torch.Tensor, idx: torch.Tensor, ph: int, pw: int,
-                             height: int, width: int) -> torch.Tensor:
+def col2im_scatter_reference(
+    cols: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, height: int, width: int
+) -> torch.Tensor:
     B, K, L = cols.shape
     C, gh, gw = L // (ph * pw), height // ph, width // pw
     grid = cols.new_zeros(B, gh * gw, L).scatter_add_(1, idx.unsqueeze(-1).expand_as(cols), cols)
@@ -58,8 +60,10 @@ def _check_patch_embed(images, idx, weight, bias, pos_embed):
     D, Cin, ph, pw = weight.shape
     n = _check_images(images, ph, pw)
     if images.shape[1] != Cin:
-        raise ValueError(f"images: expected {Cin} channels to match weight [D, Cin, ph, pw] = {tuple(weight.shape)}, "
-                         f"got {images.shape[1]}")
+        raise ValueError(
+            f"images: expected {Cin} channels to match weight [D, Cin, ph, pw] = {tuple(weight.shape)}, "
+            f"got {images.shape[1]}"
+        )
     _checks.index_tensor("idx", idx, batch=images.shape[0], batch_name="images")
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
@@ -68,8 +72,10 @@ def _check_patch_embed(images, idx, weight, bias, pos_embed):
     if pos_embed is not None:
         _checks.tensor("pos_embed", pos_embed)
         if pos_embed.numel() != n * D or pos_embed.shape[-1] != D or pos_embed.dim() not in (2, 3):
-            raise ValueError(f"pos_embed: expected shape ({n}, {D}) or (1, {n}, {D}) (one row per patch, no "
-                             f"class-token row), got {tuple(pos_embed.shape)}")
+            raise ValueError(
+                f"pos_embed: expected shape ({n}, {D}) or (1, {n}, {D}) (one row per patch, no "
+                f"class-token row), got {tuple(pos_embed.shape)}"
+            )
     _checks.same_device(images=images, idx=idx, weight=weight, bias=bias, pos_embed=pos_embed)
     _checks.same_dtype(images=images, weight=weight, bias=bias, pos_embed=pos_embed)
     return n
@@ -184,8 +190,13 @@ def table_grad(rows: torch.Tensor, idx: torch.Tensor, n: int, *, by_token: bool 
 
 # ---------------------------------------------------------------- the fused op
 @torch.library.custom_op("lotus_kernels::patch_embed_gather", mutates_args=())
-def _patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor | None, pos_embed: torch.Tensor | None) -> torch.Tensor:
+def _patch_embed_gather(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+) -> torch.Tensor:
     D, _, ph, pw = weight.shape
     _checks.index_range("idx", idx, (images.shape[2] // ph) * (images.shape[3] // pw))
     backend = _backend.select(images.device, "patch_embed_gather")
@@ -194,8 +205,17 @@ def _patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.T
     bias = None if bias is None else bias.contiguous()
     pos = None if pos_embed is None else pos_embed.reshape(-1, D).contiguous()
     out = _backend.new_output((images.shape[0], idx.shape[1], D), images)
-    _backend.launch(backend, "patch_embed_gather", "patch_embed_gather",
-                    images.contiguous(), idx.contiguous(), weight.contiguous(), bias, pos, out)
+    _backend.launch(
+        backend,
+        "patch_embed_gather",
+        "patch_embed_gather",
+        images.contiguous(),
+        idx.contiguous(),
+        weight.contiguous(),
+        bias,
+        pos,
+        out,
+    )
     return out
 
 
@@ -245,8 +265,13 @@ def im2col_gather(images: torch.Tensor, idx: torch.Tensor, patch_size) -> torch.
     return _im2col_gather(images, idx, ph, pw)
 
 
-def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+def patch_embed_gather(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Patch embedding of the kept patches only: [B, Cin, H, W] -> [B, K, D].
 
     ``weight`` [D, Cin, ph, pw] and ``bias`` [D] are a stride-(ph, pw) Conv2d's (timm's

@@ -19,6 +19,7 @@ The kernels need CUDA, compute capability 8.0+, fp16/bf16, and shapes that are m
 backend's minimum tile; ``kernel_unsupported`` says which requirement a call misses, and
 ``nn.SemiStructuredLinear`` falls back (with a warning) or raises on it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,12 +55,15 @@ def semi_structured_mask(weight: torch.Tensor, *, transposable: bool = False) ->
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     out_features, in_features = weight.shape
     if in_features % 4 != 0:
-        raise ValueError(f"weight: in_features={in_features} must be a multiple of 4 for 2:4 sparsity "
-                         f"(groups of 4 consecutive weights along in_features)")
+        raise ValueError(
+            f"weight: in_features={in_features} must be a multiple of 4 for 2:4 sparsity "
+            f"(groups of 4 consecutive weights along in_features)"
+        )
     if transposable:
         if out_features % 4 != 0:
-            raise ValueError(f"weight: out_features={out_features} must be a multiple of 4 for a transposable "
-                             f"2:4 mask (4x4 tiles)")
+            raise ValueError(
+                f"weight: out_features={out_features} must be a multiple of 4 for a transposable 2:4 mask (4x4 tiles)"
+            )
         tiles = weight.detach().abs().float().reshape(out_features // 4, 4, in_features // 4, 4).permute(0, 2, 1, 3)
         pats = _tile_patterns().to(weight.device)
         best = (tiles.reshape(-1, 16) @ pats.t()).argmax(1)  # argmax: the first maximum
@@ -81,9 +85,11 @@ def check_semi_structured_mask(name: str, mask, shape, like: str) -> None:
     bad = (kept > 2).nonzero()
     if bad.numel():
         r, g = bad[0].tolist()
-        raise ValueError(f"{name}: expected a 2:4 pattern (at most 2 True in every group of 4 consecutive "
-                         f"entries along in_features); row {r}, columns {4 * g}..{4 * g + 3} keep "
-                         f"{int(kept[r, g])}")
+        raise ValueError(
+            f"{name}: expected a 2:4 pattern (at most 2 True in every group of 4 consecutive "
+            f"entries along in_features); row {r}, columns {4 * g}..{4 * g + 3} keep "
+            f"{int(kept[r, g])}"
+        )
 
 
 def is_transposable(mask: torch.Tensor) -> bool:
@@ -111,12 +117,21 @@ def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
 def _semi_structured_class():
     """The subclass ``to_sparse_semi_structured`` builds (torch picks by this flag alone)."""
     sst = torch.sparse.SparseSemiStructuredTensor
-    return torch.sparse.SparseSemiStructuredTensorCUTLASS if sst._FORCE_CUTLASS else \
-        torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    return (
+        torch.sparse.SparseSemiStructuredTensorCUTLASS
+        if sst._FORCE_CUTLASS
+        else torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    )
 
 
-def kernel_unsupported(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
-                       capability: tuple[int, int] | None = None, backend_cls=None):
+def kernel_unsupported(
+    device: torch.device,
+    dtype: torch.dtype,
+    out_features: int,
+    in_features: int,
+    capability: tuple[int, int] | None = None,
+    backend_cls=None,
+):
     """None if the 2:4 kernels can run a weight [out_features, in_features] of ``dtype`` on
     ``device``; else (exception type, message naming the argument and the requirement).
     ``capability`` / ``backend_cls`` default to the device's and torch's choice (tests pass them)."""
@@ -126,20 +141,23 @@ def kernel_unsupported(device: torch.device, dtype: torch.dtype, out_features: i
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < MIN_CAPABILITY:
-        return RuntimeError, (f"weight: the 2:4 kernels need compute capability "
-                              f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (sm80, Ampere or newer), "
-                              f"got {capability[0]}.{capability[1]}")
+        return RuntimeError, (
+            f"weight: the 2:4 kernels need compute capability "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (sm80, Ampere or newer), "
+            f"got {capability[0]}.{capability[1]}"
+        )
     if dtype not in KERNEL_DTYPES:
-        return TypeError, (f"weight: the 2:4 kernels take float16 or bfloat16, got "
-                           f"{str(dtype).replace('torch.', '')}")
+        return TypeError, (f"weight: the 2:4 kernels take float16 or bfloat16, got {str(dtype).replace('torch.', '')}")
     cls = backend_cls or _semi_structured_class()
     cfg = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
     rows, cols = cfg.sparse_min_rows, cfg.sparse_min_cols
     for name, n, m in (("out_features", out_features, rows), ("in_features", in_features, cols)):
         if n < m or n % m:
-            return ValueError, (f"{name}={n} must be a positive multiple of {m} for the {cls.BACKEND} 2:4 "
-                                f"kernels with {str(dtype).replace('torch.', '')} (weight "
-                                f"[out_features, in_features] in multiples of ({rows}, {cols}))")
+            return ValueError, (
+                f"{name}={n} must be a positive multiple of {m} for the {cls.BACKEND} 2:4 "
+                f"kernels with {str(dtype).replace('torch.', '')} (weight "
+                f"[out_features, in_features] in multiples of ({rows}, {cols}))"
+            )
     return None
 
 
@@ -150,8 +168,9 @@ def semi_structured_linear_reference(x, weight, mask, bias=None):
 
 # ---------------------------------------------------------------- op
 @torch.library.custom_op("lotus_kernels::semi_structured_linear", mutates_args=())
-def _semi_structured_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
+def _semi_structured_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
@@ -168,8 +187,9 @@ def _(x, weight, mask, bias):
 _semi_structured_linear.register_autograd(_ml_backward, setup_context=_ml_setup)
 
 
-def semi_structured_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
+def semi_structured_linear(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on the 2:4 sparse kernels; ``weight`` must already be zero where
     the 2:4 ``mask`` is False (not re-checked per call). Raises if the kernels cannot run it (see
     ``kernel_unsupported``); ``nn.SemiStructuredLinear`` handles the fallback. TorchScript compiles

@@ -5,6 +5,7 @@ scatter_tokens(src [B, K, C], idx [B, K], n) -> [B, n, C]  out[b, m] = sum of sr
 
 Each is the other's backward, so both have gradients of any order.
 """
+
 from __future__ import annotations
 
 import torch

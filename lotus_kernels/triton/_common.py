@@ -3,6 +3,7 @@
 Block sizes: the interpreter's cost is per program and per op, so under it the launchers use few,
 large programs; on a GPU they use the tile sizes tuned for it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,8 +88,9 @@ def _store_bf16_rne(ptrs, acc, mask):
 
 
 @triton.jit
-def _add_distinct_rows(col_ptrs, row_off, ROW_STRIDE, dst, v, js, kmask, cmask,
-                       ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+def _add_distinct_rows(
+    col_ptrs, row_off, ROW_STRIDE, dst, v, js, kmask, cmask, ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr
+):
     """One chunk of a deterministic scatter: chunk row j goes to destination ``dst[j]`` (-1 where
     masked off), whose elements sit at ``col_ptrs + row_off[j] * ROW_STRIDE``. The rows that share a
     destination are summed (0/1 equality matrix @ v, exact weights, ACC_DTYPE accumulation), then

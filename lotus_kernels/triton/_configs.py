@@ -21,6 +21,7 @@ capability and SM count, so an H100 SXM entry also serves an H200); ``dtype`` as
 kernels' also hold a stored-block bucket, ``nnz_bucket()``, so a d = 0.1 layer is tuned apart from a
 d = 0.5 one of the same shape).
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,9 +86,23 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cfg.items() if k not in launch}, launch
 
 
-def launch(name: str, kernel, grid, args: tuple, const: dict, *, device: torch.device, dtype: torch.dtype,
-           bucket: tuple, fallback: dict, work: int = 0, threshold: int = 0, configs: list | None = None,
-           key: list[str] | None = None, tuner: str | None = None) -> None:
+def launch(
+    name: str,
+    kernel,
+    grid,
+    args: tuple,
+    const: dict,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    bucket: tuple,
+    fallback: dict,
+    work: int = 0,
+    threshold: int = 0,
+    configs: list | None = None,
+    key: list[str] | None = None,
+    tuner: str | None = None,
+) -> None:
     """Launch ``kernel[grid(meta)](*args, **const, **meta)`` with the config of, in order: the committed
     TABLE entry for (name, GPU, dtype, bucket); ``triton.autotune`` over ``configs`` (keyed on the
     kernel arguments ``key``) when ``use_autotune(work, threshold)``; else ``fallback`` (the GPU default,
@@ -122,7 +137,10 @@ def record(kernel: str, device: torch.device, dtype: torch.dtype, key: tuple, tu
     if best is None or device.type != "cuda":
         return
     _WINNERS[(kernel, gpu_key(device.index or 0), str(dtype)[6:], key)] = {
-        **best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        **best.kwargs,
+        "num_warps": best.num_warps,
+        "num_stages": best.num_stages,
+    }
 
 
 def tuned_table() -> dict[tuple, dict]:

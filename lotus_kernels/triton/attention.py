@@ -18,6 +18,7 @@ Scores: "cls" is the forward kernel (which stores query 0's raw scores as it com
 small kernel (``_cls_scores_kernel``: mean over heads and the sink rule), no PyTorch op in between;
 "received" is computed from lse in PyTorch, in query chunks (``scores_from_lse``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,10 +60,32 @@ def _mm(a, b, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BY_HAND: t
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, s0_ptr, N, T, D, scale,
-                          HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, CLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
+def _attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    cu_ptr,
+    out_ptr,
+    lse_ptr,
+    s0_ptr,
+    N,
+    T,
+    D,
+    scale,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    CLS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    H,
+    N_KEY,
+):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -104,15 +127,31 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_pt
         m_i = m_new
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(out_ptr + base + rows[:, None] * ld + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])
+    tl.store(
+        out_ptr + base + rows[:, None] * ld + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     tl.store(lse_ptr + lbase + rows, lse, mask=rmask)
 
 
 @triton.jit
-def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_MASK: tl.constexpr,
-                       VARLEN: tl.constexpr, SINK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _cls_scores_kernel(
+    s0_ptr,
+    lse_ptr,
+    mask_ptr,
+    cu_ptr,
+    out_ptr,
+    N,
+    T,
+    H,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SINK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Class-token scores of sequence b = program_id(0) from the first query's raw scores s0 and lse (same
     layout), written by the fused forward or by ``_cls_row_kernel``: out[j] = mean over h of
     exp(s0[h, j] - lse[h, 0]) over b's keys j (padded keys have s0 = -inf: 0), BLOCK_H heads per load (one
@@ -138,8 +177,11 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
         for h0 in range(0, H, BLOCK_H):
             hh = h0 + hs
             hmask = hh < H
-            sc = tl.load(s0_ptr + row + hh[:, None] * head_stride + cols[None, :],
-                         mask=hmask[:, None] & cmask[None, :], other=float("-inf"))
+            sc = tl.load(
+                s0_ptr + row + hh[:, None] * head_stride + cols[None, :],
+                mask=hmask[:, None] & cmask[None, :],
+                other=float("-inf"),
+            )
             lse = tl.load(lse_ptr + row + hh * head_stride, mask=hmask, other=float("inf"))
             acc += tl.sum(tl.exp(sc - lse[:, None]), 0)
         acc = acc / H
@@ -160,8 +202,24 @@ def _cls_scores_kernel(s0_ptr, lse_ptr, mask_ptr, cu_ptr, out_ptr, N, T, H, HAS_
 
 
 @triton.jit
-def _cls_row_kernel(q_ptr, k_ptr, mask_ptr, cu_ptr, s0_ptr, lse_ptr, N, T, D, scale, HAS_MASK: tl.constexpr,
-                    VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H):
+def _cls_row_kernel(
+    q_ptr,
+    k_ptr,
+    mask_ptr,
+    cu_ptr,
+    s0_ptr,
+    lse_ptr,
+    N,
+    T,
+    D,
+    scale,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    H,
+):
     """Program (b, h) of the SDPA path's class-token scores, for when another kernel computes the
     attention output: the first query's raw scores s0[j] = scale * q[b, h, 0] . k[b, h, j] (-inf at
     padded keys) and their log-sum-exp, stored where the fused forward stores them (s0 laid out like lse,
@@ -178,8 +236,9 @@ def _cls_row_kernel(q_ptr, k_ptr, mask_ptr, cu_ptr, s0_ptr, lse_ptr, N, T, D, sc
     for j0 in range(0, n, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < n
-        kt = tl.load(k_ptr + base + cols[:, None] * ld + dims[None, :], mask=cmask[:, None] & dmask[None, :],
-                     other=0).to(ACC_DTYPE)
+        kt = tl.load(
+            k_ptr + base + cols[:, None] * ld + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0
+        ).to(ACC_DTYPE)
         valid = cmask
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
@@ -209,8 +268,9 @@ def _cu_seqlens_ok_kernel(cu_ptr, ok_ptr, B, T, MAX_SEQLEN, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-              BY_HAND: tl.constexpr):
+def _bwd_tile(
+    q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BY_HAND: tl.constexpr
+):
     """(P, dS) of one [BLOCK_M, BLOCK_N] tile, scale folded into dS; 0 outside ``valid``."""
     s = _mm(q, tl.trans(k), ACC_DTYPE, INPUT_PRECISION, BY_HAND) * scale
     dp = _mm(do, tl.trans(v), ACC_DTYPE, INPUT_PRECISION, BY_HAND)
@@ -220,10 +280,33 @@ def _bwd_tile(q, k, v, do, o, lse, valid, scale, ACC_DTYPE: tl.constexpr, INPUT_
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dk_ptr, dv_ptr,
-                               N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
+def _attention_bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    o_ptr,
+    lse_ptr,
+    mask_ptr,
+    cu_ptr,
+    dk_ptr,
+    dv_ptr,
+    N,
+    T,
+    D,
+    scale,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    H,
+    N_KEY,
+):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -255,7 +338,9 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
             q = q.to(ACC_DTYPE)
             do = do.to(ACC_DTYPE)
         lse = tl.load(lse_ptr + lbase + rows, mask=rmask, other=float("inf"))
-        p, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        p, ds = _bwd_tile(
+            q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND
+        )
         dv += _mm(tl.trans(p.to(do.dtype)), do, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
         dk += _mm(tl.trans(ds.to(q.dtype)), q, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     tl.store(dk_ptr + kv_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -263,10 +348,32 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_ptr, cu_ptr, dq_ptr,
-                             N, T, D, scale, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-                             ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BY_HAND: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, H, N_KEY):
+def _attention_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    o_ptr,
+    lse_ptr,
+    mask_ptr,
+    cu_ptr,
+    dq_ptr,
+    N,
+    T,
+    D,
+    scale,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    H,
+    N_KEY,
+):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     n, base, ld, lbase = _seq(cu_ptr, b, bh % H, N, T, H, D, VARLEN)
@@ -296,7 +403,9 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, mask_p
         valid_k = cmask
         if HAS_MASK:
             valid_k = valid_k & (tl.load(mask_ptr + b * N + cols, mask=cmask, other=1) == 0)
-        _, ds = _bwd_tile(q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
+        _, ds = _bwd_tile(
+            q, k, v, do, o, lse, rmask[:, None] & valid_k[None, :], scale, ACC_DTYPE, INPUT_PRECISION, BY_HAND
+        )
         dq += _mm(ds.to(k.dtype), k, ACC_DTYPE, INPUT_PRECISION, BY_HAND)
     tl.store(dq_ptr + q_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -312,10 +421,14 @@ AUTOTUNE_WORK = 1 << 26
 # accumulators plus their operand tiles: 8 warps keep them in registers at D = 64 (with 4 warps they sit at
 # 254 registers and Triton 3.6 spills); (128, 64) with 4 warps spills in the forward. Compiled-code table:
 # benchmarks/results/gpu/compiled_sm90.md.
-CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-           for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))]
-BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-               for bm, bn, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2))]
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
+]
+BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2))
+]
 BWD_WARPS = 8  # the backward's default (GPU) tiles: the forward's, with 8 warps
 _KEY = ["N_KEY", "BLOCK_D", "HAS_MASK", "VARLEN"]
 
@@ -333,9 +446,14 @@ def _config(q, cu_seqlens, max_seqlen):
     # fp64 products by hand on a GPU (see _mm), in 16-wide tiles that keep the 3-D product in registers
     by_hand = q.dtype == torch.float64 and (not interpreted if FP64_BY_HAND is None else FP64_BY_HAND)
     block = _pow2(N, 16, 128 if interpreted else (16 if by_hand else 64))
-    kw = dict(VARLEN=cu_seqlens is not None, ACC_DTYPE=_acc_dtype(q.dtype), INPUT_PRECISION=_dot_precision(q.dtype),
-              UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16), BY_HAND=by_hand,
-              BLOCK_D=_pow2(D, 16, 1 << 16))
+    kw = dict(
+        VARLEN=cu_seqlens is not None,
+        ACC_DTYPE=_acc_dtype(q.dtype),
+        INPUT_PRECISION=_dot_precision(q.dtype),
+        UPCAST=interpreted and q.dtype in (torch.bfloat16, torch.float16),
+        BY_HAND=by_hand,
+        BLOCK_D=_pow2(D, 16, 1 << 16),
+    )
     tiles = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1 if interpreted else 2)
     return B, H, N, T, D, tiles, kw
 
@@ -346,11 +464,21 @@ def _launch(name, kernel, q, N, B, H, tiles, axis0, args, kw, configs=None):
     Config: ``_configs.launch`` (table, autotune on a GPU for real sizes, else ``tiles``); fp64 by
     hand is never tuned (its 16-wide tiles are the only ones that fit registers)."""
     n_key = _configs.bucket(N)[0]
-    _configs.launch(name, kernel, lambda meta: (triton.cdiv(N, meta[axis0]), B * H), args,
-                    dict(H=H, N_KEY=n_key, **kw), device=q.device, dtype=q.dtype,
-                    bucket=(kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"]), fallback=tiles,
-                    work=B * H * N * N * q.shape[-1], threshold=AUTOTUNE_WORK,
-                    configs=None if kw["BY_HAND"] else (configs or CONFIGS), key=_KEY)
+    _configs.launch(
+        name,
+        kernel,
+        lambda meta: (triton.cdiv(N, meta[axis0]), B * H),
+        args,
+        dict(H=H, N_KEY=n_key, **kw),
+        device=q.device,
+        dtype=q.dtype,
+        bucket=(kw["BLOCK_D"], n_key, kw["HAS_MASK"], kw["VARLEN"]),
+        fallback=tiles,
+        work=B * H * N * N * q.shape[-1],
+        threshold=AUTOTUNE_WORK,
+        configs=None if kw["BY_HAND"] else (configs or CONFIGS),
+        key=_KEY,
+    )
 
 
 def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out, lse, scores, sink=False) -> None:
@@ -368,8 +496,18 @@ def attention_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, scores_mode, out
     s0 = _backend.new_output(lse.shape, lse) if cls else lse
     cu = cu_seqlens if cu_seqlens is not None else q  # placeholders for pointers a variant never reads
     args = (q, k, v, mask if mask is not None else q, cu, out, lse, s0, N, T, D, scale)
-    _launch("attention_fwd", _attention_fwd_kernel, q, N, B, H, tiles, "BLOCK_M", args,
-            dict(HAS_MASK=mask is not None, CLS=cls, **kw))
+    _launch(
+        "attention_fwd",
+        _attention_fwd_kernel,
+        q,
+        N,
+        B,
+        H,
+        tiles,
+        "BLOCK_M",
+        args,
+        dict(HAS_MASK=mask is not None, CLS=cls, **kw),
+    )
     if cls:
         _finish_cls_scores(s0, lse, mask, cu_seqlens, scores, B, N, T, H, sink)
     elif scores_mode:
@@ -383,9 +521,21 @@ def _finish_cls_scores(s0, lse, mask, cu_seqlens, scores, B, N, T, H, sink) -> N
     """``_cls_scores_kernel``: the final "cls" scores from the first query's raw scores and lse."""
     interpreted = _interpreted()
     cap = CLS_BLOCK or (1024 if interpreted else 256)
-    _cls_scores_kernel[(B,)](s0, lse, mask if mask is not None else s0, cu_seqlens if cu_seqlens is not None else s0,
-                             scores, N, T, H, HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None,
-                             SINK=bool(sink), BLOCK=_pow2(N, 16, cap), BLOCK_H=_pow2(H, 1, 64 if interpreted else 16))
+    _cls_scores_kernel[(B,)](
+        s0,
+        lse,
+        mask if mask is not None else s0,
+        cu_seqlens if cu_seqlens is not None else s0,
+        scores,
+        N,
+        T,
+        H,
+        HAS_MASK=mask is not None,
+        VARLEN=cu_seqlens is not None,
+        SINK=bool(sink),
+        BLOCK=_pow2(N, 16, cap),
+        BLOCK_H=_pow2(H, 1, 64 if interpreted else 16),
+    )
 
 
 # The cls-row kernel's key block (None: 128, 1024 interpreted); tests set 16 to walk several blocks.
@@ -414,11 +564,26 @@ def cls_row_scores(q, k, mask, cu_seqlens, max_seqlen, scale, sink, out) -> None
     lse = _backend.new_output(shape, out)  # read at each sequence's first query only
     cu = cu_seqlens if cu_seqlens is not None else q
     interpreted = _interpreted()
-    _cls_row_kernel[(B * H,)](q, k, mask if mask is not None else q, cu, s0, lse, N, T, D, scale, H=H,
-                              HAS_MASK=mask is not None, VARLEN=cu_seqlens is not None, ACC_DTYPE=_acc_dtype(q.dtype),
-                              BLOCK_N=_pow2(N, 16, CLS_ROW_BLOCK or (1024 if interpreted else 128)),
-                              BLOCK_D=_pow2(D, 16, 1 << 16), num_warps=CLS_ROW_WARPS,
-                              num_stages=1 if interpreted else 2)
+    _cls_row_kernel[(B * H,)](
+        q,
+        k,
+        mask if mask is not None else q,
+        cu,
+        s0,
+        lse,
+        N,
+        T,
+        D,
+        scale,
+        H=H,
+        HAS_MASK=mask is not None,
+        VARLEN=cu_seqlens is not None,
+        ACC_DTYPE=_acc_dtype(q.dtype),
+        BLOCK_N=_pow2(N, 16, CLS_ROW_BLOCK or (1024 if interpreted else 128)),
+        BLOCK_D=_pow2(D, 16, 1 << 16),
+        num_warps=CLS_ROW_WARPS,
+        num_stages=1 if interpreted else 2,
+    )
     _finish_cls_scores(s0, lse, mask, cu_seqlens, out, B, N, T, H, sink)
 
 
@@ -442,10 +607,32 @@ def attention_bwd(dout, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, 
     kw = dict(HAS_MASK=mask is not None, **kw)
     if not (_interpreted() or kw["BY_HAND"]):
         tiles = {**tiles, "num_warps": BWD_WARPS}
-    _launch("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, q, N, B, H, tiles, "BLOCK_N",
-            (*args, dk, dv, N, T, D, scale), kw, BWD_CONFIGS)
-    _launch("attention_bwd_dq", _attention_bwd_dq_kernel, q, N, B, H, tiles, "BLOCK_M", (*args, dq, N, T, D, scale), kw,
-            BWD_CONFIGS)
+    _launch(
+        "attention_bwd_dkdv",
+        _attention_bwd_dkdv_kernel,
+        q,
+        N,
+        B,
+        H,
+        tiles,
+        "BLOCK_N",
+        (*args, dk, dv, N, T, D, scale),
+        kw,
+        BWD_CONFIGS,
+    )
+    _launch(
+        "attention_bwd_dq",
+        _attention_bwd_dq_kernel,
+        q,
+        N,
+        B,
+        H,
+        tiles,
+        "BLOCK_M",
+        (*args, dq, N, T, D, scale),
+        kw,
+        BWD_CONFIGS,
+    )
 
 
 def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Tensor:
@@ -462,9 +649,11 @@ def scores_from_lse(q, k, lse, mask, scale, mode, chunk: int = 128) -> torch.Ten
     total = torch.zeros(B, H, N, dtype=acc, device=q.device)
     valid_q = None if mask is None else (~mask).to(acc)
     for i0 in range(0, N, chunk):
-        p = torch.exp((q[:, :, i0:i0 + chunk].to(acc) @ kf.transpose(-2, -1)) * scale - lse[:, :, i0:i0 + chunk, None])
+        p = torch.exp(
+            (q[:, :, i0 : i0 + chunk].to(acc) @ kf.transpose(-2, -1)) * scale - lse[:, :, i0 : i0 + chunk, None]
+        )
         if valid_q is not None:
-            p = p * valid_q[:, None, i0:i0 + chunk, None]
+            p = p * valid_q[:, None, i0 : i0 + chunk, None]
         total += p.sum(2)
     if mask is None:
         return total.mean(1) / N

@@ -26,6 +26,7 @@ M writes zero dvalues). Accumulation is fp32 (fp64 for fp64); fp32 operands use 
 where the user allows it (``_common.tf32_allowed``). Launch configurations: ``_configs.launch``
 (committed table, autotune on a GPU, the GPU default, or the interpreter's tiles).
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,17 +87,42 @@ def wgrad_configs(bs: int) -> list:
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
-    return dict(ACC_DTYPE=_acc_dtype(dtype), INPUT_PRECISION=_dot_precision(dtype),
-                DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(dtype), BF16_BY_HAND=_bf16_by_hand(dtype))
+    return dict(
+        ACC_DTYPE=_acc_dtype(dtype),
+        INPUT_PRECISION=_dot_precision(dtype),
+        DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(dtype),
+        BF16_BY_HAND=_bf16_by_hand(dtype),
+    )
 
 
 # ---------------------------------------------------------------- fwd and bwd_input: one kernel
 @triton.jit
-def _bsr_product_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr, M, A_COLS, OUT_COLS, SLOTS,
-                        M_KEY, NNZ_KEY, BS: tl.constexpr, TRANS_W: tl.constexpr, HAS_PERM: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                        DOT_IN_ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-                        BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, KB: tl.constexpr):
+def _bsr_product_kernel(
+    a_ptr,
+    v_ptr,
+    ptr_ptr,
+    idx_ptr,
+    perm_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    A_COLS,
+    OUT_COLS,
+    SLOTS,
+    M_KEY,
+    NNZ_KEY,
+    BS: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_ACC_DTYPE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    KB: tl.constexpr,
+):
     """out[m, p*BS + j] = sum over slot p's blocks t of a[m, idx[t]*BS + q] * B_t[q, j] (+ bias):
     fwd (TRANS_W): p = block row, B_t = values[t]^T; bwd_input: p = block column, B_t = values[perm[t]].
     KB stored blocks per tl.dot (K = KB * BS): one bs = 32 block alone gives the tensor cores a K of
@@ -138,14 +164,25 @@ def _bsr_product_kernel(a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_
                 k = tl.load(perm_ptr + tt, mask=valid, other=0)
             else:
                 k = tt
-            a = tl.load(a_ptr + rows[:, None] * A_COLS + (c * BS + inner)[None, :],
-                        mask=rmask[:, None] & valid[None, :], other=0)
+            a = tl.load(
+                a_ptr + rows[:, None] * A_COLS + (c * BS + inner)[None, :],
+                mask=rmask[:, None] & valid[None, :],
+                other=0,
+            )
             if TRANS_W:  # B[kk, j] = values[k, j, inner]: loaded [j, kk] (rows of a block contiguous)
-                w = tl.trans(tl.load(v_ptr + k[None, :].to(tl.int64) * (BS * BS) + jj[:, None] * BS + inner[None, :],
-                                     mask=valid[None, :], other=0))
+                w = tl.trans(
+                    tl.load(
+                        v_ptr + k[None, :].to(tl.int64) * (BS * BS) + jj[:, None] * BS + inner[None, :],
+                        mask=valid[None, :],
+                        other=0,
+                    )
+                )
             else:  # B[kk, j] = values[k, inner, j]
-                w = tl.load(v_ptr + k[:, None].to(tl.int64) * (BS * BS) + inner[:, None] * BS + jj[None, :],
-                            mask=valid[:, None], other=0)
+                w = tl.load(
+                    v_ptr + k[:, None].to(tl.int64) * (BS * BS) + inner[:, None] * BS + jj[None, :],
+                    mask=valid[:, None],
+                    other=0,
+                )
             if DOT_IN_ACC_DTYPE:
                 a = a.to(ACC_DTYPE)
                 w = w.to(ACC_DTYPE)
@@ -170,8 +207,21 @@ def _product(name, a, values, ptr, idx, perm, bias, out, trans_w: bool, config: 
         return
     nnzb = values.shape[0]
     nnz_key = _configs.nnz_bucket(nnzb, slots)
-    args = (a, values, ptr, idx, perm if perm is not None else ptr, bias if bias is not None else out, out,
-            M, a_cols, out_cols, slots, _configs.bucket(M)[0], nnz_key)
+    args = (
+        a,
+        values,
+        ptr,
+        idx,
+        perm if perm is not None else ptr,
+        bias if bias is not None else out,
+        out,
+        M,
+        a_cols,
+        out_cols,
+        slots,
+        _configs.bucket(M)[0],
+        nnz_key,
+    )
     const = dict(BS=bs, TRANS_W=trans_w, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, **_dtype_flags(a.dtype))
     if _interpreted():  # few, large programs: the interpreter's cost is per program and per op
         fallback = dict(BLOCK_M=_pow2(M, 16, 256), GROUP_M=1, KB=1, num_warps=4, num_stages=1)
@@ -180,14 +230,33 @@ def _product(name, a, values, ptr, idx, perm, bias, out, trans_w: bool, config: 
     work = M * nnzb * bs * bs
     if config is not None:  # tests: these meta-parameters, no table, no autotuning
         fallback, work = {**fallback, **config}, 0
-    _configs.launch(name, _bsr_product_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * slots,), args, const,
-                    device=a.device, dtype=a.dtype, bucket=(bs, nnz_key, *_configs.bucket(M, a_cols, out_cols)),
-                    fallback=fallback, work=work, threshold=AUTOTUNE_WORK, configs=product_configs(bs),
-                    key=["M_KEY", "NNZ_KEY", "A_COLS", "OUT_COLS", "BS"], tuner=f"{name}:bs{bs}")
+    _configs.launch(
+        name,
+        _bsr_product_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * slots,),
+        args,
+        const,
+        device=a.device,
+        dtype=a.dtype,
+        bucket=(bs, nnz_key, *_configs.bucket(M, a_cols, out_cols)),
+        fallback=fallback,
+        work=work,
+        threshold=AUTOTUNE_WORK,
+        configs=product_configs(bs),
+        key=["M_KEY", "NNZ_KEY", "A_COLS", "OUT_COLS", "BS"],
+        tuner=f"{name}:bs{bs}",
+    )
 
 
-def bsr_linear_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                   bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None) -> None:
+def bsr_linear_fwd(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    config: dict | None = None,
+) -> None:
     """out [M, out] = x [M, in] @ W^T + bias, W given by (values, crow, col). ``config`` (tests) fixes the
     meta-parameters (e.g. ``dict(KB=2, GROUP_M=4, BLOCK_M=16)``) over the default's."""
     M, IN = x.shape
@@ -201,8 +270,15 @@ def bsr_linear_fwd(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, co
     _product("bsr_fwd", x, values, crow, col, None, bias, out, trans_w=True, config=config)
 
 
-def bsr_linear_bwd_input(dy: torch.Tensor, values: torch.Tensor, ccol: torch.Tensor, row: torch.Tensor,
-                         perm: torch.Tensor, dx: torch.Tensor, config: dict | None = None) -> None:
+def bsr_linear_bwd_input(
+    dy: torch.Tensor,
+    values: torch.Tensor,
+    ccol: torch.Tensor,
+    row: torch.Tensor,
+    perm: torch.Tensor,
+    dx: torch.Tensor,
+    config: dict | None = None,
+) -> None:
     """dx [M, in] = dy [M, out] @ W, walking W's block columns through (ccol, row, perm)."""
     M, OUT = dy.shape
     bs = values.shape[1]
@@ -216,10 +292,28 @@ def bsr_linear_bwd_input(dy: torch.Tensor, values: torch.Tensor, ccol: torch.Ten
 
 # ---------------------------------------------------------------- weight gradient (SDD), split over M
 @triton.jit
-def _bsr_bwd_weight_kernel(dy_ptr, x_ptr, crow_ptr, col_ptr, dst_ptr, M, IN, OUT, NNZB, ROWS_PER_SPLIT, M_KEY, NNZ_KEY,
-                           BS: tl.constexpr, PARTIAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                           INPUT_PRECISION: tl.constexpr, DOT_IN_ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bsr_bwd_weight_kernel(
+    dy_ptr,
+    x_ptr,
+    crow_ptr,
+    col_ptr,
+    dst_ptr,
+    M,
+    IN,
+    OUT,
+    NNZB,
+    ROWS_PER_SPLIT,
+    M_KEY,
+    NNZ_KEY,
+    BS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_ACC_DTYPE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Program (j, r, s): stored blocks crow[r] + j*WB .. + WB - 1 of block row r (WB = ROWS / BS; those
     past the row's end masked off; a program past it does nothing) over M rows [s * ROWS_PER_SPLIT,
     (s + 1) * ROWS_PER_SPLIT): acc [ROWS, BS] = X^T @ dy[:, r], X = those blocks' x columns side by side,
@@ -285,8 +379,15 @@ def weight_grad_splits(M: int, nnzb: int, device: torch.device, bs: int = 32) ->
     return max(1, min(want, triton.cdiv(M, _SPLIT_ALIGN)))
 
 
-def bsr_linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                          dvalues: torch.Tensor, splits: int | None = None, config: dict | None = None) -> None:
+def bsr_linear_bwd_weight(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    dvalues: torch.Tensor,
+    splits: int | None = None,
+    config: dict | None = None,
+) -> None:
     """dvalues[k] = dy[:, block row of k]^T @ x[:, block column of k], for the stored blocks only.
     ``splits`` and ``config`` (tests) override ``weight_grad_splits`` and the default meta-parameters."""
     M, OUT = dy.shape
@@ -310,20 +411,36 @@ def bsr_linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor,
     args = (dy, x, crow, col, dst, M, IN, OUT, nnzb, rows_per_split, _configs.bucket(M)[0], nnz_key)
     const = dict(BS=bs, PARTIAL=S > 1, **_dtype_flags(x.dtype))
     if _interpreted():  # a few blocks per program (fewer programs), long steps over M
-        fallback = dict(ROWS=bs * min(triton.next_power_of_2(Cb), max(1, 128 // bs)),
-                        BLOCK_M=_pow2(rows_per_split, 16, 512), num_warps=4, num_stages=1)
+        fallback = dict(
+            ROWS=bs * min(triton.next_power_of_2(Cb), max(1, 128 // bs)),
+            BLOCK_M=_pow2(rows_per_split, 16, 512),
+            num_warps=4,
+            num_stages=1,
+        )
     else:
         fallback = _wgrad_meta(WGRAD_DEFAULT, bs)
     work = M * nnzb * bs * bs
     if config is not None:
         fallback, work = {**fallback, **config}, 0
-    _configs.launch("bsr_bwd_weight", _bsr_bwd_weight_kernel,
-                    lambda meta: (triton.cdiv(Cb, meta["ROWS"] // bs), R, S), args, const, device=x.device,
-                    dtype=x.dtype, bucket=(bs, S > 1, nnz_key, *_configs.bucket(M, IN, OUT)), fallback=fallback,
-                    work=work, threshold=AUTOTUNE_WORK, configs=wgrad_configs(bs),
-                    key=["M_KEY", "NNZ_KEY", "IN", "OUT", "BS", "PARTIAL"], tuner=f"bsr_bwd_weight:bs{bs}")
+    _configs.launch(
+        "bsr_bwd_weight",
+        _bsr_bwd_weight_kernel,
+        lambda meta: (triton.cdiv(Cb, meta["ROWS"] // bs), R, S),
+        args,
+        const,
+        device=x.device,
+        dtype=x.dtype,
+        bucket=(bs, S > 1, nnz_key, *_configs.bucket(M, IN, OUT)),
+        fallback=fallback,
+        work=work,
+        threshold=AUTOTUNE_WORK,
+        configs=wgrad_configs(bs),
+        key=["M_KEY", "NNZ_KEY", "IN", "OUT", "BS", "PARTIAL"],
+        tuner=f"bsr_bwd_weight:bs{bs}",
+    )
     if S > 1:
         numel = nnzb * bs * bs
         block = 1024
-        _sum_partials_kernel[(triton.cdiv(numel, block),)](dst, dvalues, S, numel,
-                                                          BF16_BY_HAND=_bf16_by_hand(x.dtype), BLOCK=block)
+        _sum_partials_kernel[(triton.cdiv(numel, block),)](
+            dst, dvalues, S, numel, BF16_BY_HAND=_bf16_by_hand(x.dtype), BLOCK=block
+        )

@@ -12,6 +12,7 @@ block) (several images per program under the interpreter) zeroes the pixels it o
 the kept patches in order k = 0..K-1, in chunks whose rows that share a patch are summed first
 (as ``scatter_tokens`` does, see its module).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,18 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import (_acc_dtype, _add_distinct_rows, _bf16_by_hand, _dot_in_acc_dtype, _dot_precision, _gather_blocks,
-                      _interpreted, _pow2, _scatter_blocks, _store_bf16_rne)
-
+from ._common import (
+    _acc_dtype,
+    _add_distinct_rows,
+    _bf16_by_hand,
+    _dot_in_acc_dtype,
+    _dot_precision,
+    _gather_blocks,
+    _interpreted,
+    _pow2,
+    _scatter_blocks,
+    _store_bf16_rne,
+)
 
 # The fused kernel's tiles on a GPU (one config: the embedding is ~1% of a ViT step).
 GPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
@@ -34,9 +44,22 @@ GPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 
 # ---------------------------------------------------------------- im2col_gather
 @triton.jit
-def _im2col_gather_kernel(img_ptr, idx_ptr, out_ptr, M, K, L, CHW, HW, W, GW,
-                          PH: tl.constexpr, PW: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+def _im2col_gather_kernel(
+    img_ptr,
+    idx_ptr,
+    out_ptr,
+    M,
+    K,
+    L,
+    CHW,
+    HW,
+    W,
+    GW,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # m = b*K + k
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     rmask = rows < M
@@ -61,16 +84,48 @@ def im2col_gather(images: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, out
         return
     BLOCK_R, BLOCK_L = _gather_blocks(M, L)
     grid = (triton.cdiv(M, BLOCK_R), triton.cdiv(L, BLOCK_L))
-    _im2col_gather_kernel[grid](images, idx, out, M, K, L, Cin * H * W, H * W, W, W // pw,
-                                PH=ph, PW=pw, BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, num_warps=4)
+    _im2col_gather_kernel[grid](
+        images,
+        idx,
+        out,
+        M,
+        K,
+        L,
+        Cin * H * W,
+        H * W,
+        W,
+        W // pw,
+        PH=ph,
+        PW=pw,
+        BLOCK_R=BLOCK_R,
+        BLOCK_L=BLOCK_L,
+        num_warps=4,
+    )
 
 
 # ---------------------------------------------------------------- col2im_scatter (deterministic)
 @triton.jit
-def _col2im_scatter_kernel(cols_ptr, idx_ptr, out_ptr, B, K, L, NP, CHW, HW, W, GW, G,
-                           PH: tl.constexpr, PW: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                           BF16_BY_HAND: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+def _col2im_scatter_kernel(
+    cols_ptr,
+    idx_ptr,
+    out_ptr,
+    B,
+    K,
+    L,
+    NP,
+    CHW,
+    HW,
+    W,
+    GW,
+    G,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Program (g, j) owns images g*G .. g*G + G - 1 (G = 1 on a GPU) and column block j."""
     g0 = tl.program_id(0).to(tl.int64) * G
     nb = tl.minimum(B - g0, G)
@@ -99,8 +154,7 @@ def _col2im_scatter_kernel(cols_ptr, idx_ptr, out_ptr, B, K, L, NP, CHW, HW, W, 
         tok = tl.load(idx_g + ks, mask=kmask, other=0)
         bl = ks // K
         dst = tl.where(kmask, bl * NP + tok, -1)
-        v = tl.load(cols_g + ks[:, None] * L + ls[None, :], mask=kmask[:, None] & lmask[None, :],
-                    other=0).to(ACC_DTYPE)
+        v = tl.load(cols_g + ks[:, None] * L + ls[None, :], mask=kmask[:, None] & lmask[None, :], other=0).to(ACC_DTYPE)
         poff = bl * CHW + (tok // GW) * (PH * W) + (tok % GW) * PW
         _add_distinct_rows(out_g, poff, 1, dst, v, js, kmask, lmask, ACC_DTYPE, BF16_BY_HAND)
         tl.debug_barrier()  # these stores are visible to the next chunk's loads, whatever the layout
@@ -119,22 +173,60 @@ def col2im_scatter(cols: torch.Tensor, idx: torch.Tensor, ph: int, pw: int, out:
     G, BLOCK_R, BLOCK_K, BLOCK_L = _scatter_blocks(B, NP, K, L)
     grid = (triton.cdiv(B, G), triton.cdiv(L, BLOCK_L))
     # num_stages=1: no software pipelining, so no pixel load is hoisted above the previous stores
-    _col2im_scatter_kernel[grid](cols, idx, out, B, K, L, NP, Cin * H * W, H * W, W, W // pw, G,
-                                 PH=ph, PW=pw, ACC_DTYPE=_acc_dtype(cols.dtype),
-                                 BF16_BY_HAND=_bf16_by_hand(cols.dtype),
-                                 BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_L=BLOCK_L,
-                                 num_warps=4, num_stages=1)
+    _col2im_scatter_kernel[grid](
+        cols,
+        idx,
+        out,
+        B,
+        K,
+        L,
+        NP,
+        Cin * H * W,
+        H * W,
+        W,
+        W // pw,
+        G,
+        PH=ph,
+        PW=pw,
+        ACC_DTYPE=_acc_dtype(cols.dtype),
+        BF16_BY_HAND=_bf16_by_hand(cols.dtype),
+        BLOCK_R=BLOCK_R,
+        BLOCK_K=BLOCK_K,
+        BLOCK_L=BLOCK_L,
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 # ---------------------------------------------------------------- fused patch_embed_gather
 @triton.jit
-def _patch_embed_gather_kernel(img_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
-                               M, K, D, L, CHW, HW, W, GW,
-                               PH: tl.constexpr, PW: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                               DOT_IN_ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _patch_embed_gather_kernel(
+    img_ptr,
+    idx_ptr,
+    w_ptr,
+    bias_ptr,
+    pos_ptr,
+    out_ptr,
+    M,
+    K,
+    D,
+    L,
+    CHW,
+    HW,
+    W,
+    GW,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_ACC_DTYPE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[m, n] = sum_l A[m, l] * Wt[l, n] (+ bias[n]) (+ pos[idx[m], n]), A = im2col of kept
     patches read straight from the images, Wt = weight viewed [D, L], transposed."""
     pid = tl.program_id(0)
@@ -153,10 +245,8 @@ def _patch_embed_gather_kernel(img_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, out_p
         lmask = ls < L
         r = ls % (PH * PW)
         inner = (ls // (PH * PW)) * HW + (r // PW) * W + r % PW
-        a = tl.load(img_ptr + a_base[:, None] + inner[None, :],
-                    mask=rmask[:, None] & lmask[None, :], other=0)
-        w = tl.load(w_ptr + ns[None, :].to(tl.int64) * L + ls[:, None],
-                    mask=lmask[:, None] & nmask[None, :], other=0)
+        a = tl.load(img_ptr + a_base[:, None] + inner[None, :], mask=rmask[:, None] & lmask[None, :], other=0)
+        w = tl.load(w_ptr + ns[None, :].to(tl.int64) * L + ls[:, None], mask=lmask[:, None] & nmask[None, :], other=0)
         if DOT_IN_ACC_DTYPE:  # exact: a product of two bf16 values fits in fp32
             a = a.to(ACC_DTYPE)
             w = w.to(ACC_DTYPE)
@@ -173,8 +263,14 @@ def _patch_embed_gather_kernel(img_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, out_p
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None, pos: torch.Tensor | None, out: torch.Tensor) -> None:
+def patch_embed_gather(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
     """out[b, k] = im2col(images[b])[idx[b, k]] @ weight.view(D, -1).T (+ bias) (+ pos[idx[b, k]]).
 
     images [B, Cin, H, W], idx [B, K] int64, weight [D, Cin, ph, pw], bias [D] or None,
@@ -195,17 +291,47 @@ def patch_embed_gather(images: torch.Tensor, idx: torch.Tensor, weight: torch.Te
     if out.numel() == 0:
         return
     if _interpreted():  # large tiles: the interpreter's cost is per program and per op
-        tiles = dict(BLOCK_M=_pow2(M, 16, 128), BLOCK_N=_pow2(D, 16, 128), BLOCK_K=_pow2(L, 16, 256), num_warps=4,
-                     num_stages=1)
+        tiles = dict(
+            BLOCK_M=_pow2(M, 16, 128), BLOCK_N=_pow2(D, 16, 128), BLOCK_K=_pow2(L, 16, 256), num_warps=4, num_stages=1
+        )
     else:
         tiles = GPU_TILES
-    args = (images, idx, weight, bias if bias is not None else out,  # out: a placeholder pointer, unread
-            pos if pos is not None else out, out, M, K, D, L, Cin * H * W, H * W, W, W // pw)
-    const = dict(PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
-                 ACC_DTYPE=_acc_dtype(images.dtype), INPUT_PRECISION=_dot_precision(images.dtype),
-                 # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
-                 DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(images.dtype), BF16_BY_HAND=_bf16_by_hand(images.dtype))
+    args = (
+        images,
+        idx,
+        weight,
+        bias if bias is not None else out,  # out: a placeholder pointer, unread
+        pos if pos is not None else out,
+        out,
+        M,
+        K,
+        D,
+        L,
+        Cin * H * W,
+        H * W,
+        W,
+        W // pw,
+    )
+    const = dict(
+        PH=ph,
+        PW=pw,
+        HAS_BIAS=bias is not None,
+        HAS_POS=pos is not None,
+        ACC_DTYPE=_acc_dtype(images.dtype),
+        INPUT_PRECISION=_dot_precision(images.dtype),
+        # the interpreter's tl.dot multiplies bf16 operands' raw bits: upcast them there
+        DOT_IN_ACC_DTYPE=_dot_in_acc_dtype(images.dtype),
+        BF16_BY_HAND=_bf16_by_hand(images.dtype),
+    )
     # the package's launch policy: a committed table entry if there is one, else these tiles (no autotune list)
-    _configs.launch("patch_embed_gather", _patch_embed_gather_kernel,
-                    lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),), args, const,
-                    device=images.device, dtype=images.dtype, bucket=_configs.bucket(M, D, L), fallback=tiles)
+    _configs.launch(
+        "patch_embed_gather",
+        _patch_embed_gather_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),),
+        args,
+        const,
+        device=images.device,
+        dtype=images.dtype,
+        bucket=_configs.bucket(M, D, L),
+        fallback=tiles,
+    )

@@ -13,6 +13,7 @@ write completely.
   so a chunk's writes never collide and duplicates accumulate in a fixed order. Partial sums are
   stored in the output dtype between chunks (for bf16/fp16, rounded once per chunk).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,7 @@ from ._common import _acc_dtype, _add_distinct_rows, _bf16_by_hand, _gather_bloc
 
 # ---------------------------------------------------------------- gather
 @triton.jit
-def _gather_tokens_kernel(x_ptr, idx_ptr, out_ptr, M, K, N, C,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gather_tokens_kernel(x_ptr, idx_ptr, out_ptr, M, K, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # m = b*K + k
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rows < M
@@ -52,9 +52,21 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None
 
 # ---------------------------------------------------------------- scatter (deterministic)
 @triton.jit
-def _scatter_tokens_kernel(src_ptr, idx_ptr, out_ptr, B, K, N, C, G,
-                           ACC_DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_tokens_kernel(
+    src_ptr,
+    idx_ptr,
+    out_ptr,
+    B,
+    K,
+    N,
+    C,
+    G,
+    ACC_DTYPE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Program (g, j) owns images g*G .. g*G + G - 1 (G = 1 on a GPU) and channel block j."""
     g0 = tl.program_id(0).to(tl.int64) * G
     nb = tl.minimum(B - g0, G)
@@ -65,8 +77,7 @@ def _scatter_tokens_kernel(src_ptr, idx_ptr, out_ptr, B, K, N, C, G,
     zero = tl.zeros([BLOCK_R, BLOCK_C], dtype=out_ptr.dtype.element_ty)
     for r0 in range(0, nb * N, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        tl.store(out_g + rows[:, None] * C + cols[None, :], zero,
-                 mask=(rows < nb * N)[:, None] & cmask[None, :])
+        tl.store(out_g + rows[:, None] * C + cols[None, :], zero, mask=(rows < nb * N)[:, None] & cmask[None, :])
     # the zeroes and the read-modify-writes below may be spread over threads differently
     tl.debug_barrier()
     # 2) chunks of BLOCK_K rows of src, in order, each added by _add_distinct_rows; the loads
@@ -79,8 +90,9 @@ def _scatter_tokens_kernel(src_ptr, idx_ptr, out_ptr, B, K, N, C, G,
         kmask = ks < nb * K
         tok = tl.load(idx_g + ks, mask=kmask, other=0)
         dst = tl.where(kmask, (ks // K) * N + tok, -1)
-        v = tl.load(src_g + ks[:, None] * C + cols[None, :], mask=kmask[:, None] & cmask[None, :],
-                    other=0).to(ACC_DTYPE)
+        v = tl.load(src_g + ks[:, None] * C + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0).to(
+            ACC_DTYPE
+        )
         _add_distinct_rows(out_g + cols, dst, C, dst, v, js, kmask, cmask, ACC_DTYPE, BF16_BY_HAND)
         tl.debug_barrier()  # these stores are visible to the next chunk's loads, whatever the layout
 
@@ -97,7 +109,20 @@ def scatter_tokens(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> N
     G, BLOCK_R, BLOCK_K, BLOCK_C = _scatter_blocks(B, N, K, C)
     grid = (triton.cdiv(B, G), triton.cdiv(C, BLOCK_C))
     # num_stages=1: no software pipelining, so no out-row load is hoisted above the previous stores
-    _scatter_tokens_kernel[grid](src, idx, out, B, K, N, C, G, ACC_DTYPE=_acc_dtype(src.dtype),
-                                 BF16_BY_HAND=_bf16_by_hand(src.dtype),
-                                 BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
-                                 num_warps=4, num_stages=1)
+    _scatter_tokens_kernel[grid](
+        src,
+        idx,
+        out,
+        B,
+        K,
+        N,
+        C,
+        G,
+        ACC_DTYPE=_acc_dtype(src.dtype),
+        BF16_BY_HAND=_bf16_by_hand(src.dtype),
+        BLOCK_R=BLOCK_R,
+        BLOCK_K=BLOCK_K,
+        BLOCK_C=BLOCK_C,
+        num_warps=4,
+        num_stages=1,
+    )

@@ -14,7 +14,9 @@
 #include <thread>
 #include <vector>
 
-struct EmuDim3 { unsigned x = 0, y = 0, z = 0; };
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
 thread_local EmuDim3 threadIdx;
 thread_local EmuDim3 blockIdx;
 std::barrier<>* emu_barrier = nullptr;
@@ -60,8 +62,7 @@ void product(const void* a, const void* v, const int64_t* ptr, const int64_t* id
   const unsigned tiles = static_cast<unsigned>((M + TM - 1) / TM);
   run_grid(tiles, static_cast<unsigned>(slots), [&] {
     block_row_product_kernel<T, BS, kTrans>(static_cast<const T*>(a), static_cast<const T*>(v), ptr, idx, perm,
-                                            static_cast<const T*>(bias), static_cast<T*>(out), M, a_stride,
-                                            out_stride);
+                                            static_cast<const T*>(bias), static_cast<T*>(out), M, a_stride, out_stride);
   });
 }
 
@@ -119,8 +120,8 @@ struct IsWmma<Wmma<T>> : std::true_type {
 };
 
 template <typename T, int BS>
-void wgrad_wmma(const void* dy, const void* x, const int64_t* crow, const int64_t* col, void* dv, int64_t M,
-                int64_t in, int64_t out, int64_t R, int64_t nnzb, int64_t want_splits) {
+void wgrad_wmma(const void* dy, const void* x, const int64_t* crow, const int64_t* col, void* dv, int64_t M, int64_t in,
+                int64_t out, int64_t R, int64_t nnzb, int64_t want_splits) {
   const Split sp = split_rows(M, want_splits);
   std::vector<float> partial(sp.splits > 1 ? sp.splits * nnzb * BS * BS : 0);
   run_grid(static_cast<unsigned>(nnzb), static_cast<unsigned>(sp.splits), [&] {
@@ -136,21 +137,32 @@ template <typename F>
 void by_type_bs(int dtype, int bs, F&& f) {
   auto with_t = [&](auto t) {
     using T = decltype(t);
-    if (bs == 16) f(T{}, std::integral_constant<int, 16>{});
-    else if (bs == 32) f(T{}, std::integral_constant<int, 32>{});
-    else f(T{}, std::integral_constant<int, 64>{});
+    if (bs == 16)
+      f(T{}, std::integral_constant<int, 16>{});
+    else if (bs == 32)
+      f(T{}, std::integral_constant<int, 32>{});
+    else
+      f(T{}, std::integral_constant<int, 64>{});
   };
-  if (dtype == 0) with_t(float{});
-  else if (dtype == 1) with_t(double{});
-  else if (dtype == 2) with_t(Wmma<c10::BFloat16>{});
-  else if (dtype == 3) with_t(c10::BFloat16{});
-  else if (dtype == 4) with_t(Wmma<c10::Half>{});
-  else with_t(c10::Half{});
+  if (dtype == 0)
+    with_t(float{});
+  else if (dtype == 1)
+    with_t(double{});
+  else if (dtype == 2)
+    with_t(Wmma<c10::BFloat16>{});
+  else if (dtype == 3)
+    with_t(c10::BFloat16{});
+  else if (dtype == 4)
+    with_t(Wmma<c10::Half>{});
+  else
+    with_t(c10::Half{});
 }
 }  // namespace
 
 extern "C" {
-void emu_set_vec(int on) { emu_vec = on != 0; }
+void emu_set_vec(int on) {
+  emu_vec = on != 0;
+}
 void emu_fwd(int dtype, int bs, const void* x, const void* values, const int64_t* crow, const int64_t* col,
              const void* bias, void* out, int64_t M, int64_t in, int64_t out_f) {
   if (M == 0) return;  // the host code returns on out.numel() == 0
@@ -159,7 +171,8 @@ void emu_fwd(int dtype, int bs, const void* x, const void* values, const int64_t
       product_wmma<typename IsWmma<decltype(t)>::type, decltype(b)::value, true>(x, values, crow, col, nullptr, bias,
                                                                                  out, M, in, out_f, out_f / bs);
     else
-      product<decltype(t), decltype(b)::value, true>(x, values, crow, col, nullptr, bias, out, M, in, out_f, out_f / bs);
+      product<decltype(t), decltype(b)::value, true>(x, values, crow, col, nullptr, bias, out, M, in, out_f,
+                                                     out_f / bs);
   });
 }
 void emu_bwd_input(int dtype, int bs, const void* dy, const void* values, const int64_t* ccol, const int64_t* row,
@@ -179,7 +192,7 @@ void emu_bwd_weight(int dtype, int bs, const void* dy, const void* x, const int6
   by_type_bs(dtype, bs, [&](auto t, auto b) {
     if constexpr (IsWmma<decltype(t)>::value)
       wgrad_wmma<typename IsWmma<decltype(t)>::type, decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs,
-                                                                          nnzb, splits);
+                                                                         nnzb, splits);
     else
       wgrad<decltype(t), decltype(b)::value>(dy, x, crow, col, dv, M, in, out_f, out_f / bs, nnzb, splits);
   });

@@ -1,4 +1,5 @@
 """Tiny synthetic data and settings shared by the lotus tests."""
+
 from __future__ import annotations
 
 import os
@@ -15,13 +16,58 @@ REPO = Path(__file__).resolve().parents[2]
 # points, one keep ratio, two seeds and two prune replicates, every default arm and the ticket policies
 # with their own code paths (re-scoring per epoch, per augmented batch),
 # the compute-matched arms at a fixed step count (reproducible), Instant Soup in 30% steps.
-TINY = ["--embed-dim", "32", "--depth", "2", "--heads", "2", "--mlp-ratio", "2", "--pretrain-epochs", "2",
-        "--finetune-epochs", "2", "--batch-size", "16", "--eval-batch-size", "32", "--isp-copies", "2",
-        "--isp-rounds", "2", "--threads", "1", "--sweep", "0,0.3,0.6", "--keep-ratio", "0.5",
-        "--overlay-images", "2", "--lr", "3e-3", "--timing-rounds", "1", "--seeds", "2", "--main-seeds", "2",
-        "--prune-seeds", "2", "--matched-steps", "2", "--instant-copies", "2", "--instant-step", "0.3",
-        "--compare-sparsities", "0.6", "--select-fraction", "0.15",
-        "--policies", "fixed,random,rescore_epoch,aug_rescore"]
+TINY = [
+    "--embed-dim",
+    "32",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--mlp-ratio",
+    "2",
+    "--pretrain-epochs",
+    "2",
+    "--finetune-epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--eval-batch-size",
+    "32",
+    "--isp-copies",
+    "2",
+    "--isp-rounds",
+    "2",
+    "--threads",
+    "1",
+    "--sweep",
+    "0,0.3,0.6",
+    "--keep-ratio",
+    "0.5",
+    "--overlay-images",
+    "2",
+    "--lr",
+    "3e-3",
+    "--timing-rounds",
+    "1",
+    "--seeds",
+    "2",
+    "--main-seeds",
+    "2",
+    "--prune-seeds",
+    "2",
+    "--matched-steps",
+    "2",
+    "--instant-copies",
+    "2",
+    "--instant-step",
+    "0.3",
+    "--compare-sparsities",
+    "0.6",
+    "--select-fraction",
+    "0.15",
+    "--policies",
+    "fixed,random,rescore_epoch,aug_rescore",
+]
 
 
 def make_npz(path, n: int = 64, size: int = 16, classes: int = 4, seed: int = 0, **override) -> Path:
@@ -49,8 +95,9 @@ def lotus_cmd(*args) -> list[str]:
 
 
 def run_lotus(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(lotus_cmd(*args), env=env(), cwd=REPO, capture_output=True, text=True, check=check,
-                          timeout=timeout)
+    return subprocess.run(
+        lotus_cmd(*args), env=env(), cwd=REPO, capture_output=True, text=True, check=check, timeout=timeout
+    )
 
 
 def make_image_folder(root, per_class=(3, 3), size=(40, 30), seed=0) -> Path:

@@ -1,5 +1,6 @@
 """Canvas data (lotus.canvas, lotus.task): objects at random positions on a clutter of other images'
 pieces, their boxes, object-patch recall, the source / target tasks, and bad canvas options."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,16 +33,16 @@ def test_compose_places_the_object_on_other_images_pieces():
     assert (boxes[:, 2:] == 8).all() and (boxes[:, :2] >= 0).all() and (boxes[:, :2] <= 16).all()
     for i in range(20):
         top, left, h, w = boxes[i].tolist()
-        assert torch.equal(canv[i, :, top:top + h, left:left + w], x[i])  # the object, untouched
+        assert torch.equal(canv[i, :, top : top + h, left : left + w], x[i])  # the object, untouched
         owner = _owner(canv[i], colours)
         inside = torch.zeros(24, 24, dtype=torch.bool)
-        inside[top:top + h, left:left + w] = True
+        inside[top : top + h, left : left + w] = True
         assert (owner[~inside] != i).all()  # the background never shows the image itself
         assert len(owner[~inside].unique()) > 3  # a clutter of several other images
         # the background is tiled: every 4x4 tile (outside the object) is one other image's piece
         for a in range(0, 24, 4):
             for b in range(0, 24, 4):
-                tile = owner[a:a + 4, b:b + 4][~inside[a:a + 4, b:b + 4]]
+                tile = owner[a : a + 4, b : b + 4][~inside[a : a + 4, b : b + 4]]
                 assert len(tile.unique()) <= 1
     again, boxes2 = compose(x, 24, seed=3, tile=4)
     assert torch.equal(again, canv) and torch.equal(boxes2, boxes)  # deterministic in the seed
@@ -53,7 +54,7 @@ def test_compose_places_the_object_on_other_images_pieces():
     top, left = boxes[0, :2].tolist()
     if top >= 4 or left >= 4:  # the top-left tile lies outside the object
         tile = canv[0, :, :4, :4]
-        crops = [real[j, :, a:a + 4, b:b + 4] for j in range(1, 6) for a in range(5) for b in range(5)]
+        crops = [real[j, :, a : a + 4, b : b + 4] for j in range(1, 6) for a in range(5) for b in range(5)]
         assert any(torch.equal(tile, c) for c in crops)
 
 
@@ -87,9 +88,24 @@ def test_object_recall_known_example():
 
 def test_target_and_source_tasks_on_canvas(tmp_path):
     data = make_npz(tmp_path / "d.npz", n=80, size=8, classes=4)
-    cfg = dict(data=str(data), data_root="data", num_classes=None, limit=None, val_fraction=0.25, seed=0, workers=0,
-               select_fraction=0.2, canvas=16, canvas_tile=4, recipe="scratch", pretrain_epochs=1,
-               source_classes="auto", target_classes="auto", img_size=16, data_config=default_config(16))
+    cfg = dict(
+        data=str(data),
+        data_root="data",
+        num_classes=None,
+        limit=None,
+        val_fraction=0.25,
+        seed=0,
+        workers=0,
+        select_fraction=0.2,
+        canvas=16,
+        canvas_tile=4,
+        recipe="scratch",
+        pretrain_epochs=1,
+        source_classes="auto",
+        target_classes="auto",
+        img_size=16,
+        data_config=default_config(16),
+    )
     task.resolve_classes(cfg, 4)
     assert (cfg["source_classes"], cfg["target_classes"]) == ([0, 1], [2, 3])
     tr, sel, va = task.target_sets(cfg)
@@ -103,18 +119,18 @@ def test_target_and_source_tasks_on_canvas(tmp_path):
         assert b.shape == (len(d), 4) and (b[:, 2:] == 8).all() and (b[:, :2] >= 0).all() and (b[:, :2] <= 8).all()
         # the object in its box is one of the task's images
         top, left = int(b[0, 0]), int(b[0, 1])
-        obj = d.x[0, :, top:top + 8, left:left + 8]
+        obj = d.x[0, :, top : top + 8, left : left + 8]
         assert any(torch.equal(obj, torch.from_numpy(raw["x"][j])) for j in range(len(y)))
     assert task.target_sets(cfg) is task.target_sets(cfg)  # composed once per process
     # the source task's images on a plain background (their mean colour) by default, the target's on clutter
     top, left = int(src_tr.boxes[0, 0]), int(src_tr.boxes[0, 1])
     outside = torch.ones(16, 16, dtype=torch.bool)
-    outside[top:top + 8, left:left + 8] = False
+    outside[top : top + 8, left : left + 8] = False
     bg = src_tr.x[0][:, outside]
     assert (bg == bg[:, :1]).all()
     top, left = int(tr.boxes[0, 0]), int(tr.boxes[0, 1])
     outside = torch.ones(16, 16, dtype=torch.bool)
-    outside[top:top + 8, left:left + 8] = False
+    outside[top : top + 8, left : left + 8] = False
     assert len(tr.x[0][:, outside].T.unique(dim=0)) > 8
     cl_tr, _ = task.source_sets(dict(cfg, source_background="clutter"))
     assert not torch.equal(cl_tr.x, src_tr.x) and torch.equal(cl_tr.boxes, src_tr.boxes)
@@ -135,15 +151,18 @@ def test_class_options():
     assert cfg["source_classes"] == [] and cfg["target_classes"] == list(range(10))
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--canvas", "16"], r"--canvas: the canvas \(16 px\) must be larger than the images \(16 px\)"),
-    (["--canvas", "8"], r"--canvas: the canvas \(8 px\) must be larger than the images \(16 px\)"),
-    (["--canvas-tile", "20"], "--canvas-tile: expected 1..16"),
-    (["--target-classes", "2-7"], "--target-classes: class 4 does not exist"),
-    (["--target-classes", "3"], "--target-classes: the target task needs at least 2 classes"),
-    (["--source-classes", "none"], "--source-classes none: a model trained from scratch needs a source task"),
-    (["--headline", "dense/best"], "--headline"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--canvas", "16"], r"--canvas: the canvas \(16 px\) must be larger than the images \(16 px\)"),
+        (["--canvas", "8"], r"--canvas: the canvas \(8 px\) must be larger than the images \(16 px\)"),
+        (["--canvas-tile", "20"], "--canvas-tile: expected 1..16"),
+        (["--target-classes", "2-7"], "--target-classes: class 4 does not exist"),
+        (["--target-classes", "3"], "--target-classes: the target task needs at least 2 classes"),
+        (["--source-classes", "none"], "--source-classes none: a model trained from scratch needs a source task"),
+        (["--headline", "dense/best"], "--headline"),
+    ],
+)
 def test_bad_canvas_and_task_options_exit_2_and_write_nothing(tmp_path, capsys, args, match):
     data = make_npz(tmp_path / "d.npz")  # 16-px images, 4 classes
     out = tmp_path / "run"

@@ -21,12 +21,15 @@ def _fails(capsys, argv, match):
     return err
 
 
-@pytest.mark.parametrize("override, match", [
-    (dict(x=None), "lacks key"),
-    (dict(x=np.zeros((8, 3, 16, 16), np.float64)), "x must be uint8"),
-    (dict(y=np.zeros(64, np.float32)), "y must be int64"),
-    (dict(y=np.arange(64, dtype=np.int64) - 1), "labels out of range"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (dict(x=None), "lacks key"),
+        (dict(x=np.zeros((8, 3, 16, 16), np.float64)), "x must be uint8"),
+        (dict(y=np.zeros(64, np.float32)), "y must be int64"),
+        (dict(y=np.arange(64, dtype=np.int64) - 1), "labels out of range"),
+    ],
+)
 def test_bad_data_exits_2_and_creates_nothing(tmp_path, capsys, override, match):
     bad = make_npz(tmp_path / "bad.npz", **override)
     out = tmp_path / "run"
@@ -41,12 +44,18 @@ def test_missing_data_and_checkpoints(tmp_path, capsys):
     data = make_npz(tmp_path / "d.npz")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x80garbage")
-    _fails(capsys, ["run", "--data", str(data), "--out", str(out), *TINY, "--checkpoint", str(bad)],
-           "--checkpoint: cannot read")
+    _fails(
+        capsys,
+        ["run", "--data", str(data), "--out", str(out), *TINY, "--checkpoint", str(bad)],
+        "--checkpoint: cannot read",
+    )
     other = tmp_path / "other.pt"
     torch.save(build(dict(CFG, embed_dim=48), 4, 16).state_dict(), other)  # another width: not this model
-    _fails(capsys, ["run", "--data", str(data), "--out", str(out), *TINY, "--checkpoint", str(other)],
-           "does not match the model")
+    _fails(
+        capsys,
+        ["run", "--data", str(data), "--out", str(out), *TINY, "--checkpoint", str(other)],
+        "does not match the model",
+    )
     assert not out.exists()
     _fails(capsys, ["run", "--resume", str(tmp_path)], "no config.json")
     _fails(capsys, ["run", "--out", str(out)], "--data: required")
@@ -59,8 +68,9 @@ def test_existing_run_dir_is_never_touched(tmp_path, capsys):
     (out / "precious.txt").write_text("keep me")
     (out / "config.json").write_text("{}")
     for cmd in ("run", "pretrain"):
-        _fails(capsys, [cmd, "--data", str(data), "--out", str(out), *TINY],
-               "already exists and is not empty.*--resume")
+        _fails(
+            capsys, [cmd, "--data", str(data), "--out", str(out), *TINY], "already exists and is not empty.*--resume"
+        )
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me" and (out / "config.json").read_text() == "{}"
 
@@ -70,10 +80,30 @@ def test_help_explains_options(capsys):
         main(["run", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for opt in ("--resume", "--isp-vote", "--isp-subset", "--tolerance", "--keep-ratio", "--bf16", "--threads",
-                "--layout", "--block-size", "--block-score", "--seeds", "--sink", "--policies", "--isp-recipe",
-                "--select-fraction", "--compare-sparsities", "--arms", "--clip-grad", "--workers", "--crop-pct",
-                "--finetune-lr", "--isp-lr"):
+    for opt in (
+        "--resume",
+        "--isp-vote",
+        "--isp-subset",
+        "--tolerance",
+        "--keep-ratio",
+        "--bf16",
+        "--threads",
+        "--layout",
+        "--block-size",
+        "--block-score",
+        "--seeds",
+        "--sink",
+        "--policies",
+        "--isp-recipe",
+        "--select-fraction",
+        "--compare-sparsities",
+        "--arms",
+        "--clip-grad",
+        "--workers",
+        "--crop-pct",
+        "--finetune-lr",
+        "--isp-lr",
+    ):
         assert opt in text
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -83,15 +113,37 @@ def test_help_explains_options(capsys):
 def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
-    assert {"pretrain", "probe", "score", "sweep", "prune", "finetune", "costs", "budget", "step_time",
-            "stats"} <= res.keys()
-    arms = ["dense/full", "unstructured-isp/full", "block-isp/full", "dense/fixed", "dense/fixed_random",
-            "dense/random", "block-isp/fixed", "block-isp/random", "block-isp/rescore_epoch", "block-isp/aug_rescore",
-            "dense/matched-cheapest", "dense/matched-headline"]
+    assert {
+        "pretrain",
+        "probe",
+        "score",
+        "sweep",
+        "prune",
+        "finetune",
+        "costs",
+        "budget",
+        "step_time",
+        "stats",
+    } <= res.keys()
+    arms = [
+        "dense/full",
+        "unstructured-isp/full",
+        "block-isp/full",
+        "dense/fixed",
+        "dense/fixed_random",
+        "dense/random",
+        "block-isp/fixed",
+        "block-isp/random",
+        "block-isp/rescore_epoch",
+        "block-isp/aug_rescore",
+        "dense/matched-cheapest",
+        "dense/matched-headline",
+    ]
     assert set(res["finetune"]) == set(arms) and all(len(v) == 2 for v in res["finetune"].values())
     assert set(res["step_time"]["ratio_to_dense"]) == set(arms[:-2])  # the matched arms step like dense/full
-    assert set(res["stats"]["policies_vs_random"]) == {a for a in arms if a.split("/")[1] in (
-        "fixed", "fixed_random", "rescore_epoch", "aug_rescore")}
+    assert set(res["stats"]["policies_vs_random"]) == {
+        a for a in arms if a.split("/")[1] in ("fixed", "fixed_random", "rescore_epoch", "aug_rescore")
+    }
     # two prune replicates per (layout, sparsity), every method with its cost; pruned arms start from them
     for tag, reps in res["prune"].items():
         assert [r["replicate"] for r in reps] == [0, 1]
@@ -108,8 +160,10 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     assert [r["steps"] for r in res["finetune"]["dense/matched-cheapest"]] == [2, 2]  # --matched-steps
     # statistics: both intervals, the wider reported, one Holm family, no p printed as 0
     d = st["vs_dense_full"]["dense/fixed"]
-    assert d["t"] is not None and d["hi"] - d["lo"] >= max(d["t"]["hi"] - d["t"]["lo"],
-                                                           d["bootstrap"]["hi"] - d["bootstrap"]["lo"]) - 1e-9
+    assert (
+        d["t"] is not None
+        and d["hi"] - d["lo"] >= max(d["t"]["hi"] - d["t"]["lo"], d["bootstrap"]["hi"] - d["bootstrap"]["lo"]) - 1e-9
+    )
     assert d["p_holm"] >= d["p"] and st["family_size"] >= 20
     assert {"finetune_gain", "headline", "tickets"} <= st["goals"].keys()
     # canvas data: each ticket policy's object-patch recall (random: keep, by construction, up to sampling)
@@ -120,6 +174,7 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     for png in ("cost.png", "sparsity.png", "step_time.png", "tickets.png"):
         assert (run / png).stat().st_size > 1000
     import numpy as np
+
     with np.load(run / "predictions.npz") as f:  # per-image predictions of every model, and the labels
         n_val = res["probe"]["n_val"]
         assert {f"finetune/{a}/s{k}" for a in arms for k in range(2)} | {"start"} <= set(f.files)
@@ -127,9 +182,24 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
         acc = 100 * float((f["finetune/dense/full/s1"] == f["labels"]).mean())
         assert acc == pytest.approx(res["finetune"]["dense/full"][1]["accuracy"])
     md = (run / "report.md").read_text()
-    for text in ("The whole job", "Goals", "Headline `dense/fixed`", "essential sparsity", "ISSP", "control",
-                 "instant", "block-isp/fixed", "sink rule", "not significant", "Holm", "seed t", "recall",
-                 "Instant Soup as published", "compute-matched", "What each job pays for"):
+    for text in (
+        "The whole job",
+        "Goals",
+        "Headline `dense/fixed`",
+        "essential sparsity",
+        "ISSP",
+        "control",
+        "instant",
+        "block-isp/fixed",
+        "sink rule",
+        "not significant",
+        "Holm",
+        "seed t",
+        "recall",
+        "Instant Soup as published",
+        "compute-matched",
+        "What each job pays for",
+    ):
         assert text.lower() in md.lower(), text
     assert "p = 0.000" not in md and "p = 0 " not in md
     # evaluate: the start model and every fine-tuned one, on the target classes of any file
@@ -139,42 +209,58 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {f"{a}#s{k}" for a in arms for k in range(2)} | {"start"}
     for name, v in out.items():
-        assert set(v) == {"arm", "seed", "accuracy", "n", "layout", "sparsity", "keep", "step_ratio",
-                          "finetune_seconds", "total_seconds"}
+        assert set(v) == {
+            "arm",
+            "seed",
+            "accuracy",
+            "n",
+            "layout",
+            "sparsity",
+            "keep",
+            "step_ratio",
+            "finetune_seconds",
+            "total_seconds",
+        }
         assert v["n"] == n_target and 0 <= v["accuracy"] <= 1 and v["total_seconds"] > 0
         assert v["arm"] == name.split("#")[0]
     assert out["start"]["arm"] == "start" and out["start"]["seed"] is None and out["start"]["finetune_seconds"] == 0
     assert out["block-isp/fixed#s0"]["layout"] == "block" and out["block-isp/fixed#s0"]["keep"] == 0.5
     assert out["dense/full#s1"]["keep"] == 1.0 and out["dense/full#s1"]["sparsity"] == 0.0
-    assert out["block-isp/fixed#s1"]["total_seconds"] == pytest.approx(
-        st["jobs"]["block-isp/fixed"]["per_seed"][1])
+    assert out["block-isp/fixed#s1"]["total_seconds"] == pytest.approx(st["jobs"]["block-isp/fixed"]["per_seed"][1])
     assert out["block-isp/fixed#s0"]["total_seconds"] > out["start"]["total_seconds"]
     # other data goes through the run's data config: 32-px images on a 64-px canvas, resized to the model's 32
     main(["evaluate", str(run), "--data", str(make_npz(tmp_path / "big.npz", n=16, size=32)), "--json"])
     big = json.loads(capsys.readouterr().out)
     assert set(big) == set(out) and all(0 <= v["accuracy"] <= 1 for v in big.values())
-    _fails(capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "c.npz", classes=6))],
-           "labels out of range")
-    _fails(capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "e.npz", classes=2))],
-           "no image of the run's target classes")
+    _fails(
+        capsys, ["evaluate", str(run), "--data", str(make_npz(tmp_path / "c.npz", classes=6))], "labels out of range"
+    )
+    _fails(
+        capsys,
+        ["evaluate", str(run), "--data", str(make_npz(tmp_path / "e.npz", classes=2))],
+        "no image of the run's target classes",
+    )
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--layout", "diagonal"], "--layout: expected one of unstructured, block, 2:4"),
-    (["--layout", "block", "--block-size", "64"], "--block-size: 64 does not divide blocks.0.attn.qkv.weight"),
-    (["--block-size", "24"], "--block-size: expected one of 16, 32, 64"),
-    (["--block-score", "l3"], "--block-score"),
-    (["--sink", "mean"], "--sink: expected one of none, first, outlier, norm, auto"),
-    (["--policies", "fixed,best"], "--policies: unknown best"),
-    (["--arms", "dense/everything"], "--arms"),
-    (["--arms", "2:4-isp/full"], "prunes in layout 2:4"),
-    (["--seeds", "0"], "--seeds"),
-    (["--prune-seeds", "0"], "--prune-seeds: expected at least 1"),
-    (["--matched-steps", "0"], "--matched-steps: expected at least 1"),
-    (["--headline", "2:4-isp/fixed"], "--headline: 2:4-isp/fixed prunes in layout 2:4"),
-    (["--isp-recipe", "soup"], "--isp-recipe"),
-    (["--compare-sparsities", "1.2"], "--compare-sparsities"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--layout", "diagonal"], "--layout: expected one of unstructured, block, 2:4"),
+        (["--layout", "block", "--block-size", "64"], "--block-size: 64 does not divide blocks.0.attn.qkv.weight"),
+        (["--block-size", "24"], "--block-size: expected one of 16, 32, 64"),
+        (["--block-score", "l3"], "--block-score"),
+        (["--sink", "mean"], "--sink: expected one of none, first, outlier, norm, auto"),
+        (["--policies", "fixed,best"], "--policies: unknown best"),
+        (["--arms", "dense/everything"], "--arms"),
+        (["--arms", "2:4-isp/full"], "prunes in layout 2:4"),
+        (["--seeds", "0"], "--seeds"),
+        (["--prune-seeds", "0"], "--prune-seeds: expected at least 1"),
+        (["--matched-steps", "0"], "--matched-steps: expected at least 1"),
+        (["--headline", "2:4-isp/fixed"], "--headline: 2:4-isp/fixed prunes in layout 2:4"),
+        (["--isp-recipe", "soup"], "--isp-recipe"),
+        (["--compare-sparsities", "1.2"], "--compare-sparsities"),
+    ],
+)
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, match):
     data = make_npz(tmp_path / "d.npz")
     out = tmp_path / "run"
@@ -186,9 +272,32 @@ def test_24_layout_run(tmp_path, capsys):
     """2:4 through every stage: sweep at 0.5 only, ISP / ISSP / control keep the 2-of-4 pattern."""
     data = make_npz(tmp_path / "d.npz")
     out = tmp_path / "run"
-    main(["run", "--data", str(data), "--out", str(out), *TINY, "--layout", "2:4", "--seeds", "1", "--main-seeds",
-          "1", "--prune-seeds", "1", "--arms", "dense/full,2:4-isp/fixed,2:4-isp/random", "--headline",
-          "2:4-isp/fixed", "--no-matched", "--no-instant-soup", "--timing-rounds", "0"])
+    main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *TINY,
+            "--layout",
+            "2:4",
+            "--seeds",
+            "1",
+            "--main-seeds",
+            "1",
+            "--prune-seeds",
+            "1",
+            "--arms",
+            "dense/full,2:4-isp/fixed,2:4-isp/random",
+            "--headline",
+            "2:4-isp/fixed",
+            "--no-matched",
+            "--no-instant-soup",
+            "--timing-rounds",
+            "0",
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     assert [p["sparsity"] for p in res["sweep"]["layouts"]["2:4"]["sweep_val"]] == [0.0, 0.5]
     for name in ("oneshot", "isp", "issp", "control"):

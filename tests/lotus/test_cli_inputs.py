@@ -1,4 +1,5 @@
 """Bad input to the data / model / training options: one line on stderr, exit 2, nothing written."""
+
 import pytest
 import timm
 import torch
@@ -20,8 +21,9 @@ def inputs(tmp_path_factory):
     (root / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
     (root / "cifar" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"junk")
     # a ViT of another width: its shapes do not match vit_tiny_patch16_224
-    torch.save(timm.create_model("vit_tiny_patch16_224", embed_dim=96, num_heads=3, depth=1).state_dict(),
-               root / "wide.pt")
+    torch.save(
+        timm.create_model("vit_tiny_patch16_224", embed_dim=96, num_heads=3, depth=1).state_dict(), root / "wide.pt"
+    )
     (root / "hub").mkdir()
     (root / "hub" / "config.json").write_text('{"pretrained_cfg": {}}')
     return root
@@ -31,12 +33,19 @@ CASES = [
     (["--data", "{r}/empty"], "--data: .*is not a usable ImageFolder"),
     (["--data", "{r}/broken"], "--data: cannot decode image"),
     (["--data", "cifar10", "--data-root", "{r}/cifar"], "--data cifar10: cannot load CIFAR-10"),
-    (["--data", "{r}/imgs", "--model", "vit_tiny_patch16_224", "--checkpoint", "{r}/wide.pt"],
-     "--checkpoint: .*does not match the model"),
-    (["--data", "{r}/imgs", "--model", "vit_tiny_patch16_224", "--checkpoint", "{r}/hub"],
-     "--checkpoint: directory .* holds none of"),
+    (
+        ["--data", "{r}/imgs", "--model", "vit_tiny_patch16_224", "--checkpoint", "{r}/wide.pt"],
+        "--checkpoint: .*does not match the model",
+    ),
+    (
+        ["--data", "{r}/imgs", "--model", "vit_tiny_patch16_224", "--checkpoint", "{r}/hub"],
+        "--checkpoint: directory .* holds none of",
+    ),
     (["--data", "{r}/imgs", "--model", "resnet18"], "--model: resnet18 is a ResNet, expected a timm VisionTransformer"),
-    (["--data", "{r}/imgs", "--model", "vit_tiny_patch16_224", "--img-size", "100"], "--img-size: 100 is not a multiple"),
+    (
+        ["--data", "{r}/imgs", "--model", "vit_tiny_patch16_224", "--img-size", "100"],
+        "--img-size: 100 is not a multiple",
+    ),
     (["--data", "{r}/d.npz", "--img-size", "0"], "--img-size: expected a positive size"),
     (["--data", "{r}/d.npz", "--workers", "-1"], "--workers: expected at least 0"),
     (["--data", "{r}/d.npz", "--batch-size", "0"], "--batch-size: expected at least 1"),
@@ -47,8 +56,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, match", CASES, ids=[c[1].split(":")[0].split(" ")[0] + f"-{i}"
-                                                    for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "args, match", CASES, ids=[c[1].split(":")[0].split(" ")[0] + f"-{i}" for i, c in enumerate(CASES)]
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, inputs, args, match):
     out = tmp_path / "run"
     argv = ["run", *TINY, *[a.format(r=inputs) for a in args], "--out", str(out)]  # the case wins

@@ -3,8 +3,20 @@ import pytest
 import torch
 
 from lotus import LotusError
-from lotus.data import (Images, ImageSet, default_config, load_eval, load_image_folder, load_npz, load_split, loader,
-                        my_positions, normalize, split, stratified)
+from lotus.data import (
+    Images,
+    ImageSet,
+    default_config,
+    load_eval,
+    load_image_folder,
+    load_npz,
+    load_split,
+    loader,
+    my_positions,
+    normalize,
+    split,
+    stratified,
+)
 
 from ._tiny import make_fake_cifar10, make_image_folder, make_npz, patch_cifar_md5
 
@@ -18,17 +30,20 @@ def test_load_npz_roundtrip(tmp_path):
     assert load_npz(p, num_classes=7).num_classes == 7
 
 
-@pytest.mark.parametrize("override, match", [
-    (dict(x=None), "lacks key.*x"),
-    (dict(y=None), "lacks key.*y"),
-    (dict(x=np.zeros((4, 3, 8, 8), np.float32)), "x must be uint8"),
-    (dict(x=np.zeros((4, 8, 8), np.uint8)), r"shape \[N, 3, H, W\]"),
-    (dict(x=np.zeros((4, 1, 8, 8), np.uint8)), r"shape \[N, 3, H, W\]"),
-    (dict(x=np.zeros((4, 3, 8, 6), np.uint8)), "square"),
-    (dict(y=np.zeros(64, np.int32)), "y must be int64"),
-    (dict(y=np.zeros(5, np.int64)), r"y must have shape \[N\] = \[64\]"),
-    (dict(y=np.full(64, -1, np.int64)), "labels out of range: found -1"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (dict(x=None), "lacks key.*x"),
+        (dict(y=None), "lacks key.*y"),
+        (dict(x=np.zeros((4, 3, 8, 8), np.float32)), "x must be uint8"),
+        (dict(x=np.zeros((4, 8, 8), np.uint8)), r"shape \[N, 3, H, W\]"),
+        (dict(x=np.zeros((4, 1, 8, 8), np.uint8)), r"shape \[N, 3, H, W\]"),
+        (dict(x=np.zeros((4, 3, 8, 6), np.uint8)), "square"),
+        (dict(y=np.zeros(64, np.int32)), "y must be int64"),
+        (dict(y=np.zeros(5, np.int64)), r"y must have shape \[N\] = \[64\]"),
+        (dict(y=np.full(64, -1, np.int64)), "labels out of range: found -1"),
+    ],
+)
 def test_load_npz_rejects_bad_files(tmp_path, override, match):
     p = make_npz(tmp_path / "bad.npz", **override)
     with pytest.raises(LotusError, match=match):
@@ -66,8 +81,20 @@ def test_normalize():
 
 
 def _cfg(data, **kw):
-    return dict(dict(data=str(data), data_root="data", num_classes=None, limit=None, val_fraction=0.25, seed=0,
-                     workers=0, img_size=16, data_config=None), **kw)
+    return dict(
+        dict(
+            data=str(data),
+            data_root="data",
+            num_classes=None,
+            limit=None,
+            val_fraction=0.25,
+            seed=0,
+            workers=0,
+            img_size=16,
+            data_config=None,
+        ),
+        **kw,
+    )
 
 
 def test_stratified_limit_balances_classes():
@@ -99,8 +126,10 @@ def test_loader_gives_each_rank_its_share_of_every_global_batch(n, batch):
     assert sorted(sum(single, [])) == list(range(n)) and all(len(b) == batch for b in single[:-1])
     assert single != [ids.tolist() for _, _, ids in loader(data, batch, shuffle=True, seed=7, epoch=3)] or n < 4
     for world in (2, 3):
-        ranks = [[ids.tolist() for _, _, ids in loader(data, batch, shuffle=True, seed=7, epoch=2, rank=r,
-                                                         world=world)] for r in range(world)]
+        ranks = [
+            [ids.tolist() for _, _, ids in loader(data, batch, shuffle=True, seed=7, epoch=2, rank=r, world=world)]
+            for r in range(world)
+        ]
         assert all(len(r) == len(single) for r in ranks)  # same number of steps on every rank
         for b, glob in enumerate(single):
             assert sorted(sum((r[b] for r in ranks), [])) == sorted(glob)  # no image twice, none lost
@@ -113,8 +142,14 @@ def test_folder_streams_through_the_data_config(tmp_path):
     import timm.data
 
     root = make_image_folder(tmp_path / "imgs", per_class=(2, 3), size=(40, 30))
-    conf = {"input_size": (3, 24, 24), "interpolation": "bicubic", "mean": (0.1, 0.2, 0.3), "std": (0.5, 0.6, 0.7),
-            "crop_pct": 0.875, "crop_mode": "center"}
+    conf = {
+        "input_size": (3, 24, 24),
+        "interpolation": "bicubic",
+        "mean": (0.1, 0.2, 0.3),
+        "std": (0.5, 0.6, 0.7),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
     src = load_image_folder(root)
     ds = ImageSet(src, torch.arange(5), conf)
     x, y, i = ds[3]
@@ -135,8 +170,14 @@ def test_in_memory_batch_is_resized_like_the_file_path():
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
-    conf = {"input_size": (3, 64, 64), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
-            "crop_pct": 0.9, "crop_mode": "center"}
+    conf = {
+        "input_size": (3, 64, 64),
+        "interpolation": "bicubic",
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+    }
     ds = Images(x, torch.tensor([0, 1, 0]), 2, conf)
     out = ds.prepare(ds.__getitems__([0, 2])[0], "cpu")
     assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
@@ -215,6 +256,7 @@ def test_selection_split_on_every_source(tmp_path, monkeypatch, source):
 
     def split_data(c):  # the target task of every class, without a canvas: the train split minus a selection
         return target_sets(c, load_split(c))
+
     tr, sel, va = split_data(cfg)
     assert len(sel) == round(0.25 * len(tr0)) and len(tr) + len(sel) == len(tr0) and torch.equal(va.index, va0.index)
     assert not set(tr.index.tolist()) & set(sel.index.tolist())  # held out of training
@@ -224,8 +266,20 @@ def test_selection_split_on_every_source(tmp_path, monkeypatch, source):
         assert sel.source.name == "cifar10-train" and va.source.name == "cifar10-test"
     assert torch.equal(split_data(cfg)[1].index, sel.index)  # seeded: every stage sees the same split
     assert split_data(dict(cfg, select_fraction=0.0))[1] is not None  # 0: the validation split chooses
-    model = build(dict(model="lotus_vit", pretrained=False, checkpoint=None, patch_size=4, embed_dim=16, depth=1,
-                       heads=1, mlp_ratio=2.0), 10, 16)
+    model = build(
+        dict(
+            model="lotus_vit",
+            pretrained=False,
+            checkpoint=None,
+            patch_size=4,
+            embed_dim=16,
+            depth=1,
+            heads=1,
+            mlp_ratio=2.0,
+        ),
+        10,
+        16,
+    )
     pred = predict(model, sel, batch_size=3)
     x = sel.prepare(sel.__getitems__(list(range(len(sel))))[0], "cpu")
     with torch.no_grad():

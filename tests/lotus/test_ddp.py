@@ -1,6 +1,7 @@
 """`torchrun --nproc_per_node=2 -m lotus finetune` (gloo, CPU) matches one process: two ranks really
 run, each on its share of every global batch (uneven shards too), on full images and on tickets of
 a pruned (MaskedLinear) model."""
+
 import json
 import shutil
 import subprocess
@@ -24,18 +25,66 @@ def test_ddp_finetune_matches_single_process(tmp_path):
     # --select-fraction 0: all 57 images train. Arms: dense full images, and tickets of the block
     # one-shot model on BlockSparseLinear (keep_fn indexed by image id across the ranks' shares).
     arms = ["dense/full", "block-oneshot/fixed"]
-    main(["pretrain", "--data", str(data), "--out", str(a), *TINY, "--seeds", "1", "--main-seeds", "1",
-          "--prune-seeds", "1", "--no-matched", "--headline", "dense/full", "--val-fraction", "0.2",
-          "--source-classes", "0-3", "--target-classes", "0-3", "--tolerance", "100",
-          "--pretrain-epochs", "1", "--batch-size", "12", "--optimizer", "sgd", "--select-fraction", "0",
-          "--layout", "block", "--arms", ",".join(arms), "--no-instant-soup", "--isp-rounds", "1"])
+    main(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(a),
+            *TINY,
+            "--seeds",
+            "1",
+            "--main-seeds",
+            "1",
+            "--prune-seeds",
+            "1",
+            "--no-matched",
+            "--headline",
+            "dense/full",
+            "--val-fraction",
+            "0.2",
+            "--source-classes",
+            "0-3",
+            "--target-classes",
+            "0-3",
+            "--tolerance",
+            "100",
+            "--pretrain-epochs",
+            "1",
+            "--batch-size",
+            "12",
+            "--optimizer",
+            "sgd",
+            "--select-fraction",
+            "0",
+            "--layout",
+            "block",
+            "--arms",
+            ",".join(arms),
+            "--no-instant-soup",
+            "--isp-rounds",
+            "1",
+        ]
+    )
     main(["score", str(a)])
     main(["prune", str(a)])
     b = tmp_path / "ddp"
     shutil.copytree(a, b)
     main(["finetune", str(a), "--only", *arms])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lotus", "finetune", str(b), "--only", *arms]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lotus",
+        "finetune",
+        str(b),
+        "--only",
+        *arms,
+    ]
     r = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     dense = torch.load(a / "models" / "start.pt", weights_only=True)

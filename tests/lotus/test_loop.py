@@ -1,5 +1,6 @@
 """The training loop's data path: tickets follow image ids through shuffled batches, augmentation
 is drawn per global batch, gradient clipping, the timing stage's one-model-at-a-time, recipes."""
+
 import gc
 import weakref
 
@@ -78,14 +79,38 @@ def test_clip_grad_reaches_every_stage_that_trains(tmp_path, monkeypatch):
         def wrapper(*args, **kw):
             seen.append((kw.get("desc"), kw.get("clip_grad")))
             return real(*args, **kw)
+
         return wrapper
 
     monkeypatch.setattr(pipeline, "train", recording(pipeline.train))
     monkeypatch.setattr(finetune, "train", recording(finetune.train))
-    main(["run", "--data", str(make_npz(tmp_path / "d.npz", n=40)), "--out", str(tmp_path / "run"), *TINY,
-          "--seeds", "1", "--main-seeds", "1", "--prune-seeds", "1", "--arms", "dense/full,block-isp/fixed",
-          "--no-matched", "--timing-rounds", "0", "--compare-sparsities", "", "--clip-grad", "0.7",
-          "--overlay-images", "0"])
+    main(
+        [
+            "run",
+            "--data",
+            str(make_npz(tmp_path / "d.npz", n=40)),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+            "--seeds",
+            "1",
+            "--main-seeds",
+            "1",
+            "--prune-seeds",
+            "1",
+            "--arms",
+            "dense/full,block-isp/fixed",
+            "--no-matched",
+            "--timing-rounds",
+            "0",
+            "--compare-sparsities",
+            "",
+            "--clip-grad",
+            "0.7",
+            "--overlay-images",
+            "0",
+        ]
+    )
     kinds = {d.split()[0] for d, _ in seen}
     assert {"pretrain", "isp", "issp", "recover", "instant", "finetune"} <= kinds, kinds
     assert any(d.startswith("instant main") for d, _ in seen)
@@ -124,20 +149,42 @@ def test_timing_holds_one_model_at_a_time():
         return m
 
     keep = torch.arange(4).repeat(16, 1)
-    med = time_steps({"a": (make, {}), "b": (make, {"keep_idx": keep}), "c": (make, {"patch_drop_keep": 0.5})},
-                     data, batch_size=8, rounds=2, seed=0)
+    med = time_steps(
+        {"a": (make, {}), "b": (make, {"keep_idx": keep}), "c": (make, {"patch_drop_keep": 0.5})},
+        data,
+        batch_size=8,
+        rounds=2,
+        seed=0,
+    )
     assert set(med) == {"a", "b", "c"} and all(t > 0 for t in med.values())
     assert len(built) == 6 and max(alive) == 0  # every earlier model was gone when the next was built
 
 
 def test_recipes(monkeypatch):
-    base = dict(batch_size=256, pretrained=False, checkpoint=None, lr=None, optimizer=None, weight_decay=None,
-                clip_grad=None, pretrain_epochs=None, isp_lr=None, finetune_lr=None, bf16=None, finetune_epochs=None,
-                cost_basis="auto")
+    base = dict(
+        batch_size=256,
+        pretrained=False,
+        checkpoint=None,
+        lr=None,
+        optimizer=None,
+        weight_decay=None,
+        clip_grad=None,
+        pretrain_epochs=None,
+        isp_lr=None,
+        finetune_lr=None,
+        bf16=None,
+        finetune_epochs=None,
+        cost_basis="auto",
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     s = recipe.resolve(dict(base))
-    assert (s["recipe"], s["optimizer"], s["lr"], s["pretrain_epochs"], s["bf16"]) == ("scratch", "adamw", 2e-3, 30,
-                                                                                         False)
+    assert (s["recipe"], s["optimizer"], s["lr"], s["pretrain_epochs"], s["bf16"]) == (
+        "scratch",
+        "adamw",
+        2e-3,
+        30,
+        False,
+    )
     assert s["cost_basis"] == "cpu"  # no GPU: process CPU seconds
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     p = recipe.resolve(dict(base, checkpoint="/x.pt", lr=0.1))

@@ -7,8 +7,9 @@ from lotus import LotusError
 from lotus.model import build, count_sparsity, data_config, with_masks
 from lotus.prune import magnitude_masks
 
-CFG = dict(model="lotus_vit", pretrained=False, checkpoint=None, patch_size=4, embed_dim=32, depth=2, heads=2,
-           mlp_ratio=2.0)
+CFG = dict(
+    model="lotus_vit", pretrained=False, checkpoint=None, patch_size=4, embed_dim=32, depth=2, heads=2, mlp_ratio=2.0
+)
 
 
 def test_build_default_and_kept_patches():
@@ -99,5 +100,6 @@ def test_masks_apply_with_sparsify():
     assert abs(count_sparsity(masks) - 0.4) < 1e-3
     with_masks(m, masks)
     from lotus_kernels.nn import MaskedLinear
+
     layers = [n for n, x in m.named_modules() if isinstance(x, MaskedLinear)]
     assert set(layers) == set(masks) and "head" not in layers

@@ -1,5 +1,6 @@
 """``--model tv:NAME / hf:DIR / open_clip:NAME``: models built from local weights, their data config
 from the model's own config, the pipeline's surface (logits, kept patches, scores, patch dropout)."""
+
 import json
 
 import pytest
@@ -20,10 +21,14 @@ def check_surface(m, classes, size):
     assert m(x, keep_idx=torch.tensor([[0, 3], [1, 2]])).shape == (2, classes)
     assert m.patch_scores(x).shape == (2, n)
     from timm.layers import PatchDropout
+
     m.train().patch_drop = PatchDropout(0.5, num_prefix_tokens=m.num_prefix_tokens)
     seen = []
-    blocks = [mod for name, mod in m.named_modules() if name.endswith("layers.0") or name.endswith("resblocks.0")
-              or name.endswith("encoder_layer_0")]
+    blocks = [
+        mod
+        for name, mod in m.named_modules()
+        if name.endswith("layers.0") or name.endswith("resblocks.0") or name.endswith("encoder_layer_0")
+    ]
     h = blocks[0].register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[1]))
     m(x)
     h.remove()
@@ -32,17 +37,27 @@ def check_surface(m, classes, size):
 
 def hf_dir(tmp_path, kind="vit", labels=3):
     transformers = pytest.importorskip("transformers")
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
-                  patch_size=4)
+    common = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4
+    )
     if kind == "vit":
         model = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=labels, **common))
     else:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
     path = tmp_path / kind
     model.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2], "resample": 3, "do_center_crop": True,
-         "size": {"shortest_edge": 20}, "crop_size": {"height": 16, "width": 16}}))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": [0.4, 0.4, 0.4],
+                "image_std": [0.2, 0.2, 0.2],
+                "resample": 3,
+                "do_center_crop": True,
+                "size": {"shortest_edge": 20},
+                "crop_size": {"height": 16, "width": 16},
+            }
+        )
+    )
     return path, model
 
 
@@ -92,9 +107,15 @@ def test_open_clip_config_and_local_checkpoint(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     cfgdir = tmp_path / "cfg"
     cfgdir.mkdir()
-    (cfgdir / "lotus-tiny-ViT.json").write_text(json.dumps({
-        "embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 4},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}))
+    (cfgdir / "lotus-tiny-ViT.json").write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 4},
+                "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
     open_clip.add_model_config(cfgdir)
     ref = open_clip.create_model("lotus-tiny-ViT")
     p = tmp_path / "oc.pt"
@@ -111,11 +132,12 @@ def test_open_clip_config_and_local_checkpoint(tmp_path):
 @pytest.mark.slow  # a whole tiny `lotus run` (~40 s)
 def test_lotus_run_with_a_transformers_model(tmp_path):
     from lotus.cli import main
+
     path, _ = hf_dir(tmp_path)
     data = make_npz(tmp_path / "d.npz")
     args = [a for a in TINY]
     for flag in ("--embed-dim", "--depth", "--heads", "--mlp-ratio"):
         i = args.index(flag)
-        del args[i:i + 2]
+        del args[i : i + 2]
     main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--model", f"hf:{path}", *args])
     assert "model `hf:" in (tmp_path / "run" / "report.md").read_text()

@@ -1,5 +1,6 @@
 """The real users' setting without a hub: a timm ViT at 224 px from a local checkpoint, on an
 ImageFolder, end to end; the checkpoint's normalisation reaches the model; memory stays flat."""
+
 import json
 import subprocess
 import sys
@@ -33,15 +34,32 @@ def checkpoints(tmp_path_factory):
 
 
 def _cfg(data, ckpt, **kw):
-    return dict(dict(data=str(data), data_root="data", num_classes=None, limit=None, val_fraction=0.25, seed=0,
-                     workers=0, img_size=None, crop_pct=None, model="vit_tiny_patch16_224", pretrained=False,
-                     checkpoint=str(ckpt)), **kw)
+    return dict(
+        dict(
+            data=str(data),
+            data_root="data",
+            num_classes=None,
+            limit=None,
+            val_fraction=0.25,
+            seed=0,
+            workers=0,
+            img_size=None,
+            crop_pct=None,
+            model="vit_tiny_patch16_224",
+            pretrained=False,
+            checkpoint=str(ckpt),
+        ),
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("which, mean, std, interp, crop", [
-    ("plain", [0.5] * 3, [0.5] * 3, "bicubic", 0.9),  # timm's config of vit_tiny_patch16_224
-    ("custom", CUSTOM["mean"], CUSTOM["std"], "bilinear", 0.8),
-])
+@pytest.mark.parametrize(
+    "which, mean, std, interp, crop",
+    [
+        ("plain", [0.5] * 3, [0.5] * 3, "bicubic", 0.9),  # timm's config of vit_tiny_patch16_224
+        ("custom", CUSTOM["mean"], CUSTOM["std"], "bilinear", 0.8),
+    ],
+)
 def test_checkpoint_normalisation_reaches_the_model(tmp_path, checkpoints, which, mean, std, interp, crop):
     folder = make_image_folder(tmp_path / "imgs", per_class=(2, 2), size=(50, 40))
     cfg = _cfg(folder, checkpoints / f"{which}.pt")
@@ -54,10 +72,18 @@ def test_checkpoint_normalisation_reaches_the_model(tmp_path, checkpoints, which
     evaluate(model, va, batch_size=4)
     x = torch.cat(seen)
     assert x.shape == (1, 3, 224, 224)  # 224 px: 14 x 14 = 196 patches
-    conf = {"input_size": (3, 224, 224), "interpolation": interp, "mean": mean, "std": std, "crop_pct": crop,
-            "crop_mode": "center"}
+    conf = {
+        "input_size": (3, 224, 224),
+        "interpolation": interp,
+        "mean": mean,
+        "std": std,
+        "crop_pct": crop,
+        "crop_mode": "center",
+    }
     folder_ds = train_src.folder
-    ref = timm.data.create_transform(**conf, is_training=False)(folder_ds.loader(folder_ds.samples[int(va.index[0])][0]))
+    ref = timm.data.create_transform(**conf, is_training=False)(
+        folder_ds.loader(folder_ds.samples[int(va.index[0])][0])
+    )
     torch.testing.assert_close(x[0], ref, rtol=0, atol=1e-5)
 
 
@@ -65,13 +91,61 @@ def test_checkpoint_normalisation_reaches_the_model(tmp_path, checkpoints, which
 def test_vit_tiny_checkpoint_end_to_end_at_224(tmp_path, checkpoints):
     folder = make_image_folder(tmp_path / "imgs", per_class=(8, 8, 8, 8), size=(48, 40))
     out = tmp_path / "run"
-    main(["run", "--data", str(folder), "--model", "vit_tiny_patch16_224", "--checkpoint",
-          str(checkpoints / "custom.pt"), "--out", str(out), "--limit", "20", "--val-fraction", "0.25",
-          "--finetune-epochs", "1", "--batch-size", "8", "--eval-batch-size", "16",
-          "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5", "--keep-ratio", "0.9", "--overlay-images",
-          "2", "--timing-rounds", "1", "--threads", "1", "--workers", "1", "--seeds", "1", "--main-seeds", "1",
-          "--prune-seeds", "1", "--no-matched", "--headline", "block-isp/fixed", "--block-score", "l2",
-          "--compare-sparsities", "", "--no-instant-soup", "--arms", ",".join(ARMS)])
+    main(
+        [
+            "run",
+            "--data",
+            str(folder),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--checkpoint",
+            str(checkpoints / "custom.pt"),
+            "--out",
+            str(out),
+            "--limit",
+            "20",
+            "--val-fraction",
+            "0.25",
+            "--finetune-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--eval-batch-size",
+            "16",
+            "--isp-copies",
+            "1",
+            "--isp-rounds",
+            "1",
+            "--sweep",
+            "0,0.5",
+            "--keep-ratio",
+            "0.9",
+            "--overlay-images",
+            "2",
+            "--timing-rounds",
+            "1",
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+            "--seeds",
+            "1",
+            "--main-seeds",
+            "1",
+            "--prune-seeds",
+            "1",
+            "--no-matched",
+            "--headline",
+            "block-isp/fixed",
+            "--block-score",
+            "l2",
+            "--compare-sparsities",
+            "",
+            "--no-instant-soup",
+            "--arms",
+            ",".join(ARMS),
+        ]
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data_config"]["input_size"] == [3, 224, 224] and cfg["img_size"] == 224
     assert cfg["data_config"]["mean"] == CUSTOM["mean"] and cfg["data_config"]["std"] == CUSTOM["std"]
@@ -113,15 +187,71 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     peaks = {}
     for n in (12, 120):
         folder = make_image_folder(tmp_path / f"imgs{n}", per_class=(n,) * 4, size=(64, 64))
-        r = subprocess.run([sys.executable, "-c", _PEAK, "run", "--data", str(folder), "--out", str(tmp_path / f"r{n}"),
-                            "--img-size", "224", "--patch-size", "16", "--embed-dim", "16", "--depth", "1", "--heads",
-                            "1", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8",
-                            "--eval-batch-size", "8", "--isp-copies", "1", "--isp-rounds", "1", "--sweep", "0,0.5",
-                            "--keep-ratio", "0.9", "--overlay-images", "0", "--timing-rounds", "1", "--workers", "0",
-                            "--seeds", "1", "--main-seeds", "1", "--prune-seeds", "1", "--no-matched", "--block-score",
-                            "l2", "--compare-sparsities", "", "--no-instant-soup", "--headline", "block-isp/fixed",
-                            "--arms", "dense/full,block-isp/fixed"],
-                           env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _PEAK,
+                "run",
+                "--data",
+                str(folder),
+                "--out",
+                str(tmp_path / f"r{n}"),
+                "--img-size",
+                "224",
+                "--patch-size",
+                "16",
+                "--embed-dim",
+                "16",
+                "--depth",
+                "1",
+                "--heads",
+                "1",
+                "--pretrain-epochs",
+                "1",
+                "--finetune-epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--eval-batch-size",
+                "8",
+                "--isp-copies",
+                "1",
+                "--isp-rounds",
+                "1",
+                "--sweep",
+                "0,0.5",
+                "--keep-ratio",
+                "0.9",
+                "--overlay-images",
+                "0",
+                "--timing-rounds",
+                "1",
+                "--workers",
+                "0",
+                "--seeds",
+                "1",
+                "--main-seeds",
+                "1",
+                "--prune-seeds",
+                "1",
+                "--no-matched",
+                "--block-score",
+                "l2",
+                "--compare-sparsities",
+                "",
+                "--no-instant-soup",
+                "--headline",
+                "block-isp/fixed",
+                "--arms",
+                "dense/full,block-isp/fixed",
+            ],
+            env=env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         peaks[n] = int(r.stdout.split("MAXRSS_KB")[1].split()[0]) / 1024
     assert peaks[120] - peaks[12] < 25, peaks  # MB, for 10x the images

@@ -1,6 +1,7 @@
 """SIGKILL a `lotus run` at several points (twice in the middle of writing a checkpoint, once in the
 block-layout pruning stage after the unstructured one, then at random moments), `--resume` it each
 time, and compare everything with the uninterrupted run."""
+
 import json
 import os
 import random
@@ -37,15 +38,27 @@ main(sys.argv[1:])
 
 def _crash_writing(name, *args):
     e = dict(env(), LOTUS_TEST_CRASH_IN=name)
-    r = subprocess.run([sys.executable, "-c", _CRASH_IN_WRITE, *map(str, args)], env=e, cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", _CRASH_IN_WRITE, *map(str, args)],
+        env=e,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
 
 
 def _kill_after_start(out, delay, timeout=300):
     """Resume ``out``, SIGKILL it ``delay`` s after it reports its first stage; False if it finished first."""
-    proc = subprocess.Popen(lotus_cmd("run", "--resume", out), env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        lotus_cmd("run", "--resume", out),
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < timeout:
         if select.select([proc.stdout], [], [], 0.2)[0] and "lotus: stage" in proc.stdout.readline():
@@ -91,8 +104,14 @@ def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
     # 3. resumed and killed in the block-layout pruning stage: resumed, it retrains the round-1 weak
     # copies it shared with the unstructured stage in the uninterrupted run (a cache) and must still
     # come out identical
-    proc = subprocess.Popen(lotus_cmd("run", "--resume", out), env=env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        lotus_cmd("run", "--resume", out),
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(out / "stages" / "prune__unstructured@*.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -105,8 +124,9 @@ def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
     for delay in kills:
         _kill_after_start(out, delay)
         progress.append(sorted(p.stem for p in (out / "stages").glob("*.json")))
-    done = subprocess.run(lotus_cmd("run", "--resume", out), env=env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        lotus_cmd("run", "--resume", out), env=env(), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr
     assert "stage pretrain" not in done.stdout  # finished stages are not redone
     context = f"LOTUS_TEST_SEED={seed}, kills after {kills} s, stages done after each: {progress}"
@@ -121,6 +141,7 @@ def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
             x = torch.load(ref / name, weights_only=True)
             y = torch.load(out / name, weights_only=True)
             assert x.keys() == y.keys()
-            assert _same({k: v for k, v in x.items() if k != "seconds"},
-                         {k: v for k, v in y.items() if k != "seconds"}), f"{name} differs; {context}"
+            assert _same(
+                {k: v for k, v in x.items() if k != "seconds"}, {k: v for k, v in y.items() if k != "seconds"}
+            ), f"{name} differs; {context}"
     assert not list(out.rglob("*.tmp")), context

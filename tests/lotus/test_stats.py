@@ -66,9 +66,15 @@ def test_summary_known_values():
 
 def test_student_t_against_tables():
     from lotus.stats import t_cdf, t_ppf
+
     # two-sided 95% and one-sided 95% quantiles from any t table
-    for df, q975, q95 in ((1, 12.706, 6.314), (2, 4.303, 2.920), (4, 2.776, 2.132), (10, 2.228, 1.812),
-                          (30, 2.042, 1.697)):
+    for df, q975, q95 in (
+        (1, 12.706, 6.314),
+        (2, 4.303, 2.920),
+        (4, 2.776, 2.132),
+        (10, 2.228, 1.812),
+        (30, 2.042, 1.697),
+    ):
         assert t_ppf(0.975, df) == pytest.approx(q975, abs=1e-3)
         assert t_ppf(0.95, df) == pytest.approx(q95, abs=1e-3)
     assert t_cdf(0.0, 3) == pytest.approx(0.5)
@@ -77,6 +83,7 @@ def test_student_t_against_tables():
 
 def test_seed_t_interval_known_example():
     from lotus.stats import seed_t, t_interval
+
     # per-seed differences 1, 2, 3, 4, 5 points: mean 3, SD sqrt(2.5), SE sqrt(0.5), t(0.975, 4) = 2.7764
     r = t_interval([1, 2, 3, 4, 5])
     se = math.sqrt(0.5)
@@ -90,13 +97,14 @@ def test_seed_t_interval_known_example():
     b[:, :50] = True
     a = b.clone()
     for s, extra in enumerate((1, 3, 5)):
-        a[s, 50:50 + extra] = True
+        a[s, 50 : 50 + extra] = True
     r = seed_t(a, b)
     assert r["diff"] == pytest.approx(3.0) and r["se"] == pytest.approx(2 / math.sqrt(3))
 
 
 def test_compare_reports_the_wider_interval():
     from lotus.stats import compare
+
     # 3 seeds that disagree (+8, 0, -2 points): the seed t interval is far wider than the bootstrap's
     a, b = torch.zeros(3, 200, dtype=torch.bool), torch.zeros(3, 200, dtype=torch.bool)
     b[:, :100] = True
@@ -113,6 +121,7 @@ def test_compare_reports_the_wider_interval():
 
 def test_holm_known_example():
     from lotus.stats import holm
+
     # sorted p: 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> the running max 0.06)
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
     assert holm({"x": 0.6, "y": 0.5}) == pytest.approx({"y": 1.0, "x": 1.0})  # capped at 1
@@ -121,6 +130,7 @@ def test_holm_known_example():
 
 def test_p_values_are_never_printed_as_zero():
     from lotus.stats import fmt_p
+
     a, b = _pair(60, 0, 40, 0)
     r = paired_bootstrap(a, b)
     assert r["p"] == 0.0 and fmt_p(r["p"]) == "< 0.001" and "p < 0.001" in describe(r)

@@ -5,8 +5,20 @@ import torch
 
 from lotus.data import normalize
 from lotus.model import build
-from lotus.prune import (Pruner, block_counts, check_layout, disagreement, essential_sparsity, instant_soup_prune,
-                         magnitude_masks, masks_of, soup_prune, sparsity_of, sweep, vote)
+from lotus.prune import (
+    Pruner,
+    block_counts,
+    check_layout,
+    disagreement,
+    essential_sparsity,
+    instant_soup_prune,
+    magnitude_masks,
+    masks_of,
+    soup_prune,
+    sparsity_of,
+    sweep,
+    vote,
+)
 from lotus.tickets import POLICIES, keep_indices, make_policy, overlay_figure, score, ticket_predict
 from lotus.train import train
 from lotus_kernels import sparsify_
@@ -35,8 +47,7 @@ def test_score_and_keep():
 
 
 def test_outlier_rule_replaces_only_outliers_by_the_mean():
-    s = torch.tensor([[1.0, 1.1, 0.9, 1.0, 9.0, 1.05, 0.95, 1.0],
-                      [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    s = torch.tensor([[1.0, 1.1, 0.9, 1.0, 9.0, 1.05, 0.95, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     f = outliers(s)
     assert f.tolist() == [[False] * 4 + [True] + [False] * 3, [False] * 8]  # a flat row flags nothing
     out = apply_patch_sink(s, f)
@@ -81,7 +92,7 @@ def test_policies_keep_the_same_token_count(policy):
     if policy == "fixed":
         assert torch.equal(k, keep_indices(s, 0.6)[idx])
     if policy == "mix":  # the top half of the kept patches by the fixed scores are always there
-        top = torch.sort(s[idx], dim=1, descending=True, stable=True).indices[:, :round(0.5 * want)]
+        top = torch.sort(s[idx], dim=1, descending=True, stable=True).indices[:, : round(0.5 * want)]
         assert all(set(t.tolist()) <= set(r.tolist()) for t, r in zip(top, k))
     if policy in ("random", "mix"):
         assert not torch.equal(fn(x, idx), fn(x, idx))  # redrawn every step
@@ -171,6 +182,7 @@ def test_unstructured_and_24_masks():
 
 def test_check_layout_names_the_layer():
     from lotus import LotusError
+
     m = build(CFG, 3, 16)
     check_layout(m, "block", 16)
     check_layout(m, "2:4", 16)
@@ -184,8 +196,12 @@ def test_sweep_matches_sparsity():
     m = build(CFG, 3, 16)
     pts = sweep(m, [0.0, 0.5], lambda x: sparsity_of(masks_of(x)) if masks_of(x) else 0.0)
     assert [p["accuracy"] for p in pts] == pytest.approx([0.0, 0.5], abs=1e-3)
-    pts = sweep(m, [0.0, 0.25], lambda x: sparsity_of(masks_of(x)) if masks_of(x) else 0.0,
-                Pruner(layout="block", block_size=16))
+    pts = sweep(
+        m,
+        [0.0, 0.25],
+        lambda x: sparsity_of(masks_of(x)) if masks_of(x) else 0.0,
+        Pruner(layout="block", block_size=16),
+    )
     assert [p["accuracy"] for p in pts] == pytest.approx([0.0, 16 / 64])
 
 
@@ -194,6 +210,7 @@ def _copy_trainer(calls, lr=1e-2):
     def train_copy(model, d, seed, desc):
         calls.append((len(d), seed, False))
         train(model, d, None, epochs=1, lr=lr, batch_size=8, seed=seed)
+
     return train_copy
 
 
@@ -204,8 +221,19 @@ def test_soup_prune_isp_issp(layout):
     m = build(CFG, 3, 16)
     pr = Pruner(layout=layout, block_size=16)
     calls, cache = [], {}
-    isp, masks, log = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5, train_copy=_copy_trainer(calls),
-                                 merge="majority", seed=1, pruner=pr, weak_cache=cache)
+    isp, masks, log = soup_prune(
+        m,
+        data,
+        target=0.4,
+        rounds=2,
+        copies=3,
+        subset=0.5,
+        train_copy=_copy_trainer(calls),
+        merge="majority",
+        seed=1,
+        pruner=pr,
+        weak_cache=cache,
+    )
     assert len(calls) == 6 and all(n == 16 for n, _, _ in calls) and len({s for _, s, _ in calls}) == 6
     assert [r["round_target"] for r in log] == pytest.approx([0.2, 0.4])
     assert all(r["reused_cost"] == {"wall": 0.0, "cpu": 0.0} for r in log)  # every copy trained here
@@ -218,9 +246,19 @@ def test_soup_prune_isp_issp(layout):
     # ISSP: a union calibrated to the target: its sparsity is the target (to one pruning unit), each copy
     # prunes harder, and the union keeps weights that a single copy alone would not
     calls.clear()
-    issp, umasks, ulog = soup_prune(m, data, target=0.4, rounds=2, copies=3, subset=0.5,
-                                    train_copy=_copy_trainer(calls), merge="union", seed=1, pruner=pr,
-                                    weak_cache=cache)
+    issp, umasks, ulog = soup_prune(
+        m,
+        data,
+        target=0.4,
+        rounds=2,
+        copies=3,
+        subset=0.5,
+        train_copy=_copy_trainer(calls),
+        merge="union",
+        seed=1,
+        pruner=pr,
+        weak_cache=cache,
+    )
     assert len(calls) == 3  # round-1 copies shared with ISP (same start, same seeds) ...
     assert ulog[0]["reused_cost"]["cpu"] > 0 and ulog[1]["reused_cost"]["cpu"] == 0  # ... and their cost counted
     unit = 1 / sum(x.numel() for x in umasks.values()) * pr.granule()
@@ -235,7 +273,7 @@ def test_instant_soup_prune_as_published(layout):
     torch.manual_seed(0)
     m = build(CFG, 3, 16)
     pr = Pruner(layout=layout, block_size=16, score="l1")
-    calls, mains, lrs = [], [], iter([1e-3 * (0.9 ** t) for t in range(100)])
+    calls, mains, lrs = [], [], iter([1e-3 * (0.9**t) for t in range(100)])
 
     def train_main(model, d, seed):
         mains.append((len(d), masks_of(model) and sparsity_of(masks_of(model))))
@@ -246,14 +284,25 @@ def test_instant_soup_prune_as_published(layout):
         calls.append((len(d), lr))
         train(model, d, None, epochs=1, lr=lr, batch_size=8, seed=seed)
 
-    main, masks, log = instant_soup_prune(m, data, target=0.5, copies=5, copy_subset=0.1, main_subset=0.5,
-                                          step=0.2, stop_within=0.05, train_copy=train_copy, train_main=train_main,
-                                          seed=3, pruner=pr)
+    main, masks, log = instant_soup_prune(
+        m,
+        data,
+        target=0.5,
+        copies=5,
+        copy_subset=0.1,
+        main_subset=0.5,
+        step=0.2,
+        stop_within=0.05,
+        train_copy=train_copy,
+        train_main=train_main,
+        seed=3,
+        pruner=pr,
+    )
     its = [r for r in log if r["round"] != "final"]
     # the main model trains on half of the data before every iteration, and once more before it stops
     assert len(mains) == len(its) + 1 and all(n == 20 for n, _ in mains)
     assert len(calls) == 5 * len(its) and all(n == 4 for n, _ in calls)  # K = 5 copies on 10% each
-    assert [lr for _, lr in calls[::5]] == pytest.approx([1e-3 * 0.9 ** t for t in range(len(its))])  # carried lr
+    assert [lr for _, lr in calls[::5]] == pytest.approx([1e-3 * 0.9**t for t in range(len(its))])  # carried lr
     prev = 0.0
     for r in its:  # each copy prunes another 20% of what is left; the union keeps what any copy keeps
         assert 0.5 - prev >= 0.05  # iterates only while more than 5 points from the target
@@ -271,19 +320,50 @@ def test_instant_soup_prune_as_published(layout):
 
 def test_arm_names():
     from lotus.finetune import default_arms, parse_arm
-    assert parse_arm("dense/full") == {"start": "dense", "layout": "dense", "method": None, "policy": "full",
-                                       "keep": None, "budget": None}
-    assert parse_arm("block-isp/random@0.7") == {"start": "block-isp", "layout": "block", "method": "isp",
-                                                 "policy": "random", "keep": 0.7, "budget": None}
+
+    assert parse_arm("dense/full") == {
+        "start": "dense",
+        "layout": "dense",
+        "method": None,
+        "policy": "full",
+        "keep": None,
+        "budget": None,
+    }
+    assert parse_arm("block-isp/random@0.7") == {
+        "start": "block-isp",
+        "layout": "block",
+        "method": "isp",
+        "policy": "random",
+        "keep": 0.7,
+        "budget": None,
+    }
     assert parse_arm("dense/matched-cheapest")["budget"] == "matched-cheapest"
     assert parse_arm("2:4-control/mix")["layout"] == "2:4"
-    for bad in ("dense", "block-isp/full@0.5", "rows-isp/full", "block-soup/full", "dense/best", "dense/fixed@1.5",
-                "dense/fixed@x", "block-isp/matched-headline"):
+    for bad in (
+        "dense",
+        "block-isp/full@0.5",
+        "rows-isp/full",
+        "block-soup/full",
+        "dense/best",
+        "dense/fixed@1.5",
+        "dense/fixed@x",
+        "block-isp/matched-headline",
+    ):
         with pytest.raises(ValueError, match="arm"):
             parse_arm(bad)
     arms = default_arms("block", ["fixed", "random"], extra_keeps=[0.7])
-    assert arms == ["dense/full", "unstructured-isp/full", "block-isp/full", "dense/fixed", "dense/fixed_random",
-                    "dense/random", "block-isp/fixed", "block-isp/random", "block-isp/fixed@0.7", "block-isp/random@0.7"]
+    assert arms == [
+        "dense/full",
+        "unstructured-isp/full",
+        "block-isp/full",
+        "dense/fixed",
+        "dense/fixed_random",
+        "dense/random",
+        "block-isp/fixed",
+        "block-isp/random",
+        "block-isp/fixed@0.7",
+        "block-isp/random@0.7",
+    ]
     assert default_arms("unstructured", ["fixed"])[:3] == ["dense/full", "unstructured-isp/full", "dense/fixed"]
 
 

@@ -67,9 +67,11 @@ def test_train_bf16_autocast_runs():
     torch.manual_seed(0)
     m = build(CFG, 3, 16)
     from lotus_kernels import sparsify_
+
     sparsify_(m, sparsity=0.3)  # MaskedLinear under autocast too
-    h = train(m, data, data, epochs=1, lr=1e-3, batch_size=8, seed=0, bf16=True,
-              keep_idx=torch.arange(8).repeat(len(data), 1))
+    h = train(
+        m, data, data, epochs=1, lr=1e-3, batch_size=8, seed=0, bf16=True, keep_idx=torch.arange(8).repeat(len(data), 1)
+    )
     assert torch.isfinite(torch.tensor(h["train_loss"])).all() and len(h["val_acc"]) == 1
 
 
@@ -82,7 +84,7 @@ def test_augment_batch_flips_and_shifts_deterministically():
         cands = []
         for img in (x[i], x[i].flip(-1)):
             p = torch.nn.functional.pad(img, (2,) * 4)
-            cands += [p[:, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+            cands += [p[:, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(a[i], c) for c in cands)
     many = augment_batch(x.repeat(32, 1, 1, 1), torch.Generator().manual_seed(0), shift=2)
     assert not all(torch.equal(many[0], m) for m in many[2::2])  # not the identity for everyone
@@ -95,8 +97,17 @@ def test_train_with_augmentation_learns_and_refuses_tickets():
     h = train(m, data, data, epochs=3, lr=3e-3, batch_size=16, seed=1, augment=True)
     assert h["train_loss"][-1] < h["train_loss"][0]
     with pytest.raises(ValueError, match="augment: not with keep_idx"):
-        train(m, data, None, epochs=1, lr=1e-3, batch_size=16, seed=0, augment=True,
-              keep_idx=torch.arange(4).repeat(len(data), 1))
+        train(
+            m,
+            data,
+            None,
+            epochs=1,
+            lr=1e-3,
+            batch_size=16,
+            seed=0,
+            augment=True,
+            keep_idx=torch.arange(4).repeat(len(data), 1),
+        )
 
 
 def test_keep_fn_sees_each_batch_and_decides_its_patches():
@@ -136,6 +147,7 @@ def test_optimizer_state_is_carried_between_calls():
 
 def test_predict_matches_evaluate():
     from lotus.train import predict
+
     data = _data(n=20)
     m = build(CFG, 3, 16)
     p = predict(m, data, batch_size=7)

@@ -5,8 +5,13 @@ import torch
 
 import lotus_kernels
 from lotus_kernels.ops import attention
-from lotus_kernels.ops.attention import (apply_sink, apply_sink_varlen, attention_probs_reference,
-                                         attention_reference, attention_reference_varlen)
+from lotus_kernels.ops.attention import (
+    apply_sink,
+    apply_sink_varlen,
+    attention_probs_reference,
+    attention_reference,
+    attention_reference_varlen,
+)
 
 from ..conftest import BACKENDS
 
@@ -21,8 +26,11 @@ IMPL_IDS = [f"{b}-{d}" for b, d in IMPLS]
 # (N, D): ViT-S/16 tokens, a short sequence crossing a key block, a lone token, an odd head dim.
 SHAPES = [(197, 64), (50, 32), (1, 32), (70, 40), (33, 128)]  # head dims 32 / 64 / 128 and odd ones
 B, H = 2, 3
-TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
-       torch.float16: dict(rtol=5e-3, atol=5e-3)}
+TOL = {
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +45,10 @@ def make_mask(kind, n, device):
         return None
     m = torch.zeros(B, n, dtype=torch.bool, device=device)
     if kind == "lengths":  # images of different lengths: 1 keeps every token, 0 keeps ~2/3
-        m[0, (2 * n + 2) // 3:] = True
+        m[0, (2 * n + 2) // 3 :] = True
     else:  # "empty": image 1 fully padded, image 0 with a hole in the middle
         m[1] = True
-        m[0, n // 3: n // 2] = True
+        m[0, n // 3 : n // 2] = True
     return m
 
 
@@ -146,17 +154,49 @@ T = lambda *s, **kw: torch.randn(*s, **kw)  # noqa: E731
 BAD = [
     (lambda: attention(T(2, 3, 5, 4), T(2, 3, 6, 4), T(2, 3, 5, 4)), ValueError, "k: expected shape \\(2, 3, 5, 4\\)"),
     (lambda: attention(T(2, 3, 5, 4), T(2, 3, 5, 4), T(2, 3, 5, 8)), ValueError, "v: expected shape"),
-    (lambda: attention(T(3, 5, 4), T(3, 5, 4), T(3, 5, 4)), ValueError, "q: expected a 4-D tensor \\[B, H, N, D\\], got 3-D"),
+    (
+        lambda: attention(T(3, 5, 4), T(3, 5, 4), T(3, 5, 4)),
+        ValueError,
+        "q: expected a 4-D tensor \\[B, H, N, D\\], got 3-D",
+    ),
     (lambda: attention(T(1, 1, 2, 2).long(), T(1, 1, 2, 2), T(1, 1, 2, 2)), TypeError, "q: expected dtype float32"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2).double(), T(1, 1, 2, 2)), TypeError, "k: expected dtype torch.float32 \\(like q\\)"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 3, dtype=torch.bool)),
-     ValueError, "key_padding_mask: expected shape \\(1, 2\\)"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 2)),
-     TypeError, "key_padding_mask: expected a bool tensor"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), return_scores="max"), ValueError, "return_scores: expected None, 'cls' or 'received', got 'max'"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), sink="drop"), ValueError, "sink: expected 'mean' or None"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2, device="meta")), ValueError, "v: expected a tensor on cpu"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), scale=float("nan")), ValueError, "scale: expected a finite float"),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2).double(), T(1, 1, 2, 2)),
+        TypeError,
+        "k: expected dtype torch.float32 \\(like q\\)",
+    ),
+    (
+        lambda: attention(
+            T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 3, dtype=torch.bool)
+        ),
+        ValueError,
+        "key_padding_mask: expected shape \\(1, 2\\)",
+    ),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), key_padding_mask=torch.zeros(1, 2)),
+        TypeError,
+        "key_padding_mask: expected a bool tensor",
+    ),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), return_scores="max"),
+        ValueError,
+        "return_scores: expected None, 'cls' or 'received', got 'max'",
+    ),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), sink="drop"),
+        ValueError,
+        "sink: expected 'mean' or None",
+    ),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2, device="meta")),
+        ValueError,
+        "v: expected a tensor on cpu",
+    ),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), scale=float("nan")),
+        ValueError,
+        "scale: expected a finite float",
+    ),
     (lambda: attention(T(1, 1, 0, 2), T(1, 1, 0, 2), T(1, 1, 0, 2)), ValueError, "q: expected N >= 1 tokens"),
     (lambda: attention([[1.0]], T(1, 1, 2, 2), T(1, 1, 2, 2)), TypeError, "q: expected a torch.Tensor, got list"),
 ]
@@ -173,15 +213,22 @@ def test_bad_input_is_a_clear_error(backend, device, call, exc, match):
 TRITON = [(b, d) for b, d in BACKENDS if b == "triton"]
 # The interpreter costs ~1 s per call at N = 197: a handful of cases that cover the kernel's paths
 # (multi-block keys, odd D, bf16, a lone token, padding incl. a fully padded image).
-TRITON_CASES = [((197, 64), torch.float32, "empty"), ((50, 32), torch.bfloat16, "lengths"),
-                ((33, 128), torch.float32, "lengths"),
-                ((1, 32), torch.float32, None), ((70, 40), torch.float32, "lengths"),
-                ((70, 40), torch.bfloat16, "empty"), ((9, 3), torch.float64, "lengths"),
-                ((50, 32), torch.float16, "lengths")]
+TRITON_CASES = [
+    ((197, 64), torch.float32, "empty"),
+    ((50, 32), torch.bfloat16, "lengths"),
+    ((33, 128), torch.float32, "lengths"),
+    ((1, 32), torch.float32, None),
+    ((70, 40), torch.float32, "lengths"),
+    ((70, 40), torch.bfloat16, "empty"),
+    ((9, 3), torch.float64, "lengths"),
+    ((50, 32), torch.float16, "lengths"),
+]
 
 
 @pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
-@pytest.mark.parametrize("shape,dtype,mask", TRITON_CASES, ids=[f"N{s[0]}-D{s[1]}-{str(t)[6:]}-{m}" for s, t, m in TRITON_CASES])
+@pytest.mark.parametrize(
+    "shape,dtype,mask", TRITON_CASES, ids=[f"N{s[0]}-D{s[1]}-{str(t)[6:]}-{m}" for s, t, m in TRITON_CASES]
+)
 def test_triton_forward_scores_and_backward(backend, device, shape, dtype, mask):
     n, d = shape
     q, k, v = qkv(n, d, dtype, device)
@@ -192,7 +239,9 @@ def test_triton_forward_scores_and_backward(backend, device, shape, dtype, mask)
         grads = torch.autograd.grad(out, (q, k, v), g)
         _, rec = attention(q.detach(), k.detach(), v.detach(), key_padding_mask=m, return_scores="received", sink=None)
     tol = TOL.get(dtype, dict(rtol=1e-10, atol=1e-10))
-    ref_in = [t.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in (q, k, v)]
+    ref_in = [
+        t.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in (q, k, v)
+    ]
     ref, ref_cls = attention_reference(*ref_in, key_padding_mask=m, return_scores="cls")
     _, ref_rec = attention_reference(*ref_in, key_padding_mask=m, return_scores="received", sink=None)
     ref_grads = torch.autograd.grad(ref, ref_in, g.to(ref.dtype))
@@ -231,7 +280,9 @@ def test_varlen_forward_backward_matches_per_sequence_sdpa(backend, device, dtyp
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.float(), want if want is not None else torch.zeros_like(got.float()), **TOL[dtype])
+        torch.testing.assert_close(
+            got.float(), want if want is not None else torch.zeros_like(got.float()), **TOL[dtype]
+        )
 
 
 @pytest.mark.parametrize("backend,device", IMPLS, ids=IMPL_IDS)
@@ -258,8 +309,14 @@ def test_varlen_equals_padded_batch_with_mask():
     lens = (9, 4, 6)
     (q, k, v), cu = packed(lens, H, 16, torch.float32, "cpu", grad=False)
     n = max(lens)
-    pad = lambda x: torch.stack([torch.cat([x[s:e], x.new_zeros(n - (e - s), *x.shape[1:])])  # noqa: E731
-                                 for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]).transpose(1, 2)
+    pad = (
+        lambda x: torch.stack(
+            [
+                torch.cat([x[s:e], x.new_zeros(n - (e - s), *x.shape[1:])])  # noqa: E731
+                for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())
+            ]
+        ).transpose(1, 2)
+    )
     mask = torch.arange(n)[None, :] >= torch.tensor(lens)[:, None]
     out, sc = attention(q, k, v, cu_seqlens=cu, return_scores="received")
     out_p, sc_p = attention(pad(q), pad(k), pad(v), key_padding_mask=mask, return_scores="received")
@@ -293,18 +350,49 @@ CU = lambda *v: torch.tensor(v)  # noqa: E731
 P = lambda t=5: T(t, 2, 4)  # noqa: E731
 BAD_VARLEN = [
     (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5)[None]), ValueError, "cu_seqlens: expected a 1-D tensor"),
-    (lambda: attention(P(), P(), P(), cu_seqlens=CU(1, 2, 5)), ValueError, "cu_seqlens: expected to start at 0, got cu_seqlens\\[0\\] = 1"),
-    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 3, 2, 5)), ValueError, "cu_seqlens: expected non-decreasing offsets, got cu_seqlens\\[1\\] = 3 > cu_seqlens\\[2\\] = 2"),
+    (
+        lambda: attention(P(), P(), P(), cu_seqlens=CU(1, 2, 5)),
+        ValueError,
+        "cu_seqlens: expected to start at 0, got cu_seqlens\\[0\\] = 1",
+    ),
+    (
+        lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 3, 2, 5)),
+        ValueError,
+        "cu_seqlens: expected non-decreasing offsets, got cu_seqlens\\[1\\] = 3 > cu_seqlens\\[2\\] = 2",
+    ),
     (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 4)), ValueError, "cu_seqlens: expected to end at T = 5"),
-    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5).float()), TypeError, "cu_seqlens: expected dtype int64 or int32, got float32"),
-    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 5).to("meta")), ValueError, "cu_seqlens: expected a tensor on cpu"),
+    (
+        lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5).float()),
+        TypeError,
+        "cu_seqlens: expected dtype int64 or int32, got float32",
+    ),
+    (
+        lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 5).to("meta")),
+        ValueError,
+        "cu_seqlens: expected a tensor on cpu",
+    ),
     (lambda: attention(P(), P(), P(), cu_seqlens=CU().long()), ValueError, "cu_seqlens: expected B \\+ 1 >= 1 offsets"),
     (lambda: attention(P(), P(), P(), cu_seqlens=[0, 5]), TypeError, "cu_seqlens: expected a torch.Tensor"),
-    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 5), key_padding_mask=torch.zeros(1, 5, dtype=torch.bool)),
-     ValueError, "key_padding_mask: cannot be combined with cu_seqlens"),
-    (lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5), max_seqlen=2), ValueError, "max_seqlen: expected an int >= the longest sequence \\(3\\)"),
-    (lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), max_seqlen=2), ValueError, "max_seqlen: only meaningful together with cu_seqlens"),
-    (lambda: attention(T(1, 2, 5, 4), T(1, 2, 5, 4), T(1, 2, 5, 4), cu_seqlens=CU(0, 5)), ValueError, "q: expected a 3-D tensor \\[T, H, D\\] \\(packed"),
+    (
+        lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 5), key_padding_mask=torch.zeros(1, 5, dtype=torch.bool)),
+        ValueError,
+        "key_padding_mask: cannot be combined with cu_seqlens",
+    ),
+    (
+        lambda: attention(P(), P(), P(), cu_seqlens=CU(0, 2, 5), max_seqlen=2),
+        ValueError,
+        "max_seqlen: expected an int >= the longest sequence \\(3\\)",
+    ),
+    (
+        lambda: attention(T(1, 1, 2, 2), T(1, 1, 2, 2), T(1, 1, 2, 2), max_seqlen=2),
+        ValueError,
+        "max_seqlen: only meaningful together with cu_seqlens",
+    ),
+    (
+        lambda: attention(T(1, 2, 5, 4), T(1, 2, 5, 4), T(1, 2, 5, 4), cu_seqlens=CU(0, 5)),
+        ValueError,
+        "q: expected a 3-D tensor \\[T, H, D\\] \\(packed",
+    ),
     (lambda: attention(P(), P(6), P(), cu_seqlens=CU(0, 5)), ValueError, "k: expected shape \\(5, 2, 4\\)"),
 ]
 
@@ -320,7 +408,9 @@ TRITON_VARLEN = [((70, 1, 0, 9), torch.float32, 40), ((50, 3), torch.bfloat16, 3
 
 
 @pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
-@pytest.mark.parametrize("lens,dtype,d", TRITON_VARLEN, ids=[f"{'-'.join(map(str, x))}-{str(t)[6:]}" for x, t, _ in TRITON_VARLEN])
+@pytest.mark.parametrize(
+    "lens,dtype,d", TRITON_VARLEN, ids=[f"{'-'.join(map(str, x))}-{str(t)[6:]}" for x, t, _ in TRITON_VARLEN]
+)
 def test_triton_varlen_forward_scores_and_backward(backend, device, lens, dtype, d):
     (q, k, v), cu = packed(lens, H, d, dtype, device)
     g = torch.randn_like(q)
@@ -388,6 +478,7 @@ def test_triton_fp64_products_by_hand(backend, device, varlen, monkeypatch):
     # On a GPU the Triton kernels compute fp64 products by broadcasting (Triton's fp64 MMA lowering
     # rejects their register operands); the same path forced under the interpreter, against SDPA.
     from lotus_kernels.triton import attention as triton_attention
+
     monkeypatch.setattr(triton_attention, "FP64_BY_HAND", True)
     if varlen:
         (q, k, v), cu = packed((9, 0, 20), H, 24, torch.float64, device)
@@ -419,7 +510,7 @@ def cls_mask(kind, n):
         m[0, 5:11] = True
     elif kind == "key0":  # image 0: key 0 and a tail padded; image 1: key 0 its only key
         m[0, 0] = True
-        m[0, 2 * n // 3:] = True
+        m[0, 2 * n // 3 :] = True
         m[1, 1:] = True
     return None if kind is None else m
 
@@ -429,6 +520,7 @@ def cls_mask(kind, n):
 @pytest.mark.parametrize("mask", [None, "empty", "key0"])
 def test_triton_cls_scores_fold_the_sink(backend, device, dtype, mask, monkeypatch):
     from lotus_kernels.triton import attention as triton_attention
+
     monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
     n = 37
     q, k, v = qkv(n, 16, dtype, device)
@@ -456,6 +548,7 @@ TRITON_CLS_VARLEN = [(0, 37, 1, 0, 20), (1,), (40, 0)]
 @pytest.mark.parametrize("lens", TRITON_CLS_VARLEN, ids=["-".join(map(str, x)) for x in TRITON_CLS_VARLEN])
 def test_triton_varlen_cls_scores_fold_the_sink(backend, device, dtype, lens, monkeypatch):
     from lotus_kernels.triton import attention as triton_attention
+
     monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
     (q, k, v), cu = packed(lens, H, 16, dtype, device)
     ref_in = [t.detach().float() for t in (q, k, v)]
@@ -480,16 +573,23 @@ def test_triton_received_scores_keep_the_sink_and_int32_offsets_backward(backend
         _, sc = attention(q, k, v, key_padding_mask=m, return_scores="received")
         out = attention(pq, pk, pv, cu_seqlens=cu.int())
         grads = torch.autograd.grad(out, (pq, pk, pv), g)
-    torch.testing.assert_close(sc, attention_reference(q, k, v, key_padding_mask=m, return_scores="received")[1],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        sc, attention_reference(q, k, v, key_padding_mask=m, return_scores="received")[1], rtol=1e-5, atol=1e-6
+    )
     ref_in = [t.detach().requires_grad_() for t in (pq, pk, pv)]
     ref = attention_reference_varlen(*ref_in, cu)
     for got, want in zip(grads, torch.autograd.grad(ref, ref_in, g)):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-LAUNCH_CASES = [("padded", None), ("padded", "lengths"), ("padded-sink-None", None), ("varlen", None),
-                ("varlen-int32", None), ("varlen-device-checks", None)]
+LAUNCH_CASES = [
+    ("padded", None),
+    ("padded", "lengths"),
+    ("padded-sink-None", None),
+    ("varlen", None),
+    ("varlen-int32", None),
+    ("varlen-device-checks", None),
+]
 
 
 @pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
@@ -501,6 +601,7 @@ def test_triton_cls_forward_is_two_kernels_and_no_pytorch_launch(backend, device
     from lotus_kernels import _checks
 
     from .._launches import launches
+
     monkeypatch.setenv("LOTUS_KERNELS_POISON", "0")  # the poison fills are test-only launches
     kw = dict(return_scores="cls", sink=None if "None" in case else "mean")
     if case.startswith("padded"):
@@ -535,6 +636,7 @@ SDPA_IDS = [f"{b}-{d}" for b, d in SDPA]
 @pytest.mark.parametrize("mask,n", [(None, 37), ("empty", 37), ("key0", 9)])
 def test_sdpa_path_matches_reference(backend, device, dtype, mask, n, monkeypatch):
     from lotus_kernels.triton import attention as triton_attention
+
     monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
     monkeypatch.setattr(triton_attention, "CLS_ROW_BLOCK", 16)
     monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
@@ -550,8 +652,11 @@ def test_sdpa_path_matches_reference(backend, device, dtype, mask, n, monkeypatc
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         assert sc.dtype == acc and sc.shape == (B, n) and not sc.requires_grad and out.requires_grad
         torch.testing.assert_close(sc.double(), want, rtol=1e-5, atol=1e-6 if dtype != torch.float64 else 1e-12)
-        torch.testing.assert_close(out.double(), want_out.detach(), **{**TOL.get(dtype, {}), **(
-            dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else {})})
+        torch.testing.assert_close(
+            out.double(),
+            want_out.detach(),
+            **{**TOL.get(dtype, {}), **(dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else {})},
+        )
         if m is not None:
             assert (sc[m] == 0).all()
         if mask == "key0":  # the lone key 0 scores 1 raw, 0 after the sink rule (no other key to average)
@@ -582,6 +687,7 @@ def test_sdpa_path_varlen_cls_scores(backend, device, dtype, lens, monkeypatch):
     # The packed layout of the cls-row kernel (offsets read as given: int64 and int32; empty and lone
     # sequences; several key blocks and one), with varlen_attn replaced by the reference off CUDA.
     from lotus_kernels.triton import attention as triton_attention
+
     monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
     monkeypatch.setattr(triton_attention, "CLS_ROW_BLOCK", 16)
     monkeypatch.setattr(triton_attention, "CLS_BLOCK", 16)
@@ -602,6 +708,7 @@ def test_sdpa_path_varlen_cls_scores(backend, device, dtype, lens, monkeypatch):
 @pytest.mark.parametrize("backend,device", TRITON_SDPA, ids=[f"{b}-{d}" for b, d in TRITON_SDPA])
 def test_sdpa_path_launches_one_score_kernel_and_received_keeps_the_fused_kernel(backend, device, monkeypatch):
     from .._launches import launches
+
     monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
     monkeypatch.setenv("LOTUS_KERNELS_POISON", "0")
     q, k, v = qkv(20, 16, torch.bfloat16, device)
@@ -640,8 +747,9 @@ def test_sdpa_path_compiles_to_one_graph(monkeypatch):
     monkeypatch.setenv(attention_ops.ENV_PATH, "sdpa")
     q, k, v = qkv(9, 8, torch.float32, "cpu", grad=False)
     m = cls_mask("key0", 9)
-    f = torch.compile(lambda a, b, c: attention(a, b, c, key_padding_mask=m, return_scores="cls"), fullgraph=True,
-                      backend="eager")
+    f = torch.compile(
+        lambda a, b, c: attention(a, b, c, key_padding_mask=m, return_scores="cls"), fullgraph=True, backend="eager"
+    )
     out, sc = f(q, k, v)
     want_out, want_sc = attention_reference(q, k, v, key_padding_mask=m, return_scores="cls")
     torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)

@@ -3,8 +3,8 @@ import torch
 
 from lotus_kernels import use_backend
 from lotus_kernels.ops import block_sparse_linear, bsr_from_dense, bsr_to_dense
-from lotus_kernels.ops.block_sparse_linear import block_sparse_linear_reference, bsr_indices
-from tests.conftest import BACKENDS, BACKEND_IDS, backends_for, tolerance
+from lotus_kernels.ops.block_sparse_linear import bsr_indices
+from tests.conftest import backends_for, tolerance
 
 KERNELS = backends_for("block_sparse_linear")
 KERNEL_IDS = [f"{b}-{d}" for b, d in KERNELS]
@@ -41,11 +41,11 @@ def test_bsr_from_dense_layout_and_round_trip():
     values, crow, col, ccol, row, perm = bsr_from_dense(w, mask, bs)
     assert values.shape == (int(mask.sum()), bs, bs)
     for r in range(3):
-        cols = col[crow[r]:crow[r + 1]]
+        cols = col[crow[r] : crow[r + 1]]
         assert cols.tolist() == mask[r].nonzero().flatten().tolist()
         for k in range(int(crow[r]), int(crow[r + 1])):
             c = int(col[k])
-            assert torch.equal(values[k], w[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs])
+            assert torch.equal(values[k], w[r * bs : (r + 1) * bs, c * bs : (c + 1) * bs])
     for c in range(6):
         ts = range(int(ccol[c]), int(ccol[c + 1]))
         assert [int(row[t]) for t in ts] == mask[:, c].nonzero().flatten().tolist()
@@ -56,7 +56,9 @@ def test_bsr_from_dense_layout_and_round_trip():
 
 def test_bsr_indices_of_an_empty_mask():
     crow, col, ccol, row, perm = bsr_indices(torch.zeros(2, 3, dtype=torch.bool))
-    assert crow.tolist() == [0, 0, 0] and ccol.tolist() == [0, 0, 0, 0] and col.numel() == row.numel() == perm.numel() == 0
+    assert (
+        crow.tolist() == [0, 0, 0] and ccol.tolist() == [0, 0, 0, 0] and col.numel() == row.numel() == perm.numel() == 0
+    )
 
 
 # ---------------------------------------------------------------- kernels vs the reference
@@ -173,7 +175,7 @@ def test_bwd_input_bias_op_matches_its_parts(backend, device, dtype):
     assert dx.dtype == db.dtype == dtype and db.shape == (1536,)
     torch.testing.assert_close(dx, dx_alone, rtol=0, atol=0)  # the same kernel and summation order
     want = dy.double().sum(0)
-    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(db.double(), want, rtol=rtol, atol=rtol * (1 + float(want.abs().max())))
 
 
@@ -193,8 +195,9 @@ def _mixed_run(backend, x, fmt, bias, dy, dtype, device_type, cast_first):
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("lead,out_f,in_f,bs,density", [((37,), 160, 96, 32, 0.5), ((2, 7), 64, 128, 16, 0.6),
-                                                        ((5,), 64, 64, 32, 0.0)])
+@pytest.mark.parametrize(
+    "lead,out_f,in_f,bs,density", [((37,), 160, 96, 32, 0.5), ((2, 7), 64, 128, 16, 0.6), ((5,), 64, 64, 32, 0.0)]
+)
 def test_fp32_input_under_autocast(backend, device, dtype, with_bias, lead, out_f, in_f, bs, density):
     """x fp32 under autocast stays fp32 (no cast node): y / dvalues / dbias in the autocast dtype, dx
     fp32; y, dvalues and dbias equal the cast-then-kernel call's bit for bit (x is rounded exactly as
@@ -220,7 +223,7 @@ def test_fp32_input_under_autocast(backend, device, dtype, with_bias, lead, out_
     want_dx = dy.double() @ w
     err, err_cast = (float((d.double() - want_dx).abs().max()) if d.numel() else 0.0 for d in (dx, cast[1]))
     assert err <= err_cast, (err, err_cast)
-    torch.testing.assert_close(dx.double(), want_dx, rtol=2 ** -7, atol=2 ** -7 * (1 + float(want_dx.abs().max())))
+    torch.testing.assert_close(dx.double(), want_dx, rtol=2**-7, atol=2**-7 * (1 + float(want_dx.abs().max())))
     ref = _mixed_run("reference", x, fmt, bias, dy, dtype, dt, cast_first=False)
     tol = dict(rtol=3e-2, atol=6e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=1e-2)
     for g, r, name in zip(got, ref, ("y", "dx", "dvalues", "dbias")):
@@ -263,8 +266,9 @@ def _fmt():
 
 def _bad(mutate):
     fmt, bias = _fmt()
-    args = dict(x=torch.randn(4, 64), values=fmt[0], crow=fmt[1], col=fmt[2], ccol=fmt[3], row=fmt[4], perm=fmt[5],
-                bias=bias)
+    args = dict(
+        x=torch.randn(4, 64), values=fmt[0], crow=fmt[1], col=fmt[2], ccol=fmt[3], row=fmt[4], perm=fmt[5], bias=bias
+    )
     mutate(args)
     return lambda: block_sparse_linear(**args)
 

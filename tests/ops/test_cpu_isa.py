@@ -3,6 +3,7 @@
 A variant this CPU cannot run is a skip whose reason names the missing ISA (pytest -ra prints it),
 never a silent pass.
 """
+
 import pytest
 import torch
 
@@ -21,8 +22,10 @@ def isa(request, monkeypatch):
     """Forces one ISA level for the test (skipped, naming the ISA, where this CPU lacks it)."""
     name = request.param
     if name not in SUPPORTED:
-        pytest.skip(f"this CPU cannot run {name} (its best is {lk.cpu_isa(capped=False)}): "
-                    f"the {name} kernels are untested on this machine")
+        pytest.skip(
+            f"this CPU cannot run {name} (its best is {lk.cpu_isa(capped=False)}): "
+            f"the {name} kernels are untested on this machine"
+        )
     monkeypatch.setenv(ENV_CPU_ISA, name)
     return name
 
@@ -71,7 +74,7 @@ CASES = [  # (M, out, in, bs, density, empty row / column): tiles with partial p
     (29, 128, 192, 64, 0.8, True),
     (130, 96, 768, 32, 0.7, False),  # fp32: K cut into two ranges (fwd); bf16: lists longer than a group
     (67, 1536, 64, 32, 0.5, False),  # bwd_input K = 1536: two ranges for bf16 too
-    (8, 64, 96, 32, 0.0, False),     # nothing stored
+    (8, 64, 96, 32, 0.0, False),  # nothing stored
 ]
 
 
@@ -81,7 +84,7 @@ def _case(M, out_f, in_f, bs, density, empty, seed=0):
     if empty and mask.numel() > 1:
         mask[0] = False
         mask[:, -1] = False
-    w = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
     x = torch.randn(M, in_f, generator=g)
     dy = torch.randn(M, out_f, generator=g)
     bias = torch.randn(out_f, generator=g)
@@ -113,12 +116,13 @@ def test_block_sparse_linear_matches_the_reference(isa, dtype, M, out_f, in_f, b
     want_dw = dyd.t() @ xd
     want = (xd @ w.t() + bd, dyd @ w, bsr_from_dense(want_dw, mask, bs)[0], dyd.sum(0))
     # fp32 sums; bf16 / fp16 round each output once (2^-9 / 2^-12 relative).
-    rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     for g, w_, name in zip(got, want, ("y", "dx", "dvalues", "dbias")):
         assert g.dtype == dtype and g.shape == w_.shape, name
         assert not g.isnan().any(), f"{name}: an output element was never written (poisoned NaN left)"
-        torch.testing.assert_close(g.double(), w_, rtol=rtol, atol=rtol * 0.1 * (1 + _scale(w_)),
-                                   msg=lambda m: f"{isa} {name}: {m}")
+        torch.testing.assert_close(
+            g.double(), w_, rtol=rtol, atol=rtol * 0.1 * (1 + _scale(w_)), msg=lambda m: f"{isa} {name}: {m}"
+        )
     # and the registered reference op agrees at the dtype's own tolerance
     ref = _run(fmt, x, dy, bias, dtype, "reference")
     for g, r in zip(got, ref):
@@ -136,10 +140,9 @@ def test_block_sparse_linear_two_threads(isa, dtype):
     finally:
         torch.set_num_threads(prev)
     ref = _run(fmt, x, dy, bias, dtype, "reference")
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
     for g, r in zip(got, ref):
         torch.testing.assert_close(g.double(), r.double(), rtol=tol, atol=tol * (1 + _scale(r)))
-
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -170,8 +173,9 @@ def test_fp32_input_under_autocast_per_isa(isa, dtype, M, out_f, in_f, bs, densi
     native = isa == "avx512_bf16" and dtype == torch.bfloat16
     want_dx = dyl.double() @ bsr_to_dense(fmt[0].to(dtype).double(), fmt[1], fmt[2], in_f)
     if native:  # fp32 sums, not rounded to bf16
-        torch.testing.assert_close(got[1].double(), want_dx, rtol=1e-5, atol=1e-6 * (1 + _scale(want_dx)),
-                                   msg=lambda m: f"{isa} dx: {m}")
+        torch.testing.assert_close(
+            got[1].double(), want_dx, rtol=1e-5, atol=1e-6 * (1 + _scale(want_dx)), msg=lambda m: f"{isa} dx: {m}"
+        )
         if fmt[0].numel():  # the fp32 dx really came from the kernel, not from a bf16 result cast back
             assert not torch.equal(got[1], cast[1])
     else:
@@ -202,23 +206,26 @@ def test_fp32_input_under_autocast_two_threads(isa):
         assert torch.equal(got[i], cast[i])
     ref = run("reference", False)
     for g, r in zip(got, ref):
-        torch.testing.assert_close(g.double(), r.double(), rtol=2 ** -6, atol=2 ** -6 * (1 + _scale(r)))
+        torch.testing.assert_close(g.double(), r.double(), rtol=2**-6, atol=2**-6 * (1 + _scale(r)))
 
 
 # ---------------------------------------------------------------- attention's softmax / score passes per ISA
-@pytest.mark.parametrize("n,mode,dtype", [(37, "cls", torch.float32), (70, "received", torch.float32),
-                                          (45, "cls", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "n,mode,dtype", [(37, "cls", torch.float32), (70, "received", torch.float32), (45, "cls", torch.bfloat16)]
+)
 def test_attention_matches_the_reference(isa, n, mode, dtype):
     """Row max / exp / row sum of each ISA (the blocked path above 2048 keys calls the same three),
     a padding mask with a hole, both score kinds, forward and backward."""
     from lotus_kernels.ops.attention import attention_reference
-    assert lk.cpu_kernel_path("attention", dtype) == ("default" if isa == "default" else
-                                                      "avx2" if isa == "avx2" else "avx512")
+
+    assert lk.cpu_kernel_path("attention", dtype) == (
+        "default" if isa == "default" else "avx2" if isa == "avx2" else "avx512"
+    )
     g = torch.Generator().manual_seed(n)
     b, h, d = 2, 2, 32
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
     mask = torch.zeros(b, n, dtype=torch.bool)
-    mask[0, n // 3: n // 3 + 5] = True  # a hole: -inf scores inside the row
+    mask[0, n // 3 : n // 3 + 5] = True  # a hole: -inf scores inside the row
     mask[-1, -7:] = True
     dout = torch.randn(b, h, n, d, generator=g).to(dtype)
     with use_backend("cpu"):

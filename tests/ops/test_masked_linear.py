@@ -117,17 +117,41 @@ BAD = [
     (lambda: masked_linear(X, torch.zeros(3), M), ValueError, "weight: expected a 2-D tensor, got 1-D"),
     (lambda: masked_linear(X, W.long(), M), TypeError, "weight: expected dtype float32"),
     (lambda: masked_linear(X, W, M.float()), TypeError, "mask: expected a bool tensor \\(True = keep\\), got float32"),
-    (lambda: masked_linear(X, W, M.t()), ValueError, "mask: expected shape \\(4, 3\\) to match weight \\[out_features, in_features\\], got \\(3, 4\\)"),
+    (
+        lambda: masked_linear(X, W, M.t()),
+        ValueError,
+        "mask: expected shape \\(4, 3\\) to match weight \\[out_features, in_features\\], got \\(3, 4\\)",
+    ),
     (lambda: masked_linear(X, W, [[True]]), TypeError, "mask: expected a torch.Tensor, got list"),
-    (lambda: masked_linear(torch.randn(2, 4), W, M), ValueError, "x: expected shape \\[..., 3\\] \\(last dim = weight's in_features\\), got \\(2, 4\\)"),
+    (
+        lambda: masked_linear(torch.randn(2, 4), W, M),
+        ValueError,
+        "x: expected shape \\[..., 3\\] \\(last dim = weight's in_features\\), got \\(2, 4\\)",
+    ),
     (lambda: masked_linear(torch.tensor(1.0), W, M), ValueError, "x: expected shape \\[..., 3\\]"),
     (lambda: masked_linear(X.long(), W, M), TypeError, "x: expected dtype float32"),
     (lambda: masked_linear([[1.0] * 3], W, M), TypeError, "x: expected a torch.Tensor, got list"),
-    (lambda: masked_linear(X, W, M, torch.zeros(3)), ValueError, "bias: expected shape \\(4,\\) \\(weight's out_features\\), got \\(3,\\)"),
+    (
+        lambda: masked_linear(X, W, M, torch.zeros(3)),
+        ValueError,
+        "bias: expected shape \\(4,\\) \\(weight's out_features\\), got \\(3,\\)",
+    ),
     (lambda: masked_linear(X, W, M, torch.zeros(1, 4)), ValueError, "bias: expected a 1-D tensor, got 2-D"),
-    (lambda: masked_linear(X.double(), W, M), TypeError, "weight: expected dtype torch.float64 \\(like x\\), got torch.float32"),
-    (lambda: masked_linear(X, W, M, torch.zeros(4, dtype=torch.float64)), TypeError, "bias: expected dtype torch.float32 \\(like x\\)"),
-    (lambda: masked_linear(X, W, M.to("meta")), ValueError, "mask: expected a tensor on cpu \\(like x\\), got one on meta"),
+    (
+        lambda: masked_linear(X.double(), W, M),
+        TypeError,
+        "weight: expected dtype torch.float64 \\(like x\\), got torch.float32",
+    ),
+    (
+        lambda: masked_linear(X, W, M, torch.zeros(4, dtype=torch.float64)),
+        TypeError,
+        "bias: expected dtype torch.float32 \\(like x\\)",
+    ),
+    (
+        lambda: masked_linear(X, W, M.to("meta")),
+        ValueError,
+        "mask: expected a tensor on cpu \\(like x\\), got one on meta",
+    ),
 ]
 
 

@@ -3,15 +3,23 @@ import torch
 
 import lotus_kernels
 from lotus_kernels.ops import im2col_gather, patch_embed_gather
-from lotus_kernels.ops.patch_embed_gather import (col2im_scatter_reference, im2col_gather_reference,
-                                                  patch_embed_gather_reference)
+from lotus_kernels.ops.patch_embed_gather import (
+    col2im_scatter_reference,
+    im2col_gather_reference,
+    patch_embed_gather_reference,
+)
 
 from ..conftest import BACKEND_IDS, BACKENDS
 
 # (B, Cin, H, W, D, (ph, pw)): CIFAR patch 4, ViT patch 16 on a small grid, a rectangular patch,
 # odd widths D, a single patch, a single channel.
-GEOMS = [(2, 3, 32, 32, 33, (4, 4)), (2, 3, 48, 64, 64, (16, 16)), (3, 2, 12, 16, 17, (2, 4)),
-         (1, 3, 16, 16, 8, (16, 16)), (2, 1, 8, 8, 5, (2, 2))]
+GEOMS = [
+    (2, 3, 32, 32, 33, (4, 4)),
+    (2, 3, 48, 64, 64, (16, 16)),
+    (3, 2, 12, 16, 17, (2, 4)),
+    (1, 3, 16, 16, 8, (16, 16)),
+    (2, 1, 8, 8, 5, (2, 2)),
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -24,8 +32,7 @@ def inputs(geom, dtype, device, keep, with_bias=True, with_pos=True, dup=False):
     else:
         idx = torch.rand(B, n, device=device).argsort(1)[:, :k].sort(1).values
     t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
-    return (t(B, C, H, W), idx, t(D, C, ph, pw), t(D) if with_bias else None,
-            t(1, n, D) if with_pos else None)
+    return (t(B, C, H, W), idx, t(D, C, ph, pw), t(D) if with_bias else None, t(1, n, D) if with_pos else None)
 
 
 def grads(out, tensors, g):
@@ -48,11 +55,11 @@ def test_forward_backward_matches_reference(backend, device, dtype, geom, keep, 
     want = grads(ref, ref_in, g.double())
     # Dot products of length Cin*ph*pw (and B*K for dweight): error grows with their length.
     length = max(geom[1] * geom[5][0] * geom[5][1], idx.numel())
-    tol = dict(rtol=1e-4, atol=1e-5 * length ** 0.5)
+    tol = dict(rtol=1e-4, atol=1e-5 * length**0.5)
     if dtype == torch.bfloat16:
-        tol = dict(rtol=5e-2, atol=2e-2 * length ** 0.5)
+        tol = dict(rtol=5e-2, atol=2e-2 * length**0.5)
     if dtype == torch.float16:
-        tol = dict(rtol=1e-2, atol=3e-3 * length ** 0.5)
+        tol = dict(rtol=1e-2, atol=3e-3 * length**0.5)
     torch.testing.assert_close(out.double(), ref, **tol)
     for name, a, e in zip(("images", "weight", "bias", "pos_embed"), got, want):
         torch.testing.assert_close(a.double(), e, **tol, msg=lambda m: f"d{name}: {m}")
@@ -132,6 +139,7 @@ def test_positional_table_gradient_both_ways(by_token, dtype):
     # The pos-embed gradient sums all B*K rows per token (duplicates within and across images):
     # by token (torch's sort-based index_put_, the GPU path) or by one B = 1 scatter (the CPU path).
     from lotus_kernels.ops.patch_embed_gather import table_grad
+
     rows = torch.randn(50, 24).to(dtype)
     idx = torch.randint(0, 9, (50,))
     idx[:3] = 8
@@ -148,8 +156,11 @@ def test_follows_autocast_like_conv2d():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = patch_embed_gather(images, idx, w, b, pos)
     assert out.dtype == torch.bfloat16
-    want = patch_embed_gather_reference(*(t.detach().bfloat16().double() for t in (images,)), idx,
-                                        *(t.detach().bfloat16().double() for t in (w, b, pos)))
+    want = patch_embed_gather_reference(
+        *(t.detach().bfloat16().double() for t in (images,)),
+        idx,
+        *(t.detach().bfloat16().double() for t in (w, b, pos)),
+    )
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=5e-2)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (images, w, b, pos))

@@ -88,20 +88,72 @@ def test_empty_channels_and_float64(backend, device):
 
 I = torch.long
 BAD_GATHER = [
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, 5]] * 2)), IndexError, "idx: index 5 is out of range; expected values in \\[0, 5\\)"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, -1]] * 2)), IndexError, "idx: index -1 is out of range"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0.0, 1.0]] * 2)), TypeError, "idx: expected an int64 index tensor, got float32"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, 1]] * 2, dtype=torch.int32)), TypeError, "idx: expected an int64"),
-    (lambda: gather_tokens(torch.randn(5, 3), torch.zeros(2, 1, dtype=I)), ValueError, "x: expected a 3-D tensor, got 2-D"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, dtype=I)), ValueError, "idx: expected a 2-D tensor, got 1-D"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(3, 1, dtype=I)), ValueError, "idx: batch size 3 does not match x's batch size 2"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 0, dtype=I)), ValueError, "idx: expected at least one index per row \\(K >= 1\\), got K = 0"),
-    (lambda: gather_tokens(torch.randint(0, 3, (2, 5, 3)), torch.zeros(2, 1, dtype=I)), TypeError, "x: expected dtype float32"),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, 5]] * 2)),
+        IndexError,
+        "idx: index 5 is out of range; expected values in \\[0, 5\\)",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, -1]] * 2)),
+        IndexError,
+        "idx: index -1 is out of range",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0.0, 1.0]] * 2)),
+        TypeError,
+        "idx: expected an int64 index tensor, got float32",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, 1]] * 2, dtype=torch.int32)),
+        TypeError,
+        "idx: expected an int64",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(5, 3), torch.zeros(2, 1, dtype=I)),
+        ValueError,
+        "x: expected a 3-D tensor, got 2-D",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, dtype=I)),
+        ValueError,
+        "idx: expected a 2-D tensor, got 1-D",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(3, 1, dtype=I)),
+        ValueError,
+        "idx: batch size 3 does not match x's batch size 2",
+    ),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 0, dtype=I)),
+        ValueError,
+        "idx: expected at least one index per row \\(K >= 1\\), got K = 0",
+    ),
+    (
+        lambda: gather_tokens(torch.randint(0, 3, (2, 5, 3)), torch.zeros(2, 1, dtype=I)),
+        TypeError,
+        "x: expected dtype float32",
+    ),
     (lambda: gather_tokens([[1.0]], torch.zeros(2, 1, dtype=I)), TypeError, "x: expected a torch.Tensor, got list"),
-    (lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1, dtype=I, device="meta")), ValueError, "idx: expected a tensor on cpu"),
-    (lambda: scatter_tokens(torch.randn(2, 3, 4), torch.zeros(2, 2, dtype=I), 5), ValueError, "idx: expected shape \\[B, 3\\]"),
-    (lambda: scatter_tokens(torch.randn(2, 1, 4), torch.zeros(2, 1, dtype=I), 0), ValueError, "n: expected a positive int"),
-    (lambda: scatter_tokens(torch.randn(2, 1, 4), torch.full((2, 1), 9), 5), IndexError, "idx: index 9 is out of range"),
+    (
+        lambda: gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 1, dtype=I, device="meta")),
+        ValueError,
+        "idx: expected a tensor on cpu",
+    ),
+    (
+        lambda: scatter_tokens(torch.randn(2, 3, 4), torch.zeros(2, 2, dtype=I), 5),
+        ValueError,
+        "idx: expected shape \\[B, 3\\]",
+    ),
+    (
+        lambda: scatter_tokens(torch.randn(2, 1, 4), torch.zeros(2, 1, dtype=I), 0),
+        ValueError,
+        "n: expected a positive int",
+    ),
+    (
+        lambda: scatter_tokens(torch.randn(2, 1, 4), torch.full((2, 1), 9), 5),
+        IndexError,
+        "idx: index 9 is out of range",
+    ),
 ]
 
 

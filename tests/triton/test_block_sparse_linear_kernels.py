@@ -1,6 +1,7 @@
 """The Triton block-sparse linear launchers (lotus_kernels/triton/block_sparse_linear.py) called directly,
 against a densify-then-matmul reference written here (independent of the op layer). Outputs arrive
 NaN-filled, so an element a kernel forgets to write fails the comparison."""
+
 import importlib
 import os
 import shutil
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 
 import lotus_kernels
 
-pytestmark = pytest.mark.skipif(not lotus_kernels.backends()["triton"],
-                                reason=f"triton cannot run here: {lotus_kernels.backend_errors().get('triton')}")
+pytestmark = pytest.mark.skipif(
+    not lotus_kernels.backends()["triton"],
+    reason=f"triton cannot run here: {lotus_kernels.backend_errors().get('triton')}",
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = ("bsr_linear_fwd", "bsr_linear_bwd_input", "bsr_linear_bwd_weight")
@@ -49,8 +52,14 @@ def bsr_format(weight, mask, bs):
     ccol[1:] = mask.sum(0).cumsum(0)
     perm = torch.argsort(c * R + r)  # column-major order of the stored blocks
     dev = weight.device
-    return (values, crow.to(dev), c.contiguous().to(dev), ccol.to(dev), r[perm].contiguous().to(dev),
-            perm.contiguous().to(dev))
+    return (
+        values,
+        crow.to(dev),
+        c.contiguous().to(dev),
+        ccol.to(dev),
+        r[perm].contiguous().to(dev),
+        perm.contiguous().to(dev),
+    )
 
 
 def densify(values, mask, bs):
@@ -66,11 +75,11 @@ def poisoned(*shape, dtype):
 
 def tol(dtype, length):
     if dtype == torch.float64:
-        return dict(rtol=1e-12, atol=1e-12 * length ** 0.5)
+        return dict(rtol=1e-12, atol=1e-12 * length**0.5)
     if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=2e-6 * length ** 0.5)
+        return dict(rtol=1e-5, atol=2e-6 * length**0.5)
     if dtype == torch.float16:
-        return dict(rtol=2e-3, atol=2e-3 * length ** 0.5)  # one fp16 rounding of an fp32 accumulation
+        return dict(rtol=2e-3, atol=2e-3 * length**0.5)  # one fp16 rounding of an fp32 accumulation
     return dict(rtol=1e-2, atol=1e-2)  # bf16: one rounding of an fp32 accumulation
 
 
@@ -108,10 +117,13 @@ SHAPES = [(1, 32, 64, 16), (7, 96, 48, 16), (197, 96, 48, 16), (7, 64, 96, 32), 
 
 
 # At M = 197 the empty / full patterns run in fp32 only, to keep the interpreter run short.
-CASES = [pytest.param(shape, kind, dtype, id=f"{'x'.join(map(str, shape))}-{kind}-{str(dtype)[6:]}")
-         for shape in SHAPES for kind in ("random", "empty", "full")
-         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-         if dtype == torch.float32 or shape[0] != 197 or kind == "random"]
+CASES = [
+    pytest.param(shape, kind, dtype, id=f"{'x'.join(map(str, shape))}-{kind}-{str(dtype)[6:]}")
+    for shape in SHAPES
+    for kind in ("random", "empty", "full")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if dtype == torch.float32 or shape[0] != 197 or kind == "random"
+]
 
 
 @pytest.mark.parametrize("shape,kind,dtype", CASES)
@@ -135,9 +147,16 @@ def test_weight_gradient_split_over_m(splits, dtype):
 # Several stored blocks per tl.dot (KB = 2, 4): slots whose block count is not a multiple of KB (the
 # masked tail), empty slots, a full pattern, 16-bit dtypes.
 @pytest.mark.parametrize("kb", [2, 4])
-@pytest.mark.parametrize("shape,kind,dtype", [((7, 96, 48, 16), "random", torch.float32), ((7, 64, 96, 32), "random", torch.bfloat16),
-                                              ((7, 64, 96, 32), "full", torch.float16), ((3, 64, 128, 64), "random", torch.float32),
-                                              ((5, 32, 64, 16), "empty", torch.float32)])
+@pytest.mark.parametrize(
+    "shape,kind,dtype",
+    [
+        ((7, 96, 48, 16), "random", torch.float32),
+        ((7, 64, 96, 32), "random", torch.bfloat16),
+        ((7, 64, 96, 32), "full", torch.float16),
+        ((3, 64, 128, 64), "random", torch.float32),
+        ((5, 32, 64, 16), "empty", torch.float32),
+    ],
+)
 def test_several_blocks_per_dot(kb, shape, kind, dtype):
     run_all(*shape, dtype, kind, config=dict(KB=kb))
 
@@ -148,8 +167,17 @@ def test_several_blocks_per_dot(kb, shape, kind, dtype):
 # with a short step over M, split in two.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_launch_geometry_interpreted(dtype):
-    run_all(197, 96, 64, 16, dtype, "random", config=dict(BLOCK_M=16, GROUP_M=4, KB=2),
-            wgrad_config=dict(ROWS=64, BLOCK_M=32), splits=2)
+    run_all(
+        197,
+        96,
+        64,
+        16,
+        dtype,
+        "random",
+        config=dict(BLOCK_M=16, GROUP_M=4, KB=2),
+        wgrad_config=dict(ROWS=64, BLOCK_M=32),
+        splits=2,
+    )
 
 
 # bwd_weight with one block per program (ROWS = bs) and with more blocks per program than a row has.
@@ -187,12 +215,14 @@ def test_bf16_rounds_to_nearest_like_a_gpu():
     out = poisoned(16, 16, dtype=torch.bfloat16)
     kernels().bsr_linear_fwd(x, values, crow, col, None, out)
     want = (x.float() @ w.float().t()).to(torch.bfloat16)  # fp32 accumulation, one RNE rounding
-    assert (out.float() - want.float()).abs().max() <= (want.float().abs().max() * 2 ** -7)
+    assert (out.float() - want.float()).abs().max() <= (want.float().abs().max() * 2**-7)
     assert (out == want).float().mean() > 0.95  # not a systematic truncation
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("LOTUS_BUILD_CUDA") == "0",
-                    reason="no nvcc: the CUDA extension is not built")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or os.environ.get("LOTUS_BUILD_CUDA") == "0",
+    reason="no nvcc: the CUDA extension is not built",
+)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cuda_extension_registers_block_sparse_kernels(kernel):
     importlib.import_module("lotus_kernels._cuda")

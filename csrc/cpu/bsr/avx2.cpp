@@ -69,7 +69,8 @@ LOTUS_AVX2 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, int
         r[6] = r[7] = _mm256_setzero_ps();
         if (colsum) {
           const __m256 s0 = _mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3]));
-          _mm256_storeu_ps(colsum + k, _mm256_add_ps(_mm256_loadu_ps(colsum + k), _mm256_add_ps(s0, _mm256_add_ps(r[4], r[5]))));
+          _mm256_storeu_ps(colsum + k,
+                           _mm256_add_ps(_mm256_loadu_ps(colsum + k), _mm256_add_ps(s0, _mm256_add_ps(r[4], r[5]))));
         }
         transpose8(r);
         for (int t = 0; t < 8; ++t) _mm256_storeu_ps(d + (k + t) * MR, r[t]);
@@ -125,8 +126,8 @@ void compute(const PanelGemm& g, const void* panels, int64_t rows, int64_t kb0, 
              float*) {
   const int64_t K = (kb1 - kb0) * g.bs;
   float* o = static_cast<float*>(out);
-  panel_loop(g, static_cast<const char*>(panels), rows, kb0, kb1, MR, NR, group_blocks(g.bs, NR, 4),
-             K * MR * 4, [&](const TileCall& t) { tile_6x16(t, o, ldo); });
+  panel_loop(g, static_cast<const char*>(panels), rows, kb0, kb1, MR, NR, group_blocks(g.bs, NR, 4), K * MR * 4,
+             [&](const TileCall& t) { tile_6x16(t, o, ldo); });
 }
 
 // ---------------------------------------------------------------- bwd_weight
@@ -143,7 +144,9 @@ LOTUS_AVX2 void pack_rows(const void* src, int64_t ld, int64_t rows, int64_t bs,
     }
 }
 
-int64_t row_panel_elems(int64_t rows, int64_t bs) { return rows * bs; }
+int64_t row_panel_elems(int64_t rows, int64_t bs) {
+  return rows * bs;
+}
 
 // dv tile [4 x 16] (row stride bs) (+)= sum_m a[m][0..4]^T b[m][0..16], a/b rows of stride bs.
 LOTUS_AVX2 void tile_4x16_t(const float* a, const float* b, int64_t bs, int64_t rows, float* dv, bool accumulate) {

@@ -41,7 +41,8 @@ LOTUS_AVX512 void pack_b(const void* values, int64_t bs, int64_t k0, int64_t k1,
           }
       } else {  // [i][j'] = W_k[i][h * nr + j']
         for (int64_t i = 0; i < bs; ++i)
-          for (int64_t j = 0; j < nr; j += 16) _mm512_storeu_ps(s + i * nr + j, _mm512_loadu_ps(vk + i * bs + h * nr + j));
+          for (int64_t j = 0; j < nr; j += 16)
+            _mm512_storeu_ps(s + i * nr + j, _mm512_loadu_ps(vk + i * bs + h * nr + j));
       }
     }
   }
@@ -66,7 +67,8 @@ LOTUS_AVX512 void pack_a(const void* a, int64_t lda, int64_t rows, int64_t c0, i
           const __m256 s0 = _mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3]));
           const __m256 s1 = _mm256_add_ps(_mm256_add_ps(r[4], r[5]), _mm256_add_ps(r[6], r[7]));
           const __m256 s2 = _mm256_add_ps(_mm256_add_ps(q[0], q[1]), _mm256_add_ps(q[2], q[3]));
-          _mm256_storeu_ps(colsum + k, _mm256_add_ps(_mm256_loadu_ps(colsum + k), _mm256_add_ps(_mm256_add_ps(s0, s1), s2)));
+          _mm256_storeu_ps(colsum + k,
+                           _mm256_add_ps(_mm256_loadu_ps(colsum + k), _mm256_add_ps(_mm256_add_ps(s0, s1), s2)));
         }
         transpose8(r);
         transpose8(q);
@@ -90,7 +92,8 @@ LOTUS_AVX512 void tile(const TileCall& t, float* out, int64_t ldo) {
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 2
-    for (int n = 0; n < NB; ++n) c[m][n] = (!t.first && m < mv) ? _mm512_loadu_ps(o + m * ldo + 16 * n) : _mm512_setzero_ps();
+    for (int n = 0; n < NB; ++n)
+      c[m][n] = (!t.first && m < mv) ? _mm512_loadu_ps(o + m * ldo + 16 * n) : _mm512_setzero_ps();
   const float* bpk = static_cast<const float*>(g.b);
   for (int64_t e = t.e0; e < t.e1; ++e) {
     const float* a = static_cast<const float*>(t.apanel) + (g.a_blk[e] - t.kb0) * bs * MR;
@@ -139,7 +142,9 @@ LOTUS_AVX512 void pack_rows(const void* src, int64_t ld, int64_t rows, int64_t b
     for (int64_t j = 0; j < bs; j += 16) _mm512_storeu_ps(d + j, _mm512_loadu_ps(s + j));
 }
 
-int64_t row_panel_elems(int64_t rows, int64_t bs) { return rows * bs; }
+int64_t row_panel_elems(int64_t rows, int64_t bs) {
+  return rows * bs;
+}
 
 // dv tile [8 x 16 NB] (row stride bs) (+)= sum_m a[m][0..8]^T b[m][0..16 NB].
 template <int NB>

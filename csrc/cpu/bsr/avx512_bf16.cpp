@@ -107,7 +107,9 @@ inline uint32_t word_at(const uint16_t* row, int64_t k) {
   __builtin_memcpy(&w, row + 2 * k, 4);
   return w;
 }
-inline uint32_t word_at(const float* row, int64_t k) { return to_bf16(row[2 * k]) | to_bf16(row[2 * k + 1]) << 16; }
+inline uint32_t word_at(const float* row, int64_t k) {
+  return to_bf16(row[2 * k]) | to_bf16(row[2 * k + 1]) << 16;
+}
 
 // Panels [(c1 - c0)/2][12] words (the fp32 packer of avx512.cpp on words) from bf16 or fp32 A (T).
 // With colsum, the 12 loaded rows are also widened to fp32 and added up (fp32 sums of 16 columns
@@ -275,7 +277,9 @@ LOTUS_BF16 void pack_pairs_f32(const void* src, int64_t ld, int64_t rows, int64_
   }
 }
 
-int64_t pair_panel_elems(int64_t rows, int64_t bs) { return (rows + 1) / 2 * bs * 2; }
+int64_t pair_panel_elems(int64_t rows, int64_t bs) {
+  return (rows + 1) / 2 * bs * 2;
+}
 
 // dv tile [8 x 16 NB] (row stride bs) (+)= sum over row pairs p of a words (p, 0..8) x b words (p, 0..16 NB).
 template <int NB>

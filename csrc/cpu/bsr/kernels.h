@@ -21,8 +21,8 @@ struct PanelGemm {
   const int64_t* ptr = nullptr;
   const int64_t* a_blk = nullptr;
   const int64_t* b_blk = nullptr;
-  const void* b = nullptr;       // packed by the kernel's pack_b
-  const float* bias = nullptr;   // [n_out * bs] fp32, or null
+  const void* b = nullptr;      // packed by the kernel's pack_b
+  const float* bias = nullptr;  // [n_out * bs] fp32, or null
 };
 
 // A kernel for PanelGemm. A is packed per (M chunk, K range) into panels of mr rows; each panel

@@ -27,8 +27,8 @@ struct TileCall {
 // at most `group` blocks (the group's B slivers stay in L1 while every panel of the chunk streams
 // past them), and the chunk's panels. An empty output block column is written once (range kb0 == 0).
 template <typename TileFn>
-void panel_loop(const PanelGemm& g, const char* panels, int64_t rows, int64_t kb0, int64_t kb1, int64_t mr,
-                int64_t nr, int64_t group, int64_t panel_bytes, TileFn&& tile) {
+void panel_loop(const PanelGemm& g, const char* panels, int64_t rows, int64_t kb0, int64_t kb1, int64_t mr, int64_t nr,
+                int64_t group, int64_t panel_bytes, TileFn&& tile) {
   const int64_t np = (rows + mr - 1) / mr;
   for (int64_t o = 0; o < g.n_out; ++o) {
     const int64_t* begin = g.a_blk + g.ptr[o];

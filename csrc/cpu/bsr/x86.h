@@ -42,6 +42,8 @@ inline void pack_a_tail_f32(const float* s, int64_t lda, int64_t mv, int64_t mr,
 }
 
 // Output columns per tile of the 512-bit kernels: two zmm (32) where the block allows it, else 16.
-inline int64_t nr_of(int64_t bs) { return bs % 32 == 0 ? 32 : 16; }
+inline int64_t nr_of(int64_t bs) {
+  return bs % 32 == 0 ? 32 : 16;
+}
 
 }  // namespace lotus::bsr

@@ -32,8 +32,12 @@ inline float emu_bf16_to_float(uint16_t b) {
   return f;
 }
 
-inline float emu_to_float(__nv_bfloat16 b) { return emu_bf16_to_float(b.x); }
-inline float emu_to_float(__half h) { return static_cast<float>(c10::Half(h.x, c10::Half::from_bits())); }
+inline float emu_to_float(__nv_bfloat16 b) {
+  return emu_bf16_to_float(b.x);
+}
+inline float emu_to_float(__half h) {
+  return static_cast<float>(c10::Half(h.x, c10::Half::from_bits()));
+}
 
 // (r, c) = (row, column) of the fragment's matrix: (m, k) for matrix_a, (k, n) for matrix_b.
 template <typename Use, typename E, typename Layout>
@@ -50,8 +54,7 @@ inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) 
 
 template <typename E, typename LA, typename LB>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, E, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, E, LB>& b,
-              const fragment<accumulator, 16, 16, 16, float>& c) {
+              const fragment<matrix_b, 16, 16, 16, E, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
   float out[16][16];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -62,7 +65,8 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
   std::memcpy(d.v, out, sizeof out);
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
   if (threadIdx.x % 32 != 0) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[r][c];
