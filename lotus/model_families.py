@@ -85,6 +85,43 @@ class FamilyViT(nn.Module):
     def patch_scores(self, images, sink="first", *, return_flagged=False):
         return self.net.patch_scores(images, sink, return_flagged=return_flagged, **self.call_kwargs)
 
+    # timm's classifier surface, which the linear probe (lotus/probe.py) and checkpoint loading use.
+    def _classifier_slot(self) -> tuple[nn.Module, str]:
+        """(parent, attribute) of the final linear layer: our head (open_clip, CLIP / SigLIP towers),
+        torchvision's ``heads.head``, or transformers' ``classifier``."""
+        if self.head is not None:
+            return self, "head"
+        heads = getattr(self.net, "heads", None)
+        if heads is not None and hasattr(heads, "head"):
+            return heads, "head"
+        if hasattr(self.net, "classifier"):
+            return self.net, "classifier"
+        raise TypeError(f"{type(self.net).__name__}: no classifier layer found (heads.head / classifier)")
+
+    def get_classifier(self) -> nn.Module:
+        parent, name = self._classifier_slot()
+        return getattr(parent, name)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh linear classifier for ``num_classes`` on the same features (timm's method)."""
+        old = self.get_classifier()
+        parent, name = self._classifier_slot()
+        setattr(parent, name, nn.Linear(old.in_features, num_classes).to(old.weight.device, old.weight.dtype))
+
+    def forward_features(self, images):
+        """Pre-logits features [B, D]: the forward with the classifier replaced by the identity (the
+        net's own pooling, e.g. DINOv2's class token + mean patch token, stays)."""
+        parent, name = self._classifier_slot()
+        head = getattr(parent, name)
+        setattr(parent, name, nn.Identity())
+        try:
+            return self.forward(images)
+        finally:
+            setattr(parent, name, head)
+
+    def forward_head(self, features, pre_logits: bool = False):
+        return features if pre_logits else self.get_classifier()(features)
+
 
 def build(cfg: dict, num_classes: int, img_size: int | None) -> FamilyViT:
     name = cfg["model"]

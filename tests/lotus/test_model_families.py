@@ -33,6 +33,19 @@ def check_surface(m, classes, size):
     m(x)
     h.remove()
     assert seen == [m.num_prefix_tokens + n // 2]  # timm PatchDropout's count, through the kept path
+    check_classifier_surface(m.eval(), x)
+
+
+def check_classifier_surface(m, x):
+    """timm's classifier methods, which the linear probe uses: pre-logits features + head = logits,
+    and a fresh classifier for other labels."""
+    with torch.no_grad():
+        f = m.forward_features(x)
+        assert f.shape == (x.shape[0], m.get_classifier().in_features)
+        torch.testing.assert_close(m.forward_head(f), m(x))
+        assert m.forward_head(f, pre_logits=True) is f
+        m.reset_classifier(6)
+        assert m(x).shape == (x.shape[0], 6) and m.get_classifier().out_features == 6
 
 
 def hf_dir(tmp_path, kind="vit", labels=3):
@@ -95,6 +108,7 @@ def test_torchvision_builder_checkpoint_and_config(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert m2.eval()(x, keep_ratio=0.25).shape == (1, 7)
+    check_classifier_surface(m2, x)
     with pytest.raises(LotusError, match="--img-size: tv:vit_b_32 runs at its own size 224"):
         build(dict(CFG, model="tv:vit_b_32"), 3, 160)
     with pytest.raises(LotusError, match="--model: torchvision has no model 'nope'"):
