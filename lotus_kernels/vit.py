@@ -19,14 +19,11 @@ compiles, timm's own forward (``_keep_forward``, docs/design/fx_torchscript.md).
 
 from __future__ import annotations
 
-import inspect
-import warnings
-
 import torch
 from torch import nn
 
 from . import _checks
-from ._keep_forward import keep_forward
+from ._keep_forward import KeepForwardMixin
 from .ops import gather_tokens, patch_embed_gather
 from .select import random_keep, select_keep
 from .vit_ragged import forward_ragged
@@ -38,17 +35,17 @@ except ImportError:  # timm is a dependency, but keep the kernels importable wit
     VisionTransformer = None
 
 
-class KeptPatchesMixin:
+class KeptPatchesMixin(KeepForwardMixin):
     """Adds the kept-patch path to a timm VisionTransformer subclass. Each subclass gets a ``forward``
     on top of the base class's (``_keep_forward``): ``forward(images, ..., *, keep_idx=None,
     keep_ratio=None, scores=None)``. torch.fx traces and TorchScript scripts the base forward."""
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        base = super().forward
-        if "forward" not in cls.__dict__:
-            cls.forward = keep_forward(cls, base, _FORWARD_DOC)
-        cls._base_forward_args = tuple(inspect.signature(base).parameters)[1:]  # after self
+    _lotus_family = "timm"
+    _forward_doc = """forward(images, *args, keep_idx=None, keep_ratio=None, scores=None, **kwargs)
+
+    Without keep_idx / keep_ratio: the model's own forward on (images, *args, **kwargs). With them: the
+    network on the kept patches only (see ``lotus_kernels.vit``). torch.fx traces and TorchScript
+    compiles the model's own forward (see ``lotus_kernels._keep_forward``)."""
 
     def forward_keep(self, args: tuple, kwargs: dict, keep_idx, keep_ratio, scores):
         """The base forward on (args, kwargs) when no keep argument is given, else the kept-patch path."""
@@ -64,31 +61,6 @@ class KeptPatchesMixin:
             return forward_ragged(self, x, keep_idx)
         keep_idx = self.keep_indices(x, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         return self.forward_head(self.forward_features_kept(x, keep_idx))
-
-    def _images_only(self, args: tuple, kwargs: dict):
-        """The images of a kept-patch call, whose other base-forward arguments (timm's attn_mask /
-        is_causal) must be left at their defaults (None / False)."""
-        names = self._base_forward_args
-        if len(args) > len(names):
-            raise TypeError(
-                f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), got {len(args)}"
-            )
-        given = dict(zip(names, args), **kwargs)
-        if names[0] not in given:
-            raise TypeError(f"forward: missing the images argument {names[0]!r}")
-        x = given.pop(names[0])
-        used = [n for n, v in given.items() if v is not None and v is not False]
-        if used:
-            raise ValueError(f"{' / '.join(used)}: not supported together with keep_idx / keep_ratio")
-        return x
-
-    def __prepare_scriptable__(self):
-        warnings.warn(
-            f"{type(self).__name__}: TorchScript compiles the model's own (timm) forward; keep_idx / "
-            "keep_ratio / scores exist in eager mode and under torch.compile only",
-            stacklevel=2,
-        )
-        return self
 
     def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
         """[B, N] patch scores from the last block's class-token attention, with the attention-sink
@@ -152,12 +124,6 @@ class KeptPatchesMixin:
             x = self.blocks(x)
         return self.norm(x)
 
-
-_FORWARD_DOC = """forward(images, *args, keep_idx=None, keep_ratio=None, scores=None, **kwargs)
-
-Without keep_idx / keep_ratio: the model's own forward on (images, *args, **kwargs). With them: the
-network on the kept patches only (see ``lotus_kernels.vit``). torch.fx traces and TorchScript
-compiles the model's own forward (see ``lotus_kernels._keep_forward``)."""
 
 _patched_classes: dict[type, type] = {}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._keep_forward import KeepForwardMixin
 from ..ops import patch_embed_gather
 from . import _common
 
@@ -229,10 +230,14 @@ def _encoder_parts(model, emb_name: str):
 
 
 # ---------------------------------------------------------------- the patched model
-class KeptPatchesMixin:
-    """Adds the kept-patch path to a transformers vision model (see module docstring)."""
+class KeptPatchesMixin(KeepForwardMixin):
+    """Adds the kept-patch path to a transformers vision model (see module docstring). The patched
+    class's ``forward`` wraps the model's own (``_keep_forward``), so tracers that read the forward's
+    signature (torch.fx, ``torch.jit.trace``, ``torch.export``) see the model's own inputs."""
 
-    def forward(self, *args, keep_idx=None, keep_ratio=None, scores=None, **kwargs):
+    _lotus_family = "transformers"
+
+    def forward_keep(self, args: tuple, kwargs: dict, keep_idx, keep_ratio, scores):
         if not _common.check_keep_args(keep_idx, keep_ratio, scores):
             return super().forward(*args, **kwargs)
         images = args[0] if args else kwargs.get("pixel_values")
@@ -293,7 +298,7 @@ RAGGED_CLASSES = (
 
 
 def _base_class_name(model) -> str:
-    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, KeptPatchesMixin))
+    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, KeepForwardMixin))
 
 
 def forward_ragged(model, images, keep_idx, n, pos, kwargs):

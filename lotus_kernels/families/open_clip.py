@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._keep_forward import KeepForwardMixin
 from ..ops import patch_embed_gather
 from . import _common
 
@@ -87,12 +88,17 @@ def _output(model, pooled, tokens):
     return (pooled, tokens) if model.output_tokens else pooled
 
 
-class KeptPatchesMixin:
-    """Adds the kept-patch path to open_clip's VisionTransformer (see lotus_kernels.families)."""
+class KeptPatchesMixin(KeepForwardMixin):
+    """Adds the kept-patch path to open_clip's VisionTransformer (see lotus_kernels.families). The
+    patched class's ``forward`` wraps open_clip's (``_keep_forward``): torch.fx traces and TorchScript
+    compiles open_clip's own forward."""
 
-    def forward(self, x, *, keep_idx=None, keep_ratio=None, scores=None):
+    _lotus_family = "open_clip"
+
+    def forward_keep(self, args: tuple, kwargs: dict, keep_idx, keep_ratio, scores):
         if not _common.check_keep_args(keep_idx, keep_ratio, scores):
-            return super().forward(x)
+            return super().forward(*args, **kwargs)
+        x = self._images_only(args, kwargs)
         n = check_images(self, x)
         if isinstance(keep_idx, (list, tuple)):
             return self._forward_ragged(x, keep_idx, n)

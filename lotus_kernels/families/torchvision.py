@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._keep_forward import KeepForwardMixin
 from ..ops import patch_embed_gather
 from . import _common
 
@@ -74,12 +75,17 @@ def block_parts(blk) -> _common.BlockParts:
     )
 
 
-class KeptPatchesMixin:
-    """Adds the kept-patch path to torchvision's VisionTransformer (see lotus_kernels.families)."""
+class KeptPatchesMixin(KeepForwardMixin):
+    """Adds the kept-patch path to torchvision's VisionTransformer (see lotus_kernels.families). The
+    patched class's ``forward`` wraps torchvision's (``_keep_forward``): torch.fx traces and
+    TorchScript compiles torchvision's own forward."""
 
-    def forward(self, x, *, keep_idx=None, keep_ratio=None, scores=None):
+    _lotus_family = "torchvision"
+
+    def forward_keep(self, args: tuple, kwargs: dict, keep_idx, keep_ratio, scores):
         if not _common.check_keep_args(keep_idx, keep_ratio, scores):
-            return super().forward(x)
+            return super().forward(*args, **kwargs)
+        x = self._images_only(args, kwargs)
         n = check_images(self, x)
         if isinstance(keep_idx, (list, tuple)):
             t, pk, _ = _common.pack(x, keep_idx, n, lambda idx: embed(self, x, idx))
