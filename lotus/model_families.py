@@ -104,8 +104,8 @@ class FamilyViT(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh linear classifier for ``num_classes`` on the same features (timm's method)."""
-        old = self.get_classifier()
         parent, name = self._classifier_slot()
+        old = getattr(parent, name)
         setattr(parent, name, nn.Linear(old.in_features, num_classes).to(old.weight.device, old.weight.dtype))
 
     def forward_features(self, images):
