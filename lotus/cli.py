@@ -119,6 +119,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="DataLoader worker processes (default: 0 for .npz / cifar10, which are sliced and resized "
         "per batch; for an ImageFolder one per spare core, at most 8)",
     )
+    g.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="stages run at a time in worker processes: prune replicates, fine-tuning runs (same results "
+        "as one at a time; default: the usable cores / --threads, at most 4, on a CPU; 1 on a GPU or "
+        "under torchrun)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of every stage (default: 0)")
     g.add_argument(
         "--threads",
@@ -433,6 +441,7 @@ CONFIG_KEYS = (
     "clip_grad",
     "seed",
     "threads",
+    "jobs",
     "model",
     "pretrained",
     "checkpoint",
@@ -560,11 +569,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def auto_jobs(threads: int) -> int:
+    """Stages at a time by default: one per ``threads`` usable cores (at most 4: the tiny default
+    model's stages gain little beyond that) on a CPU; 1 where a GPU or torchrun's ranks run them."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // max(threads, 1)))
+
+
 def _config(args) -> dict:
     cfg = {k: getattr(args, k) for k in CONFIG_KEYS}
     if cfg["threads"] < 1:
         raise LotusError(f"--threads: expected at least 1, got {cfg['threads']}")
+    if cfg["jobs"] is None:
+        cfg["jobs"] = auto_jobs(cfg["threads"])
     for k, what in (
+        ("jobs", "at least 1"),
         ("workers", "at least 0"),
         ("batch_size", "at least 1"),
         ("eval_batch_size", "at least 1"),

@@ -14,13 +14,17 @@ model: a linear probe for the target) -> score (sink rules, the start model's ti
 prune/sweep (per layout) -> prune/<layout>@<sparsity>/r<replicate> (one-shot, ISP, ISSP, control,
 Instant Soup) -> tickets/<start>/r<replicate> -> finetune/<arm>/s<seed> -> budget (the
 compute-matched dense arms' steps, after seed 0 of every other arm) -> timing -> report. Every part
-of a stage that a user pays for records its wall and CPU seconds (``lotus.cost``).
+of a stage that a user pays for records its wall and CPU seconds (``lotus.cost``). With ``jobs`` > 1
+the prune replicates and the fine-tuning runs go ``jobs`` at a time in worker processes (same
+results: each stage seeds itself and is timed in its own process).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import copy
 import math
+import multiprocessing
 import time
 
 import torch
@@ -35,7 +39,7 @@ from .canvas import coverage, object_recall
 from .cost import Clock
 from .errors import LotusError
 from .rundir import RunDir, stage_seed
-from .train import barrier, evaluate, is_main, lr_at, predict, time_steps, train
+from .train import barrier, evaluate, is_main, lr_at, predict, time_steps, train, world
 
 
 def setup(cfg: dict) -> None:
@@ -694,15 +698,44 @@ def run_stage(run: RunDir, name: str, fn, *args, redo: bool = False):
 STAGES = ("pretrain", "probe", "score", "prune", "finetune", "timing", "report")
 
 
+def _parallel(cfg: dict, calls) -> None:
+    """Run ``calls`` [(fn, args)] — stages that read only finished stages' files and write only their
+    own — ``cfg["jobs"]`` at a time in worker processes, in order; inline with one job or under
+    torchrun (where the ranks share every stage). Each stage seeds itself and is timed in its own
+    process, so results do not depend on the number of jobs. The first failure cancels what has not
+    started and is raised here."""
+    jobs = min(cfg.get("jobs") or 1, len(calls))
+    if jobs <= 1 or world()[1] > 1:
+        for fn, args in calls:
+            fn(*args)
+        return
+    # spawn, not fork: a forked child would inherit the parent's OpenMP pool in whatever state it is
+    ctx = multiprocessing.get_context("spawn")
+    ex = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=setup, initargs=(cfg,))
+    try:
+        futures = [ex.submit(fn, *args) for fn, args in calls]
+        done, _ = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _prune_replicate(run, cfg, r: int, redo: bool) -> None:
+    weak_cache: dict = {}  # round-1 copies of this replicate, shared by its layouts and targets
+    for layout in plan.layouts(cfg):
+        for s in plan.prune_targets(run, cfg, layout):
+            run_stage(run, plan.prune_stage(layout, s, r), stage_prune, run, cfg, layout, s, r, weak_cache, redo=redo)
+
+
+def _finetune_one(run, cfg, arm: str, k: int, redo: bool) -> None:
+    run_stage(run, f"finetune/{arm}/s{k}", stage_finetune_one, run, cfg, arm, k, redo=redo)
+
+
 def prune_stages(run, cfg, redo=False):
     run_stage(run, "prune/sweep", stage_sweep, run, cfg, redo=redo)
-    for r in plan.replicates(cfg):
-        weak_cache: dict = {}  # round-1 copies of this replicate, shared by its layouts and targets
-        for layout in plan.layouts(cfg):
-            for s in plan.prune_targets(run, cfg, layout):
-                run_stage(
-                    run, plan.prune_stage(layout, s, r), stage_prune, run, cfg, layout, s, r, weak_cache, redo=redo
-                )
+    _parallel(cfg, [(_prune_replicate, (run, cfg, r, redo)) for r in plan.replicates(cfg)])
 
 
 def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
@@ -722,15 +755,16 @@ def finetune_stages(run: RunDir, cfg: dict, only=None, redo=False) -> None:
                 )
     plain = [a for a in chosen if a not in plan.MATCHED]
     matched = [a for a in chosen if a in plan.MATCHED]
-    for k in range(plan.max_seeds(cfg)):  # seed-major: a cut-short run still has every arm at seed 0
-        for arm in plain:
-            if k < plan.seeds_of(cfg, arm):
-                run_stage(run, f"finetune/{arm}/s{k}", stage_finetune_one, run, cfg, arm, k, redo=redo)
-        if matched and k == 0:
-            run_stage(run, "budget", stage_budget, run, cfg, redo=redo)
-        for arm in matched:
-            if k < plan.seeds_of(cfg, arm):
-                run_stage(run, f"finetune/{arm}/s{k}", stage_finetune_one, run, cfg, arm, k, redo=redo)
+
+    def calls(arms, seeds):
+        return [(_finetune_one, (run, cfg, arm, k, redo)) for k in seeds for arm in arms if k < plan.seeds_of(cfg, arm)]
+
+    # seed-major, seed 0 of every arm first: a cut-short run still has every arm at seed 0, and the
+    # matched arms' steps come from the other arms' seed-0 jobs
+    _parallel(cfg, calls(plain, [0]))
+    if matched:
+        run_stage(run, "budget", stage_budget, run, cfg, redo=redo)
+    _parallel(cfg, calls(matched, [0]) + calls(plain + matched, range(1, plan.max_seeds(cfg))))
 
 
 def run_all(run: RunDir, stages=STAGES, redo=False, only=None) -> None:

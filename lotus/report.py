@@ -117,8 +117,14 @@ def sec_setting(res: dict) -> list[str]:
     src = f"classes {_classes(cfg['source_classes'])}" if cfg["source_classes"] else "the checkpoint's own task"
     L.append(
         f"Data `{cfg['data']}` ({canvas}); model {model}; source task {src}, target task classes "
-        f"{_classes(cfg['target_classes'])}; run seed {cfg['seed']}, {cfg['threads']} thread(s); layout "
-        f"`{cfg['layout']}`"
+        f"{_classes(cfg['target_classes'])}; run seed {cfg['seed']}, {cfg['threads']} thread(s)"
+        + (
+            f" per process, {cfg['jobs']} stages at a time (prune replicates and fine-tuning runs in worker "
+            "processes; each stage's seconds are its own process's)"
+            if cfg.get("jobs", 1) > 1
+            else ""
+        )
+        + f"; layout `{cfg['layout']}`"
         + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block" else "")
         + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('score', {}).get('sink', cfg['sink'])}`"
         + (" (`--sink auto`)" if cfg["sink"] == "auto" else "")

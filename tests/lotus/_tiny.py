@@ -39,6 +39,8 @@ TINY = [
     "2",
     "--threads",
     "1",
+    "--jobs",
+    "1",
     "--sweep",
     "0,0.3,0.6",
     "--keep-ratio",
@@ -149,3 +151,44 @@ def patch_cifar_md5(monkeypatch, sums) -> None:
     monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", sums[f"data_batch_{i}"]] for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", sums["test_batch"]]])
     monkeypatch.setattr(CIFAR10, "meta", dict(CIFAR10.meta, md5=sums["batches.meta"]))
+
+
+def _same(a, b) -> bool:
+    """Equal, recursively through dicts and lists of tensors (optimizer states)."""
+    import torch
+
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def assert_same_run(ref, out, context: str = "", ignore_config=()) -> None:
+    """Two finished runs hold the same results (timings aside) and the same masks, models,
+    predictions and tickets, bit for bit; ``ignore_config``: config keys allowed to differ."""
+    import json
+
+    import torch
+
+    from lotus.results import strip_timing
+
+    def results(root):
+        r = strip_timing(json.loads((Path(root) / "results.json").read_text()))
+        for k in ignore_config:
+            r["config"].pop(k, None)
+        return r
+
+    assert results(ref) == results(out), context
+    for sub in ("masks", "models", "preds", "tickets"):  # tickets: scores, flagged patches
+        names = sorted(str(p.relative_to(ref)) for p in (ref / sub).rglob("*.pt"))
+        assert names and names == sorted(str(p.relative_to(out)) for p in (out / sub).rglob("*.pt")), context
+        for name in names:
+            x = torch.load(ref / name, weights_only=True)
+            y = torch.load(out / name, weights_only=True)
+            assert x.keys() == y.keys()
+            assert _same(
+                {k: v for k, v in x.items() if k != "seconds"}, {k: v for k, v in y.items() if k != "seconds"}
+            ), f"{name} differs; {context}"

@@ -2,7 +2,6 @@
 block-layout pruning stage after the unstructured one, then at random moments), `--resume` it each
 time, and compare everything with the uninterrupted run."""
 
-import json
 import os
 import random
 import select
@@ -11,11 +10,7 @@ import subprocess
 import sys
 import time
 
-import torch
-
-from lotus.results import strip_timing
-
-from ._tiny import REPO, TINY, env, lotus_cmd
+from ._tiny import REPO, TINY, assert_same_run, env, lotus_cmd
 
 # Runs the CLI with os.fsync patched so that the atomic write of one file (rundir._write_bytes:
 # temp file, fsync, os.replace) dies half-way: the temp file is cut to half its size, then SIGKILL.
@@ -79,17 +74,6 @@ def _wait_for(path, proc, timeout=240):
         time.sleep(0.05)
 
 
-def _same(a, b) -> bool:
-    """Equal, recursively through dicts and lists of tensors (optimizer states)."""
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
-    return a == b
-
-
 def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
     ref, data = tiny_run
     out = tmp_path / "run"
@@ -131,17 +115,5 @@ def test_kill_anywhere_and_resume_reproduces_the_run(tiny_run, tmp_path):
     assert "stage pretrain" not in done.stdout  # finished stages are not redone
     context = f"LOTUS_TEST_SEED={seed}, kills after {kills} s, stages done after each: {progress}"
     print(context)
-    a = strip_timing(json.loads((ref / "results.json").read_text()))
-    b = strip_timing(json.loads((out / "results.json").read_text()))
-    assert a == b, context
-    for sub in ("masks", "models", "preds", "tickets"):  # tickets: scores, flagged patches
-        names = sorted(str(p.relative_to(ref)) for p in (ref / sub).rglob("*.pt"))
-        assert names and names == sorted(str(p.relative_to(out)) for p in (out / sub).rglob("*.pt")), context
-        for name in names:
-            x = torch.load(ref / name, weights_only=True)
-            y = torch.load(out / name, weights_only=True)
-            assert x.keys() == y.keys()
-            assert _same(
-                {k: v for k, v in x.items() if k != "seconds"}, {k: v for k, v in y.items() if k != "seconds"}
-            ), f"{name} differs; {context}"
+    assert_same_run(ref, out, context)
     assert not list(out.rglob("*.tmp")), context
