@@ -233,6 +233,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "auto: the rule whose tickets the dense model classifies best on the selection split (default)",
     )
     g.add_argument(
+        "--score-blocks",
+        choices=("last", "mean"),
+        default="last",
+        help="whose class-token attention scores a patch: the last block's (LOTUS's; default) or the mean "
+        "over every block's",
+    )
+    g.add_argument(
         "--policies",
         type=_names,
         default=list(DEFAULT_POLICIES),
@@ -461,6 +468,7 @@ CONFIG_KEYS = (
     "augment",
     "keep_ratio",
     "sink",
+    "score_blocks",
     "policies",
     "mix_top",
     "compare_keeps",

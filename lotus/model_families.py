@@ -82,8 +82,8 @@ class FamilyViT(nn.Module):
             self.net(images, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores, **self.call_kwargs)
         )
 
-    def patch_scores(self, images, sink="first", *, return_flagged=False):
-        return self.net.patch_scores(images, sink, return_flagged=return_flagged, **self.call_kwargs)
+    def patch_scores(self, images, sink="first", *, blocks="last", return_flagged=False):
+        return self.net.patch_scores(images, sink, blocks=blocks, return_flagged=return_flagged, **self.call_kwargs)
 
     # timm's classifier surface, which the linear probe (lotus/probe.py) and checkpoint loading use.
     def _classifier_slot(self) -> tuple[nn.Module, str]:

@@ -126,6 +126,11 @@ def load_start(run, cfg, start: str, replicate: int = 0):
     return model
 
 
+def score_blocks(cfg) -> str:
+    """Whose class-token attention scores a patch: the last block's (LOTUS's) or every block's mean."""
+    return cfg.get("score_blocks", "last")
+
+
 def sink_rule(run, cfg) -> str:
     """The run's sink rule: ``--sink``, or with ``auto`` the one the score stage chose."""
     return run.result("score")["sink"] if cfg["sink"] == "auto" else cfg["sink"]
@@ -214,7 +219,14 @@ def stage_score(run, cfg):
         r = {}
         for split, d in (("select", sel), ("val", va)):
             with choose if split == "select" else Clock():
-                s, f = tickets.score(model, d, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
+                s, f = tickets.score(
+                    model,
+                    d,
+                    batch_size=cfg["eval_batch_size"],
+                    blocks=score_blocks(cfg),
+                    sink=rule,
+                    return_flagged=True,
+                )
                 kept = tickets.keep_indices(s, keep)
                 rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
             cover = _cover(d, model)
@@ -245,7 +257,9 @@ def stage_score(run, cfg):
     rule = best if cfg["sink"] == "auto" else cfg["sink"]
     scoring = Clock()
     with scoring:
-        scores, flagged = tickets.score(model, tr, batch_size=cfg["eval_batch_size"], sink=rule, return_flagged=True)
+        scores, flagged = tickets.score(
+            model, tr, batch_size=cfg["eval_batch_size"], blocks=score_blocks(cfg), sink=rule, return_flagged=True
+        )
     cover = _cover(tr, model)
     recall_train = None if cover is None else float(object_recall(tickets.keep_indices(scores, keep), cover).mean())
     if is_main():
@@ -274,7 +288,7 @@ def _overlay(run, cfg, model, data, rule, keep, name="tickets.png"):
 
     shown = "outlier" if rule in ("none", "first") else rule  # show what a patch rule would change
     sub = data.subset(torch.arange(min(cfg["overlay_images"], len(data))))
-    s_fig, f_fig = tickets.score(model, sub, sink=shown, return_flagged=True)
+    s_fig, f_fig = tickets.score(model, sub, blocks=score_blocks(cfg), sink=shown, return_flagged=True)
     fig = tickets.overlay_figure(
         sub,
         s_fig,
@@ -504,7 +518,12 @@ def stage_start_scores(run, cfg, start: str, replicate: int):
     clock = Clock()
     with clock:
         s, f = tickets.score(
-            model, tr, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg), return_flagged=True
+            model,
+            tr,
+            batch_size=cfg["eval_batch_size"],
+            blocks=score_blocks(cfg),
+            sink=sink_rule(run, cfg),
+            return_flagged=True,
         )
     name = f"tickets/{start}/r{replicate}.pt"
     if is_main():
@@ -552,6 +571,7 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
             scores=scores,
             keep=keep,
             sink=sink_rule(run, cfg),
+            blocks=score_blocks(cfg),
             seed=stage_seed(cfg["seed"], f"policy/{seed_k}"),
             batch_size=cfg["eval_batch_size"],
             mix_top=cfg["mix_top"],
@@ -603,7 +623,7 @@ def _attention_after(run, cfg, model, va, arm, seed_k):
     cover = _cover(va, model)
     if cover is None:
         return None
-    s = tickets.score(model, va, batch_size=cfg["eval_batch_size"], sink=sink_rule(run, cfg))
+    s = tickets.score(model, va, batch_size=cfg["eval_batch_size"], blocks=score_blocks(cfg), sink=sink_rule(run, cfg))
     if arm == "dense/full" and seed_k == 0 and is_main() and cfg["overlay_images"] > 0:
         _overlay(run, cfg, model, va, sink_rule(run, cfg), cfg["keep_ratio"], name="tickets_finetuned.png")
     return float(object_recall(tickets.keep_indices(s, cfg["keep_ratio"]), cover).mean())
@@ -656,6 +676,7 @@ def stage_timing(run, cfg):
                     keep=keep,
                     seed=0,
                     sink=sink,
+                    blocks=score_blocks(cfg),
                     mix_top=cfg["mix_top"],
                 )[0]
 

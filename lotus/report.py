@@ -128,6 +128,7 @@ def sec_setting(res: dict) -> list[str]:
         + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block" else "")
         + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('score', {}).get('sink', cfg['sink'])}`"
         + (" (`--sink auto`)" if cfg["sink"] == "auto" else "")
+        + (", patch scores from the mean of every block's attention" if cfg.get("score_blocks") == "mean" else "")
         + "."
     )
     if "pretrain" in res and "probe" in res:

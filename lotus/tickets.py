@@ -1,7 +1,8 @@
 """Stage 3, attention data tickets: score patches, and the policies that choose which patches a
 fine-tuning step sees.
 
-A patch's score is the class token's attention to it in the last block, averaged over heads, with
+A patch's score is the class token's attention to it in the last block (``--score-blocks mean``: the
+mean over every block), averaged over heads, with
 an attention-sink rule (``model.patch_scores(images, sink)``, one fused forward; rules in
 ``lotus_kernels.vit_scores``: "first" is LOTUS's literal rule and changes no patch, "outlier" and
 "norm" give outlier patches the mean score). A ticket keeps the top ``keep_ratio`` of an image's
@@ -45,15 +46,24 @@ def _sink(rule: str | None):
 
 
 @torch.no_grad()
-def score(model, data: ImageSet, *, batch_size: int = 256, sink: str | None = "first", return_flagged: bool = False):
+def score(
+    model,
+    data: ImageSet,
+    *,
+    batch_size: int = 256,
+    sink: str | None = "first",
+    blocks: str = "last",
+    return_flagged: bool = False,
+):
     """[N, num_patches] float32 patch scores of every image in ``data``, row i for image id i (and
-    the bool mask of the patches the sink rule changed, with ``return_flagged``)."""
+    the bool mask of the patches the sink rule changed, with ``return_flagged``); ``blocks``: the
+    last block's class-token attention (LOTUS's) or the mean over every block's."""
     dev = device()
     was_training = model.training
     model.to(dev).eval()
     out = flags = None
     for xb, _, ids in tqdm(loader(data, batch_size, shuffle=False), desc="score patches", leave=False, disable=None):
-        s, f = model.patch_scores(data.prepare(xb, dev), _sink(sink), return_flagged=True)
+        s, f = model.patch_scores(data.prepare(xb, dev), _sink(sink), blocks=blocks, return_flagged=True)
         if out is None:
             out = torch.empty((len(data), s.shape[1]), dtype=torch.float32)
             flags = torch.zeros((len(data), s.shape[1]), dtype=torch.bool)
@@ -94,12 +104,14 @@ class _Random:
 class _RescoreEpoch:
     """Tickets re-scored by the current model before every epoch but the first."""
 
-    def __init__(self, table, data: ImageSet, keep: float, sink, batch_size: int):
+    def __init__(self, table, data: ImageSet, keep: float, sink, batch_size: int, blocks: str = "last"):
         self.table, self.data, self.keep, self.sink, self.batch_size = table, data, keep, sink, batch_size
+        self.blocks = blocks
 
     def new_epoch(self, model, epoch):
         if epoch > 0:
-            self.table = keep_indices(score(model, self.data, batch_size=self.batch_size, sink=self.sink), self.keep)
+            s = score(model, self.data, batch_size=self.batch_size, sink=self.sink, blocks=self.blocks)
+            self.table = keep_indices(s, self.keep)
 
     def __call__(self, x, idx):
         return self.table[idx]
@@ -108,11 +120,11 @@ class _RescoreEpoch:
 class _RescoreStep:
     """Tickets from the current model's scores of the batch as the model sees it."""
 
-    def __init__(self, model, keep: float, sink):
-        self.model, self.keep, self.sink = model, keep, _sink(sink)
+    def __init__(self, model, keep: float, sink, blocks: str = "last"):
+        self.model, self.keep, self.sink, self.blocks = model, keep, _sink(sink), blocks
 
     def __call__(self, x, idx):
-        return select_keep(self.model.patch_scores(x, self.sink).float(), self.keep).cpu()
+        return select_keep(self.model.patch_scores(x, self.sink, blocks=self.blocks).float(), self.keep).cpu()
 
 
 class _Mix:
@@ -141,6 +153,7 @@ def make_policy(
     keep: float,
     seed: int,
     sink="first",
+    blocks: str = "last",
     batch_size: int = 256,
     mix_top: float = 0.5,
 ):
@@ -161,11 +174,11 @@ def make_policy(
     if policy == "random":
         return _Random(n, keep, seed), False
     if policy == "rescore_epoch":
-        return _RescoreEpoch(keep_indices(scores, keep), train_data, keep, sink, batch_size), False
+        return _RescoreEpoch(keep_indices(scores, keep), train_data, keep, sink, batch_size, blocks), False
     if policy == "rescore_step":
-        return _RescoreStep(model, keep, sink), False
+        return _RescoreStep(model, keep, sink, blocks), False
     if policy == "aug_rescore":
-        return _RescoreStep(model, keep, sink), True
+        return _RescoreStep(model, keep, sink, blocks), True
     return _Mix(scores, keep, mix_top, seed), False
 
 

@@ -8,7 +8,7 @@ After ``patch_vit(model)``:
   model(images, keep_idx=[idx_0, idx_1, ...]) ragged: image i keeps patches idx_i (1-D int64, its own
                                               length >= 1; an empty list is an error), all images packed
                                               into one varlen sequence (vit_ragged.py)
-  model.patch_scores(images)                  [B, N] last-block class-token attention (vit_scores.py)
+  model.patch_scores(images)                  [B, N] last-block (or mean-of-blocks) class-token attention (vit_scores.py)
 
 Dropped patches are never embedded (``ops.patch_embed_gather``) and never enter a block, in train
 and eval mode alike (timm's ``PatchDropout`` only acts in training and embeds every patch first).
@@ -62,10 +62,13 @@ class KeptPatchesMixin(KeepForwardMixin):
         keep_idx = self.keep_indices(x, keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores)
         return self.forward_head(self.forward_features_kept(x, keep_idx))
 
-    def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
-        """[B, N] patch scores from the last block's class-token attention, with the attention-sink
-        rule ``sink`` (None / "first" / "outlier" / "norm", see ``vit_scores``)."""
-        return vit_patch_scores(self, images, sink, return_flagged=return_flagged)
+    def patch_scores(
+        self, images: torch.Tensor, sink: str | None = "first", *, blocks: str = "last", return_flagged: bool = False
+    ):
+        """[B, N] patch scores from the last block's class-token attention (``blocks="mean"``: the
+        mean over every block's), with the attention-sink rule ``sink`` (None / "first" / "outlier" /
+        "norm", see ``vit_scores``)."""
+        return vit_patch_scores(self, images, sink, blocks=blocks, return_flagged=return_flagged)
 
     def keep_indices(self, images, *, keep_idx=None, keep_ratio=None, scores=None) -> torch.Tensor:
         """The [B, K] patch indices the kept-patch path will use."""

@@ -1,9 +1,12 @@
-"""Patch scores of a timm ViT from its last block's class-token attention, without an attention map.
+"""Patch scores of a timm ViT from its class-token attention, without an attention map.
 
 ``vit_patch_scores(model, images)`` (also ``model.patch_scores(images)`` after ``patch_vit``) runs one
 no-grad forward up to the last block and replaces only that block's attention by
 ``ops.attention(..., return_scores="cls")``: the scores come out of the fused kernel, instead of the
 usual recipe (``fused_attn = False`` plus a hook on the softmax) that materialises [B, H, N, N].
+With ``blocks="mean"`` every block's attention goes through the kernel and the scores are the mean
+over blocks (earlier blocks' class-token attention often finds the object when the last block's
+does not: docs/design/lotus-transfer.md measures it).
 """
 
 from __future__ import annotations
@@ -30,21 +33,29 @@ def attention_forward_with_scores(attn, x: torch.Tensor, return_scores: str = "c
     return attn.proj_drop(attn.proj(out)), scores
 
 
-def _check_scorable(model) -> None:
+def _check_scorable(model, every_block: bool = False) -> None:
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 
     if model.cls_token is None:
         raise ValueError("model: patch scores are class-token attention, but this model has no class token")
-    last = model.blocks[-1]
-    if type(last) is not Block or type(last.attn) is not Attention:
-        raise ValueError(
-            f"model.blocks[-1]: expected a timm Block with timm Attention, got "
-            f"{type(last).__name__} / {type(getattr(last, 'attn', None)).__name__}"
-        )
+    n = len(model.blocks)
+    for i in range(n) if every_block else [n - 1]:
+        blk = model.blocks[i]
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise ValueError(
+                f"model.blocks[{i - n if i == n - 1 else i}]: expected a timm Block with timm Attention, got "
+                f"{type(blk).__name__} / {type(getattr(blk, 'attn', None)).__name__}"
+            )
+
+
+def check_blocks(blocks) -> None:
+    if blocks not in BLOCK_RULES:
+        raise ValueError(f"blocks: expected one of {', '.join(map(repr, BLOCK_RULES))}, got {blocks!r}")
 
 
 SINK_RULES = (None, "first", "outlier", "norm")
+BLOCK_RULES = ("last", "mean")  # whose class-token attention scores a patch: the last block's, or every block's mean
 OUTLIER_Z = 5.0  # token norms: roughly symmetric, a clear gap for artifact tokens
 OUTLIER_Z_LOG = 3.5  # attention shares are heavy-tailed (near log-normal): judged on log scale
 
@@ -69,9 +80,11 @@ def apply_patch_sink(scores: torch.Tensor, flagged: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def vit_patch_scores(model, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
-    """[B, num_patches] float scores: class-token attention of the last block, averaged over heads,
-    prefix tokens dropped. Higher = more attended. Every patch is scored (timm's PatchDropout is
+def vit_patch_scores(
+    model, images: torch.Tensor, sink: str | None = "first", *, blocks: str = "last", return_flagged: bool = False
+):
+    """[B, num_patches] float scores: class-token attention of the last block (``blocks="last"``) or
+    the mean over every block (``"mean"``), averaged over heads, prefix tokens dropped. Higher = more attended. Every patch is scored (timm's PatchDropout is
     skipped even in train mode). ``sink`` decides which tokens count as attention sinks:
 
       None       raw scores
@@ -90,14 +103,25 @@ def vit_patch_scores(model, images: torch.Tensor, sink: str | None = "first", *,
     _checks.tensor("images", images, ndim=4)
     if sink not in SINK_RULES:
         raise ValueError(f"sink: expected one of {', '.join(map(repr, SINK_RULES))}, got {sink!r}")
-    _check_scorable(model)
+    check_blocks(blocks)
+    _check_scorable(model, every_block=blocks == "mean")
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
-    for blk in model.blocks[:-1]:
-        x = blk(x)
-    last = model.blocks[-1]
     p = model.num_prefix_tokens
+    total = None
+    for blk in model.blocks[:-1]:
+        if blocks == "last":
+            x = blk(x)
+            continue
+        # timm's Block.forward with the attention through the kernel, which also gives its scores
+        a, s = attention_forward_with_scores(blk.attn, blk.norm1(x), "cls", None)
+        x = x + blk.drop_path1(blk.ls1(a))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        total = s[:, p:] if total is None else total + s[:, p:]
+    last = model.blocks[-1]
     _, scores = attention_forward_with_scores(last.attn, last.norm1(x), "cls", "mean" if sink == "first" else None)
     scores = scores[:, p:]
+    if total is not None:
+        scores = (total + scores) / len(model.blocks)
     if sink == "outlier":
         flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
     elif sink == "norm":

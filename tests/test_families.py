@@ -224,37 +224,44 @@ def test_hf_resolution_follows_the_models_own_interpolation(name):
 
 
 # ---------------------------------------------------------------- patch scores
-def reference_scores(family, model, images):
-    """[B, N] from the attention map the model's own last attention layer returns."""
+def reference_scores(family, model, images, blocks="last"):
+    """[B, N] from the attention maps the model's own attention layers return (the last one's, or
+    the mean of every layer's)."""
     if family.startswith("hf"):
-        att = model(images, output_attentions=True).attentions[-1]  # [B, H, T, T], eager attention
+        atts = model(images, output_attentions=True).attentions  # each [B, H, T, T], eager attention
+        att = atts[-1] if blocks == "last" else torch.stack(atts).mean(0)
         if family == "hf:siglip":
             return att.mean(1).mean(1)  # received attention, every query a patch
         p = 2 if family == "hf:deit" else 1
         return att[:, :, 0, p:].mean(1)
     seen = []
-    blocks = model.encoder.layers if family == "tv" else model.transformer.resblocks
-    hook = blocks[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    layers = list(model.encoder.layers if family == "tv" else model.transformer.resblocks)
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in layers]
     model(images)
-    hook.remove()
-    last = blocks[-1]
-    h = (last.ln_1)(seen[0])
-    attn = last.self_attention if family == "tv" else last.attn
-    _, w = attn(h, h, h, need_weights=True, average_attn_weights=True)
-    return w[:, 0, 1:]
+    for h in hooks:
+        h.remove()
+    maps = []
+    for blk, x in zip(layers, seen):
+        h = blk.ln_1(x)
+        attn = blk.self_attention if family == "tv" else blk.attn
+        maps.append(attn(h, h, h, need_weights=True, average_attn_weights=True)[1][:, 0, 1:])
+    return maps[-1] if blocks == "last" else torch.stack(maps).mean(0)
 
 
+@pytest.mark.parametrize("blocks", ["last", "mean"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patch_scores_match_the_models_own_attention_map(family):
+def test_patch_scores_match_the_models_own_attention_map(family, blocks):
     model, ref = twin(family)
     patch_vit(model.eval())
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = reference_scores(family, ref.eval(), images)
-    got = model.patch_scores(images, sink=None)
+        want = reference_scores(family, ref.eval(), images, blocks)
+    got = model.patch_scores(images, sink=None, blocks=blocks)
     assert got.shape == (2, N)
     torch.testing.assert_close(got, want, **TOL)
-    torch.testing.assert_close(model.patch_scores(images), got)  # "first" never touches a patch
+    torch.testing.assert_close(model.patch_scores(images, blocks=blocks), got)  # "first" never touches a patch
+    if blocks == "mean":  # the earlier layer counts
+        assert not torch.allclose(got, model.patch_scores(images, sink=None), **TOL)
 
 
 # ---------------------------------------------------------------- state, pickling, compile

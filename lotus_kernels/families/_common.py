@@ -23,7 +23,7 @@ from .. import _checks
 from ..ops.attention import attention
 from ..select import random_keep, select_keep
 from ..vit_ragged import Packing, _drop_path, check_ragged_keep
-from ..vit_scores import OUTLIER_Z_LOG, SINK_RULES, apply_patch_sink, outliers
+from ..vit_scores import OUTLIER_Z_LOG, SINK_RULES, apply_patch_sink, check_blocks, outliers
 
 
 def _identity(x):
@@ -71,14 +71,16 @@ def _dp(mod, x, pk):
     return _drop_path(mod, x, pk) if pk is not None else mod(x)
 
 
-def run_block(parts: BlockParts, x: torch.Tensor, pk: Packing | None = None) -> torch.Tensor:
+def run_block(parts: BlockParts, x: torch.Tensor, pk: Packing | None = None, return_scores: str | None = None):
+    """The block on x; with ``return_scores`` ("cls" / "received", not packed) also its attention scores."""
     if pk is not None and parts.attn_dropout > 0 and torch.is_grad_enabled() and _training(parts):
         raise NotImplementedError(
             f"attention dropout (p = {parts.attn_dropout}) is not supported with ragged keep_idx in train mode"
         )
-    a, _ = attend(parts, parts.norm1(x), pk)
+    a, scores = attend(parts, parts.norm1(x), pk, return_scores)
     x = x + _dp(parts.drop_path1, parts.ls1(a), pk)
-    return x + _dp(parts.drop_path2, parts.ls2(parts.mlp(parts.norm2(x))), pk)
+    x = x + _dp(parts.drop_path2, parts.ls2(parts.mlp(parts.norm2(x))), pk)
+    return (x, scores) if return_scores else x
 
 
 def _training(parts: BlockParts) -> bool:
@@ -183,19 +185,35 @@ def pool_mean(x: torch.Tensor, pk: Packing, skip: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- patch scores
 @torch.no_grad()
-def patch_scores(x: torch.Tensor, blocks: list[BlockParts], n_prefix: int, sink: str | None, return_flagged: bool):
-    """[B, N] scores from the last block's attention on all tokens x [B, P + N, C] (blocks before it
-    applied here): class-token attention where there is a class token (P > 0), else the mean
-    attention each patch receives. ``sink`` as in ``vit_scores.vit_patch_scores``; "first" only ever
+def patch_scores(
+    x: torch.Tensor,
+    blocks: list[BlockParts],
+    n_prefix: int,
+    sink: str | None,
+    return_flagged: bool,
+    which: str = "last",
+):
+    """[B, N] scores from the last block's attention (``which="last"``) or the mean over every
+    block's (``"mean"``) on all tokens x [B, P + N, C] (blocks before the last applied here):
+    class-token attention where there is a class token (P > 0), else the mean attention each patch
+    receives. ``sink`` as in ``vit_scores.vit_patch_scores``; "first" only ever
     touches the class token's own score, so with no class token it leaves the scores as they are."""
     if sink not in SINK_RULES:
         raise ValueError(f"sink: expected one of {', '.join(map(repr, SINK_RULES))}, got {sink!r}")
-    for parts in blocks[:-1]:
-        x = run_block(parts, x)
+    check_blocks(which)
     mode = "cls" if n_prefix > 0 else "received"
+    total = None
+    for parts in blocks[:-1]:
+        if which == "last":
+            x = run_block(parts, x)
+            continue
+        x, s = run_block(parts, x, return_scores=mode)
+        total = s[:, n_prefix:] if total is None else total + s[:, n_prefix:]
     last = blocks[-1]
     _, scores = attend(last, last.norm1(x), None, mode, "mean" if sink == "first" and n_prefix > 0 else None)
     scores = scores[:, n_prefix:]
+    if total is not None:
+        scores = (total + scores) / len(blocks)
     if sink == "outlier":
         flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
     elif sink == "norm":

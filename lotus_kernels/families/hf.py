@@ -268,18 +268,20 @@ class KeptPatchesMixin(KeepForwardMixin):
         images: torch.Tensor,
         sink: str | None = "first",
         *,
+        blocks: str = "last",
         return_flagged: bool = False,
         interpolate_pos_encoding: bool = False,
     ):
-        """[B, N] last-layer attention scores: class-token attention (ViT, DeiT, DINOv2, CLIP), or the mean
-        attention each patch receives (SigLIP: no class token). Averaged over heads."""
+        """[B, N] last-layer attention scores (``blocks="mean"``: the mean over every layer's):
+        class-token attention (ViT, DeiT, DINOv2, CLIP), or the mean attention each patch receives
+        (SigLIP: no class token). Averaged over heads."""
         emb = self.get_submodule(self._lotus_embeddings)
         n, pos = grid(emb, images, interpolate_pos_encoding)
         pre, layers = _encoder_parts(self, self._lotus_embeddings)
         all_idx = torch.arange(n, device=images.device).expand(images.shape[0], n)
         with torch.no_grad():
             x = pre(embed(emb, images, all_idx, pos))
-        return _common.patch_scores(x, [block_parts(b) for b in layers], _info(emb)[0], sink, return_flagged)
+        return _common.patch_scores(x, [block_parts(b) for b in layers], _info(emb)[0], sink, return_flagged, blocks)
 
 
 # ---------------------------------------------------------------- ragged keep lists

@@ -101,13 +101,16 @@ class KeptPatchesMixin(KeepForwardMixin):
             images, check_images(self, images), keep_idx=keep_idx, keep_ratio=keep_ratio, scores=scores
         )
 
-    def patch_scores(self, images: torch.Tensor, sink: str | None = "first", *, return_flagged: bool = False):
-        """[B, N] class-token attention of the last encoder layer, averaged over heads."""
+    def patch_scores(
+        self, images: torch.Tensor, sink: str | None = "first", *, blocks: str = "last", return_flagged: bool = False
+    ):
+        """[B, N] class-token attention of the last encoder layer (``blocks="mean"``: the mean over every
+        encoder layer), averaged over heads."""
         n = check_images(self, images)
         all_idx = torch.arange(n, device=images.device).expand(images.shape[0], n)
         with torch.no_grad():
             x = embed(self, images, all_idx)
-        return _common.patch_scores(x, [block_parts(b) for b in self.encoder.layers], 1, sink, return_flagged)
+        return _common.patch_scores(x, [block_parts(b) for b in self.encoder.layers], 1, sink, return_flagged, blocks)
 
 
 def patch(model):

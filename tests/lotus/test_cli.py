@@ -257,6 +257,7 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
         (["--seeds", "0"], "--seeds"),
         (["--prune-seeds", "0"], "--prune-seeds: expected at least 1"),
         (["--jobs", "0"], "--jobs: expected at least 1, got 0"),
+        (["--score-blocks", "first"], "--score-blocks"),
         (["--matched-steps", "0"], "--matched-steps: expected at least 1"),
         (["--headline", "2:4-isp/fixed"], "--headline: 2:4-isp/fixed prunes in layout 2:4"),
         (["--isp-recipe", "soup"], "--isp-recipe"),
@@ -309,3 +310,22 @@ def test_24_layout_run(tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["2:4-isp/fixed#s0"]["layout"] == "2:4" and ev["2:4-isp/fixed#s0"]["sparsity"] == pytest.approx(0.5)
     assert ev["dense/full#s0"]["step_ratio"] is None  # no timing stage in this run
+
+
+def test_score_blocks_mean_makes_the_runs_tickets(tmp_path):
+    from lotus import pipeline, task, tickets
+    from lotus.rundir import RunDir
+
+    data = make_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    main(["pretrain", "--data", str(data), "--out", str(out), *TINY, "--score-blocks", "mean"])
+    main(["score", str(out)])
+    run = RunDir.open(out)
+    cfg = run.config()
+    assert cfg["score_blocks"] == "mean"
+    tr, _, _ = task.target_sets(cfg)
+    model = pipeline.load_model(run, cfg, "models/start.pt")
+    rule = run.result("score")["sink"]
+    got = run.load_torch("tickets/start.pt")["scores"]
+    assert torch.equal(got, tickets.score(model, tr, sink=rule, blocks="mean"))
+    assert not torch.allclose(got, tickets.score(model, tr, sink=rule))

@@ -46,6 +46,26 @@ def test_score_and_keep():
     assert len(fig.axes) == 9
 
 
+def test_scores_from_the_mean_of_blocks_reach_the_policies():
+    torch.manual_seed(0)
+    data = _data(n=12)
+    m = build(dict(CFG, depth=2), 3, 16).eval()
+    x = normalize(data.x)
+    s = score(m, data, batch_size=5, sink="none", blocks="mean")
+    assert torch.allclose(s, m.patch_scores(x, None, blocks="mean"), atol=1e-6)
+    assert not torch.allclose(s, score(m, data, batch_size=5, sink="none"), atol=1e-4)
+    idx = torch.arange(len(data))
+    for policy in ("rescore_step", "aug_rescore"):
+        fn, _ = make_policy(policy, model=m, train_data=data, scores=s, keep=0.5, seed=1, sink="none", blocks="mean")
+        assert torch.equal(fn(x, idx), keep_indices(s, 0.5))
+    fn, _ = make_policy("rescore_epoch", model=m, train_data=data, scores=s, keep=0.5, seed=1, blocks="mean")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fn.new_epoch(m, 1)
+    assert torch.equal(fn.table, keep_indices(score(m, data, sink="first", blocks="mean"), 0.5))
+
+
 def test_outlier_rule_replaces_only_outliers_by_the_mean():
     s = torch.tensor([[1.0, 1.1, 0.9, 1.0, 9.0, 1.05, 0.95, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     f = outliers(s)
