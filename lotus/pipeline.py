@@ -735,7 +735,7 @@ def _parallel(cfg: dict, calls) -> None:
     ex = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=setup, initargs=(cfg,))
     try:
         futures = [ex.submit(fn, *args) for fn, args in calls]
-        done, _ = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         for f in futures:
             if f.done() and f.exception() is not None:
                 raise f.exception()
