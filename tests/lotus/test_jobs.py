@@ -18,13 +18,17 @@ def test_two_jobs_reproduce_the_one_job_run(tiny_run, tmp_path):
     assert_same_run(ref, out, r.stdout[-2000:], ignore_config=("jobs",))
 
 
-def test_calls_run_in_several_worker_processes(tmp_path):
-    calls = [(_workers.touch, (str(tmp_path), f"c{i}", 0.3)) for i in range(4)]
+def test_calls_run_two_at_a_time_in_worker_processes(tmp_path):
+    import os
+
+    # a and b each wait for the other: they only finish if two workers run them at once
+    calls = [(_workers.rendezvous, (str(tmp_path), "a", "b")), (_workers.rendezvous, (str(tmp_path), "b", "a"))]
+    calls += [(_workers.touch, (str(tmp_path), f"c{i}")) for i in range(3)]
     pipeline._parallel({"jobs": 2, "threads": 1}, calls)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert sorted(f.split(".")[0] for f in files) == ["c0", "c1", "c2", "c3"]
+    assert sorted(f.split(".")[0] for f in files) == ["a", "b", "c0", "c1", "c2"]  # each call once
     pids = {f.split(".")[1] for f in files}
-    assert len(pids) == 2 and str(__import__("os").getpid()) not in pids
+    assert len(pids) == 2 and str(os.getpid()) not in pids
 
 
 def test_one_job_runs_inline(tmp_path):
@@ -34,11 +38,11 @@ def test_one_job_runs_inline(tmp_path):
 
 def test_a_failing_stage_raises_its_error_and_cancels_the_rest(tmp_path):
     calls = [(_workers.fail, ("stage s0 failed",))] + [
-        (_workers.touch, (str(tmp_path), f"c{i}", 0.5)) for i in range(8)
+        (_workers.touch, (str(tmp_path), f"c{i}", 0.5)) for i in range(40)
     ]
     with pytest.raises(ValueError, match="stage s0 failed"):
         pipeline._parallel({"jobs": 2, "threads": 1}, calls)
-    assert len(list(tmp_path.iterdir())) < 8  # what had not started did not run
+    assert len(list(tmp_path.iterdir())) < 40  # what had not started did not run (20 s of work on one worker)
 
 
 def test_auto_jobs_follow_the_cores(monkeypatch):
