@@ -578,8 +578,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def auto_jobs(threads: int) -> int:
-    """Stages at a time by default: one per ``threads`` usable cores (at most 4: the tiny default
-    model's stages gain little beyond that) on a CPU; 1 where a GPU or torchrun's ranks run them."""
+    """Stages at a time by default: one per ``threads`` usable cores on a CPU, at most 4 (each worker
+    holds its own copy of the data and canvases; measured only up to 2); 1 where a GPU or torchrun's
+    ranks run them."""
     import os
 
     import torch
