@@ -49,11 +49,6 @@ def _check_scorable(model, every_block: bool = False) -> None:
             )
 
 
-def check_blocks(blocks) -> None:
-    if blocks not in BLOCK_RULES:
-        raise ValueError(f"blocks: expected one of {', '.join(map(repr, BLOCK_RULES))}, got {blocks!r}")
-
-
 SINK_RULES = (None, "first", "outlier", "norm")
 BLOCK_RULES = ("last", "mean")  # whose class-token attention scores a patch: the last block's, or every block's mean
 OUTLIER_Z = 5.0  # token norms: roughly symmetric, a clear gap for artifact tokens
@@ -79,13 +74,36 @@ def apply_patch_sink(scores: torch.Tensor, flagged: torch.Tensor) -> torch.Tenso
     return torch.where(flagged & keep.any(1, keepdim=True), mean.to(scores.dtype), scores)
 
 
+def check_rules(sink, blocks) -> None:
+    """A ValueError naming the argument unless ``sink`` and ``blocks`` are known rules."""
+    if sink not in SINK_RULES:
+        raise ValueError(f"sink: expected one of {', '.join(map(repr, SINK_RULES))}, got {sink!r}")
+    if blocks not in BLOCK_RULES:
+        raise ValueError(f"blocks: expected one of {', '.join(map(repr, BLOCK_RULES))}, got {blocks!r}")
+
+
+def apply_sink_rule(scores: torch.Tensor, patch_tokens: torch.Tensor, sink, return_flagged: bool):
+    """The patch-level sink rules on [B, N] ``scores`` ("outlier": outlier attention shares, "norm":
+    outlier norms of ``patch_tokens`` [B, N, C] entering the last block -> the mean score; the other
+    rules change no patch), every family's last step of ``patch_scores``."""
+    if sink == "outlier":
+        flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
+    elif sink == "norm":
+        flagged = outliers(patch_tokens.float().norm(dim=-1))
+    else:
+        flagged = torch.zeros_like(scores, dtype=torch.bool)
+    if sink in ("outlier", "norm"):
+        scores = apply_patch_sink(scores, flagged)
+    return (scores, flagged) if return_flagged else scores
+
+
 @torch.no_grad()
 def vit_patch_scores(
     model, images: torch.Tensor, sink: str | None = "first", *, blocks: str = "last", return_flagged: bool = False
 ):
     """[B, num_patches] float scores: class-token attention of the last block (``blocks="last"``) or
-    the mean over every block (``"mean"``), averaged over heads, prefix tokens dropped. Higher = more attended. Every patch is scored (timm's PatchDropout is
-    skipped even in train mode). ``sink`` decides which tokens count as attention sinks:
+    the mean over every block (``"mean"``), averaged over heads, prefix tokens dropped. Higher = more
+    attended. Every patch is scored (timm's PatchDropout is skipped even in train mode). ``sink`` decides which tokens count as attention sinks:
 
       None       raw scores
       "first"    LOTUS's literal rule: the first token's own score (the class token's attention to
@@ -101,9 +119,7 @@ def vit_patch_scores(
 
     ``return_flagged``: also return the bool [B, num_patches] mask of patches the rule changed."""
     _checks.tensor("images", images, ndim=4)
-    if sink not in SINK_RULES:
-        raise ValueError(f"sink: expected one of {', '.join(map(repr, SINK_RULES))}, got {sink!r}")
-    check_blocks(blocks)
+    check_rules(sink, blocks)
     _check_scorable(model, every_block=blocks == "mean")
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     p = model.num_prefix_tokens
@@ -122,12 +138,4 @@ def vit_patch_scores(
     scores = scores[:, p:]
     if total is not None:
         scores = (total + scores) / len(model.blocks)
-    if sink == "outlier":
-        flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
-    elif sink == "norm":
-        flagged = outliers(x[:, p:].float().norm(dim=-1))
-    else:
-        flagged = torch.zeros_like(scores, dtype=torch.bool)
-    if sink in ("outlier", "norm"):
-        scores = apply_patch_sink(scores, flagged)
-    return (scores, flagged) if return_flagged else scores
+    return apply_sink_rule(scores, x[:, p:], sink, return_flagged)

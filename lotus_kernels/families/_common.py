@@ -23,7 +23,7 @@ from .. import _checks
 from ..ops.attention import attention
 from ..select import random_keep, select_keep
 from ..vit_ragged import Packing, _drop_path, check_ragged_keep
-from ..vit_scores import OUTLIER_Z_LOG, SINK_RULES, apply_patch_sink, check_blocks, outliers
+from ..vit_scores import apply_sink_rule, check_rules
 
 
 def _identity(x):
@@ -198,9 +198,7 @@ def patch_scores(
     class-token attention where there is a class token (P > 0), else the mean attention each patch
     receives. ``sink`` as in ``vit_scores.vit_patch_scores``; "first" only ever
     touches the class token's own score, so with no class token it leaves the scores as they are."""
-    if sink not in SINK_RULES:
-        raise ValueError(f"sink: expected one of {', '.join(map(repr, SINK_RULES))}, got {sink!r}")
-    check_blocks(which)
+    check_rules(sink, which)
     mode = "cls" if n_prefix > 0 else "received"
     total = None
     for parts in blocks[:-1]:
@@ -214,15 +212,7 @@ def patch_scores(
     scores = scores[:, n_prefix:]
     if total is not None:
         scores = (total + scores) / len(blocks)
-    if sink == "outlier":
-        flagged = outliers(scores.clamp_min(1e-30).log(), OUTLIER_Z_LOG)
-    elif sink == "norm":
-        flagged = outliers(x[:, n_prefix:].float().norm(dim=-1))
-    else:
-        flagged = torch.zeros_like(scores, dtype=torch.bool)
-    if sink in ("outlier", "norm"):
-        scores = apply_patch_sink(scores, flagged)
-    return (scores, flagged) if return_flagged else scores
+    return apply_sink_rule(scores, x[:, n_prefix:], sink, return_flagged)
 
 
 # ---------------------------------------------------------------- patched classes
