@@ -234,10 +234,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--score-blocks",
-        choices=("last", "mean"),
-        default="last",
-        help="whose class-token attention scores a patch: the last block's (LOTUS's; default) or the mean "
-        "over every block's",
+        choices=("last", "mean", "auto"),
+        default="auto",
+        help="whose class-token attention scores a patch: the last block's (LOTUS's), the mean over every "
+        "block's, or auto: the one (with the --sink rule) whose tickets the dense model classifies best on the "
+        "selection split, ties to the last block (default)",
     )
     g.add_argument(
         "--policies",

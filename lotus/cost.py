@@ -71,8 +71,8 @@ def job(run, cfg, arm: str, seed_k: int, finetune_result: dict | None = None) ->
             if spec["method"] != "oneshot":
                 stage = plan.prune_stage(spec["layout"], plan.essential_target(run, cfg, spec["layout"]), r)
                 parts[f"prune/{spec['method']}"] = run.result(stage)["methods"][spec["method"]]["cost"]
-        if spec["policy"] in ATTENTION_POLICIES and cfg["sink"] == "auto":
-            parts["sink choice"] = run.result("score")["cost"]["sink_choice"]
+        if spec["policy"] in ATTENTION_POLICIES and "auto" in (cfg["sink"], cfg.get("score_blocks", "last")):
+            parts["score choice"] = run.result("score")["cost"]["sink_choice"]
         if spec["policy"] in NEEDS_SCORES:
             if start == "dense":
                 parts["tickets"] = run.result("score")["cost"]["train_scores"]

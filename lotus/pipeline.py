@@ -126,14 +126,19 @@ def load_start(run, cfg, start: str, replicate: int = 0):
     return model
 
 
-def score_blocks(cfg) -> str:
-    """Whose class-token attention scores a patch: the last block's (LOTUS's) or every block's mean."""
-    return cfg.get("score_blocks", "last")
+BLOCKS = ("last", "mean")  # whose class-token attention scores a patch; ties go to the last block (LOTUS's)
 
 
-def sink_rule(run, cfg) -> str:
-    """The run's sink rule: ``--sink``, or with ``auto`` the one the score stage chose."""
-    return run.result("score")["sink"] if cfg["sink"] == "auto" else cfg["sink"]
+def scoring(run, cfg) -> dict:
+    """How the run scores a patch, as ``tickets.score`` keywords: the sink rule (``--sink``) and
+    whose attention (``--score-blocks``: the last block's or every block's mean); an ``auto`` option
+    is what the score stage chose on the selection split."""
+    blocks = cfg.get("score_blocks", "last")
+    chosen = run.result("score") if "auto" in (cfg["sink"], blocks) else {}
+    return {
+        "sink": chosen["sink"] if cfg["sink"] == "auto" else cfg["sink"],
+        "blocks": chosen["blocks"] if blocks == "auto" else blocks,
+    }
 
 
 # ---------------------------------------------------------------- stages
@@ -213,31 +218,30 @@ def stage_score(run, cfg):
     tr, sel, va = task.target_sets(cfg)
     model = load_model(run, cfg, "models/start.pt")
     keep = cfg["keep_ratio"]
-    choose = Clock()  # what --sink auto costs: scoring + ticket accuracy on the selection split
-    rules = {}
-    for rule in tickets.SINKS:
-        r = {}
-        for split, d in (("select", sel), ("val", va)):
-            with choose if split == "select" else Clock():
-                s, f = tickets.score(
-                    model,
-                    d,
-                    batch_size=cfg["eval_batch_size"],
-                    blocks=score_blocks(cfg),
-                    sink=rule,
-                    return_flagged=True,
-                )
-                kept = tickets.keep_indices(s, keep)
-                rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
-            cover = _cover(d, model)
-            r[split] = {
-                "accuracy": _acc(rec),
-                "flagged_per_image": float(f.sum(1).float().mean()),
-                "object_recall": None if cover is None else float(object_recall(kept, cover).mean()),
-            }
-            if split == "val" and is_main():
-                run.save_torch(f"preds/sink_{rule}.pt", rec)
-        rules[rule] = r
+    choose = Clock()  # what the auto options cost: scoring + ticket accuracy on the selection split
+    opt = cfg.get("score_blocks", "last")
+    block_sets = BLOCKS if opt == "auto" else (opt,)
+    by_blocks, val_preds = {}, {}
+    for blocks in block_sets:
+        rules = by_blocks[blocks] = {}
+        for rule in tickets.SINKS:
+            r = {}
+            for split, d in (("select", sel), ("val", va)):
+                with choose if split == "select" else Clock():
+                    s, f = tickets.score(
+                        model, d, batch_size=cfg["eval_batch_size"], blocks=blocks, sink=rule, return_flagged=True
+                    )
+                    kept = tickets.keep_indices(s, keep)
+                    rec = _record(tickets.ticket_predict(model, d, kept, batch_size=cfg["eval_batch_size"]), d)
+                cover = _cover(d, model)
+                r[split] = {
+                    "accuracy": _acc(rec),
+                    "flagged_per_image": float(f.sum(1).float().mean()),
+                    "object_recall": None if cover is None else float(object_recall(kept, cover).mean()),
+                }
+                if split == "val":
+                    val_preds[blocks, rule] = rec
+            rules[rule] = r
     g = torch.Generator().manual_seed(stage_seed(cfg["seed"], "random-ticket"))
     n = model.patch_embed.num_patches
     from lotus_kernels.select import random_keep
@@ -253,27 +257,38 @@ def stage_score(run, cfg):
         }
         if split == "val" and is_main():
             run.save_torch("preds/sink_random.pt", rec)
-    best = max(AUTO_ORDER, key=lambda r: (rules[r]["select"]["accuracy"], -AUTO_ORDER.index(r)))
-    rule = best if cfg["sink"] == "auto" else cfg["sink"]
+
+    def select_acc(blocks, rule):  # ties go to the simpler rule, then to the last block
+        return (by_blocks[blocks][rule]["select"]["accuracy"], -AUTO_ORDER.index(rule), -BLOCKS.index(blocks))
+
+    sinks = AUTO_ORDER if cfg["sink"] == "auto" else (cfg["sink"],)
+    blocks, rule = max(((b, r) for b in block_sets for r in sinks), key=lambda br: select_acc(*br))
+    best = max(AUTO_ORDER, key=lambda r: select_acc(blocks, r))
+    if is_main():  # the chosen blocks' as preds/sink_<rule>.pt, the other blocks' as sink_<blocks>_<rule>.pt
+        for (b, r), rec in val_preds.items():
+            run.save_torch(f"preds/sink_{r}.pt" if b == blocks else f"preds/sink_{b}_{r}.pt", rec)
     scoring = Clock()
     with scoring:
         scores, flagged = tickets.score(
-            model, tr, batch_size=cfg["eval_batch_size"], blocks=score_blocks(cfg), sink=rule, return_flagged=True
+            model, tr, batch_size=cfg["eval_batch_size"], blocks=blocks, sink=rule, return_flagged=True
         )
     cover = _cover(tr, model)
     recall_train = None if cover is None else float(object_recall(tickets.keep_indices(scores, keep), cover).mean())
     if is_main():
         run.save_torch("tickets/start.pt", {"scores": scores, "flagged": flagged})
         if cfg["overlay_images"] > 0:
-            _overlay(run, cfg, model, va, rule, keep)
+            _overlay(run, cfg, model, va, {"sink": rule, "blocks": blocks}, keep)
     return {
         "num_patches": n,
         "keep": keep,
         "kept": int(tickets.keep_indices(scores[:1], keep).shape[1]),
         "sink": rule,
         "sink_option": cfg["sink"],
+        "blocks": blocks,
+        "blocks_option": opt,
         "flagged_per_image": float(flagged.sum(1).float().mean()),
-        "rules": rules,
+        "rules": by_blocks[blocks],  # the chosen blocks' rules
+        "rules_by_blocks": by_blocks,
         "random": rand,
         "best_rule_on_select": best,
         "object_recall_train": recall_train,
@@ -281,14 +296,15 @@ def stage_score(run, cfg):
     }
 
 
-def _overlay(run, cfg, model, data, rule, keep, name="tickets.png"):
+def _overlay(run, cfg, model, data, how, keep, name="tickets.png"):
     """tickets.png: validation images, the start model's score maps and kept patches (object boxes in
     green on canvas data; the patches a sink rule changes in red)."""
     import matplotlib.pyplot as plt
 
+    rule = how["sink"]
     shown = "outlier" if rule in ("none", "first") else rule  # show what a patch rule would change
     sub = data.subset(torch.arange(min(cfg["overlay_images"], len(data))))
-    s_fig, f_fig = tickets.score(model, sub, blocks=score_blocks(cfg), sink=shown, return_flagged=True)
+    s_fig, f_fig = tickets.score(model, sub, blocks=how["blocks"], sink=shown, return_flagged=True)
     fig = tickets.overlay_figure(
         sub,
         s_fig,
@@ -521,9 +537,8 @@ def stage_start_scores(run, cfg, start: str, replicate: int):
             model,
             tr,
             batch_size=cfg["eval_batch_size"],
-            blocks=score_blocks(cfg),
-            sink=sink_rule(run, cfg),
             return_flagged=True,
+            **scoring(run, cfg),
         )
     name = f"tickets/{start}/r{replicate}.pt"
     if is_main():
@@ -570,8 +585,7 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
             train_data=tr,
             scores=scores,
             keep=keep,
-            sink=sink_rule(run, cfg),
-            blocks=score_blocks(cfg),
+            **scoring(run, cfg),
             seed=stage_seed(cfg["seed"], f"policy/{seed_k}"),
             batch_size=cfg["eval_batch_size"],
             mix_top=cfg["mix_top"],
@@ -623,9 +637,10 @@ def _attention_after(run, cfg, model, va, arm, seed_k):
     cover = _cover(va, model)
     if cover is None:
         return None
-    s = tickets.score(model, va, batch_size=cfg["eval_batch_size"], blocks=score_blocks(cfg), sink=sink_rule(run, cfg))
+    how = scoring(run, cfg)
+    s = tickets.score(model, va, batch_size=cfg["eval_batch_size"], **how)
     if arm == "dense/full" and seed_k == 0 and is_main() and cfg["overlay_images"] > 0:
-        _overlay(run, cfg, model, va, sink_rule(run, cfg), cfg["keep_ratio"], name="tickets_finetuned.png")
+        _overlay(run, cfg, model, va, how, cfg["keep_ratio"], name="tickets_finetuned.png")
     return float(object_recall(tickets.keep_indices(s, cfg["keep_ratio"]), cover).mean())
 
 
@@ -654,7 +669,7 @@ def stage_timing(run, cfg):
     policy, which may score with that model) is rebuilt from the run directory for its turn, so one
     model and its optimizer state are alive at a time. The matched arms step like dense/full."""
     tr, _, _ = task.target_sets(cfg)
-    sink = sink_rule(run, cfg)
+    how = scoring(run, cfg)
     setups = {"dense/full": (lambda: load_model(run, cfg, "models/start.pt"), {})}
     for arm in plan.arms(cfg):
         spec = ft.parse_arm(arm)
@@ -675,8 +690,7 @@ def stage_timing(run, cfg):
                     scores=scores,
                     keep=keep,
                     seed=0,
-                    sink=sink,
-                    blocks=score_blocks(cfg),
+                    **how,
                     mix_top=cfg["mix_top"],
                 )[0]
 

@@ -128,7 +128,8 @@ def sec_setting(res: dict) -> list[str]:
         + (f" (blocks {cfg['block_size']}x{cfg['block_size']})" if cfg["layout"] == "block" else "")
         + f", keep {cfg['keep_ratio']:g}, sink rule `{res.get('score', {}).get('sink', cfg['sink'])}`"
         + (" (`--sink auto`)" if cfg["sink"] == "auto" else "")
-        + (", patch scores from the mean of every block's attention" if cfg.get("score_blocks") == "mean" else "")
+        + _blocks_phrase(res.get("score", {}).get("blocks", cfg.get("score_blocks", "last")))
+        + (" (`--score-blocks auto`)" if cfg.get("score_blocks") == "auto" and "score" in res else "")
         + "."
     )
     if "pretrain" in res and "probe" in res:
@@ -147,6 +148,14 @@ def sec_setting(res: dict) -> list[str]:
             "",
         ]
     return L
+
+
+def _blocks_phrase(blocks: str) -> str:
+    return {
+        "last": ", patch scores from the last block's class-token attention",
+        "mean": ", patch scores from the mean of every block's class-token attention",
+        "auto": ", patch scores from the blocks chosen on the selection split",
+    }[blocks]
 
 
 def _classes(cl) -> str:
@@ -188,8 +197,9 @@ def sec_goals(res: dict) -> list[str]:
         L.append(
             f"- **Tickets where the object is a minority** (attention tickets keep ≥ {GOAL_RECALL_RATIO:g}x "
             f"random's object-patch recall at keep ≤ 0.5 and beat random patches by ≥ {GOAL_TICKET_POINTS:g} "
-            f"points): {_met(x['met'])}: the start model's tickets (rule `{x['rule']}`, chosen on the selection "
-            f"split) keep "
+            f"points): {_met(x['met'])}: the start model's tickets (rule `{x['rule']}` on "
+            f"{'the mean of every block' if x.get('blocks') == 'mean' else 'the last block'}'s attention, chosen "
+            "on the selection split) keep "
             f"{100 * x['recall']:.1f}% of the object vs random's {100 * x['random_recall']:.1f}% "
             f"({x['ratio']:.2f}x); fixed tickets vs random patches {vs} points. The score maps are in "
             "tickets.png."
@@ -309,26 +319,35 @@ def sec_tickets(res: dict) -> list[str]:
         + ", on the selection split (which chooses) and the validation split; random patches at the same count "
         "for reference.",
         "",
-        "| sink rule | patches changed / image | acc, selection (%) | acc, val (%) |"
+        "| scores from | sink rule | patches changed / image | acc, selection (%) | acc, val (%) |"
         + (" recall, selection | recall, val |" if rec else ""),
-        "|---|---:|---:|---:|" + ("---:|---:|" if rec else ""),
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if rec else ""),
     ]
-    for rule in sorted(t["rules"], key=lambda x: ("none", "first", "outlier", "norm").index(x)):
-        r = t["rules"][rule]
-        L.append(
-            f"| {rule} | {r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | "
-            f"{r['val']['accuracy']:.2f} |"
-            + (f" {100 * r['select']['object_recall']:.1f}% | {100 * r['val']['object_recall']:.1f}% |" if rec else "")
-        )
+    by_blocks = t.get("rules_by_blocks") or {t.get("blocks", "last"): t["rules"]}
+    for blocks, rules in by_blocks.items():
+        for rule in sorted(rules, key=lambda x: ("none", "first", "outlier", "norm").index(x)):
+            r = rules[rule]
+            used = "**" if (blocks, rule) == (t.get("blocks", blocks), t["sink"]) else ""
+            L.append(
+                f"| {used}{'last block' if blocks == 'last' else 'mean of blocks'}{used} | {used}{rule}{used} | "
+                f"{r['val']['flagged_per_image']:.2f} | {r['select']['accuracy']:.2f} | {r['val']['accuracy']:.2f} |"
+                + (
+                    f" {100 * r['select']['object_recall']:.1f}% | {100 * r['val']['object_recall']:.1f}% |"
+                    if rec
+                    else ""
+                )
+            )
     rnd = t["random"]
     L.append(
-        f"| random patches | — | {rnd['select']['accuracy']:.2f} | {rnd['val']['accuracy']:.2f} |"
+        f"| random patches | — | — | {rnd['select']['accuracy']:.2f} | {rnd['val']['accuracy']:.2f} |"
         + (f" {100 * rnd['select']['object_recall']:.1f}% | {100 * rnd['val']['object_recall']:.1f}% |" if rec else "")
     )
     L += [
         "",
         f"Best rule on the selection split: `{t['best_rule_on_select']}` (by accuracy; ties go to the simpler "
-        f"rule); this run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`). `first` (LOTUS's literal "
+        f"rule, then to the last block); this run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`) on "
+        f"{'the mean of every block' if t.get('blocks') == 'mean' else 'the last block'}'s attention "
+        f"(`--score-blocks {t.get('blocks_option', t.get('blocks', 'last'))}`; in bold). `first` (LOTUS's literal "
         "rule) only rewrites the class token's own score, which is dropped before ranking patches, so its tickets "
         "are identical to `none`."
         + (

@@ -227,9 +227,14 @@ def statistics(run: RunDir, res: dict) -> dict:
             p = _preds(run, f"preds/sink_{rule}.pt")
             if p is not None and none is not None:
                 out["sinks"][f"{rule} vs none"] = stats.compare(p, none)
-        chosen = _preds(run, f"preds/sink_{res['score']['sink']}.pt")
+        rule = res["score"]["sink"]
+        chosen = _preds(run, f"preds/sink_{rule}.pt")
         if chosen is not None and rnd is not None:
-            out["sinks"][f"{res['score']['sink']} (the run's rule) vs random"] = stats.compare(chosen, rnd)
+            out["sinks"][f"{rule} (the run's rule) vs random"] = stats.compare(chosen, rnd)
+        for other in set(res["score"].get("rules_by_blocks", {})) - {res["score"].get("blocks")}:
+            p = _preds(run, f"preds/sink_{other}_{rule}.pt")  # --score-blocks auto: the blocks not chosen
+            if p is not None and chosen is not None:
+                out["sinks"][f"{res['score']['blocks']} blocks vs {other} ({rule})"] = stats.compare(chosen, p)
     _holm(out)
     out["goals"] = goals(res, out)
     return out
@@ -292,6 +297,7 @@ def goals(res: dict, st: dict) -> dict:
         tick = st["policies_vs_random"].get("dense/fixed") or st["policies_vs_random"].get(f"{cfg['layout']}-isp/fixed")
         out["tickets"] = {
             "rule": best,
+            "blocks": sc.get("blocks", "last"),
             "recall": sc["rules"][best]["val"]["object_recall"],
             "random_recall": sc["random"]["val"]["object_recall"],
             "ratio": rr,

@@ -154,7 +154,7 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     st = res["stats"]
     assert st["basis"] == "cpu" and set(st["jobs"]) == set(arms) | {"start"}
     parts = st["jobs"]["block-isp/fixed"]["parts"]
-    assert set(parts) == {"probe", "sweep/block", "prune/isp", "sink choice", "tickets", "finetune"}
+    assert set(parts) == {"probe", "sweep/block", "prune/isp", "score choice", "tickets", "finetune"}
     assert set(st["jobs"]["dense/full"]["parts"]) == {"probe", "finetune"}
     assert st["jobs"]["block-isp/fixed"]["mean"] == pytest.approx(sum(parts.values()))
     assert st["jobs"]["dense/full"]["ratio"] == pytest.approx(1.0)
@@ -329,3 +329,40 @@ def test_score_blocks_mean_makes_the_runs_tickets(tmp_path):
     got = run.load_torch("tickets/start.pt")["scores"]
     assert torch.equal(got, tickets.score(model, tr, sink=rule, blocks="mean"))
     assert not torch.allclose(got, tickets.score(model, tr, sink=rule))
+
+
+def test_score_blocks_auto_chooses_blocks_and_rule_on_the_selection_split(tmp_path):
+    from lotus import pipeline, task, tickets
+    from lotus.rundir import RunDir
+
+    data = make_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    main(["pretrain", "--data", str(data), "--out", str(out), *TINY])  # --sink auto --score-blocks auto
+    main(["score", str(out)])
+    run = RunDir.open(out)
+    cfg = run.config()
+    res = run.result("score")
+    assert cfg["score_blocks"] == "auto" and res["blocks_option"] == "auto"
+    assert set(res["rules_by_blocks"]) == {"last", "mean"}
+    # the chosen pair has the best selection accuracy; ties go to the simpler rule, then the last block
+    order = [(b, r) for b in ("last", "mean") for r in ("none", "outlier", "norm")]
+    acc = {(b, r): res["rules_by_blocks"][b][r]["select"]["accuracy"] for b, r in order}
+    top = max(acc.values())
+    tied = [(b, r) for b, r in order if acc[b, r] == top]
+    want = min(tied, key=lambda br: (("none", "outlier", "norm").index(br[1]), ("last", "mean").index(br[0])))
+    assert (res["blocks"], res["sink"]) == want
+    assert res["rules"] == res["rules_by_blocks"][want[0]]
+    # the selection accuracy of the chosen pair, recomputed from the start model
+    _, sel, _ = task.target_sets(cfg)
+    model = pipeline.load_model(run, cfg, "models/start.pt")
+    kept = tickets.keep_indices(tickets.score(model, sel, sink=want[1], blocks=want[0]), cfg["keep_ratio"])
+    pred = tickets.ticket_predict(model, sel, kept)
+    assert 100 * float((pred == sel.y).float().mean()) == pytest.approx(top)
+    # every later stage scores the way the run chose
+    assert pipeline.scoring(run, cfg) == {"sink": want[1], "blocks": want[0]}
+    tr, _, _ = task.target_sets(cfg)
+    assert torch.equal(
+        run.load_torch("tickets/start.pt")["scores"], tickets.score(model, tr, sink=want[1], blocks=want[0])
+    )
+    other = "mean" if want[0] == "last" else "last"
+    assert (out / "preds" / f"sink_{want[1]}.pt").exists() and (out / "preds" / f"sink_{other}_{want[1]}.pt").exists()
