@@ -314,6 +314,7 @@ def _overlay(run, cfg, model, data, how, keep, name="tickets.png"):
         flagged=f_fig,
         rule=shown,
         boxes=sub.boxes,
+        blocks=how["blocks"],
     )
     run.save_figure(name, fig)
     plt.close(fig)

@@ -206,10 +206,12 @@ def overlay_figure(
     flagged: torch.Tensor | None = None,
     rule: str | None = None,
     boxes: torch.Tensor | None = None,
+    blocks: str = "last",
 ):
     """Per image: the picture, its score map (patches the sink rule changed outlined in red), and the
     kept patches (dropped ones greyed). ``scores`` are the scores after the rule; ``boxes`` [N, 4]
-    (top, left, height, width in model pixels): the object of canvas images, outlined in green."""
+    (top, left, height, width in model pixels): the object of canvas images, outlined in green;
+    ``blocks``: whose attention the scores are (named on the score row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +247,8 @@ def overlay_figure(
             axes[r, i].set_xticks([])
             axes[r, i].set_yticks([])
     axes[0, 0].set_ylabel("image")
-    axes[1, 0].set_ylabel("CLS attention" + (f"\nsink: {rule}" if rule else ""))
+    who = "last block" if blocks == "last" else "mean of blocks"
+    axes[1, 0].set_ylabel(f"CLS attention, {who}" + (f"\nsink: {rule}" if rule else ""))
     axes[2, 0].set_ylabel(f"kept {math.ceil(keep_ratio * grid * grid - 1e-9)}/{grid * grid}")
     title = f"Attention data tickets (keep {keep_ratio:g}); dropped patches greyed"
     if boxes is not None:

@@ -43,7 +43,9 @@ def test_score_and_keep():
     assert (top >= dropped).all()
     s2, flagged = score(m, data, batch_size=8, sink="outlier", return_flagged=True)
     fig = overlay_figure(data, s2, 0.5, patch_size=4, n_images=3, flagged=flagged, rule="outlier")
-    assert len(fig.axes) == 9
+    assert len(fig.axes) == 9 and fig.axes[3].get_ylabel().startswith("CLS attention, last block")
+    fig = overlay_figure(data, s2, 0.5, patch_size=4, n_images=3, blocks="mean")
+    assert fig.axes[3].get_ylabel() == "CLS attention, mean of blocks"  # the score row names its blocks
 
 
 def test_scores_from_the_mean_of_blocks_reach_the_policies():
