@@ -30,6 +30,7 @@ import time
 import torch
 
 from lotus_kernels import sparsify_
+from lotus_kernels.vit_scores import BLOCK_RULES
 
 from . import cost as cost_mod
 from . import finetune as ft
@@ -126,9 +127,6 @@ def load_start(run, cfg, start: str, replicate: int = 0):
     return model
 
 
-BLOCKS = ("last", "mean")  # whose class-token attention scores a patch; ties go to the last block (LOTUS's)
-
-
 def scoring(run, cfg) -> dict:
     """How the run scores a patch, as ``tickets.score`` keywords: the sink rule (``--sink``) and
     whose attention (``--score-blocks``: the last block's or every block's mean); an ``auto`` option
@@ -220,7 +218,7 @@ def stage_score(run, cfg):
     keep = cfg["keep_ratio"]
     choose = Clock()  # what the auto options cost: scoring + ticket accuracy on the selection split
     opt = cfg.get("score_blocks", "last")
-    block_sets = BLOCKS if opt == "auto" else (opt,)
+    block_sets = BLOCK_RULES if opt == "auto" else (opt,)  # ("last", "mean"): ties go to the last (LOTUS's)
     by_blocks, val_preds = {}, {}
     for blocks in block_sets:
         rules = by_blocks[blocks] = {}
@@ -259,7 +257,7 @@ def stage_score(run, cfg):
             run.save_torch("preds/sink_random.pt", rec)
 
     def select_acc(blocks, rule):  # ties go to the simpler rule, then to the last block
-        return (by_blocks[blocks][rule]["select"]["accuracy"], -AUTO_ORDER.index(rule), -BLOCKS.index(blocks))
+        return (by_blocks[blocks][rule]["select"]["accuracy"], -AUTO_ORDER.index(rule), -BLOCK_RULES.index(blocks))
 
     sinks = AUTO_ORDER if cfg["sink"] == "auto" else (cfg["sink"],)
     blocks, rule = max(((b, r) for b in block_sets for r in sinks), key=lambda br: select_acc(*br))

@@ -150,12 +150,15 @@ def sec_setting(res: dict) -> list[str]:
     return L
 
 
+def _whose(blocks: str | None) -> str:
+    """Whose class-token attention scored the patches, for a sentence ("the last block")."""
+    return "the mean of every block" if blocks == "mean" else "the last block"
+
+
 def _blocks_phrase(blocks: str) -> str:
-    return {
-        "last": ", patch scores from the last block's class-token attention",
-        "mean": ", patch scores from the mean of every block's class-token attention",
-        "auto": ", patch scores from the blocks chosen on the selection split",
-    }[blocks]
+    if blocks == "auto":
+        return ", patch scores from the blocks chosen on the selection split"
+    return f", patch scores from {_whose(blocks)}'s class-token attention"
 
 
 def _classes(cl) -> str:
@@ -198,7 +201,7 @@ def sec_goals(res: dict) -> list[str]:
             f"- **Tickets where the object is a minority** (attention tickets keep ≥ {GOAL_RECALL_RATIO:g}x "
             f"random's object-patch recall at keep ≤ 0.5 and beat random patches by ≥ {GOAL_TICKET_POINTS:g} "
             f"points): {_met(x['met'])}: the start model's tickets (rule `{x['rule']}` on "
-            f"{'the mean of every block' if x.get('blocks') == 'mean' else 'the last block'}'s attention, chosen "
+            f"{_whose(x.get('blocks'))}'s attention, chosen "
             "on the selection split) keep "
             f"{100 * x['recall']:.1f}% of the object vs random's {100 * x['random_recall']:.1f}% "
             f"({x['ratio']:.2f}x); fixed tickets vs random patches {vs} points. The score maps are in "
@@ -346,7 +349,7 @@ def sec_tickets(res: dict) -> list[str]:
         "",
         f"Best rule on the selection split: `{t['best_rule_on_select']}` (by accuracy; ties go to the simpler "
         f"rule, then to the last block); this run used `{t['sink']}` (`--sink {t.get('sink_option', t['sink'])}`) on "
-        f"{'the mean of every block' if t.get('blocks') == 'mean' else 'the last block'}'s attention "
+        f"{_whose(t.get('blocks'))}'s attention "
         f"(`--score-blocks {t.get('blocks_option', t.get('blocks', 'last'))}`; in bold). `first` (LOTUS's literal "
         "rule) only rewrites the class token's own score, which is dropped before ranking patches, so its tickets "
         "are identical to `none`."
