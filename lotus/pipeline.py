@@ -219,7 +219,7 @@ def stage_score(run, cfg):
     choose = Clock()  # what the auto options cost: scoring + ticket accuracy on the selection split
     opt = cfg.get("score_blocks", "last")
     block_sets = BLOCK_RULES if opt == "auto" else (opt,)  # ("last", "mean"): ties go to the last (LOTUS's)
-    by_blocks, val_preds = {}, {}
+    by_blocks, val_preds, val_kept = {}, {}, {}
     for blocks in block_sets:
         rules = by_blocks[blocks] = {}
         for rule in tickets.SINKS:
@@ -238,7 +238,7 @@ def stage_score(run, cfg):
                     "object_recall": None if cover is None else float(object_recall(kept, cover).mean()),
                 }
                 if split == "val":
-                    val_preds[blocks, rule] = rec
+                    val_preds[blocks, rule], val_kept[blocks, rule] = rec, kept
             rules[rule] = r
     g = torch.Generator().manual_seed(stage_seed(cfg["seed"], "random-ticket"))
     n = model.patch_embed.num_patches
@@ -253,8 +253,10 @@ def stage_score(run, cfg):
             "accuracy": _acc(rec),
             "object_recall": None if cover is None else float(object_recall(kept, cover).mean()),
         }
-        if split == "val" and is_main():
-            run.save_torch("preds/sink_random.pt", rec)
+        if split == "val":
+            random_val = kept
+            if is_main():
+                run.save_torch("preds/sink_random.pt", rec)
 
     def select_acc(blocks, rule):  # ties go to the simpler rule, then to the last block
         return (by_blocks[blocks][rule]["select"]["accuracy"], -AUTO_ORDER.index(rule), -BLOCK_RULES.index(blocks))
@@ -265,6 +267,7 @@ def stage_score(run, cfg):
     if is_main():  # the chosen blocks' as preds/sink_<rule>.pt, the other blocks' as sink_<blocks>_<rule>.pt
         for (b, r), rec in val_preds.items():
             run.save_torch(f"preds/sink_{r}.pt" if b == blocks else f"preds/sink_{b}_{r}.pt", rec)
+        run.save_torch(VIEWS_FILE, {"tickets": val_kept[blocks, rule], "random": random_val})
     scoring = Clock()
     with scoring:
         scores, flagged = tickets.score(
@@ -609,6 +612,7 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
     if is_main():
         run.save_torch(f"preds/finetune/{arm}/s{seed_k}.pt", rec)
     after = _attention_after(run, cfg, model, va, arm, seed_k)
+    views = _views(run, cfg, model, va)
     masks = prune.masks_of(model)
     hist.update(
         {
@@ -623,6 +627,7 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
             "sparsity": prune.sparsity_of(masks) if masks else 0.0,
             "object_recall": keep_fn.sum / max(keep_fn.n, 1) if isinstance(keep_fn, _Recall) else None,
             "object_recall_after": after,
+            "accuracy_views": views,
             "cost": {"wall": hist["train_s"], "cpu": hist["train_cpu_s"]},
         }
     )
@@ -641,6 +646,24 @@ def _attention_after(run, cfg, model, va, arm, seed_k):
     if arm == "dense/full" and seed_k == 0 and is_main() and cfg["overlay_images"] > 0:
         _overlay(run, cfg, model, va, how, cfg["keep_ratio"], name="tickets_finetuned.png")
     return float(object_recall(tickets.keep_indices(s, cfg["keep_ratio"]), cover).mean())
+
+
+VIEWS_FILE = "tickets/val.pt"  # the score stage's kept patches of the validation images: chosen tickets, random
+
+
+def _views(run, cfg, model, va):
+    """Accuracy (%) of a fine-tuned model on the validation images seen only through the start model's
+    tickets and only through random patches at the same count (the score stage's; ``None`` for a run
+    directory older than them). Which view did fine-tuning fit? A model can score better on tickets
+    than on whole images: the tickets are then a biased view of the image that it learnt, not a less
+    informative one, and a fixed-ticket arm loses at evaluation, where every patch is seen."""
+    if not run.exists(VIEWS_FILE):
+        return None
+    kept = run.load_torch(VIEWS_FILE)
+    return {
+        view: _acc(_record(tickets.ticket_predict(model, va, kept[view], batch_size=cfg["eval_batch_size"]), va))
+        for view in ("tickets", "random")
+    }
 
 
 def stage_budget(run, cfg):

@@ -111,6 +111,45 @@ def test_help_explains_options(capsys):
     assert "evaluate" in capsys.readouterr().out
 
 
+def test_view_accuracies_of_fine_tuned_models(tiny_run):
+    """Each fine-tuned model's accuracy on the validation images seen only through the start model's
+    tickets / random patches: the saved views are the score stage's (the start model's accuracy on them
+    is the score stage's), and every arm's recorded figures are recomputed here by a forward with those
+    patches."""
+    from lotus import pipeline, task
+    from lotus.data import loader
+    from lotus.rundir import RunDir
+
+    run, _ = tiny_run
+    rd = RunDir.open(run)
+    cfg = rd.config()
+    res = json.loads((run / "results.json").read_text())
+    _, _, va = task.target_sets(cfg)
+    views = rd.load_torch(pipeline.VIEWS_FILE)
+    k = res["score"]["kept"]
+    assert views["tickets"].shape == views["random"].shape == (len(va), k)
+    assert not torch.equal(views["tickets"], views["random"])
+
+    @torch.no_grad()
+    def acc(model, keep):
+        model.eval()
+        right = 0
+        for xb, yb, ids in loader(va, 7, shuffle=False):  # odd batches: rows must follow the image ids
+            right += int((model(va.prepare(xb, torch.device("cpu")), keep_idx=keep[ids]).argmax(1) == yb).sum())
+        return 100.0 * right / len(va)
+
+    start = pipeline.load_model(rd, cfg, "models/start.pt")
+    assert acc(start, views["tickets"]) == pytest.approx(res["score"]["rules"][res["score"]["sink"]]["val"]["accuracy"])
+    assert acc(start, views["random"]) == pytest.approx(res["score"]["random"]["val"]["accuracy"])
+    for arm in ("dense/fixed", "block-isp/random", "dense/full"):
+        rec = res["finetune"][arm][1]["accuracy_views"]
+        model = pipeline.load_model(rd, cfg, f"models/finetune/{arm}/s1.pt")
+        assert rec == pytest.approx({"tickets": acc(model, views["tickets"]), "random": acc(model, views["random"])})
+    md = (run / "report.md").read_text()
+    assert "| arm | whole images (%) | start's tickets (%) | random patches (%) | recall of its own tickets |" in md
+    assert "| start (no fine-tuning) |" in md
+
+
 def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
