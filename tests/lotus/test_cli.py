@@ -141,13 +141,35 @@ def test_view_accuracies_of_fine_tuned_models(tiny_run):
     start = pipeline.load_model(rd, cfg, "models/start.pt")
     assert acc(start, views["tickets"]) == pytest.approx(res["score"]["rules"][res["score"]["sink"]]["val"]["accuracy"])
     assert acc(start, views["random"]) == pytest.approx(res["score"]["random"]["val"]["accuracy"])
-    for arm in ("dense/fixed", "block-isp/random", "dense/full"):
-        rec = res["finetune"][arm][1]["accuracy_views"]
-        model = pipeline.load_model(rd, cfg, f"models/finetune/{arm}/s1.pt")
-        assert rec == pytest.approx({"tickets": acc(model, views["tickets"]), "random": acc(model, views["random"])})
+    differ = 0  # the tiny models often predict one class whatever they see: some record must tell the views apart
+    for arm, recs in res["finetune"].items():
+        for k, r in enumerate(recs):
+            model = pipeline.load_model(rd, cfg, f"models/finetune/{arm}/s{k}.pt")
+            want = {"tickets": acc(model, views["tickets"]), "random": acc(model, views["random"])}
+            assert r["accuracy_views"] == pytest.approx(want), (arm, k)
+            differ += want["tickets"] != want["random"]
+    assert differ > 0
     md = (run / "report.md").read_text()
     assert "| arm | whole images (%) | start's tickets (%) | random patches (%) | recall of its own tickets |" in md
     assert "| start (no fine-tuning) |" in md
+
+
+def test_report_of_a_run_without_view_accuracies(tiny_run):
+    """A run directory from before the view accuracies (no ``accuracy_views``; on other data no object
+    recall either) still reports: the after-fine-tuning table keeps the columns it has data for."""
+    from lotus import report
+
+    run, _ = tiny_run
+    res = json.loads((run / "results.json").read_text())
+    for recs in res["finetune"].values():
+        for r in recs:
+            r.pop("accuracy_views")
+    md = report.markdown(res, [])
+    assert "| arm | recall of its own tickets |" in md and "start's tickets" not in md
+    for recs in res["finetune"].values():
+        for r in recs:
+            r["object_recall_after"] = None
+    assert "After fine-tuning" not in report.markdown(res, [])
 
 
 def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
