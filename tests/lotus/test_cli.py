@@ -142,10 +142,10 @@ def test_view_accuracies_of_fine_tuned_models(tiny_run):
     assert acc(start, views["tickets"]) == pytest.approx(res["score"]["rules"][res["score"]["sink"]]["val"]["accuracy"])
     assert acc(start, views["random"]) == pytest.approx(res["score"]["random"]["val"]["accuracy"])
     for arm, recs in res["finetune"].items():
-        for k, r in enumerate(recs):
-            model = pipeline.load_model(rd, cfg, f"models/finetune/{arm}/s{k}.pt")
+        for seed, r in enumerate(recs):
+            model = pipeline.load_model(rd, cfg, f"models/finetune/{arm}/s{seed}.pt")
             want = {"tickets": acc(model, views["tickets"]), "random": acc(model, views["random"])}
-            assert r["accuracy_views"] == pytest.approx(want), (arm, k)
+            assert r["accuracy_views"] == pytest.approx(want), (arm, seed)
 
     # The tiny models often predict one class whatever they see, so the records above may not tell the
     # views apart: a model that answers from the first kept patch's index does, with views built so that
