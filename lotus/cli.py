@@ -208,8 +208,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--no-augment",
         dest="augment",
         action="store_false",
-        help="pretrain without random flips and shifts by 1/8 of the side (fine-tuning never "
-        "augments: a ticket's patch indices refer to the unaugmented image)",
+        help="pretrain without random flips and shifts by 1/8 of the side (fine-tuning: --finetune-augment)",
     )
     g.add_argument(
         "--cost-basis",
@@ -402,6 +401,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="epochs of every arm (default: 6 from scratch, 5 with pretrained weights)",
     )
     g.add_argument(
+        "--finetune-augment",
+        choices=("none", "flip"),
+        default="none",
+        help="augmentation of every fine-tuning arm: 'flip' mirrors random images left-right, and a "
+        "ticket's patch indices with them (shifts would move patches by a fraction of a patch); "
+        "default none",
+    )
+    g.add_argument(
         "--finetune-batch-size",
         type=int,
         default=None,
@@ -446,6 +453,7 @@ CONFIG_KEYS = (
     "matched",
     "matched_steps",
     "finetune_batch_size",
+    "finetune_augment",
     "clip_grad",
     "seed",
     "threads",

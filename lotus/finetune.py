@@ -86,7 +86,7 @@ def finetune(
     *,
     seed: int,
     keep_fn=None,
-    augment: bool = False,
+    augment: bool | str = False,
     desc: str = "finetune",
     evaluate_each_epoch: bool = True,
     steps: int | None = None,

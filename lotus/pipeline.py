@@ -557,6 +557,7 @@ class _Recall:
 
     def __init__(self, inner, cover):
         self.inner, self.cover, self.sum, self.n = inner, cover, 0.0, 0
+        self.image_frame = getattr(inner, "image_frame", False)
         if hasattr(inner, "new_epoch"):
             self.new_epoch = inner.new_epoch
 
@@ -574,14 +575,14 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
     model = load_start(run, cfg, spec["start"], r)
     keep = spec["keep"] or cfg["keep_ratio"]
     seed = stage_seed(cfg["seed"], f"finetune/{seed_k}")
-    keep_fn, augment, steps = None, False, None
+    keep_fn, augment, steps = None, cfg.get("finetune_augment") or "none", None
     if spec["budget"]:
         steps = run.result("budget")[spec["budget"]]["steps"]
     if spec["policy"] != "full":
         scores = None
         if spec["policy"] in cost_mod.NEEDS_SCORES:
             scores = run.load_torch(_scores_file(run, spec["start"], r))["scores"]
-        keep_fn, augment = tickets.make_policy(
+        keep_fn, own_augment = tickets.make_policy(
             spec["policy"],
             model=model,
             train_data=tr,
@@ -592,8 +593,11 @@ def stage_finetune_one(run, cfg, arm: str, seed_k: int):
             batch_size=cfg["eval_batch_size"],
             mix_top=cfg["mix_top"],
         )
+        if own_augment:  # aug_rescore: flips + shifts, scored as the model sees the batch
+            augment = "flip_shift"
         cover = _cover(tr, model)
-        if cover is not None and not augment:
+        # recall needs indices of the canvas as stored: not from a batch that was flipped or shifted
+        if cover is not None and (augment == "none" or keep_fn.image_frame):
             keep_fn = _Recall(keep_fn, cover)
     hist = ft.finetune(
         model,

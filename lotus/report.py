@@ -222,7 +222,9 @@ def sec_cost(res: dict) -> list[str]:
     L = [
         "## The whole job: accuracy and cost (headline table)",
         "",
-        f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}; seeds: "
+        f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}"
+        + (", random flips (tickets mirrored with the image)" if cfg.get("finetune_augment") == "flip" else "")
+        + "; seeds: "
         f"{cfg.get('main_seeds')} for the headline `{cfg.get('headline')}`, dense/full and the compute-matched rows, "
         f"{cfg['seeds']} for the others (pruned starts: seed k from prune replicate k mod "
         f"{cfg.get('prune_seeds', 1)}). "

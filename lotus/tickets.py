@@ -82,6 +82,8 @@ def keep_indices(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
 class _Table:
     """keep_fn for a fixed [N, K] table (fixed tickets, fixed random)."""
 
+    image_frame = True  # indices of the image as stored: ``train`` mirrors them with a flipped image
+
     def __init__(self, table: torch.Tensor):
         self.table = table
 
@@ -91,6 +93,8 @@ class _Table:
 
 class _Random:
     """A fresh random subset of k patches per image per step."""
+
+    image_frame = True  # any frame is as random; this one keeps the object-patch recall exact under flips
 
     def __init__(self, n: int, keep: float, seed: int):
         self.n, self.keep = n, keep
@@ -103,6 +107,8 @@ class _Random:
 
 class _RescoreEpoch:
     """Tickets re-scored by the current model before every epoch but the first."""
+
+    image_frame = True  # scored on the stored (unaugmented) images
 
     def __init__(self, table, data: ImageSet, keep: float, sink, batch_size: int, blocks: str = "last"):
         self.table, self.data, self.keep, self.sink, self.batch_size = table, data, keep, sink, batch_size
@@ -120,6 +126,8 @@ class _RescoreEpoch:
 class _RescoreStep:
     """Tickets from the current model's scores of the batch as the model sees it."""
 
+    image_frame = False  # already where the (augmented) batch has the patches
+
     def __init__(self, model, keep: float, sink, blocks: str = "last"):
         self.model, self.keep, self.sink, self.blocks = model, keep, _sink(sink), blocks
 
@@ -129,6 +137,8 @@ class _RescoreStep:
 
 class _Mix:
     """The top ``top`` share of the k kept patches by fixed scores, the rest random every step."""
+
+    image_frame = True
 
     def __init__(self, scores: torch.Tensor, keep: float, top: float, seed: int):
         n = scores.shape[1]

@@ -125,17 +125,23 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+AUGMENTS = ("none", "flip", "flip_shift")
+
+
 def augment_batch(
     x: torch.Tensor,
     gen: torch.Generator,
     shift: int = 4,
     positions: torch.Tensor | None = None,
     total: int | None = None,
-) -> torch.Tensor:
+    *,
+    return_flips: bool = False,
+):
     """Random horizontal flips and translations by up to ``shift`` pixels (zero fill, i.e. the mean
-    after normalisation), drawn from ``gen`` for the whole global batch of ``total`` images (default
-    ``len(x)``), of which ``x`` holds the ``positions`` (default all): DDP ranks, each holding its
-    share, see what one process would."""
+    after normalisation; ``shift=0``: flips only), drawn from ``gen`` for the whole global batch of
+    ``total`` images (default ``len(x)``), of which ``x`` holds the ``positions`` (default all): DDP
+    ranks, each holding its share, see what one process would. ``return_flips``: also the bool [B]
+    of the images flipped (to mirror a ticket's patch indices, ``flip_patch_indices``)."""
     b, _, h, w = x.shape
     total = b if total is None else total
     flip = torch.rand(total, generator=gen) < 0.5
@@ -143,9 +149,35 @@ def augment_batch(
     if positions is not None:
         flip, off = flip[positions], off[:, positions]
     x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (shift,) * 4)
-    off = off.tolist()
-    return torch.stack([padded[i, :, off[0][i] : off[0][i] + h, off[1][i] : off[1][i] + w] for i in range(b)])
+    if shift:
+        padded = F.pad(x, (shift,) * 4)
+        off = off.tolist()
+        x = torch.stack([padded[i, :, off[0][i] : off[0][i] + h, off[1][i] : off[1][i] + w] for i in range(b)])
+    return (x, flip) if return_flips else x
+
+
+def flip_patch_indices(idx: torch.Tensor, flips: torch.Tensor, grid_w: int) -> torch.Tensor:
+    """Patch indices [B, K] (row-major on a grid ``grid_w`` patches wide) of the images as they
+    were, moved to where those patches are once the rows in ``flips`` [B] are mirrored left-right:
+    column c becomes ``grid_w - 1 - c``. (Shifts by a fraction of a patch have no such map.)"""
+    col = idx % grid_w
+    mirrored = idx - col + (grid_w - 1 - col)
+    return torch.where(flips.to(idx.device)[:, None], mirrored, idx)
+
+
+def _grid_width(model) -> int:
+    """Patches per row of a timm-shaped model (``patch_embed.img_size`` / ``patch_size``, int or pair)."""
+    side, patch = model.patch_embed.img_size, model.patch_embed.patch_size
+    side = side[-1] if isinstance(side, (tuple, list)) else side
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    return side // patch
+
+
+def _augment_mode(augment) -> str:
+    mode = {False: "none", True: "flip_shift"}.get(augment, augment) if isinstance(augment, bool) else augment
+    if mode not in AUGMENTS:
+        raise ValueError(f"augment: expected a bool or one of {', '.join(AUGMENTS)}, got {augment!r}")
+    return mode
 
 
 OPTIMIZERS = {"adamw": "adamw", "sgd": "momentum"}  # ours -> timm's name (SGD: momentum 0.9, not Nesterov)
@@ -196,8 +228,11 @@ def train(
 
     keep_idx         [len(train_data), K] int64: image i trains on its patches keep_idx[i] only
     patch_drop_keep  keep ratio of timm's random PatchDropout (training only), the random baseline
-    augment          random flips and shifts by 1/8 of the image side (``augment_batch``); not with
-                     keep_idx, whose patch indices refer to the unaugmented images
+    augment          ``"flip_shift"`` (or True): random flips and shifts by 1/8 of the image side
+                     (``augment_batch``); ``"flip"``: flips only; ``"none"`` (or False). Patch indices
+                     that refer to the unaugmented image (keep_idx, a keep_fn with ``image_frame``
+                     True: a ticket table) are mirrored with the image under ``"flip"``; shifts move
+                     patches by a fraction of a patch, so ``"flip_shift"`` is refused with them
     clip_grad        clip the global gradient norm to this value (None: no clipping)
     keep_fn          ``keep_fn(x, ids)`` -> keep_idx [B, K] (or None: all patches) per step, from the
                      batch as the model sees it (normalised, augmented if ``augment``) and the images'
@@ -218,12 +253,18 @@ def train(
     """
     if sum(v is not None for v in (keep_idx, patch_drop_keep, keep_fn)) > 1:
         raise ValueError("keep_idx / patch_drop_keep / keep_fn: choose one way of dropping patches")
-    if keep_idx is not None and augment:
-        raise ValueError("augment: not with keep_idx (a ticket's patch indices refer to the unaugmented image)")
+    mode = _augment_mode(augment)
+    image_frame = keep_idx is not None or getattr(keep_fn, "image_frame", False)
+    if mode == "flip_shift" and image_frame:
+        raise ValueError(
+            "augment: flips + shifts not with tickets of the unaugmented image (keep_idx or a fixed "
+            "ticket table; a shift moves patches by a fraction of a patch): use 'flip'"
+        )
     if keep_idx is not None and keep_idx.shape[0] != len(train_data):
         raise ValueError(f"keep_idx: expected one row per training image ({len(train_data)}), got {keep_idx.shape[0]}")
     aug_gen = torch.Generator().manual_seed(seed + 1)
     shift = max(1, train_data.img_size // 8)
+    grid_w = _grid_width(model) if image_frame and mode == "flip" else 0
     torch.manual_seed(seed)  # PatchDropout draws from the global generator
     dev = device()
     model.to(dev).train()
@@ -276,15 +317,23 @@ def train(
                 for g in opt.param_groups:
                     g["lr"] = lr_at(offset + step, total, lr, warm)
                 x = train_data.prepare(xb, dev)
-                if augment:
-                    x = augment_batch(
-                        x, aug_gen, shift, positions=my_positions(start, n_global, rank, size), total=n_global
+                flips = None
+                if mode != "none":
+                    x, flips = augment_batch(
+                        x,
+                        aug_gen,
+                        shift if mode == "flip_shift" else 0,
+                        positions=my_positions(start, n_global, rank, size),
+                        total=n_global,
+                        return_flips=True,
                     )
                 y = yb.to(dev, non_blocking=True)
-                kwargs = {} if keep_idx is None else {"keep_idx": keep_idx[ids].to(dev)}
+                k = keep_idx[ids] if keep_idx is not None else None
                 if keep_fn is not None:  # tickets are indexed by image id
                     k = keep_fn(x, ids)
-                    kwargs = {} if k is None else {"keep_idx": k.to(dev)}
+                if k is not None and flips is not None and image_frame:
+                    k = flip_patch_indices(k, flips, grid_w)
+                kwargs = {} if k is None else {"keep_idx": k.to(dev)}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = net(x, **kwargs)
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") * (size / n_global)

@@ -337,6 +337,7 @@ def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
         (["--matched-steps", "0"], "--matched-steps: expected at least 1"),
         (["--headline", "2:4-isp/fixed"], "--headline: 2:4-isp/fixed prunes in layout 2:4"),
         (["--isp-recipe", "soup"], "--isp-recipe"),
+        (["--finetune-augment", "shift"], "--finetune-augment: invalid choice: 'shift'"),
         (["--compare-sparsities", "1.2"], "--compare-sparsities"),
     ],
 )

@@ -10,7 +10,7 @@ import torch
 from lotus import recipe
 from lotus.data import Images
 from lotus.model import build
-from lotus.train import augment_batch, time_steps, train
+from lotus.train import augment_batch, flip_patch_indices, time_steps, train
 
 from .test_model import CFG
 
@@ -193,3 +193,108 @@ def test_recipes(monkeypatch):
     assert p["pretrain_epochs"] == 0 and p["finetune_epochs"] == 5  # the checkpoint as it is; ViT's 5-epoch fine-tune
     assert p["bf16"] is True and recipe.resolve(dict(base, bf16=False))["bf16"] is False
     assert p["cost_basis"] == "wall"  # a GPU: wall seconds
+
+
+def test_flip_patch_indices_mirrors_columns():
+    idx = torch.tensor([[0, 5, 15], [0, 5, 15]])  # a 4-wide grid: (row, col) (0,0) (1,1) (3,3)
+    out = flip_patch_indices(idx, torch.tensor([True, False]), 4)
+    assert out.tolist() == [[3, 6, 12], [0, 5, 15]]
+
+
+class _Tickets:
+    """A fixed ticket table (indices of the images as stored), like ``lotus.tickets``' fixed policy."""
+
+    image_frame = True
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, x, ids):
+        return self.table[ids]
+
+
+@pytest.mark.parametrize("how", ["keep_fn", "keep_idx"])
+def test_flipped_images_train_on_the_patches_of_their_own_ticket(how):
+    """With flips, a ticket of the stored image must keep the same pixels: the kept patches of the
+    (flipped) batch are the ticket's patches of the stored image, mirrored. Recomputed from the raw
+    images, patch by patch."""
+    g = torch.Generator().manual_seed(5)
+    n, p, grid = 20, 4, 4
+    data = Images(torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(n) % 3, 3)
+    table = torch.rand(n, grid * grid, generator=g).topk(6, dim=1).indices.sort(dim=1).values
+    torch.manual_seed(0)
+    m = build(CFG, 3, 16)
+    seen = []
+    m.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0].detach().clone(), kwargs["keep_idx"].cpu())), with_kwargs=True
+    )
+    kw = {"keep_fn": _Tickets(table)} if how == "keep_fn" else {"keep_idx": table}
+    train(m, data, None, epochs=2, lr=1e-3, batch_size=6, seed=2, augment="flip", **kw)
+
+    def patches(img, idx):  # [3, 16, 16] -> [K, 3, p, p] at row-major patch indices
+        return torch.stack(
+            [img[:, (i // grid) * p : (i // grid + 1) * p, (i % grid) * p : (i % grid + 1) * p] for i in idx]
+        )
+
+    stored = data.prepare(data.x, "cpu")
+    flipped = kept = 0
+    for x, k in seen:
+        for img, idx in zip(x, k):
+            (j, was_flipped), *more = [
+                (j, f)
+                for j in range(n)
+                for f in (False, True)
+                if torch.equal(img, stored[j].flip(-1) if f else stored[j])
+            ]
+            assert not more  # the random images are told apart
+            want = patches(stored[j], table[j])
+            # the same pixels: as stored, or every ticket patch mirrored and moved to its mirrored column
+            assert torch.equal(patches(img, idx), want.flip(-1) if was_flipped else want)
+            flipped += was_flipped
+            kept += 1
+    assert kept == 2 * n and 0 < flipped < kept  # both kinds happened
+
+
+def test_flips_and_shifts_are_refused_with_tickets_of_the_stored_image():
+    data = _numbered()
+    m = build(CFG, 3, 16)
+    table = torch.arange(4).repeat(len(data), 1)
+    for kw in ({"keep_idx": table}, {"keep_fn": _Tickets(table)}):
+        with pytest.raises(ValueError, match="augment: flips \\+ shifts not with tickets"):
+            train(m, data, None, epochs=1, lr=1e-3, batch_size=5, seed=0, augment="flip_shift", **kw)
+    with pytest.raises(ValueError, match="augment: expected a bool or one of none, flip, flip_shift"):
+        train(m, data, None, epochs=1, lr=1e-3, batch_size=5, seed=0, augment="shift")
+
+
+def test_finetune_augment_reaches_every_arm(tmp_path, monkeypatch):
+    """--finetune-augment flip: every arm's training flips (tickets of the stored image mirrored with
+    it, their object recall still counted); aug_rescore keeps its own flips + shifts; the report says so."""
+    from lotus import finetune, rundir
+    from lotus.cli import main
+
+    from ._tiny import TINY, make_npz
+
+    seen = {}
+
+    def recording(*args, **kw):
+        seen[kw["desc"]] = (kw["augment"], getattr(kw["keep_fn"], "image_frame", None))
+        return real(*args, **kw)
+
+    real = finetune.train
+    monkeypatch.setattr(finetune, "train", recording)
+    out = tmp_path / "run"
+    args = ["run", "--data", str(make_npz(tmp_path / "d.npz", n=40)), "--out", str(out), *TINY]
+    args += ["--seeds", "1", "--main-seeds", "1", "--prune-seeds", "1", "--no-matched", "--timing-rounds", "0"]
+    args += ["--arms", "dense/full,dense/fixed,dense/rescore_step,dense/aug_rescore", "--compare-sparsities", ""]
+    main([*args, "--overlay-images", "0", "--finetune-augment", "flip"])
+    assert seen == {
+        "finetune dense/full s0": ("flip", None),
+        "finetune dense/fixed s0": ("flip", True),
+        "finetune dense/rescore_step s0": ("flip", False),
+        "finetune dense/aug_rescore s0": ("flip_shift", False),
+    }
+    run = rundir.RunDir(out)
+    recall = {a: run.result(f"finetune/{a}/s0")["object_recall"] for a in ("dense/fixed", "dense/rescore_step")}
+    assert 0 <= recall["dense/fixed"] <= 1 and recall["dense/rescore_step"] is None  # batch frame: not counted
+    assert run.config()["finetune_augment"] == "flip"
+    assert "random flips (tickets mirrored with the image)" in (out / "report.md").read_text()

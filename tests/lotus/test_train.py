@@ -96,7 +96,7 @@ def test_train_with_augmentation_learns_and_refuses_tickets():
     m = build(CFG, 3, 16)
     h = train(m, data, data, epochs=3, lr=3e-3, batch_size=16, seed=1, augment=True)
     assert h["train_loss"][-1] < h["train_loss"][0]
-    with pytest.raises(ValueError, match="augment: not with keep_idx"):
+    with pytest.raises(ValueError, match="augment: flips \\+ shifts not with tickets"):
         train(
             m,
             data,
