@@ -165,16 +165,8 @@ def flip_patch_indices(idx: torch.Tensor, flips: torch.Tensor, grid_w: int) -> t
     return torch.where(flips.to(idx.device)[:, None], mirrored, idx)
 
 
-def _grid_width(model) -> int:
-    """Patches per row of a timm-shaped model (``patch_embed.img_size`` / ``patch_size``, int or pair)."""
-    side, patch = model.patch_embed.img_size, model.patch_embed.patch_size
-    side = side[-1] if isinstance(side, (tuple, list)) else side
-    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    return side // patch
-
-
 def _augment_mode(augment) -> str:
-    mode = {False: "none", True: "flip_shift"}.get(augment, augment) if isinstance(augment, bool) else augment
+    mode = ("flip_shift" if augment else "none") if isinstance(augment, bool) else augment
     if mode not in AUGMENTS:
         raise ValueError(f"augment: expected a bool or one of {', '.join(AUGMENTS)}, got {augment!r}")
     return mode
@@ -264,7 +256,8 @@ def train(
         raise ValueError(f"keep_idx: expected one row per training image ({len(train_data)}), got {keep_idx.shape[0]}")
     aug_gen = torch.Generator().manual_seed(seed + 1)
     shift = max(1, train_data.img_size // 8)
-    grid_w = _grid_width(model) if image_frame and mode == "flip" else 0
+    # patches per row (square grid, as the pipeline's object cover), needed only to mirror tickets
+    grid_w = train_data.img_size // model.patch_embed.patch_size[0] if image_frame and mode == "flip" else 0
     torch.manual_seed(seed)  # PatchDropout draws from the global generator
     dev = device()
     model.to(dev).train()

@@ -10,6 +10,7 @@ import torch
 from lotus import recipe
 from lotus.data import Images
 from lotus.model import build
+from lotus.tickets import _Table  # the fixed-ticket policy's keep_fn
 from lotus.train import augment_batch, flip_patch_indices, time_steps, train
 
 from .test_model import CFG
@@ -201,18 +202,6 @@ def test_flip_patch_indices_mirrors_columns():
     assert out.tolist() == [[3, 6, 12], [0, 5, 15]]
 
 
-class _Tickets:
-    """A fixed ticket table (indices of the images as stored), like ``lotus.tickets``' fixed policy."""
-
-    image_frame = True
-
-    def __init__(self, table):
-        self.table = table
-
-    def __call__(self, x, ids):
-        return self.table[ids]
-
-
 @pytest.mark.parametrize("how", ["keep_fn", "keep_idx"])
 def test_flipped_images_train_on_the_patches_of_their_own_ticket(how):
     """With flips, a ticket of the stored image must keep the same pixels: the kept patches of the
@@ -228,7 +217,7 @@ def test_flipped_images_train_on_the_patches_of_their_own_ticket(how):
     m.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append((args[0].detach().clone(), kwargs["keep_idx"].cpu())), with_kwargs=True
     )
-    kw = {"keep_fn": _Tickets(table)} if how == "keep_fn" else {"keep_idx": table}
+    kw = {"keep_fn": _Table(table)} if how == "keep_fn" else {"keep_idx": table}
     train(m, data, None, epochs=2, lr=1e-3, batch_size=6, seed=2, augment="flip", **kw)
 
     def patches(img, idx):  # [3, 16, 16] -> [K, 3, p, p] at row-major patch indices
@@ -259,7 +248,7 @@ def test_flips_and_shifts_are_refused_with_tickets_of_the_stored_image():
     data = _numbered()
     m = build(CFG, 3, 16)
     table = torch.arange(4).repeat(len(data), 1)
-    for kw in ({"keep_idx": table}, {"keep_fn": _Tickets(table)}):
+    for kw in ({"keep_idx": table}, {"keep_fn": _Table(table)}):
         with pytest.raises(ValueError, match="augment: flips \\+ shifts not with tickets"):
             train(m, data, None, epochs=1, lr=1e-3, batch_size=5, seed=0, augment="flip_shift", **kw)
     with pytest.raises(ValueError, match="augment: expected a bool or one of none, flip, flip_shift"):
