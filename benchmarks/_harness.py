@@ -11,7 +11,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import random
 import time
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lotus_kernels import machine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -149,110 +150,15 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The x86 feature flags the kernels (ours, MKL's, oneDNN's) choose between."""
-    wanted = (
-        "avx2",
-        "fma",
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512dq",
-        "avx512_vnni",
-        "avx512_bf16",
-        "avx512_fp16",
-        "amx_tile",
-        "amx_bf16",
-        "amx_int8",
-    )
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def blas_versions() -> dict[str, str]:
-    """MKL and oneDNN versions as torch reports them (``torch.__config__.show()``)."""
-    import re
-
-    text = torch.__config__.show()
-    out = {}
-    m = re.search(r"Math Kernel Library Version ([\d.]+)", text)
-    if m:
-        out["mkl"] = m.group(1)
-    m = re.search(r"MKL-DNN v([\d.]+)", text)
-    if m:
-        out["onednn"] = m.group(1)
-    m = re.search(r"BLAS_INFO=(\w+)", text)
-    if m:
-        out["blas"] = m.group(1)
-    return out
-
-
-def cpu_kernel_meta() -> dict:
-    """Which ISA our C++ kernels run here and which kernel each block-sparse product takes (bs 32)."""
-    try:
-        import lotus_kernels as lk
-
-        if not lk.backends()["cpu"]:
-            return {}
-        paths = {
-            f"{op}[{str(dt).replace('torch.', '')}]": lk.cpu_kernel_path(op, dt, 32)
-            for op in ("block_sparse_linear.fwd", "block_sparse_linear.bwd_input", "block_sparse_linear.bwd_weight")
-            for dt in (torch.float32, torch.bfloat16)
-        }
-        return {
-            "lotus_cpu_isa": lk.cpu_isa(),
-            "lotus_cpu_isa_supported": lk.cpu_isa(capped=False),
-            "lotus_cpu_isa_cap": os.environ.get("LOTUS_KERNELS_CPU_ISA") or None,
-            "lotus_kernel_paths": paths,
-        }
-    except (ImportError, RuntimeError, AttributeError):
-        return {}
-
-
 def env_meta(args, device: torch.device) -> dict:
-    """What the numbers depend on besides the code: versions, threads, hardware (CPU model and ISA
-    flags, the ISA torch's kernels use, MKL / oneDNN versions, our kernels' ISA and paths), date,
-    arguments. A result from one machine is not a result for another: read these first."""
-    meta = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_flags": cpu_flags(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        **blas_versions(),
-        "device": str(device),
+    """What the numbers depend on besides the code (``lotus_kernels.machine.describe``: versions,
+    threads, CPU model and ISA flags, MKL / oneDNN, our kernels' ISA and paths, the GPU), the date and
+    the arguments. A result from one machine is not a result for another: read these first."""
+    return {
+        **machine.describe(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args),
     }
-    if device.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import lotus_kernels
-
-        meta["lotus_kernels"] = lotus_kernels.__version__
-        meta["lotus_backends"] = lotus_kernels.backends()
-    except ImportError:
-        pass
-    meta.update(cpu_kernel_meta())
-    return meta
 
 
 def markdown_table(rows: list[dict], table_columns: list[tuple[str, str, str]]) -> str:

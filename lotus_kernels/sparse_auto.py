@@ -94,20 +94,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     from .isa import cpu_isa
+    from .machine import cpu_model
 
-    return f"cpu:{_cpu_model()}:{cpu_isa()}"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return f"cpu:{cpu_model()}:{cpu_isa()}"
 
 
 def time_layer(case: Case, *, repeats: int = 5, warmup: int = 2) -> float:
