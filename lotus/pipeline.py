@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import functools
 import math
 import multiprocessing
 import time
 
 import torch
 
-from lotus_kernels import sparsify_
+from lotus_kernels import machine, sparsify_
 from lotus_kernels.vit_scores import BLOCK_RULES
 
 from . import cost as cost_mod
@@ -741,6 +742,11 @@ def stage_timing(run, cfg):
 
 
 # ---------------------------------------------------------------- driver
+@functools.cache
+def _machine() -> str:
+    return machine.summary()
+
+
 def run_stage(run: RunDir, name: str, fn, *args, redo: bool = False):
     if run.done(name) and not redo:
         return run.result(name)
@@ -749,6 +755,7 @@ def run_stage(run: RunDir, name: str, fn, *args, redo: bool = False):
     t0, c0 = time.perf_counter(), time.process_time()
     result = fn(*args)
     result["wall_s"], result["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    result["machine"] = _machine()  # seconds mean something only beside where they were measured
     barrier()  # every rank's files are in place before the marker says so
     if is_main():
         run.mark_done(name, result)

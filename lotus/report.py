@@ -132,6 +132,7 @@ def sec_setting(res: dict) -> list[str]:
         + (" (`--score-blocks auto`)" if cfg.get("score_blocks") == "auto" and "score" in res else "")
         + "."
     )
+    L += _machine_lines(res)
     if "pretrain" in res and "probe" in res:
         p, q = res["pretrain"], res["probe"]
         pre = (
@@ -148,6 +149,33 @@ def sec_setting(res: dict) -> list[str]:
             "",
         ]
     return L
+
+
+def _machines(res: dict) -> list:
+    """The machines this run's stages ran on (their summary lines; None: not recorded), most stages first."""
+    counts: dict = {}
+    for v in res.get("timing", {}).values():
+        counts[v.get("machine")] = counts.get(v.get("machine"), 0) + 1
+    return sorted(counts, key=lambda m: (-counts[m], m is None, m or ""))
+
+
+def _machine_lines(res: dict) -> list[str]:
+    ms = _machines(res)
+    if not ms:
+        return []
+    if ms == [None]:
+        return ["Machine: not recorded (the run was made before each stage recorded its machine)."]
+    if len(ms) == 1:
+        return [f"Machine: {ms[0]} (every stage)."]
+    t = res["timing"]
+    n = {m: sum(v.get("machine") == m for v in t.values()) for m in ms}
+    parts = [f"M{i + 1} = {m or 'not recorded'} ({n[m]} stage{'s' * (n[m] != 1)})" for i, m in enumerate(ms)]
+    return [
+        "",
+        f"**Machines: the stages of this run ran on {len(ms)} machines** (a resumed run); their seconds, and "
+        "the costs and ratios made from them, do not compare across machines: " + "; ".join(parts) + ".",
+        "",
+    ]
 
 
 def _whose(blocks: str | None) -> str:
@@ -219,12 +247,11 @@ def sec_cost(res: dict) -> list[str]:
     if not rows:
         return []
     cfg, unit = res["config"], _unit(res)
+    flips = ", random flips (tickets mirrored with the image)" if cfg.get("finetune_augment") == "flip" else ""
     L = [
         "## The whole job: accuracy and cost (headline table)",
         "",
-        f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}"
-        + (", random flips (tickets mirrored with the image)" if cfg.get("finetune_augment") == "flip" else "")
-        + "; seeds: "
+        f"{cfg['finetune_epochs']} fine-tuning epochs per arm at lr {cfg['finetune_lr']:g}{flips}; seeds: "
         f"{cfg.get('main_seeds')} for the headline `{cfg.get('headline')}`, dense/full and the compute-matched rows, "
         f"{cfg['seeds']} for the others (pruned starts: seed k from prune replicate k mod "
         f"{cfg.get('prune_seeds', 1)}). "
@@ -572,17 +599,23 @@ def sec_stages(res: dict) -> list[str]:
         "Wall and process CPU seconds of every stage of this run (evaluation included; "
         "pretraining is not part of any job).",
         "",
-        "| stage | wall s | CPU s |",
-        "|---|---:|---:|",
     ]
-    L += [f"| {k} | {v['wall']:.1f} | {_fmt(v['cpu'], 1)} |" for k, v in t.items()]
+    ms = _machines(res)
+    if len(ms) > 1:  # a resumed run: say which machine measured each stage
+        label = {m: f"M{i + 1}" for i, m in enumerate(ms)}
+        L += ["| stage | wall s | CPU s | machine |", "|---|---:|---:|---|"]
+        L += [f"| {k} | {v['wall']:.1f} | {_fmt(v['cpu'], 1)} | {label[v.get('machine')]} |" for k, v in t.items()]
+    else:
+        L += ["| stage | wall s | CPU s |", "|---|---:|---:|"]
+        L += [f"| {k} | {v['wall']:.1f} | {_fmt(v['cpu'], 1)} |" for k, v in t.items()]
     wall = sum(v["wall"] for v in t.values())
     cpu = sum(v["cpu"] or 0.0 for v in t.values())
     L += [
-        f"| total | {wall:.1f} | {cpu:.1f} |",
+        f"| total | {wall:.1f} | {cpu:.1f} |" + (" |" if len(ms) > 1 else ""),
         "",
-        "Timings come from whatever machine ran this report: on a shared CPU wall time grows with the load, "
-        "process CPU time much less (the cost basis). Accuracies are on the held-out target validation split.",
+        "Timings come from the machine each stage ran on (named at the top): on a shared CPU wall time grows "
+        "with the load, process CPU time much less (the cost basis). Accuracies are on the held-out target "
+        "validation split.",
         "",
     ]
     return L

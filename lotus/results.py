@@ -71,7 +71,8 @@ def collect(run: RunDir) -> dict:
 
     def take(stage):
         r = run.result(stage)
-        res["timing"][stage] = {"wall": r.pop("wall_s"), "cpu": r.pop("cpu_s", None)}
+        # machine: None for a stage of a run made before stages recorded it
+        res["timing"][stage] = {"wall": r.pop("wall_s"), "cpu": r.pop("cpu_s", None), "machine": r.pop("machine", None)}
         return r
 
     for stage in ("pretrain", "probe", "score"):

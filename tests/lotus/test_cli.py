@@ -187,6 +187,36 @@ def test_report_of_a_run_without_view_accuracies(tiny_run):
     assert "After fine-tuning" not in report.markdown(res, [])
 
 
+def test_every_stage_records_its_machine(tiny_run):
+    """Each stage's seconds come with the machine that measured them; the report names it, and a run
+    whose stages ran on several machines (resumed elsewhere) says so and which stage ran where."""
+    from lotus import report
+    from lotus_kernels import machine
+
+    run, _ = tiny_run
+    res = json.loads((run / "results.json").read_text())
+    here = machine.summary()
+    assert res["timing"] and {v["machine"] for v in res["timing"].values()} == {here}
+    md = (run / "report.md").read_text()
+    assert f"Machine: {here} (every stage)." in md and "| machine |" not in md
+
+    stages = list(res["timing"])
+    other = "Other CPU, 4 of 4 CPUs (AVX2), torch 2.11.0"
+    res["timing"][stages[-1]]["machine"] = other
+    res["timing"][stages[-2]]["machine"] = None
+    md = report.markdown(res, [])
+    assert "ran on 3 machines" in md and "Machine: " not in md
+    assert f"M1 = {here} ({len(stages) - 2} stages); M2 = {other} (1 stage); M3 = not recorded (1 stage)." in md
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    assert rows[stages[0]].endswith("| M1 |") and rows[stages[-1]].endswith("| M2 |")
+    assert rows[stages[-2]].endswith("| M3 |") and rows["total"].endswith(" |")
+
+    for v in res["timing"].values():  # a run made before stages recorded their machine
+        del v["machine"]
+    md = report.markdown(res, [])
+    assert "Machine: not recorded" in md and "| machine |" not in md
+
+
 def test_tiny_run_report_and_evaluate(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
