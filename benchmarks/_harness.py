@@ -206,8 +206,9 @@ def write_results(
         lambda p: p.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n"),
     )
 
+    cache = f" with {meta['cpu_cache']} cache" if meta.get("cpu_cache") else ""
     env = (
-        f"torch {meta.get('torch')}, {meta.get('threads')} threads, {meta.get('cpu_model')} "
+        f"torch {meta.get('torch')}, {meta.get('threads')} threads, {meta.get('cpu_model')}{cache} "
         f"({', '.join(meta.get('cpu_flags', [])) or 'no flags read'}), torch CPU capability "
         f"{meta.get('torch_cpu_capability')}, MKL {meta.get('mkl', '?')}, oneDNN {meta.get('onednn', '?')}, "
         f"lotus CPU ISA {meta.get('lotus_cpu_isa', '-')}, "

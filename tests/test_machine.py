@@ -63,3 +63,36 @@ def test_describe_here_is_json_and_matches_the_summary():
     assert set(d["cpu_flags"]) <= set(machine.CPU_FLAGS)
     line = machine.summary(d)
     assert line.startswith(d["cpu_model"]) and f"torch {torch.__version__}" in line
+
+
+def test_benchmark_results_carry_the_record(tmp_path, monkeypatch):
+    """The benchmarks' result files start from the same record, plus the date and the arguments, and
+    their markdown header names the CPU, its flags and our kernels' ISA."""
+    import argparse
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _harness
+
+    monkeypatch.setattr(_harness, "RESULTS_DIR", tmp_path)
+    meta = _harness.env_meta(argparse.Namespace(batch=8), torch.device("cpu"))
+    here = machine.describe("cpu")
+    assert {k: meta[k] for k in here} == here
+    assert meta["args"] == {"batch": 8} and meta["date"]
+    md = _harness.write_results("x", meta, [{"a": 1.0}], [("a", "a", ".1f")], lambda rows: _figure())
+    assert meta["cpu_model"] in md and ", ".join(meta["cpu_flags"]) in md
+    assert f"lotus CPU ISA {meta.get('lotus_cpu_isa', '-')}" in md
+    if meta["cpu_cache"]:
+        assert f"{meta['cpu_model']} with {meta['cpu_cache']} cache (" in md
+    assert json.loads((tmp_path / "x.json").read_text())["meta"]["cpu_cache"] == meta["cpu_cache"]
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    return fig
