@@ -151,25 +151,24 @@ def sec_setting(res: dict) -> list[str]:
     return L
 
 
-def _machines(res: dict) -> list:
-    """The machines this run's stages ran on (their summary lines; None: not recorded), most stages first."""
+def _machines(res: dict) -> dict:
+    """{machine: stages it ran} over this run's stages (summary lines; None: not recorded), most stages
+    first."""
     counts: dict = {}
     for v in res.get("timing", {}).values():
         counts[v.get("machine")] = counts.get(v.get("machine"), 0) + 1
-    return sorted(counts, key=lambda m: (-counts[m], m is None, m or ""))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or "")))
 
 
 def _machine_lines(res: dict) -> list[str]:
     ms = _machines(res)
     if not ms:
         return []
-    if ms == [None]:
+    if list(ms) == [None]:
         return ["Machine: not recorded (the run was made before each stage recorded its machine)."]
     if len(ms) == 1:
-        return [f"Machine: {ms[0]} (every stage)."]
-    t = res["timing"]
-    n = {m: sum(v.get("machine") == m for v in t.values()) for m in ms}
-    parts = [f"M{i + 1} = {m or 'not recorded'} ({n[m]} stage{'s' * (n[m] != 1)})" for i, m in enumerate(ms)]
+        return [f"Machine: {next(iter(ms))} (every stage)."]
+    parts = [f"M{i + 1} = {m or 'not recorded'} ({n} stage{'s' * (n != 1)})" for i, (m, n) in enumerate(ms.items())]
     return [
         "",
         f"**Machines: the stages of this run ran on {len(ms)} machines** (a resumed run); their seconds, and "

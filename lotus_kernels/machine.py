@@ -116,15 +116,16 @@ def describe(device: torch.device | str | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from . import __version__, backends
 
+    info = _cpuinfo()  # read once for the three fields
     out = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "cpu_model": cpu_model(),
-        "cpu_cache": cpu_cache(),
+        "cpu_model": cpu_model(info),
+        "cpu_cache": cpu_cache(info),
         "cpu_count": os.cpu_count(),
         "cpu_usable": usable_cpus(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": cpu_flags(info),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **blas_versions(),
         "device": str(device),
